@@ -1,0 +1,15 @@
+//! What every orchestrator service shares: typed configuration, telemetry, storage with
+//! per-service migrations, the gRPC server bootstrap, and the clients of every service.
+
+pub mod clients;
+pub mod config;
+pub mod db;
+pub mod grpc;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+pub use config::{Config, ConfigError, Env, Secret};
+pub use db::{Backend, Db, DbError};
+pub use service::ServiceName;

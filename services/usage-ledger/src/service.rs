@@ -1,0 +1,203 @@
+use orchestrator_agent_output::parse_result;
+use orchestrator_kit::Db;
+use orchestrator_kit::time::now_ms;
+use orchestrator_proto::usage_ledger::v1::{
+    AgentRun, AgentUsage, FinishCommentResponse, RecordRunRequest, RecordRunResponse, RunKey,
+    WorkItemSummaryRequest, WorkItemSummaryResponse, usage_ledger_server::UsageLedger,
+};
+use tonic::{Request, Response, Status};
+
+use crate::error::LedgerError;
+use crate::format::{self, Totals};
+use crate::store::{self, RunRecord};
+
+/// The usage-ledger gRPC service over its own storage.
+#[derive(Debug, Clone)]
+pub struct UsageLedgerService {
+    db: Db,
+}
+
+impl UsageLedgerService {
+    pub fn new(db: Db) -> Self {
+        UsageLedgerService { db }
+    }
+
+    /// Parses `output` and records the run; returns the stored run and whether it is new.
+    pub async fn record_run(
+        &self,
+        req: RecordRunRequest,
+    ) -> Result<(RunRecord, bool), LedgerError> {
+        let job_id = required_id("job_id", &req.job_id)?;
+        let work_item = required_id("work_item", &req.work_item)?;
+        let agent = required_id("agent", &req.agent)?;
+        let attempt = req.attempt.max(1);
+        let parsed = parse_result(&req.output);
+        let run = RunRecord {
+            job_id: job_id.to_owned(),
+            attempt,
+            work_item: work_item.to_owned(),
+            agent: agent.to_owned(),
+            result_found: parsed.is_some(),
+            usage: parsed.as_ref().map(|r| r.usage).unwrap_or_default(),
+            total_cost_usd: parsed.as_ref().and_then(|r| r.total_cost_usd),
+            is_error: parsed.as_ref().and_then(|r| r.is_error),
+            subtype: parsed.as_ref().and_then(|r| r.subtype.clone()),
+            api_error_status: parsed.as_ref().and_then(|r| r.api_error_status),
+            num_turns: parsed.as_ref().and_then(|r| r.num_turns),
+            duration_ms: parsed.as_ref().and_then(|r| r.duration_ms),
+            recorded_at_ms: now_ms(),
+        };
+        if store::insert(&self.db, &run).await? {
+            tracing::debug!(
+                job_id,
+                attempt,
+                work_item,
+                agent,
+                result_found = run.result_found,
+                "run recorded"
+            );
+            return Ok((run, true));
+        }
+        // Already recorded (a re-driven finalize): the first record stands.
+        let existing = store::get(&self.db, job_id, attempt)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("job {job_id} attempt {attempt}")))?;
+        Ok((existing, false))
+    }
+
+    async fn get_run(&self, key: &RunKey) -> Result<RunRecord, LedgerError> {
+        let job_id = required_id("job_id", &key.job_id)?;
+        store::get(&self.db, job_id, key.attempt)
+            .await?
+            .ok_or_else(|| LedgerError::NotFound(format!("job {job_id} attempt {}", key.attempt)))
+    }
+
+    /// Sums a work item's runs by agent (in order of first run) and renders the summary.
+    pub async fn summary(&self, work_item: &str) -> Result<WorkItemSummaryResponse, LedgerError> {
+        let work_item = required_id("work_item", work_item)?;
+        let runs = store::list_for_work_item(&self.db, work_item).await?;
+        let mut by_agent: Vec<(String, Totals)> = Vec::new();
+        let mut total = Totals::default();
+        for run in &runs {
+            match by_agent.iter_mut().find(|(a, _)| *a == run.agent) {
+                Some((_, t)) => t.add(run),
+                None => {
+                    let mut t = Totals::default();
+                    t.add(run);
+                    by_agent.push((run.agent.clone(), t));
+                }
+            }
+            total.add(run);
+        }
+        let agents: Vec<AgentUsage> = by_agent
+            .iter()
+            .map(|(a, t)| agent_usage(a, &format::summary_line(&format::role(a), t), t))
+            .collect();
+        let total_line = format::summary_line("Total", &total);
+        let mut text = format!("Usage for {work_item}");
+        for a in &agents {
+            text.push('\n');
+            text.push_str(&a.line);
+        }
+        text.push('\n');
+        text.push_str(&total_line);
+        Ok(WorkItemSummaryResponse {
+            work_item: work_item.to_owned(),
+            agents,
+            total: Some(agent_usage("", &total_line, &total)),
+            text,
+        })
+    }
+}
+
+/// Checks an id that is required: present, short, printable.
+fn required_id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, LedgerError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(LedgerError::MissingField(field));
+    }
+    if v.len() > 200 || v.chars().any(char::is_control) {
+        return Err(LedgerError::InvalidField {
+            field,
+            reason: "must be at most 200 printable characters".to_owned(),
+        });
+    }
+    Ok(v)
+}
+
+fn agent_usage(agent: &str, line: &str, t: &Totals) -> AgentUsage {
+    AgentUsage {
+        agent: agent.to_owned(),
+        runs: t.runs,
+        runs_without_usage: t.runs_without_usage,
+        input_tokens: t.input_tokens,
+        output_tokens: t.output_tokens,
+        cache_read_tokens: t.cache_read_tokens,
+        cache_creation_tokens: t.cache_creation_tokens,
+        total_cost_usd: t.total_cost_usd,
+        line: line.to_owned(),
+    }
+}
+
+fn to_proto(r: RunRecord) -> AgentRun {
+    AgentRun {
+        job_id: r.job_id,
+        attempt: r.attempt,
+        work_item: r.work_item,
+        agent: r.agent,
+        result_found: r.result_found,
+        input_tokens: r.usage.input_tokens,
+        output_tokens: r.usage.output_tokens,
+        cache_read_tokens: r.usage.cache_read_tokens,
+        cache_creation_tokens: r.usage.cache_creation_tokens,
+        total_cost_usd: r.total_cost_usd,
+        is_error: r.is_error,
+        subtype: r.subtype,
+        api_error_status: r.api_error_status,
+        num_turns: r.num_turns,
+        duration_ms: r.duration_ms,
+        recorded_at_ms: r.recorded_at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl UsageLedger for UsageLedgerService {
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().job_id, attempt = request.get_ref().attempt))]
+    async fn record_run(
+        &self,
+        request: Request<RecordRunRequest>,
+    ) -> Result<Response<RecordRunResponse>, Status> {
+        let (run, created) = UsageLedgerService::record_run(self, request.into_inner()).await?;
+        Ok(Response::new(RecordRunResponse {
+            run: Some(to_proto(run)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().job_id))]
+    async fn get_run(&self, request: Request<RunKey>) -> Result<Response<AgentRun>, Status> {
+        let run = self.get_run(request.get_ref()).await?;
+        Ok(Response::new(to_proto(run)))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item))]
+    async fn work_item_summary(
+        &self,
+        request: Request<WorkItemSummaryRequest>,
+    ) -> Result<Response<WorkItemSummaryResponse>, Status> {
+        Ok(Response::new(
+            self.summary(&request.get_ref().work_item).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().job_id))]
+    async fn finish_comment(
+        &self,
+        request: Request<RunKey>,
+    ) -> Result<Response<FinishCommentResponse>, Status> {
+        let run = self.get_run(request.get_ref()).await?;
+        Ok(Response::new(FinishCommentResponse {
+            text: format::finish_line(&run),
+        }))
+    }
+}

@@ -1,0 +1,116 @@
+//! The `agent_runs` table.
+
+use orchestrator_agent_output::Usage;
+use orchestrator_kit::Db;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// One recorded agent run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub job_id: String,
+    pub attempt: u32,
+    pub work_item: String,
+    pub agent: String,
+    pub result_found: bool,
+    pub usage: Usage,
+    pub total_cost_usd: Option<f64>,
+    pub is_error: Option<bool>,
+    pub subtype: Option<String>,
+    pub api_error_status: Option<i32>,
+    pub num_turns: Option<i64>,
+    pub duration_ms: Option<i64>,
+    pub recorded_at_ms: i64,
+}
+
+const COLUMNS: &str = "job_id, attempt, work_item, agent, result_found, input_tokens, output_tokens, \
+     cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, api_error_status, \
+     num_turns, duration_ms, recorded_at_ms";
+
+/// Inserts `run` unless its (job_id, attempt) is already recorded. Returns true when inserted.
+pub async fn insert(db: &Db, run: &RunRecord) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO agent_runs (job_id, attempt, work_item, agent, result_found, input_tokens, \
+         output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, \
+         api_error_status, num_turns, duration_ms, recorded_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         ON CONFLICT (job_id, attempt) DO NOTHING",
+    )
+    .bind(&run.job_id)
+    .bind(i64::from(run.attempt))
+    .bind(&run.work_item)
+    .bind(&run.agent)
+    .bind(i64::from(run.result_found))
+    .bind(run.usage.input_tokens)
+    .bind(run.usage.output_tokens)
+    .bind(run.usage.cache_read_tokens)
+    .bind(run.usage.cache_creation_tokens)
+    .bind(run.total_cost_usd)
+    .bind(run.is_error.map(i64::from))
+    .bind(run.subtype.as_deref())
+    .bind(run.api_error_status.map(i64::from))
+    .bind(run.num_turns)
+    .bind(run.duration_ms)
+    .bind(run.recorded_at_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Returns the run of (job_id, attempt); attempt 0 means the job's latest attempt.
+pub async fn get(db: &Db, job_id: &str, attempt: u32) -> Result<Option<RunRecord>, sqlx::Error> {
+    let row = if attempt == 0 {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM agent_runs WHERE job_id = $1 ORDER BY attempt DESC LIMIT 1"
+        )))
+        .bind(job_id)
+        .fetch_optional(&db.pool)
+        .await?
+    } else {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM agent_runs WHERE job_id = $1 AND attempt = $2"
+        )))
+        .bind(job_id)
+        .bind(i64::from(attempt))
+        .fetch_optional(&db.pool)
+        .await?
+    };
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Returns a work item's runs in the order they were recorded.
+pub async fn list_for_work_item(db: &Db, work_item: &str) -> Result<Vec<RunRecord>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM agent_runs WHERE work_item = $1 ORDER BY recorded_at_ms, job_id, attempt"
+    )))
+    .bind(work_item)
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
+    let attempt: i64 = row.try_get("attempt")?;
+    Ok(RunRecord {
+        job_id: row.try_get("job_id")?,
+        attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+        work_item: row.try_get("work_item")?,
+        agent: row.try_get("agent")?,
+        result_found: row.try_get::<i64, _>("result_found")? != 0,
+        usage: Usage {
+            input_tokens: row.try_get("input_tokens")?,
+            output_tokens: row.try_get("output_tokens")?,
+            cache_read_tokens: row.try_get("cache_read_tokens")?,
+            cache_creation_tokens: row.try_get("cache_creation_tokens")?,
+        },
+        total_cost_usd: row.try_get("total_cost_usd")?,
+        is_error: row.try_get::<Option<i64>, _>("is_error")?.map(|v| v != 0),
+        subtype: row.try_get("subtype")?,
+        api_error_status: row
+            .try_get::<Option<i64>, _>("api_error_status")?
+            .and_then(|v| i32::try_from(v).ok()),
+        num_turns: row.try_get("num_turns")?,
+        duration_ms: row.try_get("duration_ms")?,
+        recorded_at_ms: row.try_get("recorded_at_ms")?,
+    })
+}

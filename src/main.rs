@@ -1,0 +1,102 @@
+//! `orchestrator`: one binary, many shapes.
+//!
+//! - `orchestrator up` runs every service and the gateway in one process.
+//! - `orchestrator serve <service>` runs one of them.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use orchestrator::Node;
+use orchestrator_kit::{Config, ServiceName, shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Runs work items through a chain of LLM coding agents, from a tracker to production."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the six services and the gateway in one process, each on its own address.
+    Up,
+    /// Runs one service: stage-engine, launcher, reaper, merge-gate, post-deploy, usage-ledger or gateway.
+    Serve {
+        /// The service to run.
+        service: String,
+    },
+}
+
+/// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
+const DRAIN_LIMIT: Duration = Duration::from_millis(1_500);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let parts: Vec<ServiceName> = match &cli.command {
+        Command::Up => ServiceName::ALL.to_vec(),
+        Command::Serve { service } => match service.parse() {
+            Ok(s) => vec![s],
+            Err(e) => return fail(e),
+        },
+    };
+    let config = match Config::from_process() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    telemetry::init(config.log_format, &config.log_filter);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    let code = runtime.block_on(run(config, parts));
+    // Loops that ignore the shutdown token must not hold the process open.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    code
+}
+
+async fn run(config: Config, parts: Vec<ServiceName>) -> ExitCode {
+    let token = match shutdown::on_signal() {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot install signal handlers: {e}")),
+    };
+    let node = match Node::start(config, &parts, token.clone()).await {
+        Ok(n) => n,
+        Err(e) => return fail(e),
+    };
+    for (part, addr) in &node.addrs {
+        println!("{part:<13} listening on {addr}");
+        tracing::info!(service = part.as_str(), %addr, "listening");
+    }
+    let backend = if node.config.database_url.is_some() {
+        "postgres".to_owned()
+    } else {
+        format!("sqlite in {}", node.config.data_dir.display())
+    };
+    println!("ready ({} part(s), storage: {backend})", node.addrs.len());
+
+    let waited = tokio::spawn(node.wait());
+    token.cancelled().await;
+    match tokio::time::timeout(DRAIN_LIMIT, waited).await {
+        Ok(Ok(Ok(()))) => ExitCode::SUCCESS,
+        Ok(Ok(Err(e))) => fail(e),
+        Ok(Err(e)) => fail(format!("shutdown failed: {e}")),
+        Err(_) => {
+            tracing::warn!("in-flight work did not finish in time; exiting");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,211 @@
+//! Starts a set of parts (services and the gateway) in this process.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use orchestrator_kit::clients::Clients;
+use orchestrator_kit::db::{self, Location};
+use orchestrator_kit::grpc::{RequireToken, serve};
+use orchestrator_kit::{Config, Db, ServiceName};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+/// Why a node could not start. Each message names its culprit on one line.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{var}: cannot listen on {addr}: {source}")]
+    Listen {
+        var: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] orchestrator_kit::DbError),
+    #[error(transparent)]
+    Client(#[from] orchestrator_kit::clients::BadUrl),
+}
+
+/// A running set of parts.
+pub struct Node {
+    /// Where each part listens (the real port when 0 was asked for).
+    pub addrs: BTreeMap<ServiceName, SocketAddr>,
+    /// The configuration with the bound addresses filled in.
+    pub config: Config,
+    tasks: JoinSet<(ServiceName, Result<(), String>)>,
+    shutdown: CancellationToken,
+}
+
+impl Node {
+    /// Binds every listener, opens and migrates every store, then starts serving. Nothing
+    /// serves unless everything could be prepared, so a bad address or an unreachable
+    /// database fails start-up with nothing half-started.
+    pub async fn start(
+        mut config: Config,
+        parts: &[ServiceName],
+        shutdown: CancellationToken,
+    ) -> Result<Node, NodeError> {
+        let mut listeners = Vec::new();
+        for &part in parts {
+            let addr = config.listen[&part];
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Listen {
+                    var: part.addr_var(),
+                    addr,
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| NodeError::Listen {
+                var: part.addr_var(),
+                addr,
+                source,
+            })?;
+            config.set_bound(part, bound);
+            listeners.push((part, listener));
+        }
+
+        let location = Location::from_config(&config);
+        if let Location::SqliteDir(dir) = &location {
+            db::ensure_data_dir(dir)?;
+        }
+        let mut stores = BTreeMap::new();
+        let opened = futures_join(parts.iter().filter(|p| **p != ServiceName::Gateway).map(
+            |&part| {
+                let location = location.clone();
+                async move { (part, db::open(part, &location, migrator(part)).await) }
+            },
+        ))
+        .await;
+        for (part, db) in opened {
+            stores.insert(part, db?);
+        }
+        let clients = Clients::from_config(&config)?;
+
+        let mut tasks = JoinSet::new();
+        let mut addrs = BTreeMap::new();
+        for (part, listener) in listeners {
+            addrs.insert(part, config.listen[&part]);
+            let stop = shutdown.clone();
+            if part == ServiceName::Gateway {
+                tasks.spawn(async move {
+                    (
+                        part,
+                        gateway::serve(listener, stop)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    )
+                });
+                continue;
+            }
+            let store = stores
+                .remove(&part)
+                .expect("a store was opened for every gRPC part");
+            let routes = routes(
+                part,
+                store,
+                clients.clone(),
+                &RequireToken::new(config.internal_token.as_ref()),
+            );
+            tasks.spawn(async move {
+                (
+                    part,
+                    serve(part, routes, listener, stop)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            });
+        }
+        Ok(Node {
+            addrs,
+            config,
+            tasks,
+            shutdown,
+        })
+    }
+
+    /// The token that stops this node.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every part has stopped. Returns the first part that failed, if any; a
+    /// part that stops on its own while the others run brings the node down.
+    pub async fn wait(mut self) -> Result<(), String> {
+        let mut first_error = None;
+        while let Some(joined) = self.tasks.join_next().await {
+            let (part, result) = match joined {
+                Ok(r) => r,
+                Err(e) => (ServiceName::Gateway, Err(format!("task failed: {e}"))),
+            };
+            if let Err(e) = result {
+                tracing::error!(service = part.as_str(), error = %e, "part failed");
+                first_error.get_or_insert(format!("{part}: {e}"));
+            }
+            // One part ending means the node is no longer whole: stop the rest.
+            self.shutdown.cancel();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
+    match part {
+        ServiceName::StageEngine => &stage_engine::MIGRATOR,
+        ServiceName::Launcher => &launcher::MIGRATOR,
+        ServiceName::Reaper => &reaper::MIGRATOR,
+        ServiceName::MergeGate => &merge_gate::MIGRATOR,
+        ServiceName::PostDeploy => &post_deploy::MIGRATOR,
+        ServiceName::UsageLedger | ServiceName::Gateway => &usage_ledger::MIGRATOR,
+    }
+}
+
+fn routes(part: ServiceName, db: Db, clients: Clients, auth: &RequireToken) -> Routes {
+    use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
+    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
+    use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
+    use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
+    use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
+    use orchestrator_proto::usage_ledger::v1::usage_ledger_server::UsageLedgerServer;
+
+    let auth = auth.clone();
+    match part {
+        ServiceName::StageEngine => Routes::new(StageEngineServer::with_interceptor(
+            ::stage_engine::StageEngineService::new(db, clients),
+            auth,
+        )),
+        ServiceName::Launcher => Routes::new(LauncherServer::with_interceptor(
+            ::launcher::LauncherService::new(db, clients),
+            auth,
+        )),
+        ServiceName::Reaper => Routes::new(ReaperServer::with_interceptor(
+            ::reaper::ReaperService::new(db, clients),
+            auth,
+        )),
+        ServiceName::MergeGate => Routes::new(MergeGateServer::with_interceptor(
+            ::merge_gate::MergeGateService::new(db, clients),
+            auth,
+        )),
+        ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
+            ::post_deploy::PostDeployService::new(db, clients),
+            auth,
+        )),
+        ServiceName::UsageLedger | ServiceName::Gateway => Routes::new(
+            UsageLedgerServer::with_interceptor(::usage_ledger::UsageLedgerService::new(db), auth),
+        ),
+    }
+}
+
+/// Runs futures concurrently and returns their outputs in order.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("store opening does not panic"));
+    }
+    out
+}
