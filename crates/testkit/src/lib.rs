@@ -1,1 +1,102 @@
+//! Test support shared by every crate's integration tests.
+//!
+//! - [`TestStorage`]: a fresh SQLite directory, or a fresh database in a throwaway
+//!   PostgreSQL cluster that this process starts (in a temp dir, on a free loopback port, as
+//!   an unprivileged user when we are root) and that dies with the process.
+//! - [`on_both_backends!`]: runs one async test body on SQLite and on PostgreSQL. Where
+//!   PostgreSQL's binaries are missing, the PostgreSQL half prints `SKIPPED <name>: <why>`
+//!   on the terminal — never a silent pass — and fails instead when `ORCH_REQUIRE_POSTGRES`
+//!   is set (CI sets it).
 
+mod pg;
+
+use std::io::Write;
+
+use orchestrator_kit::Env;
+use orchestrator_kit::db::Location;
+
+pub use pg::{PgCluster, cluster};
+
+/// Storage for one test: its location, and the variables that point a stack at it.
+pub struct TestStorage {
+    pub location: Location,
+    pub name: &'static str,
+    env: Vec<(String, String)>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestStorage {
+    /// A fresh, empty SQLite data directory.
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir for SQLite");
+        let path = dir.path().to_path_buf();
+        TestStorage {
+            location: Location::SqliteDir(path.clone()),
+            name: "sqlite",
+            env: vec![("ORCH_DATA_DIR".into(), path.display().to_string())],
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh database in the shared throwaway cluster, or `None` (after saying so) when
+    /// this machine has no PostgreSQL.
+    pub async fn postgres(test_name: &str) -> Option<Self> {
+        let cluster = match cluster() {
+            Ok(c) => c,
+            Err(why) => {
+                skip(test_name, &why);
+                return None;
+            }
+        };
+        let url = cluster.fresh_database().await;
+        Some(TestStorage {
+            location: Location::Postgres(orchestrator_kit::Secret::new(url.clone())),
+            name: "postgres",
+            env: vec![("ORCH_DATABASE_URL".into(), url)],
+            _dir: None,
+        })
+    }
+
+    /// The variables that select this storage, on top of `env`.
+    pub fn apply(&self, mut env: Env) -> Env {
+        for (k, v) in &self.env {
+            env = env.with(k.clone(), v.clone());
+        }
+        env
+    }
+}
+
+/// Says on the terminal (past the test harness's capture) that `test_name` was skipped, or
+/// fails when skipping is not allowed.
+pub fn skip(test_name: &str, why: &str) {
+    if std::env::var_os("ORCH_REQUIRE_POSTGRES").is_some() {
+        panic!("{test_name}: PostgreSQL is required here (ORCH_REQUIRE_POSTGRES) but {why}");
+    }
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test_name}: {why}");
+}
+
+/// Runs each named `async fn(TestStorage)` on SQLite and on PostgreSQL, as the tests
+/// `sqlite::<name>` and `postgres::<name>`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::TestStorage::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(storage) = $crate::TestStorage::postgres(concat!(module_path!(), "::", stringify!($name))).await {
+                        super::$name(storage).await
+                    }
+                }
+            )*
+        }
+    };
+}

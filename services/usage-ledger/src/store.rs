@@ -45,7 +45,7 @@ pub async fn insert(db: &Db, run: &RunRecord) -> Result<bool, sqlx::Error> {
     .bind(run.usage.output_tokens)
     .bind(run.usage.cache_read_tokens)
     .bind(run.usage.cache_creation_tokens)
-    .bind(run.total_cost_usd)
+    .bind(run.total_cost_usd.map(|c| c.to_string()))
     .bind(run.is_error.map(i64::from))
     .bind(run.subtype.as_deref())
     .bind(run.api_error_status.map(i64::from))
@@ -103,7 +103,9 @@ fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
             cache_read_tokens: row.try_get("cache_read_tokens")?,
             cache_creation_tokens: row.try_get("cache_creation_tokens")?,
         },
-        total_cost_usd: row.try_get("total_cost_usd")?,
+        total_cost_usd: row
+            .try_get::<Option<String>, _>("total_cost_usd")?
+            .and_then(|c| c.parse().ok()),
         is_error: row.try_get::<Option<i64>, _>("is_error")?.map(|v| v != 0),
         subtype: row.try_get("subtype")?,
         api_error_status: row

@@ -1,0 +1,76 @@
+//! Starting a stack for a test.
+
+use std::path::PathBuf;
+
+use orchestrator::Node;
+use orchestrator_kit::clients::Clients;
+use orchestrator_kit::{Config, Env, ServiceName};
+use orchestrator_testkit::TestStorage;
+use tokio_util::sync::CancellationToken;
+
+/// A running in-process stack; stops when dropped.
+pub struct Stack {
+    pub config: Config,
+    pub clients: Clients,
+    shutdown: CancellationToken,
+    _storage: TestStorage,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Every part on `127.0.0.1:0`, storage from `storage`, plus `extra` variables.
+pub fn env_for(storage: &TestStorage, extra: &[(&str, &str)]) -> Env {
+    let mut env = Env::default();
+    for part in ServiceName::ALL {
+        env = env.with(part.addr_var(), "127.0.0.1:0");
+    }
+    for (k, v) in extra {
+        env = env.with(*k, *v);
+    }
+    storage.apply(env)
+}
+
+/// Starts every part in this process.
+pub async fn start(storage: TestStorage, extra: &[(&str, &str)]) -> Stack {
+    orchestrator_kit::telemetry::init_for_tests();
+    let config = Config::from_env(env_for(&storage, extra)).expect("test config");
+    let shutdown = CancellationToken::new();
+    let node = Node::start(config, &ServiceName::ALL, shutdown.clone())
+        .await
+        .expect("stack starts");
+    let config = node.config.clone();
+    tokio::spawn(node.wait());
+    let clients = Clients::from_config(&config).expect("clients");
+    Stack {
+        config,
+        clients,
+        shutdown,
+        _storage: storage,
+    }
+}
+
+/// `shared/contracts`, beside the repository (or `ORCH_CONTRACTS_DIR`).
+pub fn contracts_dir() -> PathBuf {
+    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/contracts"));
+    assert!(
+        dir.is_dir(),
+        "the external contracts are missing at {} (set ORCH_CONTRACTS_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+/// A plain channel to `url`, with no token.
+pub async fn plain_channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}

@@ -1,0 +1,597 @@
+//! usage-ledger over gRPC: every real CLI sample in `shared/contracts/claude-cli/` recorded
+//! and summed back, on SQLite and on PostgreSQL.
+
+use std::collections::BTreeSet;
+
+use orchestrator_proto::usage_ledger::v1::{RecordRunRequest, RunKey, WorkItemSummaryRequest};
+use orchestrator_testkit::{TestStorage, on_both_backends};
+use serde_json::Value;
+use tonic::Code;
+
+use crate::common::{contracts_dir, start};
+
+/// What each sample must record, read off the files by hand (and cross-checked with
+/// python's json module): (file, result found, input, output, cache read, cache creation,
+/// cost, is_error, subtype, api_error_status).
+type Expect = (
+    &'static str,
+    bool,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    Option<bool>,
+    Option<&'static str>,
+    Option<i32>,
+);
+
+const SAMPLES: &[Expect] = &[
+    (
+        "api_error_529_fixture.json",
+        true,
+        None,
+        None,
+        None,
+        None,
+        None,
+        Some(true),
+        Some("success"),
+        Some(529),
+    ),
+    (
+        "cli_internal_529_retry_lines.json",
+        false,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ),
+    (
+        "error_during_execution_fixture.json",
+        true,
+        None,
+        None,
+        None,
+        None,
+        None,
+        Some(true),
+        Some("error_during_execution"),
+        None,
+    ),
+    (
+        "error_max_turns_real.json",
+        true,
+        Some(35),
+        Some(17055),
+        Some(1383485),
+        Some(51421),
+        Some(1.4417997500000002),
+        Some(true),
+        Some("error_max_turns"),
+        None,
+    ),
+    (
+        "rate_limit_event_fixture.json",
+        false,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ),
+    (
+        "success_full_fieldset.json",
+        true,
+        Some(25457),
+        Some(449),
+        Some(128),
+        Some(0),
+        Some(0.15095600000000003),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+    (
+        "success_truncated_by_reporter.json",
+        true,
+        None,
+        Some(13),
+        None,
+        None,
+        Some(0.079),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+    (
+        "real-2.1.328/error-max-budget.stdout.json",
+        true,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0.0095),
+        Some(true),
+        Some("error_max_budget_usd"),
+        None,
+    ),
+    (
+        "real-2.1.328/error-max-turns.stdout.json",
+        true,
+        Some(1200),
+        Some(120),
+        Some(4000),
+        Some(300),
+        Some(0.0095),
+        Some(true),
+        Some("error_max_turns"),
+        None,
+    ),
+    (
+        "real-2.1.328/invalid-key-401.stdout.json",
+        true,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0.0),
+        Some(true),
+        Some("success"),
+        Some(401),
+    ),
+    (
+        "real-2.1.328/not-logged-in.stdout.json",
+        true,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0.0),
+        Some(true),
+        Some("success"),
+        None,
+    ),
+    (
+        "real-2.1.328/overloaded-529.stdout.json",
+        true,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0.0),
+        Some(true),
+        Some("success"),
+        Some(529),
+    ),
+    (
+        "real-2.1.328/permission-denied.stdout.json",
+        true,
+        Some(2400),
+        Some(162),
+        Some(8000),
+        Some(600),
+        Some(0.017439999999999997),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+    (
+        "real-2.1.328/rate-limit-429.stdout.json",
+        true,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0.0),
+        Some(true),
+        Some("success"),
+        Some(429),
+    ),
+    (
+        "real-2.1.328/spend-limit-429.stdout.json",
+        true,
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0),
+        Some(0.0),
+        Some(true),
+        Some("success"),
+        Some(429),
+    ),
+    (
+        "real-2.1.328/stop-hook-blocked-then-success.stdout.json",
+        true,
+        Some(300),
+        Some(60),
+        Some(0),
+        Some(0),
+        Some(0.0024000000000000002),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+    (
+        "real-2.1.328/stop-hook-input.json",
+        false,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    ),
+    (
+        "real-2.1.328/stream-json.stdout.jsonl",
+        true,
+        Some(2400),
+        Some(162),
+        Some(8000),
+        Some(600),
+        Some(0.017439999999999997),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+    (
+        "real-2.1.328/success-with-write-tool.stdout.json",
+        true,
+        Some(2400),
+        Some(162),
+        Some(8000),
+        Some(600),
+        Some(0.017439999999999997),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+    (
+        "real-2.1.328/verbose-array.stdout.json",
+        true,
+        Some(2400),
+        Some(162),
+        Some(8000),
+        Some(600),
+        Some(0.017439999999999997),
+        Some(false),
+        Some("success"),
+        None,
+    ),
+];
+
+/// The run log a sample stands for. The older samples wrap the output: terminal lines
+/// printed before the result (`raw_lines`), then the exact bytes (`raw`) or the parsed
+/// object (`data`); the real-2.1.328 files are the CLI's stdout as it was.
+fn log_of(rel: &str) -> String {
+    let text = std::fs::read_to_string(contracts_dir().join("claude-cli").join(rel))
+        .expect("sample readable");
+    if rel.starts_with("real-") {
+        return text;
+    }
+    let v: Value = serde_json::from_str(&text).expect("sample is JSON");
+    let mut log = String::new();
+    for line in v
+        .get("raw_lines")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        log.push_str(line.as_str().unwrap_or_default());
+        log.push('\n');
+    }
+    match (v.get("raw").and_then(Value::as_str), v.get("data")) {
+        (Some(raw), _) => log.push_str(raw),
+        (None, Some(data)) => log.push_str(&data.to_string()),
+        (None, None) => {}
+    }
+    log
+}
+
+fn sample_files() -> BTreeSet<String> {
+    let base = contracts_dir().join("claude-cli");
+    let mut files = BTreeSet::new();
+    for dir in [base.clone(), base.join("real-2.1.328")] {
+        for entry in std::fs::read_dir(&dir).expect("samples dir").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".json") || name.ends_with(".jsonl") {
+                let rel = if dir == base {
+                    name
+                } else {
+                    format!("real-2.1.328/{name}")
+                };
+                files.insert(rel);
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn every_sample_in_the_contracts_has_an_expectation() {
+    let expected: BTreeSet<String> = SAMPLES.iter().map(|s| s.0.to_owned()).collect();
+    assert_eq!(
+        sample_files(),
+        expected,
+        "a sample was added or removed: give it an expectation"
+    );
+}
+
+async fn records_every_cli_sample_and_sums_them(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let mut ledger = stack.clients.usage_ledger.clone();
+    let agents = ["analyst", "developer", "reviewer"];
+    for (i, s) in SAMPLES.iter().enumerate() {
+        let (file, found, input, output, read, creation, cost, is_error, subtype, status) = *s;
+        let run = ledger
+            .record_run(RecordRunRequest {
+                job_id: format!("job-{i}"),
+                attempt: 1,
+                work_item: "ORCH-7".into(),
+                agent: agents[i % agents.len()].into(),
+                output: log_of(file),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .into_inner()
+            .run
+            .expect("run");
+        assert_eq!(run.result_found, found, "{file}: result_found");
+        assert_eq!(run.input_tokens, input, "{file}: input");
+        assert_eq!(run.output_tokens, output, "{file}: output");
+        assert_eq!(run.cache_read_tokens, read, "{file}: cache read");
+        assert_eq!(
+            run.cache_creation_tokens, creation,
+            "{file}: cache creation"
+        );
+        assert_eq!(run.total_cost_usd, cost, "{file}: cost");
+        assert_eq!(run.is_error, is_error, "{file}: is_error");
+        assert_eq!(run.subtype.as_deref(), subtype, "{file}: subtype");
+        assert_eq!(run.api_error_status, status, "{file}: api_error_status");
+
+        // What was stored is what is read back.
+        let back = ledger
+            .get_run(RunKey {
+                job_id: format!("job-{i}"),
+                attempt: 1,
+            })
+            .await
+            .expect("get_run")
+            .into_inner();
+        assert_eq!(back, run, "{file}: stored and read back");
+    }
+
+    let summary = ledger
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: "ORCH-7".into(),
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+    let total = summary.total.expect("total");
+    let sum =
+        |f: fn(&Expect) -> Option<i64>| SAMPLES.iter().map(|s| f(s).unwrap_or(0)).sum::<i64>();
+    assert_eq!(total.runs as usize, SAMPLES.len());
+    assert_eq!(total.input_tokens, sum(|s| s.2));
+    assert_eq!(total.output_tokens, sum(|s| s.3));
+    assert_eq!(total.cache_read_tokens, sum(|s| s.4));
+    assert_eq!(total.cache_creation_tokens, sum(|s| s.5));
+    let cost: f64 = SAMPLES.iter().map(|s| s.6.unwrap_or(0.0)).sum();
+    assert!(
+        (total.total_cost_usd - cost).abs() < 1e-9,
+        "{} vs {cost}",
+        total.total_cost_usd
+    );
+    let without = SAMPLES
+        .iter()
+        .filter(|s| s.2.is_none() && s.3.is_none() && s.4.is_none() && s.5.is_none())
+        .count();
+    assert_eq!(total.runs_without_usage as usize, without);
+    assert_eq!(
+        summary
+            .agents
+            .iter()
+            .map(|a| a.agent.as_str())
+            .collect::<Vec<_>>(),
+        agents
+    );
+    assert_eq!(
+        summary.agents.iter().map(|a| a.runs).sum::<u32>() as usize,
+        SAMPLES.len()
+    );
+    assert!(
+        summary
+            .text
+            .starts_with("Usage for ORCH-7\nAnalyst · 7 runs · "),
+        "{}",
+        summary.text
+    );
+    assert!(summary.text.ends_with(&total.line), "{}", summary.text);
+}
+
+async fn record_run_is_idempotent_per_attempt(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let mut ledger = stack.clients.usage_ledger.clone();
+    let log = log_of("real-2.1.328/success-with-write-tool.stdout.json");
+    let req = |output: String, attempt| RecordRunRequest {
+        job_id: "job-1".into(),
+        attempt,
+        work_item: "ORCH-9".into(),
+        agent: "developer".into(),
+        output,
+    };
+    let first = ledger
+        .record_run(req(log.clone(), 1))
+        .await
+        .expect("first")
+        .into_inner();
+    assert!(first.created);
+    // A re-driven finalize records the same attempt again, perhaps with other output: the
+    // first record stands.
+    let again = ledger
+        .record_run(req("garbage".into(), 1))
+        .await
+        .expect("again")
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(again.run, first.run);
+    let second = ledger
+        .record_run(req(log, 2))
+        .await
+        .expect("attempt 2")
+        .into_inner();
+    assert!(second.created);
+
+    let latest = ledger
+        .get_run(RunKey {
+            job_id: "job-1".into(),
+            attempt: 0,
+        })
+        .await
+        .expect("latest")
+        .into_inner();
+    assert_eq!(latest.attempt, 2);
+    let comment = ledger
+        .finish_comment(RunKey {
+            job_id: "job-1".into(),
+            attempt: 1,
+        })
+        .await
+        .expect("finish comment")
+        .into_inner();
+    // 2400 + 8000 + 600 = 11.0k in, 8.0k of it cached; 162 out; $0.017...
+    assert_eq!(
+        comment.text,
+        "Developer done · 11.0k in (8.0k cached) / 162 out · $0.02"
+    );
+    let summary = ledger
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: "ORCH-9".into(),
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+    assert_eq!(
+        summary.text,
+        "Usage for ORCH-9\nDeveloper · 2 runs · 22.0k in (16.0k cached) / 324 out · $0.03\nTotal · 2 runs · 22.0k in (16.0k cached) / 324 out · $0.03"
+    );
+}
+
+async fn bad_requests_name_the_field(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let mut ledger = stack.clients.usage_ledger.clone();
+    let ok = RecordRunRequest {
+        job_id: "j".into(),
+        attempt: 1,
+        work_item: "ORCH-1".into(),
+        agent: "tester".into(),
+        output: String::new(),
+    };
+    for (field, req) in [
+        (
+            "job_id",
+            RecordRunRequest {
+                job_id: " ".into(),
+                ..ok.clone()
+            },
+        ),
+        (
+            "work_item",
+            RecordRunRequest {
+                work_item: String::new(),
+                ..ok.clone()
+            },
+        ),
+        (
+            "agent",
+            RecordRunRequest {
+                agent: String::new(),
+                ..ok.clone()
+            },
+        ),
+    ] {
+        let err = ledger.record_run(req).await.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert_eq!(err.message(), format!("{field} is required"));
+    }
+    let err = ledger
+        .record_run(RecordRunRequest {
+            agent: "x\u{7}".into(),
+            ..ok.clone()
+        })
+        .await
+        .expect_err("control character");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("agent:"), "{}", err.message());
+
+    // Empty output is garbage, not an error: the run is recorded with unknown usage.
+    let run = ledger
+        .record_run(ok)
+        .await
+        .expect("empty output")
+        .into_inner()
+        .run
+        .expect("run");
+    assert!(!run.result_found);
+    assert_eq!(run.input_tokens, None);
+
+    let err = ledger
+        .get_run(RunKey {
+            job_id: "nope".into(),
+            attempt: 1,
+        })
+        .await
+        .expect_err("missing");
+    assert_eq!(err.code(), Code::NotFound);
+    let err = ledger
+        .get_run(RunKey {
+            job_id: String::new(),
+            attempt: 1,
+        })
+        .await
+        .expect_err("no id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = ledger
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: String::new(),
+        })
+        .await
+        .expect_err("no item");
+    assert_eq!(err.message(), "work_item is required");
+}
+
+async fn an_empty_work_item_sums_to_zero_runs(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let summary = stack
+        .clients
+        .usage_ledger
+        .clone()
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: "ORCH-404".into(),
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+    assert!(summary.agents.is_empty());
+    assert_eq!(summary.total.expect("total").runs, 0);
+    assert_eq!(
+        summary.text,
+        "Usage for ORCH-404\nTotal · 0 runs · usage unknown"
+    );
+}
+
+on_both_backends!(
+    records_every_cli_sample_and_sums_them,
+    record_run_is_idempotent_per_attempt,
+    bad_requests_name_the_field,
+    an_empty_work_item_sums_to_zero_runs,
+);
