@@ -1,1 +1,192 @@
-fn main() {}
+//! Benchmarks of the running system, measured from a second process against the real
+//! `orchestrator` binary (build it first with `cargo build --release`).
+//!
+//! `cargo run --release -p orchestrator-bench -- all` prints every figure that
+//! `docs/benchmarks.md` holds.
+
+mod stack;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use orchestrator_kit::ServiceName;
+use orchestrator_kit::clients::{ClientSettings, UsageLedgerClient, channel};
+use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
+
+use crate::stack::{Stack, median_range};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks of the running orchestrator")]
+struct Cli {
+    /// The orchestrator binary to measure.
+    #[arg(long, global = true)]
+    bin: Option<PathBuf>,
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// Time from exec to every service SERVING, over fresh data directories.
+    Startup {
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Resident memory of `orchestrator up` once idle.
+    Rss {
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// RecordRun throughput over gRPC on SQLite, with latency percentiles.
+    RecordRun {
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds of load per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Every benchmark with its default size.
+    All,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let bin = cli.bin.unwrap_or_else(default_bin);
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found: run `cargo build --release` first",
+        bin.display()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        println!("machine: {}", stack::machine());
+        println!("binary: {}", bin.display());
+        match cli.what {
+            What::Startup { runs } => startup(&bin, runs).await,
+            What::Rss { runs } => rss(&bin, runs).await,
+            What::RecordRun {
+                concurrency,
+                seconds,
+                runs,
+            } => record_run(&bin, concurrency, seconds, runs).await,
+            What::All => {
+                startup(&bin, 20).await?;
+                rss(&bin, 5).await?;
+                record_run(&bin, 32, 5, 3).await
+            }
+        }
+    })
+}
+
+fn default_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("release/orchestrator")
+}
+
+async fn startup(bin: &std::path::Path, runs: usize) -> Result<()> {
+    let mut ms = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let stack = Stack::start(bin).await?;
+        stack.wait_all_serving(Duration::from_secs(10)).await?;
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        stack.stop().await?;
+    }
+    println!(
+        "startup: exec -> every service SERVING (fresh SQLite dir, {runs} runs): {}",
+        median_range(&mut ms, "ms")
+    );
+    Ok(())
+}
+
+async fn rss(bin: &std::path::Path, runs: usize) -> Result<()> {
+    let mut mb = Vec::new();
+    for _ in 0..runs {
+        let stack = Stack::start(bin).await?;
+        stack.wait_all_serving(Duration::from_secs(10)).await?;
+        // Idle: serving, one health check per service done, nothing else.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        mb.push(stack.rss_kib()? as f64 / 1024.0);
+        stack.stop().await?;
+    }
+    println!(
+        "idle RSS of `orchestrator up` ({runs} runs): {}",
+        median_range(&mut mb, "MB")
+    );
+    Ok(())
+}
+
+async fn record_run(
+    bin: &std::path::Path,
+    concurrency: usize,
+    seconds: u64,
+    runs: usize,
+) -> Result<()> {
+    let sample = include_str!("sample_result.json");
+    let mut rates = Vec::new();
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    for run in 0..runs {
+        let stack = Stack::start(bin).await?;
+        stack.wait_all_serving(Duration::from_secs(10)).await?;
+        let settings = ClientSettings {
+            token: None,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        };
+        let url = stack.url(ServiceName::UsageLedger);
+        let client = UsageLedgerClient::new(channel(ServiceName::UsageLedger, &url, &settings)?);
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for worker in 0..concurrency {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    client
+                        .record_run(RecordRunRequest {
+                            job_id: format!("bench-{run}-{worker}-{n}"),
+                            attempt: 1,
+                            work_item: format!("BENCH-{}", n % 50),
+                            agent: "developer".into(),
+                            output: sample.to_owned(),
+                        })
+                        .await
+                        .context("RecordRun")?;
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    n += 1;
+                }
+                anyhow::Ok(lat)
+            }));
+        }
+        let started = Instant::now();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        all.sort_by(f64::total_cmp);
+        rates.push(all.len() as f64 / elapsed);
+        p50s.push(stack::percentile(&all, 0.50));
+        p99s.push(stack::percentile(&all, 0.99));
+        stack.stop().await?;
+    }
+    println!(
+        "RecordRun over gRPC on SQLite ({concurrency} callers, {seconds} s, {runs} runs): {}; latency p50 {}, p99 {}",
+        median_range(&mut rates, "runs/s"),
+        median_range(&mut p50s, "ms"),
+        median_range(&mut p99s, "ms"),
+    );
+    Ok(())
+}

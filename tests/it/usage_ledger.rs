@@ -589,7 +589,53 @@ async fn an_empty_work_item_sums_to_zero_runs(storage: TestStorage) {
     );
 }
 
+async fn concurrent_records_are_each_stored_once(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let log = log_of("real-2.1.328/stream-json.stdout.jsonl");
+    // 200 calls at once over 50 keys: calls share statements (group commit), and of the
+    // four calls per key exactly one creates the run.
+    let calls = (0..200).map(|i| {
+        let mut ledger = stack.clients.usage_ledger.clone();
+        let output = log.clone();
+        tokio::spawn(async move {
+            let r = ledger
+                .record_run(RecordRunRequest {
+                    job_id: format!("job-{}", i % 50),
+                    attempt: 1,
+                    work_item: "ORCH-50".into(),
+                    agent: "developer".into(),
+                    output,
+                })
+                .await
+                .expect("record")
+                .into_inner();
+            (i % 50, r.created)
+        })
+    });
+    let mut created = [0u32; 50];
+    for call in calls.collect::<Vec<_>>() {
+        let (key, was_created) = call.await.expect("task");
+        created[key] += u32::from(was_created);
+    }
+    assert!(created.iter().all(|c| *c == 1), "{created:?}");
+    let total = stack
+        .clients
+        .usage_ledger
+        .clone()
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: "ORCH-50".into(),
+        })
+        .await
+        .expect("summary")
+        .into_inner()
+        .total
+        .expect("total");
+    assert_eq!(total.runs, 50);
+    assert_eq!(total.output_tokens, 50 * 162);
+}
+
 on_both_backends!(
+    concurrent_records_are_each_stored_once,
     records_every_cli_sample_and_sums_them,
     record_run_is_idempotent_per_attempt,
     bad_requests_name_the_field,

@@ -5,6 +5,7 @@
 
 mod error;
 pub mod format;
+mod group_commit;
 mod service;
 pub mod store;
 

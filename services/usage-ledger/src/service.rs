@@ -9,17 +9,23 @@ use tonic::{Request, Response, Status};
 
 use crate::error::LedgerError;
 use crate::format::{self, Totals};
+use crate::group_commit::GroupWriter;
 use crate::store::{self, RunRecord};
 
 /// The usage-ledger gRPC service over its own storage.
 #[derive(Debug, Clone)]
 pub struct UsageLedgerService {
     db: Db,
+    writer: GroupWriter,
 }
 
 impl UsageLedgerService {
+    /// Builds the service; must be called inside a tokio runtime (it starts the writer).
     pub fn new(db: Db) -> Self {
-        UsageLedgerService { db }
+        UsageLedgerService {
+            writer: GroupWriter::spawn(db.clone()),
+            db,
+        }
     }
 
     /// Parses `output` and records the run; returns the stored run and whether it is new.
@@ -47,7 +53,7 @@ impl UsageLedgerService {
             duration_ms: parsed.as_ref().and_then(|r| r.duration_ms),
             recorded_at_ms: now_ms(),
         };
-        if store::insert(&self.db, &run).await? {
+        if self.writer.insert(run.clone()).await? {
             tracing::debug!(
                 job_id,
                 attempt,

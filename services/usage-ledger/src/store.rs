@@ -27,34 +27,70 @@ const COLUMNS: &str = "job_id, attempt, work_item, agent, result_found, input_to
      cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, api_error_status, \
      num_turns, duration_ms, recorded_at_ms";
 
-/// Inserts `run` unless its (job_id, attempt) is already recorded. Returns true when inserted.
-pub async fn insert(db: &Db, run: &RunRecord) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
+/// Inserts each run unless its (job_id, attempt) is already recorded, in ONE statement.
+/// Returns, per run, whether it was inserted; of two runs with the same key in one call,
+/// only the first counts as inserted.
+pub async fn insert_many(db: &Db, runs: &[RunRecord]) -> Result<Vec<bool>, sqlx::Error> {
+    const COLS: usize = 16;
+    let mut sql = String::from(
         "INSERT INTO agent_runs (job_id, attempt, work_item, agent, result_found, input_tokens, \
          output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, \
-         api_error_status, num_turns, duration_ms, recorded_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-         ON CONFLICT (job_id, attempt) DO NOTHING",
-    )
-    .bind(&run.job_id)
-    .bind(i64::from(run.attempt))
-    .bind(&run.work_item)
-    .bind(&run.agent)
-    .bind(i64::from(run.result_found))
-    .bind(run.usage.input_tokens)
-    .bind(run.usage.output_tokens)
-    .bind(run.usage.cache_read_tokens)
-    .bind(run.usage.cache_creation_tokens)
-    .bind(run.total_cost_usd.map(|c| c.to_string()))
-    .bind(run.is_error.map(i64::from))
-    .bind(run.subtype.as_deref())
-    .bind(run.api_error_status.map(i64::from))
-    .bind(run.num_turns)
-    .bind(run.duration_ms)
-    .bind(run.recorded_at_ms)
-    .execute(&db.pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
+         api_error_status, num_turns, duration_ms, recorded_at_ms) VALUES ",
+    );
+    for i in 0..runs.len() {
+        sql.push_str(if i == 0 { "(" } else { ", (" });
+        for c in 0..COLS {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", i * COLS + c + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (job_id, attempt) DO NOTHING RETURNING job_id, attempt");
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for run in runs {
+        q = q
+            .bind(run.job_id.clone())
+            .bind(i64::from(run.attempt))
+            .bind(run.work_item.clone())
+            .bind(run.agent.clone())
+            .bind(i64::from(run.result_found))
+            .bind(run.usage.input_tokens)
+            .bind(run.usage.output_tokens)
+            .bind(run.usage.cache_read_tokens)
+            .bind(run.usage.cache_creation_tokens)
+            .bind(run.total_cost_usd.map(|c| c.to_string()))
+            .bind(run.is_error.map(i64::from))
+            .bind(run.subtype.clone())
+            .bind(run.api_error_status.map(i64::from))
+            .bind(run.num_turns)
+            .bind(run.duration_ms)
+            .bind(run.recorded_at_ms);
+    }
+    let rows = q.fetch_all(&db.pool).await?;
+    let mut inserted: Vec<(String, i64)> = rows
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<String, _>("job_id")?,
+                r.try_get::<i64, _>("attempt")?,
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()?;
+    Ok(runs
+        .iter()
+        .map(|run| {
+            let key = (run.job_id.clone(), i64::from(run.attempt));
+            match inserted.iter().position(|k| *k == key) {
+                Some(i) => {
+                    inserted.swap_remove(i);
+                    true
+                }
+                None => false,
+            }
+        })
+        .collect())
 }
 
 /// Returns the run of (job_id, attempt); attempt 0 means the job's latest attempt.
