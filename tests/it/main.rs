@@ -4,5 +4,6 @@
 mod common;
 
 mod auth;
+mod post_deploy;
 mod process;
 mod usage_ledger;
