@@ -158,7 +158,8 @@ impl Node {
     }
 }
 
-fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
+/// The migrations this build embeds for `part` (`staging-check` compares them with storage).
+pub fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
     match part {
         ServiceName::StageEngine => &stage_engine::MIGRATOR,
         ServiceName::Launcher => &launcher::MIGRATOR,

@@ -6,4 +6,5 @@ mod common;
 mod auth;
 mod post_deploy;
 mod process;
+mod staging_check;
 mod usage_ledger;
