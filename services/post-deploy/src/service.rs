@@ -665,16 +665,14 @@ fn tick_line(tick: u32, s: &SampleRow, p: &crate::decide::Progress) -> String {
     } else {
         format!("health={} {}ms", s.health_status, s.health_latency_ms)
     };
-    let delta = |d: Option<f64>| d.map_or("?".to_owned(), |v| format!("+{v}"));
+    let metrics = match (s.requests_total, s.requests_delta, s.errors_5xx_delta) {
+        (None, _, _) => "metrics=unread".to_owned(),
+        (Some(_), Some(r), Some(e)) => format!("requests+{r} 5xx+{e}"),
+        (Some(_), _, _) => "metrics=baseline".to_owned(),
+    };
     format!(
-        "tick {tick} {health} requests{} 5xx{} window {}/{} {} {}: {}",
-        delta(s.requests_delta),
-        delta(s.errors_5xx_delta),
-        p.window_5xx,
-        p.window_requests,
-        s.classification,
-        s.action,
-        s.reason
+        "tick {tick} {health} {metrics} window 5xx {}/{} {} {}: {}",
+        p.window_5xx, p.window_requests, s.classification, s.action, s.reason
     )
 }
 
