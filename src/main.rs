@@ -2,7 +2,9 @@
 //!
 //! - `orchestrator up` runs every service and the gateway in one process.
 //! - `orchestrator serve <service>` runs one of them.
+//! - `orchestrator staging-check` runs the staging checks and prints the verdict.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -30,6 +32,15 @@ enum Command {
         /// The service to run.
         service: String,
     },
+    /// Runs the staging checks against the configured stack; prints the verdict, exits 0 or 1.
+    StagingCheck {
+        /// Fails on sandbox-infra failures (C9a, C9b) too, instead of waiving them.
+        #[arg(long)]
+        strict: bool,
+        /// Writes `staging_status:` frontmatter to this file.
+        #[arg(long, value_name = "PATH")]
+        artifact: Option<PathBuf>,
+    },
 }
 
 /// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
@@ -43,6 +54,13 @@ fn main() -> ExitCode {
             Ok(s) => vec![s],
             Err(e) => return fail(e),
         },
+        Command::StagingCheck { strict, artifact } => {
+            return orchestrator_staging::cli::main(
+                *strict,
+                artifact.clone(),
+                orchestrator::node::migrator,
+            );
+        }
     };
     let config = match Config::from_process() {
         Ok(c) => c,

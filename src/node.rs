@@ -25,6 +25,8 @@ pub enum NodeError {
     Db(#[from] orchestrator_kit::DbError),
     #[error(transparent)]
     Client(#[from] orchestrator_kit::clients::BadUrl),
+    #[error(transparent)]
+    Config(#[from] orchestrator_kit::ConfigError),
 }
 
 /// A running set of parts.
@@ -46,6 +48,12 @@ impl Node {
         parts: &[ServiceName],
         shutdown: CancellationToken,
     ) -> Result<Node, NodeError> {
+        // Service sections are read first: a bad value fails start-up before anything binds.
+        let post_deploy_config = if parts.contains(&ServiceName::PostDeploy) {
+            ::post_deploy::PostDeployConfig::from_env(&config.env, &config.data_dir)?
+        } else {
+            ::post_deploy::PostDeployConfig::new(config.data_dir.join("post-deploy"))
+        };
         let mut listeners = Vec::new();
         for &part in parts {
             let addr = config.listen[&part];
@@ -106,6 +114,7 @@ impl Node {
                 store,
                 clients.clone(),
                 &RequireToken::new(config.internal_token.as_ref()),
+                &post_deploy_config,
             );
             tasks.spawn(async move {
                 (
@@ -149,7 +158,8 @@ impl Node {
     }
 }
 
-fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
+/// The migrations this build embeds for `part` (`staging-check` compares them with storage).
+pub fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
     match part {
         ServiceName::StageEngine => &stage_engine::MIGRATOR,
         ServiceName::Launcher => &launcher::MIGRATOR,
@@ -160,7 +170,13 @@ fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
     }
 }
 
-fn routes(part: ServiceName, db: Db, clients: Clients, auth: &RequireToken) -> Routes {
+fn routes(
+    part: ServiceName,
+    db: Db,
+    clients: Clients,
+    auth: &RequireToken,
+    post_deploy_config: &::post_deploy::PostDeployConfig,
+) -> Routes {
     use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
     use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
@@ -187,7 +203,7 @@ fn routes(part: ServiceName, db: Db, clients: Clients, auth: &RequireToken) -> R
             auth,
         )),
         ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
-            ::post_deploy::PostDeployService::new(db, clients),
+            ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
         ServiceName::UsageLedger | ServiceName::Gateway => Routes::new(

@@ -4,5 +4,7 @@
 mod common;
 
 mod auth;
+mod post_deploy;
 mod process;
+mod staging_check;
 mod usage_ledger;

@@ -1,30 +1,32 @@
-//! post-deploy: The observation window after deploy: probe, classify, decide, roll back or alert.
+//! post-deploy: the observation window after deploy ("green deploy, red prod", ARCHITECTURE §3.7).
 //!
-//! The RPC surface is declared in `proto/orchestrator/post_deploy/v1/post_deploy.proto`. Until issue #6
-//! builds it, every RPC answers UNIMPLEMENTED (see `docs/rpc-status.md`).
+//! `Arm` opens a watch when a work item reaches `deploy -> done`; the launcher's reserved
+//! `post-deploy-monitor` job calls `Tick` until it answers `done`. A tick is
+//! [`probe_signals`] -> [`fold`] -> [`classify`] -> [`decide_action`] -> act
+//! ([`run_rollback`] at most once per watch, or an alert), and every step's state lives in
+//! post-deploy's own tables, so a restarted post-deploy resumes each watch where it was.
 
-use orchestrator_kit::Db;
-use orchestrator_kit::clients::Clients;
-use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeploy;
+pub mod alerts;
+pub mod config;
+pub mod decide;
+mod error;
+pub mod log;
+pub mod rollback;
+mod service;
+pub mod signals;
+pub mod store;
+pub mod validate;
+
+pub use alerts::{AlertKind, AlertNote, AlertSink, LogSink};
+pub use config::{PostDeployConfig, Target};
+pub use decide::{
+    Action, Classification, DecideInput, Decision, Health, Progress, Thresholds, classify,
+    decide_action, fold,
+};
+pub use error::PostDeployError;
+pub use rollback::{RollbackOutcome, RollbackVars, run_rollback};
+pub use service::{PostDeployService, TickOutcome};
+pub use signals::{HealthReading, MetricsReading, Signals, probe_signals};
 
 /// The service's own migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// The post-deploy gRPC service over its own storage and the clients of the services it calls.
-#[derive(Clone)]
-pub struct PostDeployService {
-    #[allow(dead_code)]
-    db: Db,
-    #[allow(dead_code)]
-    clients: Clients,
-}
-
-impl PostDeployService {
-    pub fn new(db: Db, clients: Clients) -> Self {
-        PostDeployService { db, clients }
-    }
-}
-
-// Every RPC keeps the generated default: UNIMPLEMENTED.
-#[tonic::async_trait]
-impl PostDeploy for PostDeployService {}
