@@ -17,6 +17,8 @@ pub mod pipeline;
 pub mod qg;
 mod service;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 pub use config::StageEngineConfig;
 pub use error::EngineError;
