@@ -5,4 +5,5 @@ mod common;
 
 mod auth;
 mod process;
+mod stage_engine;
 mod usage_ledger;
