@@ -527,6 +527,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn entry_ids_sort_in_creation_order() {
+        // The delivery order is the id order: ids made one after the other must sort so,
+        // even within one millisecond.
+        let ids: Vec<String> = (0..10_000).map(|_| new_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
     fn backoff_doubles_up_to_the_max() {
         let c = OutboxConfig {
             poll: Duration::from_secs(1),
