@@ -885,3 +885,62 @@ async fn walk_with_plane_down_for_a_while(storage: TestStorage) {
 }
 
 on_both_backends!(walk_from_analysis_to_done, walk_with_plane_down_for_a_while);
+
+/// `orchestrator qg-hook` as the CLI runs it: the hook input of the contract sample on
+/// stdin (its `cwd` pointed at a checkout), exit 2 with what is missing, then 0.
+#[test]
+fn qg_hook_blocks_the_agent_until_its_artifact_is_there() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let checkout = tempfile::tempdir().expect("tempdir");
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut input: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            contracts_dir().join("claude-cli/real-2.1.328/stop-hook-input.json"),
+        )
+        .expect("sample"),
+    )
+    .expect("json");
+    input["cwd"] = json!(checkout.path());
+    let run = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args([
+                "qg-hook",
+                "--work-item",
+                KEY,
+                "--stage",
+                "testing",
+                "--state-file",
+            ])
+            .arg(state.path().join("blocks"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.to_string().as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = run();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("check_test_status") && stderr.contains("test-report.md is missing"),
+        "{stderr}"
+    );
+    let (path, text) = artifact("test-report.md", "test_status: PASSED\n");
+    let p = checkout.path().join(path);
+    std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+    std::fs::write(p, text).expect("write");
+    let (code, stderr) = run();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -11,6 +11,7 @@
 pub mod config;
 pub mod engine;
 mod error;
+pub mod hook;
 pub mod outbox;
 pub mod peers;
 pub mod pipeline;
