@@ -79,10 +79,10 @@ pub fn run_hook(req: &HookRequest, stdin: &str) -> HookAnswer {
             ),
         };
     }
-    if let Some(f) = &req.state_file {
-        if let Err(e) = std::fs::write(f, (blocks + 1).to_string()) {
-            return error(format!("cannot write {}: {e}", f.display()));
-        }
+    if let Some(f) = &req.state_file
+        && let Err(e) = std::fs::write(f, (blocks + 1).to_string())
+    {
+        return error(format!("cannot write {}: {e}", f.display()));
     }
     HookAnswer {
         code: 2,
