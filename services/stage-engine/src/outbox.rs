@@ -169,6 +169,21 @@ pub async fn list(
     rows.iter().map(entry_from_row).collect()
 }
 
+/// Puts `failed` entries back to `pending`, due now: the one with `id`, or (with an empty
+/// id) every failed entry of `work_item`. Returns how many.
+pub async fn retry_failed(db: &Db, id: &str, work_item: &str) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE outbox SET state = 'pending', next_attempt_at_ms = $1, claimed_until_ms = 0 \
+         WHERE state = 'failed' AND (($2 <> '' AND id = $2) OR ($2 = '' AND work_item = $3))",
+    )
+    .bind(now_ms())
+    .bind(id)
+    .bind(work_item)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Why a delivery failed, and whether to try again.
 #[derive(Debug)]
 pub struct DeliveryError {

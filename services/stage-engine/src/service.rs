@@ -10,8 +10,8 @@ use orchestrator_proto::stage_engine::v1::{
     AdvanceStageResponse, ApproveRequest, Comment, CreateWorkItemRequest, CreateWorkItemResponse,
     GetWorkItemRequest, ListCommentsRequest, ListCommentsResponse, ListOutboxRequest,
     ListOutboxResponse, ListTransitionsRequest, ListTransitionsResponse, ListWorkItemsRequest,
-    ListWorkItemsResponse, OnPrMergedRequest, OutboxEntry, QgResult, Transition, WorkItem,
-    stage_engine_server::StageEngine,
+    ListWorkItemsResponse, OnPrMergedRequest, OutboxEntry, QgResult, RetryOutboxRequest,
+    RetryOutboxResponse, Transition, WorkItem, stage_engine_server::StageEngine,
 };
 use orchestrator_tracker::local::LocalTracker;
 use orchestrator_tracker::plane::PlaneTracker;
@@ -510,6 +510,28 @@ impl StageEngine for StageEngineService {
                     created_at: c.created_at,
                 })
                 .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id, work_item = %request.get_ref().work_item))]
+    async fn retry_outbox(
+        &self,
+        request: Request<RetryOutboxRequest>,
+    ) -> Result<Response<RetryOutboxResponse>, Status> {
+        let r = request.into_inner();
+        let (id, work_item) = (r.id.trim(), r.work_item.trim());
+        if id.is_empty() && work_item.is_empty() {
+            return Err(EngineError::MissingField("id or work_item").into());
+        }
+        let n = outbox::retry_failed(&self.engine.db, id, work_item)
+            .await
+            .map_err(EngineError::from)?;
+        if n > 0 {
+            tracing::info!(retried = n, "failed outbox entries put back to pending");
+            self.engine.notify.notify_one();
+        }
+        Ok(Response::new(RetryOutboxResponse {
+            retried: u32::try_from(n).unwrap_or(u32::MAX),
         }))
     }
 }

@@ -61,6 +61,15 @@ fn forge(files: Files, forge_down: bool) -> MockForge {
 }
 
 async fn harness(storage: TestStorage, enqueue_failures: u32, forge_down: bool) -> Harness {
+    harness_with(storage, enqueue_failures, forge_down, None).await
+}
+
+async fn harness_with(
+    storage: TestStorage,
+    enqueue_failures: u32,
+    forge_down: bool,
+    tracker: Option<Arc<dyn orchestrator_tracker::Tracker>>,
+) -> Harness {
     orchestrator_kit::telemetry::init_for_tests();
     let db = db::open(
         ServiceName::StageEngine,
@@ -123,7 +132,7 @@ async fn harness(storage: TestStorage, enqueue_failures: u32, forge_down: bool) 
         config,
         Arc::new(forge(files.clone(), forge_down)),
         Arc::new(peers),
-        None,
+        tracker,
     )
     .expect("service");
     Harness {
@@ -604,7 +613,89 @@ async fn the_budget_blocks_and_a_human_resumes(storage: TestStorage) {
     assert_eq!(blocked, 1);
 }
 
+/// A comment the tracker refuses (403) fails at once, visibly; once the operator fixed the
+/// token, RetryOutbox puts it back and it is delivered. The Plane project unknown at
+/// creation is looked up by key at the first delivery, once.
+async fn a_refused_comment_fails_and_an_operator_retries_it(storage: TestStorage) {
+    use orchestrator_tracker::{CommentPosted, IssueRef, MockTracker, TrackerError, TrackerKind};
+    let mut t = MockTracker::new();
+    t.expect_kind().return_const(TrackerKind::Plane);
+    t.expect_find_issue()
+        .withf(|k| k == KEY)
+        .times(1)
+        .returning(|_| {
+            Ok(Some(IssueRef {
+                project_id: "proj-1".into(),
+                issue_id: "issue-7".into(),
+            }))
+        });
+    let refused = Arc::new(Mutex::new(true));
+    t.expect_add_comment()
+        .withf(|issue, _, author, key| {
+            issue.project_id == "proj-1"
+                && issue.issue_id == "issue-7"
+                && author == "stream"
+                && !key.is_empty()
+        })
+        .times(2)
+        .returning(move |_, _, _, _| {
+            let mut r = refused.lock().expect("lock");
+            if *r {
+                *r = false;
+                return Err(TrackerError::Rejected {
+                    status: 403,
+                    message: "Given API token is not valid".into(),
+                });
+            }
+            Ok(CommentPosted {
+                id: Some("c1".into()),
+                duplicate: false,
+            })
+        });
+    let h = harness_with(storage, 0, false, Some(Arc::new(t))).await;
+    h.create().await;
+    h.deliver().await;
+    let failed = h.outbox("failed").await;
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].last_error.contains("403"),
+        "{}",
+        failed[0].last_error
+    );
+    assert_eq!(
+        h.outbox("delivered").await.len(),
+        1,
+        "the enqueue went out regardless"
+    );
+    assert_eq!(h.item().await.tracker_project_id, "proj-1");
+
+    let err = h
+        .svc
+        .retry_outbox(Request::new(
+            orchestrator_proto::stage_engine::v1::RetryOutboxRequest::default(),
+        ))
+        .await
+        .expect_err("nothing named");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let r = h
+        .svc
+        .retry_outbox(Request::new(
+            orchestrator_proto::stage_engine::v1::RetryOutboxRequest {
+                id: String::new(),
+                work_item: KEY.into(),
+            },
+        ))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(r.retried, 1);
+    h.deliver().await;
+    assert_eq!(h.outbox("delivered").await.len(), 2);
+    assert!(h.outbox("failed").await.is_empty());
+}
+
 on_both_backends!(
+    a_refused_comment_fails_and_an_operator_retries_it,
     idempotency_and_the_latest_job_rule,
     approval_human_yes_bot_no,
     bug_8_and_deploy_to_done,
