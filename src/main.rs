@@ -41,6 +41,25 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         artifact: Option<PathBuf>,
     },
+    /// The quality gate as the agent's Stop hook: exit 0 pass, 2 block (what is missing on
+    /// stderr), 1 own error. Reads the CLI's hook input on stdin.
+    QgHook {
+        /// The work item, e.g. ORCH-65.
+        #[arg(long)]
+        work_item: String,
+        /// The stage the agent works.
+        #[arg(long)]
+        stage: String,
+        /// The checkout (default: the hook input's cwd).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Blocks allowed per run, counted in --state-file.
+        #[arg(long, default_value_t = 3)]
+        max_blocks: u32,
+        /// Where the blocks of this run are counted (outside the checkout).
+        #[arg(long)]
+        state_file: Option<std::path::PathBuf>,
+    },
 }
 
 /// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
@@ -48,8 +67,26 @@ const DRAIN_LIMIT: Duration = Duration::from_millis(1_500);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::QgHook {
+        work_item,
+        stage,
+        dir,
+        max_blocks,
+        state_file,
+    } = cli.command
+    {
+        return qg_hook(stage_engine::hook::HookRequest {
+            work_item,
+            stage,
+            dir,
+            max_blocks,
+            state_file,
+        });
+    }
     let parts: Vec<ServiceName> = match &cli.command {
         Command::Up => ServiceName::ALL.to_vec(),
+        // Answered above, before any configuration is read.
+        Command::QgHook { .. } => return ExitCode::FAILURE,
         Command::Serve { service } => match service.parse() {
             Ok(s) => vec![s],
             Err(e) => return fail(e),
@@ -112,6 +149,19 @@ async fn run(config: Config, parts: Vec<ServiceName>) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Runs the Stop hook: no runtime, no configuration, no logs (stderr goes to the model).
+fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
+    use std::io::Read;
+    let mut stdin = String::new();
+    // The CLI always sends its input; a missing one just means "use the given directory".
+    let _ = std::io::stdin().take(1 << 20).read_to_string(&mut stdin);
+    let answer = stage_engine::hook::run_hook(&req, &stdin);
+    if !answer.stderr.is_empty() {
+        eprintln!("{}", answer.stderr);
+    }
+    ExitCode::from(answer.code)
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

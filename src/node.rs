@@ -89,6 +89,16 @@ impl Node {
             stores.insert(part, db?);
         }
         let clients = Clients::from_config(&config)?;
+        // Built before anything serves: a bad tracker or forge setting fails start-up.
+        let mut stage_engine = match stores.remove(&ServiceName::StageEngine) {
+            Some(db) => Some(::stage_engine::StageEngineService::start(
+                db,
+                clients.clone(),
+                &config.env,
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
 
         let mut tasks = JoinSet::new();
         let mut addrs = BTreeMap::new();
@@ -106,16 +116,20 @@ impl Node {
                 });
                 continue;
             }
-            let store = stores
-                .remove(&part)
-                .expect("a store was opened for every gRPC part");
-            let routes = routes(
-                part,
-                store,
-                clients.clone(),
-                &RequireToken::new(config.internal_token.as_ref()),
-                &post_deploy_config,
-            );
+            let auth = RequireToken::new(config.internal_token.as_ref());
+            let routes = match stage_engine.take() {
+                Some(svc) if part == ServiceName::StageEngine => {
+                    use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
+                    Routes::new(StageEngineServer::with_interceptor(svc, auth))
+                }
+                other => {
+                    stage_engine = other;
+                    let store = stores
+                        .remove(&part)
+                        .expect("a store was opened for every gRPC part");
+                    routes(part, store, clients.clone(), &auth, &post_deploy_config)
+                }
+            };
             tasks.spawn(async move {
                 (
                     part,
@@ -181,15 +195,10 @@ fn routes(
     use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
     use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
-    use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
     use orchestrator_proto::usage_ledger::v1::usage_ledger_server::UsageLedgerServer;
 
     let auth = auth.clone();
     match part {
-        ServiceName::StageEngine => Routes::new(StageEngineServer::with_interceptor(
-            ::stage_engine::StageEngineService::new(db, clients),
-            auth,
-        )),
         ServiceName::Launcher => Routes::new(LauncherServer::with_interceptor(
             ::launcher::LauncherService::new(db, clients),
             auth,
@@ -206,7 +215,8 @@ fn routes(
             ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
-        ServiceName::UsageLedger | ServiceName::Gateway => Routes::new(
+        // stage-engine is built in `Node::start` (it needs the configuration and shutdown).
+        ServiceName::UsageLedger | ServiceName::StageEngine | ServiceName::Gateway => Routes::new(
             UsageLedgerServer::with_interceptor(::usage_ledger::UsageLedgerService::new(db), auth),
         ),
     }

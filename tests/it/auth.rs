@@ -138,8 +138,9 @@ async fn services_of_later_issues_answer_unimplemented() {
             key: "ORCH-1".into(),
         })
         .await
-        .expect_err("stub");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("unknown work item");
+    // Built by #3: an unknown work item is NOT_FOUND, no longer UNIMPLEMENTED.
+    assert_eq!(err.code(), Code::NotFound);
     let err = stack
         .clients
         .launcher

@@ -6,5 +6,6 @@ mod common;
 mod auth;
 mod post_deploy;
 mod process;
+mod stage_engine;
 mod staging_check;
 mod usage_ledger;

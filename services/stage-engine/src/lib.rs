@@ -1,30 +1,29 @@
-//! stage-engine: The pipeline state machine: stage transitions, quality gates, rollbacks, the human gate.
+//! stage-engine: the pipeline state machine (ARCHITECTURE §3.3).
 //!
-//! The RPC surface is declared in `proto/orchestrator/stage_engine/v1/stage_engine.proto`. Until issue #3
-//! builds it, every RPC answers UNIMPLEMENTED (see `docs/rpc-status.md`).
+//! - [`pipeline`]: `STAGE_TRANSITIONS`, `ROLLBACKS`, `get_agent_for_stage` and the pure
+//!   decision of `advance_stage`;
+//! - [`qg`]: the `QG_CHECKS` registry over the work item's artifacts, PR and mergeability;
+//! - [`engine`]: `create_work_item` and the ONE `advance_stage`, behind `AdvanceStage`,
+//!   `Approve` and `OnPrMerged`;
+//! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, post-deploy
+//!   Arm) written with the state change and delivered with retries.
 
-use orchestrator_kit::Db;
-use orchestrator_kit::clients::Clients;
-use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngine;
+pub mod config;
+pub mod engine;
+mod error;
+pub mod hook;
+pub mod outbox;
+pub mod peers;
+pub mod pipeline;
+pub mod qg;
+mod service;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+pub use config::StageEngineConfig;
+pub use error::EngineError;
+pub use service::{StageEngineService, to_proto};
 
 /// The service's own migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// The stage-engine gRPC service over its own storage and the clients of the services it calls.
-#[derive(Clone)]
-pub struct StageEngineService {
-    #[allow(dead_code)]
-    db: Db,
-    #[allow(dead_code)]
-    clients: Clients,
-}
-
-impl StageEngineService {
-    pub fn new(db: Db, clients: Clients) -> Self {
-        StageEngineService { db, clients }
-    }
-}
-
-// Every RPC keeps the generated default: UNIMPLEMENTED.
-#[tonic::async_trait]
-impl StageEngine for StageEngineService {}

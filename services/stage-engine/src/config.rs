@@ -1,0 +1,146 @@
+//! stage-engine's section of the configuration.
+
+use std::time::Duration;
+
+use orchestrator_forge::ForgeConfig;
+use orchestrator_kit::{ConfigError, Env};
+use orchestrator_tracker::TrackerConfig;
+
+use crate::pipeline::Limits;
+
+/// How the outbox is delivered.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// `ORCH_OUTBOX_POLL_MS`: how often due entries are looked for when nothing wakes the
+    /// dispatcher (a state change wakes it at once).
+    pub poll: Duration,
+    /// `ORCH_OUTBOX_BACKOFF_BASE_MS` / `ORCH_OUTBOX_BACKOFF_MAX_MS`: a failed delivery waits
+    /// `min(base * 2^(attempts-1), max)`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// `ORCH_OUTBOX_MAX_ATTEMPTS`: after this many transient failures an entry is `failed`;
+    /// 0 means retry for ever (the default: nothing is given up while a service is down).
+    pub max_attempts: u32,
+    /// How long one delivery may hold an entry before another deliverer may take it.
+    pub claim_ttl: Duration,
+    /// Entries delivered concurrently per pass (each of a different work item and channel).
+    pub batch: u32,
+}
+
+/// stage-engine's settings.
+#[derive(Debug, Clone)]
+pub struct StageEngineConfig {
+    pub limits: Limits,
+    /// `ORCH_BASE_BRANCH` (read by the forge section): where PRs go.
+    pub base_branch: String,
+    /// `ORCH_BOT_AUTHORS`: accounts (names or ids, any case) that are bots besides the role
+    /// names: their `:approved:` never counts.
+    pub bot_authors: Vec<String>,
+    /// `ORCH_ARM_POST_DEPLOY`: arm the post-deploy watch on `deploy -> done`.
+    pub arm_post_deploy: bool,
+    pub outbox: OutboxConfig,
+    pub tracker: TrackerConfig,
+    pub forge: ForgeConfig,
+}
+
+fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(env.parse(name, default)?))
+}
+
+impl StageEngineConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let forge = ForgeConfig::from_env(env)?;
+        let outbox = OutboxConfig {
+            poll: ms(env, "ORCH_OUTBOX_POLL_MS", 1_000)?,
+            backoff_base: ms(env, "ORCH_OUTBOX_BACKOFF_BASE_MS", 1_000)?,
+            backoff_max: ms(env, "ORCH_OUTBOX_BACKOFF_MAX_MS", 300_000)?,
+            max_attempts: env.parse("ORCH_OUTBOX_MAX_ATTEMPTS", 0u32)?,
+            claim_ttl: Duration::from_secs(120),
+            batch: 32,
+        };
+        if outbox.poll.is_zero() {
+            return Err(ConfigError::new(
+                "ORCH_OUTBOX_POLL_MS",
+                "must be at least 1",
+            ));
+        }
+        Ok(StageEngineConfig {
+            limits: Limits {
+                max_rollbacks: env.parse("ORCH_MAX_ROLLBACKS", 3u32)?,
+                max_stage_retries: env.parse("ORCH_MAX_STAGE_RETRIES", 2u32)?,
+            },
+            base_branch: forge.base_branch.clone(),
+            bot_authors: env
+                .get("ORCH_BOT_AUTHORS")
+                .unwrap_or_default()
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            arm_post_deploy: env.bool("ORCH_ARM_POST_DEPLOY", true)?,
+            outbox,
+            tracker: TrackerConfig::from_env(env)?,
+            forge,
+        })
+    }
+
+    /// Returns whether `author` is a bot: one of the roles, or listed in `ORCH_BOT_AUTHORS`.
+    pub fn is_bot(&self, author: &str) -> bool {
+        let a = author.trim().to_ascii_lowercase();
+        orchestrator_tracker::is_role(&a) || self.bot_authors.contains(&a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = StageEngineConfig::from_env(&Env::default()).expect("defaults");
+        assert_eq!(c.limits.max_rollbacks, 3);
+        assert_eq!(c.limits.max_stage_retries, 2);
+        assert_eq!(c.base_branch, "main");
+        assert!(c.arm_post_deploy);
+        assert_eq!(c.outbox.max_attempts, 0);
+        assert_eq!(c.tracker.kind, orchestrator_tracker::TrackerKind::Local);
+        assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);
+    }
+
+    #[test]
+    fn bots_are_the_roles_and_the_listed_accounts() {
+        let c = StageEngineConfig::from_env(&Env::from_pairs([(
+            "ORCH_BOT_AUTHORS",
+            "plane-bot, 3FA85F64-5717",
+        )]))
+        .expect("config");
+        for (author, bot) in [
+            ("reviewer", true),
+            ("Stream", true),
+            ("plane-bot", true),
+            ("3fa85f64-5717", true),
+            ("ada", false),
+            ("", false),
+        ] {
+            assert_eq!(c.is_bot(author), bot, "{author}");
+        }
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for var in [
+            "ORCH_MAX_ROLLBACKS",
+            "ORCH_MAX_STAGE_RETRIES",
+            "ORCH_OUTBOX_POLL_MS",
+            "ORCH_OUTBOX_MAX_ATTEMPTS",
+            "ORCH_ARM_POST_DEPLOY",
+        ] {
+            let err =
+                StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);
+            assert_eq!(err.var, var);
+        }
+        let err = StageEngineConfig::from_env(&Env::from_pairs([("ORCH_OUTBOX_POLL_MS", "0")]))
+            .expect_err("zero");
+        assert_eq!(err.var, "ORCH_OUTBOX_POLL_MS");
+    }
+}

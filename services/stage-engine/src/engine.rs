@@ -1,0 +1,712 @@
+//! The engine: `create_work_item` and the ONE `advance_stage`, over the store, the outbox,
+//! the forge (quality-gate inputs) and the peers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use orchestrator_forge::{Forge, RepoName};
+use orchestrator_git::{validate_branch, validate_repo, validate_work_item_key};
+use orchestrator_kit::Db;
+use orchestrator_kit::time::now_ms;
+use orchestrator_tracker::Tracker;
+use tokio::sync::Notify;
+
+use crate::config::StageEngineConfig;
+use crate::error::EngineError;
+use crate::outbox::{self, Dispatcher, Effect, escape};
+use crate::peers::{self, Peers};
+use crate::pipeline::{
+    Decision, Outcome, Stage, Status, Trigger, decide, get_agent_for_stage, needs_qg,
+};
+use crate::qg::{
+    self, CheckOutcome, CheckResult, Input, Inputs, PrInfo, artifacts_dir, checks_for,
+};
+use crate::store::{self, ApprovalRow, TransitionRow, WorkItemRow};
+
+/// A finished launcher job, for idempotency and the latest-job rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRef {
+    pub job_id: String,
+    pub attempt: u32,
+    pub dedupe_key: String,
+}
+
+/// An approval's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRef {
+    pub comment_id: String,
+}
+
+/// What `advance_stage` answers.
+#[derive(Debug, Clone)]
+pub struct Advanced {
+    pub item: WorkItemRow,
+    pub outcome: Outcome,
+    pub qg: Vec<CheckResult>,
+    pub enqueued_agent: Option<&'static str>,
+    pub reason: String,
+}
+
+/// The engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) db: Db,
+    pub(crate) config: Arc<StageEngineConfig>,
+    pub(crate) tracker: Arc<dyn Tracker>,
+    pub(crate) forge: Arc<dyn Forge>,
+    pub(crate) peers: Arc<dyn Peers>,
+    pub(crate) notify: Arc<Notify>,
+    /// The local tracker, when that is the tracker: new work items register their issue.
+    pub(crate) local_tracker: Option<orchestrator_tracker::local::LocalTracker>,
+}
+
+/// Checks a required free-text id: present, at most 200 printable characters.
+pub fn required<'a>(field: &'static str, value: &'a str) -> Result<&'a str, EngineError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(EngineError::MissingField(field));
+    }
+    if v.len() > 200 || v.chars().any(char::is_control) {
+        return Err(EngineError::InvalidField {
+            field,
+            reason: "must be at most 200 printable characters".to_owned(),
+        });
+    }
+    Ok(v)
+}
+
+fn invalid(field: &'static str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::InvalidField {
+        field,
+        reason: e.to_string(),
+    }
+}
+
+/// The request of `CreateWorkItem`, validated by [`Engine::create_work_item`].
+#[derive(Debug, Clone, Default)]
+pub struct NewWorkItem {
+    pub tracker_issue_id: String,
+    pub tracker_project_id: String,
+    pub key: String,
+    pub title: String,
+    pub description: String,
+    pub repo: String,
+    pub branch: String,
+}
+
+impl Engine {
+    /// The dispatcher that delivers this engine's outbox.
+    pub fn dispatcher(&self) -> Dispatcher {
+        Dispatcher {
+            db: self.db.clone(),
+            tracker: self.tracker.clone(),
+            peers: self.peers.clone(),
+            config: self.config.outbox.clone(),
+            notify: self.notify.clone(),
+            default_project: self
+                .config
+                .tracker
+                .plane
+                .as_ref()
+                .and_then(|p| p.project_id.clone()),
+        }
+    }
+
+    /// Creates a work item at `analysis` and enqueues the analyst; idempotent on the
+    /// tracker issue id. Returns the item and whether it is new.
+    pub async fn create_work_item(
+        &self,
+        req: NewWorkItem,
+    ) -> Result<(WorkItemRow, bool), EngineError> {
+        let issue_id = required("tracker_issue_id", &req.tracker_issue_id)?.to_owned();
+        let repo = validate_repo(required("repo", &req.repo)?).map_err(|e| invalid("repo", e))?;
+        let key = if req.key.trim().is_empty() {
+            issue_id.as_str()
+        } else {
+            req.key.trim()
+        };
+        let key = validate_work_item_key(key)
+            .map_err(|e| {
+                invalid(
+                    "key",
+                    format!("{e} (give key, or a tracker_issue_id that is a key)"),
+                )
+            })?
+            .to_owned();
+        let branch = if req.branch.trim().is_empty() {
+            format!("orch/{key}")
+        } else {
+            req.branch.trim().to_owned()
+        };
+        validate_branch(&branch).map_err(|e| invalid("branch", e))?;
+        if req.title.len() > 1000 || req.description.len() > 100_000 {
+            return Err(invalid("title", "title or description too long"));
+        }
+
+        if let Some(existing) = store::get_by_tracker_issue(&self.db, &issue_id).await? {
+            self.register_local_issue(&existing).await?;
+            return Ok((existing, false));
+        }
+        let project = match (req.tracker_project_id.trim(), self.tracker.kind()) {
+            (_, orchestrator_tracker::TrackerKind::Local) => {
+                orchestrator_tracker::local::LOCAL_PROJECT.to_owned()
+            }
+            ("", _) => self
+                .config
+                .tracker
+                .plane
+                .as_ref()
+                .and_then(|p| p.project_id.clone())
+                .unwrap_or_default(),
+            (p, _) => p.to_owned(),
+        };
+        let now = now_ms();
+        let transition_id = outbox::new_id();
+        let agent = get_agent_for_stage(Stage::Analysis).unwrap_or("analyst");
+        let dedupe_key = dedupe_key(&key, &transition_id, agent);
+        let item = WorkItemRow {
+            key: key.clone(),
+            tracker_issue_id: issue_id.clone(),
+            tracker_project_id: project,
+            title: req.title.trim().to_owned(),
+            description: req.description,
+            repo: repo.to_string(),
+            branch,
+            stage: Stage::Analysis,
+            status: Status::Active,
+            rollback_count: 0,
+            stage_retries: 0,
+            expected_agent: agent.to_owned(),
+            expected_dedupe_key: dedupe_key.clone(),
+            latest_job_id: String::new(),
+            version: 0,
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let mut tx = self.db.pool.begin().await?;
+        if !store::insert_item(&mut tx, &item).await? {
+            tx.rollback().await?;
+            // Lost a race on the tracker issue (idempotent), or the key belongs to another issue.
+            if let Some(existing) = store::get_by_tracker_issue(&self.db, &issue_id).await? {
+                return Ok((existing, false));
+            }
+            return Err(EngineError::Precondition(format!(
+                "key {key} already belongs to another tracker issue"
+            )));
+        }
+        store::insert_transition(
+            &mut tx,
+            &TransitionRow {
+                id: transition_id,
+                work_item: key.clone(),
+                from_stage: String::new(),
+                to_stage: Stage::Analysis.as_str().to_owned(),
+                from_status: String::new(),
+                to_status: Status::Active.as_str().to_owned(),
+                outcome: "created".to_owned(),
+                cause: "created from tracker issue".to_owned(),
+                finished_agent: String::new(),
+                job_id: String::new(),
+                qg_results_json: "[]".to_owned(),
+                at_ms: now,
+            },
+        )
+        .await?;
+        let html = format!(
+            "<p>Work item <strong>{}</strong> picked up: stage <strong>analysis</strong>, branch <code>{}</code>. The analyst is on it.</p>",
+            escape(&key),
+            escape(&item.branch)
+        );
+        outbox::insert(
+            &mut tx,
+            &key,
+            &Effect::Comment {
+                html,
+                author: "stream".to_owned(),
+            },
+            None,
+        )
+        .await?;
+        outbox::insert(
+            &mut tx,
+            &key,
+            &self.enqueue_effect(&item, agent, &dedupe_key, "new work item"),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        self.notify.notify_one();
+        self.register_local_issue(&item).await?;
+        tracing::info!(work_item = key, repo = item.repo, "work item created");
+        Ok((item, true))
+    }
+
+    async fn register_local_issue(&self, item: &WorkItemRow) -> Result<(), EngineError> {
+        if let Some(local) = &self.local_tracker {
+            local
+                .register_issue(&item.tracker_issue_id, &item.key)
+                .await
+                .map_err(|e| EngineError::Internal(format!("local tracker: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn enqueue_effect(
+        &self,
+        item: &WorkItemRow,
+        agent: &str,
+        dedupe_key: &str,
+        reason: &str,
+    ) -> Effect {
+        let payload = serde_json::json!({
+            "work_item": item.key,
+            "stage": item.stage.as_str(),
+            "repo": item.repo,
+            "branch": item.branch,
+            "base": self.config.base_branch,
+            "artifacts_dir": artifacts_dir(&item.key),
+            "tracker_issue_id": item.tracker_issue_id,
+            "title": item.title,
+            "rollback_count": item.rollback_count,
+            "dedupe_key": dedupe_key,
+            "reason": reason,
+        });
+        Effect::Enqueue {
+            repo: item.repo.clone(),
+            agent: agent.to_owned(),
+            stage: item.stage.as_str().to_owned(),
+            dedupe_key: dedupe_key.to_owned(),
+            payload_json: payload.to_string(),
+        }
+    }
+
+    /// The ONE way a stage changes. Runs the current stage's quality gate when the trigger
+    /// calls for it, decides (see [`decide`]), and applies the decision with its side
+    /// effects in one transaction. A duplicate or stale trigger changes nothing.
+    #[tracing::instrument(skip_all, fields(work_item = key, trigger = ?trigger))]
+    pub async fn advance_stage(
+        &self,
+        key: &str,
+        trigger: Trigger,
+        job: Option<JobRef>,
+        approval: Option<ApprovalRef>,
+    ) -> Result<Advanced, EngineError> {
+        // Optimistic: decide on a snapshot, apply only if the row did not move meanwhile.
+        for _ in 0..5 {
+            let item = store::get(&self.db, key)
+                .await?
+                .ok_or_else(|| EngineError::NotFound(format!("work item {key} not found")))?;
+            if let Some(job) = &job
+                && let Some(reason) = self.job_refusal(&item, job).await?
+            {
+                tracing::info!(job_id = job.job_id, reason, "advance refused");
+                return Ok(unchanged(item, reason));
+            }
+            if let Some(a) = &approval
+                && store::approval_seen(&self.db, key, &a.comment_id).await?
+            {
+                return Ok(unchanged(
+                    item,
+                    format!("approval {} was already handled", a.comment_id),
+                ));
+            }
+            let at = item.position();
+            let (qg, inputs) = if needs_qg(at, &trigger) {
+                let inputs = self.gather(&item).await?;
+                (qg::evaluate(at.stage, &inputs), inputs)
+            } else {
+                (Vec::new(), Inputs::default())
+            };
+            let decision = decide(at, &trigger, &qg, self.config.limits);
+            if decision.outcome == Outcome::Unchanged {
+                if let (Some(a), Trigger::Approval { author, .. }) = (&approval, &trigger) {
+                    let row = ApprovalRow {
+                        work_item: key,
+                        comment_id: &a.comment_id,
+                        author,
+                        accepted: false,
+                        reason: &decision.reason,
+                        at_ms: now_ms(),
+                    };
+                    store::insert_approval(&self.db.pool, &row).await?;
+                }
+                tracing::info!(reason = decision.reason, "advance changed nothing");
+                return Ok(Advanced {
+                    item,
+                    outcome: Outcome::Unchanged,
+                    qg,
+                    enqueued_agent: None,
+                    reason: decision.reason,
+                });
+            }
+            match self
+                .apply(
+                    &item,
+                    &trigger,
+                    job.as_ref(),
+                    approval.as_ref(),
+                    &decision,
+                    &qg,
+                    &inputs,
+                )
+                .await?
+            {
+                Applied::Done(next) => {
+                    self.notify.notify_one();
+                    tracing::info!(
+                        outcome = decision.outcome.as_str(),
+                        from = %item.stage,
+                        to = %next.stage,
+                        status = %next.status,
+                        reason = decision.reason,
+                        "advance_stage applied"
+                    );
+                    return Ok(Advanced {
+                        item: *next,
+                        outcome: decision.outcome,
+                        qg,
+                        enqueued_agent: decision.enqueue,
+                        reason: decision.reason,
+                    });
+                }
+                Applied::JobAlreadyConsumed => {
+                    let item = store::get(&self.db, key).await?.unwrap_or(item);
+                    return Ok(unchanged(
+                        item,
+                        "the job's finish was already applied".to_owned(),
+                    ));
+                }
+                Applied::Moved => continue,
+            }
+        }
+        Err(EngineError::Busy(key.to_owned()))
+    }
+
+    /// Why a finished job must not move the item, if it must not.
+    async fn job_refusal(
+        &self,
+        item: &WorkItemRow,
+        job: &JobRef,
+    ) -> Result<Option<String>, EngineError> {
+        if store::job_consumed(&self.db, &job.job_id).await? {
+            return Ok(Some(format!("job {} was already applied", job.job_id)));
+        }
+        if !item.latest_job_id.is_empty() && item.latest_job_id != job.job_id {
+            return Ok(Some(format!(
+                "job {} is not the latest job of {} (the latest is {})",
+                job.job_id, item.key, item.latest_job_id
+            )));
+        }
+        if !job.dedupe_key.is_empty() && job.dedupe_key != item.expected_dedupe_key {
+            return Ok(Some(format!(
+                "job {} was enqueued as {}, which is not the latest enqueue of {}",
+                job.job_id, job.dedupe_key, item.key
+            )));
+        }
+        Ok(None)
+    }
+
+    /// Reads what the current stage's checks need. A forge or merge-gate that is down makes
+    /// the whole evaluation UNAVAILABLE (nothing changes; the caller retries).
+    async fn gather(&self, item: &WorkItemRow) -> Result<Inputs, EngineError> {
+        let repo = RepoName::parse(&item.repo).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let mut inputs = Inputs {
+            key: item.key.clone(),
+            artifacts: BTreeMap::new(),
+            pr: None,
+            mergeable: None,
+        };
+        let forge_err = |what: &str, e: orchestrator_forge::ForgeError| {
+            if e.is_transient() {
+                EngineError::Unavailable(format!("the forge is unavailable ({what}): {e}"))
+            } else {
+                EngineError::Precondition(format!("the forge refused {what}: {e}"))
+            }
+        };
+        for check in checks_for(item.stage) {
+            match check.input {
+                Input::Artifact(name) => {
+                    let path = format!("{}/{name}", artifacts_dir(&item.key));
+                    let text = self
+                        .forge
+                        .read_file(&repo, &item.branch, &path)
+                        .await
+                        .map_err(|e| forge_err(&format!("reading {path}"), e))?;
+                    inputs.artifacts.insert(name, text);
+                }
+                Input::Pr => {
+                    let pr = self
+                        .forge
+                        .find_pr(&repo, &item.branch, &self.config.base_branch)
+                        .await
+                        .map_err(|e| forge_err("looking up the PR", e))?;
+                    inputs.pr = Some(pr.map(|p| PrInfo {
+                        number: p.number,
+                        open: p.state == orchestrator_forge::PrState::Open,
+                        merged: p.merged,
+                        head_sha: p.head_sha,
+                    }));
+                }
+                Input::Mergeable => {
+                    let m = self
+                        .peers
+                        .check_branch_mergeable(&item.repo, &item.branch, &self.config.base_branch)
+                        .await;
+                    inputs.mergeable = Some(match m {
+                        Ok(m) => m,
+                        Err(s) if peers::is_transient(&s) => {
+                            return Err(EngineError::Unavailable(format!(
+                                "merge-gate is unavailable for check_branch_mergeable: {:?}: {}",
+                                s.code(),
+                                s.message()
+                            )));
+                        }
+                        Err(s) => qg::Mergeability::Error(s.message().to_owned()),
+                    });
+                }
+            }
+        }
+        Ok(inputs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn apply(
+        &self,
+        item: &WorkItemRow,
+        trigger: &Trigger,
+        job: Option<&JobRef>,
+        approval: Option<&ApprovalRef>,
+        d: &Decision,
+        qg: &[CheckResult],
+        inputs: &Inputs,
+    ) -> Result<Applied, EngineError> {
+        let now = now_ms();
+        let transition_id = outbox::new_id();
+        let mut next = item.clone();
+        next.stage = d.to.stage;
+        next.status = d.to.status;
+        next.rollback_count = d.to.rollback_count;
+        next.stage_retries = d.to.stage_retries;
+        next.updated_at_ms = now;
+        next.version = item.version + 1;
+        let dedupe = d
+            .enqueue
+            .map(|agent| dedupe_key(&item.key, &transition_id, agent));
+        next.expected_agent = d.enqueue.unwrap_or_default().to_owned();
+        next.expected_dedupe_key = dedupe.clone().unwrap_or_default();
+        next.latest_job_id = String::new();
+
+        let finished_agent = match trigger {
+            Trigger::AgentFinished { agent } => agent.clone(),
+            _ => String::new(),
+        };
+        let cause = match trigger {
+            Trigger::AgentFinished { agent } => format!("{agent} finished: {}", d.reason),
+            Trigger::Approval { .. } | Trigger::PrMerged => d.reason.clone(),
+        };
+        let mut tx = self.db.pool.begin().await?;
+        if !store::update_item_guarded(&mut tx, &next, item.version).await? {
+            tx.rollback().await?;
+            return Ok(Applied::Moved);
+        }
+        if let Some(job) = job
+            && !store::consume_job(
+                &mut tx,
+                &job.job_id,
+                &item.key,
+                job.attempt,
+                d.outcome.as_str(),
+                now,
+            )
+            .await?
+        {
+            tx.rollback().await?;
+            return Ok(Applied::JobAlreadyConsumed);
+        }
+        store::insert_transition(
+            &mut tx,
+            &TransitionRow {
+                id: transition_id,
+                work_item: item.key.clone(),
+                from_stage: item.stage.as_str().to_owned(),
+                to_stage: next.stage.as_str().to_owned(),
+                from_status: item.status.as_str().to_owned(),
+                to_status: next.status.as_str().to_owned(),
+                outcome: d.outcome.as_str().to_owned(),
+                cause,
+                finished_agent,
+                job_id: job.map(|j| j.job_id.clone()).unwrap_or_default(),
+                qg_results_json: qg_json(qg),
+                at_ms: now,
+            },
+        )
+        .await?;
+        if let (Some(a), Trigger::Approval { author, .. }) = (approval, trigger) {
+            let row = ApprovalRow {
+                work_item: &item.key,
+                comment_id: &a.comment_id,
+                author,
+                accepted: true,
+                reason: &d.reason,
+                at_ms: now,
+            };
+            store::insert_approval(&mut *tx, &row).await?;
+        }
+        let html = self.transition_comment(item, &next, d, qg);
+        outbox::insert(
+            &mut tx,
+            &item.key,
+            &Effect::Comment {
+                html,
+                author: "stream".to_owned(),
+            },
+            None,
+        )
+        .await?;
+        if let (Some(agent), Some(dedupe)) = (d.enqueue, &dedupe) {
+            outbox::insert(
+                &mut tx,
+                &item.key,
+                &self.enqueue_effect(&next, agent, dedupe, &d.reason),
+                None,
+            )
+            .await?;
+        }
+        if d.outcome == Outcome::Done {
+            outbox::insert(&mut tx, &item.key, &Effect::SetStateDone, None).await?;
+            outbox::insert(&mut tx, &item.key, &Effect::UsageSummary, None).await?;
+            if d.done_by_deploy && self.config.arm_post_deploy {
+                let deployed_sha = inputs
+                    .artifacts
+                    .get(qg::artifact::DEPLOY)
+                    .and_then(|t| t.as_deref())
+                    .and_then(qg::frontmatter)
+                    .and_then(|(f, _)| f.get("deployed_sha").cloned())
+                    .unwrap_or_default();
+                let arm = Effect::ArmWatch {
+                    repo: item.repo.clone(),
+                    deployed_sha,
+                };
+                outbox::insert(&mut tx, &item.key, &arm, None).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Applied::Done(Box::new(next)))
+    }
+
+    /// The stream bot's comment on a transition.
+    fn transition_comment(
+        &self,
+        from: &WorkItemRow,
+        to: &WorkItemRow,
+        d: &Decision,
+        qg: &[CheckResult],
+    ) -> String {
+        let checks = if qg.is_empty() {
+            String::new()
+        } else {
+            let items: Vec<String> = qg
+                .iter()
+                .map(|r| {
+                    let mark = if r.outcome.passed() {
+                        "passed"
+                    } else {
+                        "failed"
+                    };
+                    let detail = match &r.outcome {
+                        CheckOutcome::Pass => String::new(),
+                        o => format!(": {}", escape(o.detail())),
+                    };
+                    format!("<li><code>{}</code> {mark}{detail}</li>", r.check)
+                })
+                .collect();
+            format!("<ul>{}</ul>", items.join(""))
+        };
+        let links = self.artifact_links(from);
+        let (f, t, reason) = (from.stage.as_str(), to.stage.as_str(), escape(&d.reason));
+        let head = match d.outcome {
+            Outcome::Advanced => format!(
+                "<p>Stage <strong>{f}</strong> → <strong>{t}</strong>: {reason}. Next: the <strong>{}</strong>.</p>",
+                d.enqueue.unwrap_or("nobody")
+            ),
+            Outcome::AwaitingApproval => format!(
+                "<p>Stage <strong>{f}</strong> passed its quality gate. A human must reply <code>:approved:</code> to start <strong>{}</strong>.</p>",
+                crate::pipeline::transition_from(from.stage)
+                    .map(|r| r.to.as_str())
+                    .unwrap_or("the next stage")
+            ),
+            Outcome::Retried => format!(
+                "<p>Stage <strong>{f}</strong>: {reason}. The <strong>{}</strong> runs again.</p>",
+                d.enqueue.unwrap_or("agent")
+            ),
+            Outcome::RolledBack => format!(
+                "<p>Rolled back <strong>{f}</strong> → <strong>{t}</strong>: {reason}. The <strong>{}</strong> is on it.</p>",
+                d.enqueue.unwrap_or("agent")
+            ),
+            Outcome::Blocked => format!(
+                "<p>Blocked at <strong>{f}</strong>: {reason}. A human must look at it; reply <code>:approved:</code> to retry the stage with a fresh budget.</p>"
+            ),
+            Outcome::Unblocked => format!("<p>Resumed at <strong>{t}</strong>: {reason}.</p>"),
+            Outcome::Done => format!("<p>Done: {reason}.</p>"),
+            Outcome::Unchanged => format!("<p>{reason}</p>"),
+        };
+        format!("{head}{checks}{links}")
+    }
+
+    fn artifact_links(&self, item: &WorkItemRow) -> String {
+        let Ok(repo) = RepoName::parse(&item.repo) else {
+            return String::new();
+        };
+        let links: Vec<String> = checks_for(item.stage)
+            .filter_map(|c| match c.input {
+                Input::Artifact(name) => {
+                    let url = self.forge.file_url(
+                        &repo,
+                        &item.branch,
+                        &format!("{}/{name}", artifacts_dir(&item.key)),
+                    );
+                    Some(format!("<a href=\"{}\">{name}</a>", escape(&url)))
+                }
+                _ => None,
+            })
+            .collect();
+        if links.is_empty() {
+            String::new()
+        } else {
+            format!("<p>Artifacts: {}</p>", links.join(", "))
+        }
+    }
+}
+
+enum Applied {
+    Done(Box<WorkItemRow>),
+    /// Someone changed the item between our read and our write: decide again.
+    Moved,
+    JobAlreadyConsumed,
+}
+
+fn unchanged(item: WorkItemRow, reason: String) -> Advanced {
+    Advanced {
+        item,
+        outcome: Outcome::Unchanged,
+        qg: Vec::new(),
+        enqueued_agent: None,
+        reason,
+    }
+}
+
+/// The dedupe key of an enqueue: one per transition and agent, so a redelivered enqueue
+/// makes no second job. The launcher hands it back in AdvanceStage.
+pub fn dedupe_key(key: &str, transition_id: &str, agent: &str) -> String {
+    format!("{key}/{transition_id}/{agent}")
+}
+
+/// QG results as stored in `stage_transitions.qg_results_json`.
+pub fn qg_json(qg: &[CheckResult]) -> String {
+    serde_json::Value::Array(
+        qg.iter()
+            .map(|r| serde_json::json!({"check": r.check, "passed": r.outcome.passed(), "detail": r.outcome.detail()}))
+            .collect(),
+    )
+    .to_string()
+}

@@ -1,0 +1,706 @@
+//! The engine alone, on SQLite and PostgreSQL: the forge and the other services are mocks
+//! (mockall), the tracker is the local one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use orchestrator_forge::{ForgeKind, MockForge, PrState, PullRequest};
+use orchestrator_kit::{Env, ServiceName, db};
+use orchestrator_proto::launcher::v1::{EnqueueRequest, EnqueueResponse, Job};
+use orchestrator_proto::post_deploy::v1::ArmResponse;
+use orchestrator_proto::stage_engine::v1::{
+    AdvanceOutcome, AdvanceStageRequest, ApproveRequest, CreateWorkItemRequest,
+    ListCommentsRequest, ListOutboxRequest, ListTransitionsRequest, OnPrMergedRequest,
+    stage_engine_server::StageEngine,
+};
+use orchestrator_testkit::{TestStorage, on_both_backends};
+use tonic::{Code, Request};
+
+use crate::peers::MockPeers;
+use crate::qg::Mergeability;
+use crate::{StageEngineConfig, StageEngineService};
+
+type Files = Arc<Mutex<HashMap<String, String>>>;
+
+struct Harness {
+    svc: StageEngineService,
+    files: Files,
+    enqueued: Arc<Mutex<Vec<EnqueueRequest>>>,
+    armed: Arc<Mutex<u32>>,
+    _storage: TestStorage,
+}
+
+const KEY: &str = "ORCH-7";
+
+fn forge(files: Files, forge_down: bool) -> MockForge {
+    let mut f = MockForge::new();
+    f.expect_kind().return_const(ForgeKind::Local);
+    f.expect_read_file().returning(move |_, _, path| {
+        if forge_down {
+            return Err(orchestrator_forge::ForgeError::Unavailable(
+                "HTTP 503".into(),
+            ));
+        }
+        Ok(files.lock().expect("lock").get(path).cloned())
+    });
+    f.expect_find_pr().returning(|_, head, base| {
+        Ok(Some(PullRequest {
+            number: 1,
+            url: "http://forge/pulls/1".into(),
+            head_branch: head.into(),
+            head_sha: "abc".into(),
+            base_branch: base.into(),
+            state: PrState::Open,
+            merged: false,
+            merge_sha: None,
+        }))
+    });
+    f.expect_file_url()
+        .returning(|_, b, p| format!("http://forge/{b}/{p}"));
+    f
+}
+
+async fn harness(storage: TestStorage, enqueue_failures: u32, forge_down: bool) -> Harness {
+    harness_with(storage, enqueue_failures, forge_down, None).await
+}
+
+async fn harness_with(
+    storage: TestStorage,
+    enqueue_failures: u32,
+    forge_down: bool,
+    tracker: Option<Arc<dyn orchestrator_tracker::Tracker>>,
+) -> Harness {
+    orchestrator_kit::telemetry::init_for_tests();
+    let db = db::open(
+        ServiceName::StageEngine,
+        &storage.location,
+        &crate::MIGRATOR,
+    )
+    .await
+    .expect("db");
+    let files: Files = Arc::default();
+    let enqueued: Arc<Mutex<Vec<EnqueueRequest>>> = Arc::default();
+    let armed: Arc<Mutex<u32>> = Arc::default();
+    let mut peers = MockPeers::new();
+    peers
+        .expect_check_branch_mergeable()
+        .returning(|_, _, _| Ok(Mergeability::Mergeable));
+    let failures = Arc::new(Mutex::new(enqueue_failures));
+    let log = enqueued.clone();
+    peers.expect_enqueue().returning(move |req| {
+        let mut left = failures.lock().expect("lock");
+        if *left > 0 {
+            *left -= 1;
+            return Err(tonic::Status::unimplemented("launcher not built yet"));
+        }
+        let mut log = log.lock().expect("lock");
+        // Idempotent on the dedupe key, as the launcher promises.
+        let n = match log.iter().position(|r| r.dedupe_key == req.dedupe_key) {
+            Some(i) => i + 1,
+            None => {
+                log.push(req.clone());
+                log.len()
+            }
+        };
+        Ok(EnqueueResponse {
+            job: Some(Job {
+                id: format!("job-{n}"),
+                ..Job::default()
+            }),
+            created: true,
+        })
+    });
+    peers
+        .expect_work_item_summary()
+        .returning(|k| Ok(format!("Usage for {k}\nTotal · 0 runs · usage unknown")));
+    let a = armed.clone();
+    peers.expect_arm().returning(move |_| {
+        *a.lock().expect("lock") += 1;
+        Ok(ArmResponse {
+            armed: true,
+            created: true,
+            ..ArmResponse::default()
+        })
+    });
+    let config = StageEngineConfig::from_env(&Env::from_pairs([
+        ("ORCH_OUTBOX_BACKOFF_BASE_MS", "0"),
+        ("ORCH_MAX_ROLLBACKS", "1"),
+    ]))
+    .expect("config");
+    let svc = StageEngineService::from_parts(
+        db,
+        config,
+        Arc::new(forge(files.clone(), forge_down)),
+        Arc::new(peers),
+        tracker,
+    )
+    .expect("service");
+    Harness {
+        svc,
+        files,
+        enqueued,
+        armed,
+        _storage: storage,
+    }
+}
+
+impl Harness {
+    async fn create(&self) {
+        let r = self
+            .svc
+            .create_work_item(Request::new(CreateWorkItemRequest {
+                tracker_issue_id: "issue-7".into(),
+                key: KEY.into(),
+                title: "Seven".into(),
+                repo: "acme/app".into(),
+                ..CreateWorkItemRequest::default()
+            }))
+            .await
+            .expect("create")
+            .into_inner();
+        assert!(r.created);
+    }
+
+    async fn deliver(&self) {
+        let d = self.svc.engine().dispatcher();
+        while d.deliver_due().await.expect("deliver") > 0 {}
+    }
+
+    fn write(&self, name: &str, fields: &str) {
+        self.files.lock().expect("lock").insert(
+            format!("docs/work-items/{KEY}/{name}"),
+            format!("---\nwork_item: {KEY}\n{fields}---\nSome text.\n"),
+        );
+    }
+
+    async fn advance(&self, agent: &str, job: &str, dedupe: &str) -> (AdvanceOutcome, String) {
+        let r = self
+            .svc
+            .advance_stage(Request::new(AdvanceStageRequest {
+                work_item: KEY.into(),
+                finished_agent: agent.into(),
+                job_id: job.into(),
+                attempt: 1,
+                dedupe_key: dedupe.into(),
+            }))
+            .await
+            .expect("advance")
+            .into_inner();
+        (r.outcome(), r.reason)
+    }
+
+    async fn item(&self) -> crate::store::WorkItemRow {
+        crate::store::get(&self.svc.engine().db, KEY)
+            .await
+            .expect("get")
+            .expect("item")
+    }
+
+    async fn transitions(&self) -> usize {
+        self.svc
+            .list_transitions(Request::new(ListTransitionsRequest {
+                work_item: KEY.into(),
+            }))
+            .await
+            .expect("transitions")
+            .into_inner()
+            .transitions
+            .len()
+    }
+
+    async fn outbox(&self, state: &str) -> Vec<orchestrator_proto::stage_engine::v1::OutboxEntry> {
+        self.svc
+            .list_outbox(Request::new(ListOutboxRequest {
+                work_item: KEY.into(),
+                state: state.into(),
+                limit: 0,
+            }))
+            .await
+            .expect("outbox")
+            .into_inner()
+            .entries
+    }
+
+    async fn approve(&self, author: &str, comment: &str) -> (AdvanceOutcome, String) {
+        let r = self
+            .svc
+            .approve(Request::new(ApproveRequest {
+                work_item: KEY.into(),
+                author: author.into(),
+                comment_id: comment.into(),
+            }))
+            .await
+            .expect("approve")
+            .into_inner();
+        (r.outcome(), r.reason)
+    }
+}
+
+/// The same finish twice changes nothing; a job that is not the latest is refused.
+async fn idempotency_and_the_latest_job_rule(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    let item = h.item().await;
+    assert_eq!(item.latest_job_id, "job-1");
+    assert_eq!(item.expected_agent, "analyst");
+    h.write("analysis.md", "");
+
+    let (o, why) = h.advance("analyst", "job-0", "").await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("not the latest job"), "{why}");
+    let (o, why) = h.advance("analyst", "job-1", "ORCH-7/other/analyst").await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("not the latest enqueue"), "{why}");
+    let (o, _) = h
+        .advance("analyst", "job-1", &item.expected_dedupe_key)
+        .await;
+    assert_eq!(o, AdvanceOutcome::AwaitingApproval);
+    let (o, why) = h
+        .advance("analyst", "job-1", &item.expected_dedupe_key)
+        .await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("already applied"), "{why}");
+    assert_eq!(h.transitions().await, 2);
+    h.deliver().await;
+    assert_eq!(
+        h.enqueued.lock().expect("lock").len(),
+        1,
+        "no second enqueue"
+    );
+    // The :approved: request was posted to the (local) tracker by the stream bot.
+    let comments = h
+        .svc
+        .list_comments(Request::new(ListCommentsRequest {
+            work_item: KEY.into(),
+        }))
+        .await
+        .expect("comments")
+        .into_inner()
+        .comments;
+    assert_eq!(comments.len(), 2);
+    assert!(comments[1].html.contains(":approved:") && comments[1].author == "stream");
+
+    // Unknown work item and bad input: NOT_FOUND / INVALID_ARGUMENT, nothing changes.
+    let err = h
+        .svc
+        .advance_stage(Request::new(AdvanceStageRequest {
+            work_item: "ORCH-99".into(),
+            finished_agent: "analyst".into(),
+            ..AdvanceStageRequest::default()
+        }))
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+    for (agent, field) in [("", "finished_agent"), ("hacker", "finished_agent")] {
+        let err = h
+            .svc
+            .advance_stage(Request::new(AdvanceStageRequest {
+                work_item: KEY.into(),
+                finished_agent: agent.into(),
+                ..AdvanceStageRequest::default()
+            }))
+            .await
+            .expect_err("bad agent");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(field), "{}", err.message());
+    }
+    for (repo, key, field) in [
+        ("acme/../x", "ORCH-8", "repo"),
+        ("acme/app", "-ORCH-8", "key"),
+        ("", "ORCH-8", "repo"),
+    ] {
+        let err = h
+            .svc
+            .create_work_item(Request::new(CreateWorkItemRequest {
+                tracker_issue_id: "i-8".into(),
+                key: key.into(),
+                repo: repo.into(),
+                ..CreateWorkItemRequest::default()
+            }))
+            .await
+            .expect_err("bad input");
+        assert_eq!(err.code(), Code::InvalidArgument, "{repo} {key}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    // Created twice: the same item.
+    let again = h
+        .svc
+        .create_work_item(Request::new(CreateWorkItemRequest {
+            tracker_issue_id: "issue-7".into(),
+            key: KEY.into(),
+            repo: "acme/app".into(),
+            ..CreateWorkItemRequest::default()
+        }))
+        .await
+        .expect("again")
+        .into_inner();
+    assert!(!again.created);
+    assert_eq!(h.transitions().await, 2);
+}
+
+/// A human's :approved: advances; a bot's never does; the same comment twice counts once.
+async fn approval_human_yes_bot_no(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    h.write("analysis.md", "");
+    assert_eq!(
+        h.advance("analyst", "job-1", "").await.0,
+        AdvanceOutcome::AwaitingApproval
+    );
+    for bot in ["reviewer", "Stream", "analyst"] {
+        let (o, why) = h.approve(bot, &format!("c-{bot}")).await;
+        assert_eq!(o, AdvanceOutcome::Unchanged);
+        assert!(why.contains("a bot never approves"), "{why}");
+    }
+    assert_eq!(h.item().await.status.as_str(), "awaiting_approval");
+    let (o, _) = h.approve("ada", "c-1").await;
+    assert_eq!(o, AdvanceOutcome::Advanced);
+    let item = h.item().await;
+    assert_eq!(
+        (item.stage.as_str(), item.expected_agent.as_str()),
+        ("architecture", "architect")
+    );
+    let (o, why) = h.approve("ada", "c-1").await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("already handled"), "{why}");
+    h.deliver().await;
+    let agents: Vec<String> = h
+        .enqueued
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| r.agent.clone())
+        .collect();
+    assert_eq!(agents, vec!["analyst", "architect"]);
+    let rows = sqlx::query("SELECT author, accepted FROM approvals ORDER BY at_ms")
+        .fetch_all(&h.svc.engine().db.pool)
+        .await
+        .expect("approvals");
+    assert_eq!(rows.len(), 4);
+}
+
+/// BUG-8 through the RPC: a merge at deploy changes nothing; the deployer's SUCCESS
+/// completes the item with the Done state, the usage summary and the post-deploy Arm.
+async fn bug_8_and_deploy_to_done(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    sqlx::query(
+        "UPDATE work_items SET stage = 'deploy', expected_agent = 'deployer', latest_job_id = ''",
+    )
+    .execute(&h.svc.engine().db.pool)
+    .await
+    .expect("set up at deploy");
+    let merged = || OnPrMergedRequest {
+        repo: "acme/app".into(),
+        branch: "orch/ORCH-7".into(),
+        pr_number: 1,
+        merge_sha: "def".into(),
+    };
+    let r = h
+        .svc
+        .on_pr_merged(Request::new(merged()))
+        .await
+        .expect("merged")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Unchanged);
+    assert_eq!(h.item().await.stage.as_str(), "deploy");
+    // A merge of a branch we do not know: NOT_FOUND; a bad branch: INVALID_ARGUMENT.
+    let mut other = merged();
+    other.branch = "feature/x".into();
+    assert_eq!(
+        h.svc
+            .on_pr_merged(Request::new(other))
+            .await
+            .expect_err("unknown")
+            .code(),
+        Code::NotFound
+    );
+    let mut bad = merged();
+    bad.branch = "--upload-pack=x".into();
+    assert_eq!(
+        h.svc
+            .on_pr_merged(Request::new(bad))
+            .await
+            .expect_err("bad")
+            .code(),
+        Code::InvalidArgument
+    );
+
+    h.write(
+        "deploy.md",
+        "deploy_status: SUCCESS\ndeployed_sha: 0123abcd\n",
+    );
+    assert_eq!(h.advance("deployer", "", "").await.0, AdvanceOutcome::Done);
+    h.deliver().await;
+    let item = h.item().await;
+    assert_eq!(
+        (item.stage.as_str(), item.status.as_str()),
+        ("done", "done")
+    );
+    let kinds: Vec<String> = h
+        .outbox("delivered")
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "comment",
+            "enqueue",
+            "comment",
+            "set_state_done",
+            "usage_summary",
+            "arm_watch"
+        ]
+    );
+    assert_eq!(*h.armed.lock().expect("lock"), 1);
+    let local = orchestrator_tracker::local::LocalTracker::new(h.svc.engine().db.clone());
+    assert_eq!(
+        local.state_of("issue-7").await.expect("state").as_deref(),
+        Some("done")
+    );
+    // A merge after done changes nothing.
+    let r = h
+        .svc
+        .on_pr_merged(Request::new(merged()))
+        .await
+        .expect("merged")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Unchanged);
+}
+
+/// A merge at any other stage completes the item (no post-deploy watch).
+async fn a_merge_at_review_is_done(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    sqlx::query("UPDATE work_items SET stage = 'review', expected_agent = 'reviewer'")
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("set up at review");
+    let r = h
+        .svc
+        .on_pr_merged(Request::new(OnPrMergedRequest {
+            repo: "acme/app".into(),
+            branch: "orch/ORCH-7".into(),
+            ..OnPrMergedRequest::default()
+        }))
+        .await
+        .expect("merged")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Done);
+    h.deliver().await;
+    let kinds: Vec<String> = h.outbox("").await.into_iter().map(|e| e.kind).collect();
+    assert!(
+        kinds.contains(&"set_state_done".to_owned()) && kinds.contains(&"usage_summary".to_owned())
+    );
+    assert!(!kinds.contains(&"arm_watch".to_owned()));
+    assert_eq!(*h.armed.lock().expect("lock"), 0);
+}
+
+/// A launcher that answers UNIMPLEMENTED: the enqueue stays in the outbox, visible, and is
+/// delivered once the launcher answers.
+async fn an_unimplemented_launcher_is_retried(storage: TestStorage) {
+    let h = harness(storage, 2, false).await;
+    h.create().await;
+    h.svc
+        .engine()
+        .dispatcher()
+        .deliver_due()
+        .await
+        .expect("pass");
+    let pending = h.outbox("pending").await;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].kind.as_str(), pending[0].attempts),
+        ("enqueue", 1)
+    );
+    assert!(
+        pending[0].last_error.contains("Unimplemented"),
+        "{}",
+        pending[0].last_error
+    );
+    assert_eq!(
+        h.outbox("delivered").await.len(),
+        1,
+        "the comment went out regardless"
+    );
+    h.deliver().await;
+    let delivered = h.outbox("delivered").await;
+    assert_eq!(delivered.len(), 2);
+    assert_eq!(
+        delivered
+            .iter()
+            .find(|e| e.kind == "enqueue")
+            .expect("enqueue")
+            .attempts,
+        3
+    );
+    assert_eq!(h.item().await.latest_job_id, "job-1");
+    assert_eq!(h.enqueued.lock().expect("lock").len(), 1);
+}
+
+/// A forge that is down: AdvanceStage answers UNAVAILABLE and nothing changes.
+async fn a_forge_that_is_down_changes_nothing(storage: TestStorage) {
+    let h = harness(storage, 0, true).await;
+    h.create().await;
+    let err = h
+        .svc
+        .advance_stage(Request::new(AdvanceStageRequest {
+            work_item: KEY.into(),
+            finished_agent: "analyst".into(),
+            job_id: "job-1".into(),
+            ..AdvanceStageRequest::default()
+        }))
+        .await
+        .expect_err("forge down");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(h.transitions().await, 1);
+    assert_eq!(h.item().await.stage.as_str(), "analysis");
+    assert!(
+        !crate::store::job_consumed(&h.svc.engine().db, "job-1")
+            .await
+            .expect("consumed")
+    );
+}
+
+/// The rollback budget through the engine: the second negative verdict blocks the item
+/// (budget 1), with a comment asking a human; a human's :approved: resumes it.
+async fn the_budget_blocks_and_a_human_resumes(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    sqlx::query("UPDATE work_items SET stage = 'review', expected_agent = 'reviewer'")
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("set up at review");
+    h.write("review.md", "review_verdict: CHANGES_REQUESTED\n");
+    assert_eq!(
+        h.advance("reviewer", "", "").await.0,
+        AdvanceOutcome::RolledBack
+    );
+    assert_eq!(h.item().await.stage.as_str(), "development");
+    sqlx::query("UPDATE work_items SET stage = 'review', expected_agent = 'reviewer'")
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("back at review");
+    let (o, why) = h.advance("reviewer", "", "").await;
+    assert_eq!(o, AdvanceOutcome::Blocked);
+    assert!(why.contains("rollback budget (1) is spent"), "{why}");
+    assert_eq!(
+        h.advance("reviewer", "", "").await.0,
+        AdvanceOutcome::Unchanged
+    );
+    assert_eq!(h.approve("ada", "c-9").await.0, AdvanceOutcome::Advanced);
+    let item = h.item().await;
+    assert_eq!(
+        (
+            item.status.as_str(),
+            item.rollback_count,
+            item.expected_agent.as_str()
+        ),
+        ("active", 0, "reviewer")
+    );
+    h.deliver().await;
+    let blocked = h
+        .outbox("delivered")
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "comment" && e.payload_json.contains("Blocked at"))
+        .count();
+    assert_eq!(blocked, 1);
+}
+
+/// A comment the tracker refuses (403) fails at once, visibly; once the operator fixed the
+/// token, RetryOutbox puts it back and it is delivered. The Plane project unknown at
+/// creation is looked up by key at the first delivery, once.
+async fn a_refused_comment_fails_and_an_operator_retries_it(storage: TestStorage) {
+    use orchestrator_tracker::{CommentPosted, IssueRef, MockTracker, TrackerError, TrackerKind};
+    let mut t = MockTracker::new();
+    t.expect_kind().return_const(TrackerKind::Plane);
+    t.expect_find_issue()
+        .withf(|k| k == KEY)
+        .times(1)
+        .returning(|_| {
+            Ok(Some(IssueRef {
+                project_id: "proj-1".into(),
+                issue_id: "issue-7".into(),
+            }))
+        });
+    let refused = Arc::new(Mutex::new(true));
+    t.expect_add_comment()
+        .withf(|issue, _, author, key| {
+            issue.project_id == "proj-1"
+                && issue.issue_id == "issue-7"
+                && author == "stream"
+                && !key.is_empty()
+        })
+        .times(2)
+        .returning(move |_, _, _, _| {
+            let mut r = refused.lock().expect("lock");
+            if *r {
+                *r = false;
+                return Err(TrackerError::Rejected {
+                    status: 403,
+                    message: "Given API token is not valid".into(),
+                });
+            }
+            Ok(CommentPosted {
+                id: Some("c1".into()),
+                duplicate: false,
+            })
+        });
+    let h = harness_with(storage, 0, false, Some(Arc::new(t))).await;
+    h.create().await;
+    h.deliver().await;
+    let failed = h.outbox("failed").await;
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].last_error.contains("403"),
+        "{}",
+        failed[0].last_error
+    );
+    assert_eq!(
+        h.outbox("delivered").await.len(),
+        1,
+        "the enqueue went out regardless"
+    );
+    assert_eq!(h.item().await.tracker_project_id, "proj-1");
+
+    let err = h
+        .svc
+        .retry_outbox(Request::new(
+            orchestrator_proto::stage_engine::v1::RetryOutboxRequest::default(),
+        ))
+        .await
+        .expect_err("nothing named");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let r = h
+        .svc
+        .retry_outbox(Request::new(
+            orchestrator_proto::stage_engine::v1::RetryOutboxRequest {
+                id: String::new(),
+                work_item: KEY.into(),
+            },
+        ))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert_eq!(r.retried, 1);
+    h.deliver().await;
+    assert_eq!(h.outbox("delivered").await.len(), 2);
+    assert!(h.outbox("failed").await.is_empty());
+}
+
+on_both_backends!(
+    a_refused_comment_fails_and_an_operator_retries_it,
+    idempotency_and_the_latest_job_rule,
+    approval_human_yes_bot_no,
+    bug_8_and_deploy_to_done,
+    a_merge_at_review_is_done,
+    an_unimplemented_launcher_is_retried,
+    a_forge_that_is_down_changes_nothing,
+    the_budget_blocks_and_a_human_resumes,
+);
