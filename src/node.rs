@@ -90,6 +90,15 @@ impl Node {
         }
         let clients = Clients::from_config(&config)?;
         // Built before anything serves: a bad tracker or forge setting fails start-up.
+        let launcher = match stores.remove(&ServiceName::Launcher) {
+            Some(db) => Some(::launcher::LauncherService::start(
+                db,
+                clients.clone(),
+                &config.env,
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
         let mut stage_engine = match stores.remove(&ServiceName::StageEngine) {
             Some(db) => Some(::stage_engine::StageEngineService::start(
                 db,
@@ -101,6 +110,15 @@ impl Node {
         };
 
         let mut tasks = JoinSet::new();
+        if let Some(svc) = &launcher {
+            // The node is down only once the launcher has handed its running jobs back.
+            let stopped = svc.supervisor().stopped();
+            tasks.spawn(async move {
+                stopped.cancelled().await;
+                (ServiceName::Launcher, Ok(()))
+            });
+        }
+        let mut launcher = launcher;
         let mut addrs = BTreeMap::new();
         for (part, listener) in listeners {
             addrs.insert(part, config.listen[&part]);
@@ -117,12 +135,18 @@ impl Node {
                 continue;
             }
             let auth = RequireToken::new(config.internal_token.as_ref());
-            let routes = match stage_engine.take() {
-                Some(svc) if part == ServiceName::StageEngine => {
+            let launcher_svc = launcher.take_if(|_| part == ServiceName::Launcher);
+            let routes = match (stage_engine.take(), launcher_svc) {
+                (other, Some(svc)) => {
+                    stage_engine = other;
+                    use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
+                    Routes::new(LauncherServer::with_interceptor(svc, auth))
+                }
+                (Some(svc), None) if part == ServiceName::StageEngine => {
                     use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
                     Routes::new(StageEngineServer::with_interceptor(svc, auth))
                 }
-                other => {
+                (other, None) => {
                     stage_engine = other;
                     let store = stores
                         .remove(&part)
@@ -191,7 +215,6 @@ fn routes(
     auth: &RequireToken,
     post_deploy_config: &::post_deploy::PostDeployConfig,
 ) -> Routes {
-    use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
     use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
     use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
@@ -199,10 +222,6 @@ fn routes(
 
     let auth = auth.clone();
     match part {
-        ServiceName::Launcher => Routes::new(LauncherServer::with_interceptor(
-            ::launcher::LauncherService::new(db, clients),
-            auth,
-        )),
         ServiceName::Reaper => Routes::new(ReaperServer::with_interceptor(
             ::reaper::ReaperService::new(db, clients),
             auth,
@@ -215,10 +234,15 @@ fn routes(
             ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
-        // stage-engine is built in `Node::start` (it needs the configuration and shutdown).
-        ServiceName::UsageLedger | ServiceName::StageEngine | ServiceName::Gateway => Routes::new(
-            UsageLedgerServer::with_interceptor(::usage_ledger::UsageLedgerService::new(db), auth),
-        ),
+        // stage-engine and the launcher are built in `Node::start` (they need the
+        // configuration and shutdown).
+        ServiceName::UsageLedger
+        | ServiceName::StageEngine
+        | ServiceName::Launcher
+        | ServiceName::Gateway => Routes::new(UsageLedgerServer::with_interceptor(
+            ::usage_ledger::UsageLedgerService::new(db),
+            auth,
+        )),
     }
 }
 
