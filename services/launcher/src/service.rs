@@ -133,7 +133,7 @@ impl LauncherService {
     }
 
     /// Adds a job (idempotent on the dedupe key) and wakes the dispatcher.
-    pub async fn enqueue(&self, r: EnqueueRequest) -> Result<(JobRow, bool), LauncherError> {
+    pub async fn enqueue_job(&self, r: EnqueueRequest) -> Result<(JobRow, bool), LauncherError> {
         let work_item = required("work_item", &r.work_item)?;
         validate_work_item_key(work_item).map_err(|e| invalid("work_item", e.to_string()))?;
         let repo = required("repo", &r.repo)?;
@@ -278,10 +278,7 @@ impl LauncherService {
     }
 
     /// The guarded terminal flip (see the proto).
-    pub async fn flip_terminal(
-        &self,
-        r: FlipTerminalRequest,
-    ) -> Result<(bool, JobRow), LauncherError> {
+    pub async fn flip(&self, r: FlipTerminalRequest) -> Result<(bool, JobRow), LauncherError> {
         let job = self.job(&r.job_id).await?;
         if r.attempt == 0 {
             return Err(LauncherError::MissingField("attempt"));
@@ -445,7 +442,7 @@ impl Launcher for LauncherService {
         &self,
         request: Request<EnqueueRequest>,
     ) -> Result<Response<EnqueueResponse>, Status> {
-        let (job, created) = LauncherService::enqueue(self, request.into_inner()).await?;
+        let (job, created) = self.enqueue_job(request.into_inner()).await?;
         Ok(Response::new(EnqueueResponse {
             job: Some(to_proto(&job)),
             created,
@@ -545,7 +542,7 @@ impl Launcher for LauncherService {
         &self,
         request: Request<FlipTerminalRequest>,
     ) -> Result<Response<FlipTerminalResponse>, Status> {
-        let (flipped, job) = LauncherService::flip_terminal(self, request.into_inner()).await?;
+        let (flipped, job) = self.flip(request.into_inner()).await?;
         Ok(Response::new(FlipTerminalResponse {
             flipped,
             job: Some(to_proto(&job)),
