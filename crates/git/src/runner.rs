@@ -54,20 +54,6 @@ pub enum MergeTree {
 pub struct Git {
     program: PathBuf,
     timeout: Duration,
-    env: HiddenEnv,
-}
-
-/// Extra environment of every invocation (e.g. `GIT_CONFIG_*` carrying a credential
-/// header): values may be secrets, so `Debug` shows only the names.
-#[derive(Clone, Default)]
-struct HiddenEnv(std::sync::Arc<Vec<(String, String)>>);
-
-impl std::fmt::Debug for HiddenEnv {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|(k, _)| k))
-            .finish()
-    }
 }
 
 impl Default for Git {
@@ -82,18 +68,7 @@ impl Git {
         Git {
             program: PathBuf::from("git"),
             timeout: Duration::from_secs(120),
-            env: HiddenEnv::default(),
         }
-    }
-
-    /// Sets a variable in the environment of every invocation. Meant for credentials
-    /// (`GIT_CONFIG_COUNT`/`GIT_CONFIG_KEY_n`/`GIT_CONFIG_VALUE_n`), which then never
-    /// appear in an argument vector (visible in `ps`) or in a repository's config.
-    pub fn with_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        let mut vars = (*self.env.0).clone();
-        vars.push((name.into(), value.into()));
-        self.env = HiddenEnv(std::sync::Arc::new(vars));
-        self
     }
 
     /// Uses another git binary.
@@ -121,7 +96,6 @@ impl Git {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("LC_ALL", "C")
-            .envs(self.env.0.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -232,15 +232,46 @@ async fn a_flip_with_the_wrong_attempt_changes_nothing(storage: TestStorage) {
         .into_inner()
         .jobs;
     assert_eq!(listed.len(), 1);
-    // The right attempt flips once, kills the group; a second flip changes nothing.
-    let r = h
-        .svc
-        .flip_terminal(Request::new(flip(running.attempt, true)))
+    // The store's own fence: a write for another attempt changes no row.
+    let late = launcher::store::Settle {
+        status: Status::Succeeded,
+        not_before_ms: 0,
+        failures: 0,
+        transient_attempts: 0,
+        outcome: "late".into(),
+        reason: "a late writer".into(),
+        exit_code: Some(0),
+        qg_hook_blocks: None,
+        now_ms: orchestrator_kit::time::now_ms(),
+    };
+    let written = launcher::store::settle(&h.db, &job.id, running.attempt + 1, &late)
         .await
-        .expect("flip")
-        .into_inner();
-    assert!(r.flipped);
-    let j = r.job.expect("job");
+        .expect("settle");
+    assert!(written.is_none());
+    assert_eq!(h.job(&job.id).await.status, Status::Running);
+    // The right attempt flips exactly once, however many race for it, and kills the group.
+    let svc = Arc::new(h.svc.clone());
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let svc = svc.clone();
+            let req = flip(running.attempt, true);
+            tokio::spawn(async move {
+                svc.flip_terminal(Request::new(req))
+                    .await
+                    .expect("flip")
+                    .into_inner()
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for r in racers {
+        let r = r.await.expect("racer");
+        if r.flipped {
+            winners.push(r);
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one flip wins");
+    let j = winners.remove(0).job.expect("job");
     assert_eq!(j.status, JobStatus::Failed as i32);
     assert_eq!(j.exit_code, Some(-9));
     let again = h
