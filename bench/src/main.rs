@@ -94,6 +94,9 @@ impl Forge for StaticForge {
     fn clone_url(&self, r: &RepoName) -> String {
         format!("bench://{r}")
     }
+    fn git_auth_env(&self) -> Vec<(String, Secret)> {
+        Vec::new()
+    }
 }
 
 /// Peers that answer at once.
