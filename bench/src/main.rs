@@ -5,6 +5,7 @@
 //! `docs/benchmarks.md` holds.
 
 mod stack;
+mod stage_engine;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -50,7 +51,16 @@ enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// Every benchmark with its default size.
+    /// The stage engine over its real storage: create, advance, deliver (no gRPC).
+    StageEngine {
+        #[arg(long, default_value_t = 2000)]
+        items: usize,
+        /// A postgres:// URL, or `throwaway` for a cluster started from the machine's
+        /// PostgreSQL binaries (as the tests do); default SQLite in a temp dir.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+    /// Every benchmark of the foundation with its default size.
     All,
 }
 
@@ -76,6 +86,7 @@ fn main() -> Result<()> {
                 seconds,
                 runs,
             } => record_run(&bin, concurrency, seconds, runs).await,
+            What::StageEngine { items, postgres } => stage_engine::run(items, postgres).await,
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;

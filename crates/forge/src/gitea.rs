@@ -348,4 +348,22 @@ impl Forge for GiteaForge {
     fn clone_url(&self, repo: &RepoName) -> String {
         format!("{}/{repo}.git", self.config.base_url)
     }
+
+    fn git_auth_env(&self) -> Vec<(String, orchestrator_kit::Secret)> {
+        use orchestrator_kit::Secret;
+        match &self.config.token {
+            Some(token) => vec![
+                ("GIT_CONFIG_COUNT".to_owned(), Secret::new("1")),
+                (
+                    "GIT_CONFIG_KEY_0".to_owned(),
+                    Secret::new("http.extraHeader"),
+                ),
+                (
+                    "GIT_CONFIG_VALUE_0".to_owned(),
+                    Secret::new(format!("Authorization: token {}", token.expose())),
+                ),
+            ],
+            None => Vec::new(),
+        }
+    }
 }

@@ -156,6 +156,11 @@ pub trait Forge: Send + Sync + 'static {
 
     /// What `git clone`/`git fetch` take, without credentials.
     fn clone_url(&self, repo: &RepoName) -> String;
+
+    /// The environment that lets git authenticate to this forge over HTTP (for
+    /// `orchestrator_git::Git::with_env`): `GIT_CONFIG_*` setting `http.extraHeader`, so the
+    /// token is neither in a URL nor on a command line. Empty when none is needed.
+    fn git_auth_env(&self) -> Vec<(String, orchestrator_kit::Secret)>;
 }
 
 /// Checks a ref given to [`Forge::read_file`]: a branch name or a commit id.

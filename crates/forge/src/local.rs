@@ -422,6 +422,10 @@ impl Forge for LocalForge {
     fn clone_url(&self, repo: &RepoName) -> String {
         abs(&self.repo_dir(repo))
     }
+
+    fn git_auth_env(&self) -> Vec<(String, orchestrator_kit::Secret)> {
+        Vec::new()
+    }
 }
 
 fn abs(p: &Path) -> String {

@@ -478,6 +478,23 @@ async fn read_file_uses_the_raw_route_with_the_ref_and_none_on_404() {
 }
 
 #[tokio::test]
+async fn git_authenticates_with_a_header_not_a_url() {
+    let fake = Fake::start(vec![]).await;
+    let env = fake.forge.git_auth_env();
+    let shown: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.expose())).collect();
+    assert_eq!(
+        shown,
+        vec![
+            ("GIT_CONFIG_COUNT", "1"),
+            ("GIT_CONFIG_KEY_0", "http.extraHeader"),
+            ("GIT_CONFIG_VALUE_0", "Authorization: token gitea-secret"),
+        ]
+    );
+    assert!(!fake.forge.clone_url(&repo()).contains("gitea-secret"));
+    assert!(!format!("{env:?}").contains("gitea-secret"));
+}
+
+#[tokio::test]
 async fn a_gitea_that_is_down_is_transient() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use orchestrator_kit::Secret;
 use tokio::process::Command;
 
 /// What a git invocation printed and how it ended.
@@ -54,6 +55,9 @@ pub enum MergeTree {
 pub struct Git {
     program: PathBuf,
     timeout: Duration,
+    /// Extra environment, e.g. a forge's credentials as `GIT_CONFIG_*` (values are secrets:
+    /// never on a command line, never in a log).
+    env: Vec<(String, Secret)>,
 }
 
 impl Default for Git {
@@ -68,7 +72,14 @@ impl Git {
         Git {
             program: PathBuf::from("git"),
             timeout: Duration::from_secs(120),
+            env: Vec::new(),
         }
+    }
+
+    /// Adds environment variables to every invocation (see `Forge::git_auth_env`).
+    pub fn with_env(mut self, env: Vec<(String, Secret)>) -> Self {
+        self.env.extend(env);
+        self
     }
 
     /// Uses another git binary.
@@ -96,6 +107,7 @@ impl Git {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("LC_ALL", "C")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.expose())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -340,6 +352,25 @@ mod tests {
         ));
         let err = git.ok(dir.path(), &["log"]).await.expect_err("not a repo");
         assert!(err.to_string().contains("not a git repository"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn extra_environment_reaches_git_and_stays_out_of_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let git = Git::new().with_env(vec![
+            ("GIT_CONFIG_COUNT".into(), Secret::new("1")),
+            ("GIT_CONFIG_KEY_0".into(), Secret::new("http.extraHeader")),
+            (
+                "GIT_CONFIG_VALUE_0".into(),
+                Secret::new("Authorization: token s3cr3t"),
+            ),
+        ]);
+        let out = git
+            .ok(dir.path(), &["config", "--get", "http.extraHeader"])
+            .await
+            .expect("config");
+        assert_eq!(out.trim(), "Authorization: token s3cr3t");
+        assert!(!format!("{git:?}").contains("s3cr3t"));
     }
 
     #[tokio::test]

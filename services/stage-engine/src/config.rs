@@ -64,6 +64,19 @@ impl StageEngineConfig {
                 "must be at least 1",
             ));
         }
+        // A zero backoff would retry a down service in a hot loop.
+        if outbox.backoff_base.is_zero() {
+            return Err(ConfigError::new(
+                "ORCH_OUTBOX_BACKOFF_BASE_MS",
+                "must be at least 1",
+            ));
+        }
+        if outbox.backoff_max < outbox.backoff_base {
+            return Err(ConfigError::new(
+                "ORCH_OUTBOX_BACKOFF_MAX_MS",
+                "must be at least ORCH_OUTBOX_BACKOFF_BASE_MS",
+            ));
+        }
         Ok(StageEngineConfig {
             limits: Limits {
                 max_rollbacks: env.parse("ORCH_MAX_ROLLBACKS", 3u32)?,
@@ -139,8 +152,13 @@ mod tests {
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);
             assert_eq!(err.var, var);
         }
-        let err = StageEngineConfig::from_env(&Env::from_pairs([("ORCH_OUTBOX_POLL_MS", "0")]))
-            .expect_err("zero");
-        assert_eq!(err.var, "ORCH_OUTBOX_POLL_MS");
+        for (var, value) in [
+            ("ORCH_OUTBOX_POLL_MS", "0"),
+            ("ORCH_OUTBOX_BACKOFF_BASE_MS", "0"),
+            ("ORCH_OUTBOX_BACKOFF_MAX_MS", "10"),
+        ] {
+            let err = StageEngineConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
+            assert_eq!(err.var, var);
+        }
     }
 }

@@ -95,6 +95,11 @@ pub struct NewWorkItem {
 }
 
 impl Engine {
+    /// The engine's storage (benchmarks and tests read it directly).
+    pub fn db_handle(&self) -> Db {
+        self.db.clone()
+    }
+
     /// The dispatcher that delivers this engine's outbox.
     pub fn dispatcher(&self) -> Dispatcher {
         Dispatcher {

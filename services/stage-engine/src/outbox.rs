@@ -251,9 +251,10 @@ impl Dispatcher {
         loop {
             loop {
                 match self.deliver_due().await {
-                    Ok(0) => break,
-                    Ok(_) if shutdown.is_cancelled() => break,
-                    Ok(_) => {}
+                    // A full batch: more may be due at once. Anything less: all due entries
+                    // were attempted (failures wait out their backoff), so wait for a wake-up.
+                    Ok(n) if n >= self.config.batch as usize && !shutdown.is_cancelled() => {}
+                    Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox pass failed");
                         break;

@@ -123,7 +123,7 @@ async fn harness_with(
         })
     });
     let config = StageEngineConfig::from_env(&Env::from_pairs([
-        ("ORCH_OUTBOX_BACKOFF_BASE_MS", "0"),
+        ("ORCH_OUTBOX_BACKOFF_BASE_MS", "1"),
         ("ORCH_MAX_ROLLBACKS", "1"),
     ]))
     .expect("config");
@@ -162,8 +162,25 @@ impl Harness {
     }
 
     async fn deliver(&self) {
+        // Until nothing is pending: failed deliveries wait out their (1 ms based) backoff.
         let d = self.svc.engine().dispatcher();
-        while d.deliver_due().await.expect("deliver") > 0 {}
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if d.deliver_due().await.expect("deliver") > 0 {
+                continue;
+            }
+            let waiting = crate::outbox::list(&self.svc.engine().db, KEY, "pending", 1000)
+                .await
+                .expect("outbox");
+            if waiting.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "outbox not drained: {waiting:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     fn write(&self, name: &str, fields: &str) {
