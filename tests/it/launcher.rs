@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use orchestrator_forge::local::LocalForge;
 use orchestrator_forge::{Forge, RepoName};
 use orchestrator_proto::launcher::v1::{
-    GetJobRequest, JobStatus, ListInstancesRequest, ListJobsRequest, QueueSnapshotRequest, TailLogRequest,
+    GetJobRequest, JobStatus, ListInstancesRequest, ListJobsRequest, QueueSnapshotRequest,
+    TailLogRequest,
 };
 use orchestrator_proto::stage_engine::v1::{
     CreateWorkItemRequest, GetWorkItemRequest, ListCommentsRequest,
@@ -33,7 +34,8 @@ async fn the_analyst_runs_end_to_end(storage: TestStorage) {
         .expect("bare repo");
     std::fs::create_dir_all(root.join("agents")).expect("agents");
     std::fs::write(root.join("agents/analyst.md"), "You are the analyst.\n").expect("prompt");
-    let sample = contracts_dir().join("claude-cli/real-2.1.328/success-with-write-tool.stdout.json");
+    let sample =
+        contracts_dir().join("claude-cli/real-2.1.328/success-with-write-tool.stdout.json");
     let script = root.join("agent.sh");
     std::fs::write(
         &script,
@@ -95,7 +97,10 @@ cat {sample}
         if item.status == "awaiting_approval" {
             break item;
         }
-        assert!(Instant::now() < deadline, "the analyst never got through: {item:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the analyst never got through: {item:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let jobs = c
@@ -120,12 +125,19 @@ cat {sample}
         .expect("job")
         .into_inner();
     assert_eq!(job.status, JobStatus::Succeeded as i32, "{job:?}");
-    assert_eq!((job.agent.as_str(), job.attempt, job.exit_code), ("analyst", 1, Some(0)));
+    assert_eq!(
+        (job.agent.as_str(), job.attempt, job.exit_code),
+        ("analyst", 1, Some(0))
+    );
     assert!(job.pid.is_some());
     // The artifact is on the branch in the bare repo.
     let forge = LocalForge::new(forge_dir, "main".into());
     let text = forge
-        .read_file(&RepoName::parse(REPO).expect("repo"), &item.branch, &format!("docs/work-items/{KEY}/analysis.md"))
+        .read_file(
+            &RepoName::parse(REPO).expect("repo"),
+            &item.branch,
+            &format!("docs/work-items/{KEY}/analysis.md"),
+        )
         .await
         .expect("read")
         .expect("analysis.md is pushed");
@@ -149,7 +161,9 @@ cat {sample}
         let comments = c
             .stage_engine
             .clone()
-            .list_comments(ListCommentsRequest { work_item: KEY.into() })
+            .list_comments(ListCommentsRequest {
+                work_item: KEY.into(),
+            })
             .await
             .expect("comments")
             .into_inner()
@@ -160,9 +174,14 @@ cat {sample}
             .map(|c| c.html.as_str())
             .collect();
         if by_analyst.len() >= 2 {
-            assert!(by_analyst.iter().any(|h| h.contains("Analyst started")), "{by_analyst:?}");
             assert!(
-                by_analyst.iter().any(|h| h.contains("Analyst done") && h.contains("analysis.md")),
+                by_analyst.iter().any(|h| h.contains("Analyst started")),
+                "{by_analyst:?}"
+            );
+            assert!(
+                by_analyst
+                    .iter()
+                    .any(|h| h.contains("Analyst done") && h.contains("analysis.md")),
                 "{by_analyst:?}"
             );
             break;
@@ -172,7 +191,12 @@ cat {sample}
     }
     // The quality gate went to the CLI as its Stop hook, with --settings (never --bare).
     let args = std::fs::read_to_string(root.join("args")).expect("args");
-    assert!(args.contains("--settings") && args.contains("qg-hook") && args.contains("--work-item ORCH-65"), "{args}");
+    assert!(
+        args.contains("--settings")
+            && args.contains("qg-hook")
+            && args.contains("--work-item ORCH-65"),
+        "{args}"
+    );
     assert!(!args.contains("--bare"));
     // An operator's view: the log, the queue, the instance.
     let chunks: Vec<_> = c
@@ -187,9 +211,15 @@ cat {sample}
         .into_inner()
         .collect()
         .await;
-    let log: Vec<u8> = chunks.iter().flat_map(|c| c.as_ref().expect("chunk").data.clone()).collect();
+    let log: Vec<u8> = chunks
+        .iter()
+        .flat_map(|c| c.as_ref().expect("chunk").data.clone())
+        .collect();
     let log = String::from_utf8_lossy(&log);
-    assert!(log.contains("Analysis written.") && log.contains("== exit 0"), "{log}");
+    assert!(
+        log.contains("Analysis written.") && log.contains("== exit 0"),
+        "{log}"
+    );
     assert!(chunks.last().expect("last").as_ref().expect("chunk").eof);
     let snap = c
         .launcher
@@ -198,7 +228,11 @@ cat {sample}
         .await
         .expect("snapshot")
         .into_inner();
-    let succeeded = snap.counts.iter().find(|c| c.status == JobStatus::Succeeded as i32).expect("count");
+    let succeeded = snap
+        .counts
+        .iter()
+        .find(|c| c.status == JobStatus::Succeeded as i32)
+        .expect("count");
     assert_eq!(succeeded.count, 1);
     assert_eq!(snap.breaker.expect("breaker").state, "closed");
     let instances = c

@@ -115,7 +115,7 @@ impl LauncherService {
         forge: Arc<dyn Forge>,
         agent_env: AgentEnv,
     ) -> Self {
-        let workspace = Workspace::new(forge, &config.forge, config.git_timeout);
+        let workspace = Workspace::new(forge, config.git_timeout);
         tracing::info!(
             instance_id = config.instance_id,
             workdir = %config.workdir.display(),

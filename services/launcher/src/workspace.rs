@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use orchestrator_forge::{Forge, ForgeConfig, ForgeKind, RepoName};
+use orchestrator_forge::{Forge, RepoName};
 use orchestrator_git::{Git, GitError};
 
 /// Why a checkout or a delivery failed.
@@ -62,20 +62,12 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    /// A workspace over `forge`; Gitea's token (if any) authenticates fetch and push.
-    pub fn new(forge: Arc<dyn Forge>, config: &ForgeConfig, timeout: Duration) -> Self {
-        let mut git = Git::new().with_timeout(timeout);
-        if config.kind == ForgeKind::Gitea
-            && let Some(token) = config.gitea.as_ref().and_then(|g| g.token.as_ref())
-        {
-            git = git
-                .with_env("GIT_CONFIG_COUNT", "1")
-                .with_env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .with_env(
-                    "GIT_CONFIG_VALUE_0",
-                    format!("Authorization: token {}", token.expose()),
-                );
-        }
+    /// A workspace over `forge`; the forge's credentials (Gitea's token) authenticate
+    /// fetch and push through git's environment.
+    pub fn new(forge: Arc<dyn Forge>, timeout: Duration) -> Self {
+        let git = Git::new()
+            .with_timeout(timeout)
+            .with_env(forge.git_auth_env());
         Workspace { git, forge }
     }
 
