@@ -4,6 +4,7 @@
 //! `cargo run --release -p orchestrator-bench -- all` prints every figure that
 //! `docs/benchmarks.md` holds.
 
+mod launcher;
 mod stack;
 mod stage_engine;
 
@@ -60,6 +61,24 @@ enum What {
         #[arg(long)]
         postgres: Option<String>,
     },
+    /// The launcher over its real storage with real agent processes (no git, no gRPC):
+    /// enqueue -> agent started latency, and no-op job throughput.
+    Launcher {
+        /// Jobs per throughput run.
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        /// Sequential jobs for the latency figure.
+        #[arg(long, default_value_t = 500)]
+        latency_jobs: usize,
+        /// ORCH_MAX_CONCURRENCY (and reserved jobs in flight).
+        #[arg(long, default_value_t = 10)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// A postgres:// URL, or `throwaway` (as for stage-engine); default SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
     /// Every benchmark of the foundation with its default size.
     All,
 }
@@ -67,8 +86,10 @@ enum What {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let bin = cli.bin.unwrap_or_else(default_bin);
+    // The in-process benchmarks need no binary.
+    let in_process = matches!(cli.what, What::StageEngine { .. } | What::Launcher { .. });
     anyhow::ensure!(
-        bin.is_file(),
+        in_process || bin.is_file(),
         "{} not found: run `cargo build --release` first",
         bin.display()
     );
@@ -87,6 +108,13 @@ fn main() -> Result<()> {
                 runs,
             } => record_run(&bin, concurrency, seconds, runs).await,
             What::StageEngine { items, postgres } => stage_engine::run(items, postgres).await,
+            What::Launcher {
+                jobs,
+                latency_jobs,
+                concurrency,
+                runs,
+                postgres,
+            } => launcher::run(jobs, latency_jobs, concurrency, runs, postgres).await,
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;

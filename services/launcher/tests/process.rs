@@ -463,3 +463,80 @@ async fn a_restarted_launcher_reconciles_its_own_runs_at_once() {
     let _ = orphan.wait();
     assert!(!process_alive(orphan_pid));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_shutdown_running_jobs_go_back_to_the_queue() {
+    let h = H::start(
+        TestStorage::sqlite(),
+        "echo $$ > {root}/pid; sleep 300",
+        &[("ORCH_LAUNCHER_GIT", "false")],
+    )
+    .await;
+    let job = h.enqueue("developer", "development", "").await;
+    let running = h.wait_for(&job.id, SECS, |j| j.pid.is_some()).await;
+    let pid = i32::try_from(running.pid.expect("pid")).expect("pid");
+    h.shutdown.cancel();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        h.svc.supervisor().stopped().cancelled(),
+    )
+    .await
+    .expect("the launcher stopped within the drain");
+    let j = h.job(&job.id).await;
+    assert_eq!(
+        (
+            j.status,
+            j.failures,
+            j.transient_attempts,
+            j.outcome.as_str()
+        ),
+        (Status::Queued, 0, 0, "handed_back")
+    );
+    assert!(!process_alive(pid));
+    let instances = store::instances(&h.db).await.expect("instances");
+    assert!(instances[0].stopped_at_ms > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quality_gate_hook_goes_in_with_settings_and_its_blocks_are_recorded() {
+    // The script stands in for the CLI running the hook twice: it bumps the hook's counter.
+    let script = r#"echo "$@" > {root}/args
+echo 2 > "${ORCH_PROMPT_FILE%/*}/qg-hook-blocks-$ORCH_JOB_ATTEMPT"
+cat {contracts}/real-2.1.328/stop-hook-blocked-then-success.stdout.json"#;
+    let h = H::start(
+        TestStorage::sqlite(),
+        script,
+        &[
+            ("ORCH_LAUNCHER_GIT", "false"),
+            ("ORCH_QG_HOOK_ENABLED", "true"),
+            ("ORCH_QG_HOOK_COMMAND", "/opt/orchestrator qg-hook"),
+            ("ORCH_QG_HOOK_MAX_BLOCKS", "4"),
+        ],
+    )
+    .await;
+    let job = h.enqueue("reviewer", "review", "").await;
+    let j = h.wait_done(&job.id, SECS).await;
+    assert_eq!(j.status, Status::Succeeded, "{j:#?}");
+    assert_eq!(j.qg_hook_blocks, 2);
+    let args = std::fs::read_to_string(h.root.join("args")).expect("args");
+    assert!(args.contains("--settings {\"hooks\":{\"Stop\""), "{args}");
+    assert!(
+        args.contains("/opt/orchestrator qg-hook --work-item ORCH-1 --stage review")
+            && args.contains("--max-blocks 4")
+            && args.contains("--state-file"),
+        "{args}"
+    );
+    assert!(!args.contains("--bare"));
+    h.peers.with(|s| {
+        let finish = s
+            .comments
+            .iter()
+            .find(|c| c.idempotency_key.ends_with(":finish"))
+            .expect("finish");
+        assert!(
+            finish.html.contains("kept it working 2 time(s)"),
+            "{}",
+            finish.html
+        );
+    });
+}
