@@ -444,6 +444,46 @@ mod tests {
     }
 
     #[test]
+    fn every_variable_is_in_env_example() {
+        let example = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.env.example"),
+        )
+        .expect(".env.example");
+        let source = include_str!("config.rs");
+        let mut names: Vec<&str> = source
+            .split('"')
+            .filter(|w| {
+                w.starts_with("ORCH_")
+                    && !w.ends_with('_')
+                    && w.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() > 20, "{names:?}");
+        for name in names {
+            assert!(
+                example.contains(&format!("\n{name}=")) || example.contains(&format!("\n#{name}=")),
+                "{name} is missing from .env.example"
+            );
+        }
+        // The default command parses the same from the file as in the code.
+        let line = example
+            .lines()
+            .find(|l| l.starts_with("ORCH_AGENT_COMMAND="))
+            .expect("ORCH_AGENT_COMMAND");
+        assert_eq!(
+            // dotenv takes the quotes off.
+            split_command(
+                line.trim_start_matches("ORCH_AGENT_COMMAND=")
+                    .trim_matches('"')
+            )
+            .expect("split"),
+            split_command(DEFAULT_AGENT_COMMAND).expect("split")
+        );
+    }
+
+    #[test]
     fn shell_quoting_round_trips() {
         for s in ["plain", "/a b/c", "it's", "", "a;rm -rf /"] {
             let q = shell_quote(s);
