@@ -365,6 +365,40 @@ pub async fn claim(
     row.as_ref().map(from_row).transpose()
 }
 
+/// Claims up to `limit` runnable reserved jobs at once, oldest first (no LLM slot
+/// involved, so no advisory lock: `SKIP LOCKED` alone keeps replicas apart).
+pub async fn claim_reserved(
+    db: &Db,
+    instance_id: &str,
+    now_ms: i64,
+    limit: u32,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let lock = if db.backend == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, instance_id = $2, started_at_ms = $1, \
+         heartbeat_at_ms = $1, pid = NULL, exit_code = NULL, finished_at_ms = 0, outcome = '', qg_hook_blocks = 0, \
+         log_path = '' \
+         WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND not_before_ms <= $1 AND kind = 'reserved' \
+           ORDER BY enqueued_at_ms, id LIMIT $3{lock}) \
+         AND status = 'queued' RETURNING {COLUMNS}"
+    )))
+    .bind(now_ms)
+    .bind(instance_id)
+    .bind(i64::from(limit))
+    .fetch_all(&db.pool)
+    .await?;
+    let mut jobs: Vec<JobRow> = rows.iter().map(from_row).collect::<Result<_, _>>()?;
+    jobs.sort_by(|a, b| (a.enqueued_at_ms, &a.id).cmp(&(b.enqueued_at_ms, &b.id)));
+    Ok(jobs)
+}
+
 /// Records where the run's log is (before the spawn, so a spawn failure can be read).
 pub async fn set_log_path(
     db: &Db,

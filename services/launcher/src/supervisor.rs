@@ -313,23 +313,39 @@ impl Supervisor {
                 continue;
             }
             let llm_ok = gate == Gate::Allowed;
-            if !llm_ok && !reserved_ok {
-                return Ok(());
+            let reserved_room = c
+                .reserved_concurrency
+                .saturating_sub(self.inner.reserved_in_flight.load(Ordering::SeqCst));
+            let reserved = if reserved_ok {
+                store::claim_reserved(self.db(), &c.instance_id, now, reserved_room).await?
+            } else {
+                Vec::new()
+            };
+            let got_reserved = !reserved.is_empty();
+            for job in reserved {
+                self.launch(job);
             }
-            let job = store::claim(
-                self.db(),
-                &c.instance_id,
-                now,
-                ClaimFilter {
-                    llm: llm_ok,
-                    reserved: reserved_ok,
-                    max_concurrency: c.max_concurrency,
-                },
-            )
-            .await?;
-            match job {
-                Some(job) => self.launch(job),
-                None => return Ok(()),
+            let llm = if llm_ok {
+                store::claim(
+                    self.db(),
+                    &c.instance_id,
+                    now,
+                    ClaimFilter {
+                        llm: true,
+                        reserved: false,
+                        max_concurrency: c.max_concurrency,
+                    },
+                )
+                .await?
+            } else {
+                None
+            };
+            let got_llm = llm.is_some();
+            if let Some(job) = llm {
+                self.launch(job);
+            }
+            if !got_reserved && !got_llm {
+                return Ok(());
             }
         }
     }

@@ -353,8 +353,8 @@ on_both_backends!(
     cancel_kills_a_running_job_and_drops_a_queued_one,
 );
 
-/// Several launcher instances share one PostgreSQL queue; thousands of no-op jobs; every
-/// job runs exactly once (a per-job counter written by the agent itself), and the global
+/// Several launcher instances share one PostgreSQL queue; thousands of no-op jobs (LLM and
+/// reserved); every job runs exactly once (a per-job counter written by the agent itself), and the global
 /// LLM cap holds across the instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_instances_on_one_postgres_queue_run_each_job_exactly_once() {
@@ -400,6 +400,10 @@ echo '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'"#;
                         .await
                         .id,
                 );
+                // And as many reserved jobs, claimed in batches.
+                launchers[(i + 1) % INSTANCES]
+                    .enqueue_for(&format!("RES-{}", i + 1), "post-deploy-monitor", "done", "")
+                    .await;
             }
             ids
         }));
@@ -425,7 +429,7 @@ echo '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'"#;
             .iter()
             .find(|c| c.status == JobStatus::Succeeded as i32)
             .map_or(0, |c| c.count);
-        if done as usize == JOBS && ids.len() == JOBS {
+        if done as usize == 2 * JOBS && ids.len() == JOBS {
             break;
         }
         let failed = s
@@ -469,6 +473,19 @@ echo '{"type":"result","subtype":"success","is_error":false,"result":"ok"}'"#;
         per_instance.len(),
         INSTANCES,
         "every replica took jobs: {per_instance:?}"
+    );
+    // Every reserved job ticked exactly once, across the replicas.
+    let mut ticked: Vec<String> = launchers
+        .iter()
+        .flat_map(|h| h.peers.with(|s| s.ticked.clone()))
+        .collect();
+    ticked.sort();
+    let before = ticked.len();
+    ticked.dedup();
+    assert_eq!(
+        (before, ticked.len()),
+        (JOBS, JOBS),
+        "reserved jobs ran more than once"
     );
     eprintln!(
         "exactly-once: {JOBS} jobs on {INSTANCES} instances in {:.1}s, per instance {per_instance:?}, max LLM running {max_llm}",

@@ -46,6 +46,7 @@ pub struct FakeState {
     pub lease_log: Vec<String>,
     pub ticks: VecDeque<Result<TickResponse, Status>>,
     pub tick_calls: u32,
+    pub ticked: Vec<String>,
     pub finalizes: VecDeque<Result<FinalizeMergeResponse, Status>>,
     pub finalize_calls: Vec<FinalizeMergeRequest>,
 }
@@ -141,9 +142,10 @@ impl Peers for FakePeers {
         })
     }
 
-    async fn tick(&self, _work_item: &str) -> Result<TickResponse, Status> {
+    async fn tick(&self, work_item: &str) -> Result<TickResponse, Status> {
         self.with(|s| {
             s.tick_calls += 1;
+            s.ticked.push(work_item.to_owned());
             s.ticks.pop_front().unwrap_or_else(|| {
                 Ok(TickResponse {
                     done: true,
