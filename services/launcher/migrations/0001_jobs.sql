@@ -35,6 +35,8 @@ CREATE TABLE jobs (
 CREATE UNIQUE INDEX jobs_dedupe_key ON jobs (dedupe_key);
 -- The claim: oldest runnable first.
 CREATE INDEX jobs_queued ON jobs (enqueued_at_ms, id) WHERE status = 'queued';
+-- When the next queued job becomes runnable (the dispatcher's sleep), without a scan.
+CREATE INDEX jobs_queued_due ON jobs (not_before_ms) WHERE status = 'queued';
 -- Running jobs: the concurrency count, ListRunning, heartbeats, restart reconciliation.
 CREATE INDEX jobs_running ON jobs (kind, instance_id) WHERE status = 'running';
 CREATE INDEX jobs_by_work_item ON jobs (work_item, enqueued_at_ms);

@@ -374,6 +374,34 @@ esac"#;
     assert_eq!(done.status, Status::Failed);
     assert_eq!(done.reason, "command not found: no-such-agent-binary");
     assert_eq!(done.outcome, "bad_input");
+
+    // A log that cannot be written (here: the work dir is a file, as good as a full disk).
+    let blocker = tempfile::NamedTempFile::new().expect("file");
+    let workdir = blocker.path().join("work").display().to_string();
+    let h3 = H::start(
+        TestStorage::sqlite(),
+        "cat {contracts}/real-2.1.328/success-with-write-tool.stdout.json",
+        &[("ORCH_WORKDIR", &workdir), ("ORCH_MAX_ATTEMPTS", "1")],
+    )
+    .await;
+    let job = h3.enqueue("developer", "development", "").await;
+    let done = h3.wait_done(&job.id, SECS).await;
+    assert_eq!(
+        (done.status, done.outcome.as_str()),
+        (Status::Failed, "log_failed")
+    );
+    assert!(
+        done.reason.starts_with("cannot write the log"),
+        "{}",
+        done.reason
+    );
+    h3.peers.with(|s| {
+        assert!(
+            s.comments
+                .iter()
+                .any(|c| c.html.contains("cannot write the log"))
+        )
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

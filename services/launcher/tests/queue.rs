@@ -166,14 +166,15 @@ cat {contracts}/real-2.1.328/success-with-write-tool.stdout.json"#;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(max_seen, 2);
-    // At most two overlap at any time, and they started oldest first.
+    // Claimed oldest first: claim times never go down in enqueue order (the agents' own
+    // first lines may swap under load, the claims may not).
+    let mut claimed = Vec::new();
+    for id in &ids {
+        claimed.push(h.job(id).await.started_at_ms);
+    }
+    assert!(claimed.windows(2).all(|w| w[0] <= w[1]), "{claimed:?}");
     let order = std::fs::read_to_string(h.root.join("order")).expect("order");
-    let starts: Vec<&str> = order
-        .lines()
-        .filter(|l| l.contains(" start "))
-        .map(|l| l.split(' ').next().expect("id"))
-        .collect();
-    assert_eq!(starts, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(order.lines().filter(|l| l.contains(" start ")).count(), 5);
 }
 
 async fn a_flip_with_the_wrong_attempt_changes_nothing(storage: TestStorage) {
@@ -358,7 +359,8 @@ on_both_backends!(
 /// LLM cap holds across the instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_instances_on_one_postgres_queue_run_each_job_exactly_once() {
-    const JOBS: usize = 2_000;
+    // Per kind: 1,000 LLM jobs (a process each) and 1,000 reserved jobs.
+    const JOBS: usize = 1_000;
     const INSTANCES: usize = 3;
     let Some(storage) = TestStorage::postgres("queue::exactly_once").await else {
         return;
