@@ -521,9 +521,14 @@ fn systemd_unit_runs_up_as_a_dynamic_user_with_its_state_directory() {
         .arg(&path)
         .output()
         .expect("systemd-analyze runs");
+    // Only what it says about our unit: a host's own units may draw warnings of their own.
     let stderr = String::from_utf8_lossy(&verify.stderr);
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("orchestrator.service"))
+        .collect();
     assert!(
-        verify.status.success() && stderr.trim().is_empty(),
+        verify.status.success() && ours.is_empty(),
         "systemd-analyze verify: {stderr}"
     );
 }
