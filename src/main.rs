@@ -180,7 +180,14 @@ fn health(service: &str) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let url = local_url(config.listen[&service]);
+    let addr = config.listen[&service];
+    if addr.port() == 0 {
+        return fail(format!(
+            "{}: port 0 is chosen at start-up; give the real port to probe it",
+            service.addr_var()
+        ));
+    }
+    let url = local_url(addr);
     let check: Box<dyn Check> = if service.grpc_name().is_some() {
         Box::new(ServicesServing {
             services: vec![(service, url)],

@@ -748,4 +748,13 @@ fn health_answers_zero_for_a_serving_part_and_one_for_a_silent_port() {
     let (ok, _, stderr) = health(dir.path(), &addrs, ServiceName::Launcher);
     assert!(!ok, "a silent port is not healthy");
     assert!(stderr.starts_with("error: launcher"), "{stderr}");
+
+    // Port 0 says nothing about where it listens.
+    addrs.insert(ServiceName::Launcher, "127.0.0.1:0".to_owned());
+    let (ok, _, stderr) = health(dir.path(), &addrs, ServiceName::Launcher);
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("error: ORCH_LAUNCHER_ADDR: port 0"),
+        "{stderr}"
+    );
 }
