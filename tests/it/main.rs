@@ -6,6 +6,7 @@ mod common;
 mod auth;
 mod post_deploy;
 mod process;
+mod scripted_agent;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;
