@@ -1,0 +1,200 @@
+//! The REAL Claude Code CLI (pinned 2.1.328, `scripts/install-claude-cli`) as the agent,
+//! driven by the scripted model server: no model, no network. Where the CLI is not
+//! installed, each test reports itself `SKIPPED <name>: <why>` on stderr.
+//!
+//! The binary: `$ORCH_CLAUDE_CLI`, else `$ORCH_CLAUDE_CLI_DIR/node_modules/.bin/claude`, else
+//! `${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator/claude-cli/node_modules/.bin/claude` (where
+//! `scripts/install-claude-cli` puts it). `ORCH_REQUIRE_CLAUDE_CLI=1` turns a skip into a
+//! failure (CI, where the script installed it).
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use orchestrator_model_server::{Failure, ModelServer, Scenario};
+
+const KEY: &str = "DEMO-1";
+
+fn cli() -> Result<PathBuf, String> {
+    let path = if let Some(p) = std::env::var_os("ORCH_CLAUDE_CLI") {
+        PathBuf::from(p)
+    } else {
+        let dir = std::env::var_os("ORCH_CLAUDE_CLI_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .map(|c| c.join("orchestrator/claude-cli"))
+            })
+            .ok_or("neither ORCH_CLAUDE_CLI, ORCH_CLAUDE_CLI_DIR nor HOME is set")?;
+        dir.join("node_modules/.bin/claude")
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "the Claude Code CLI is not installed at {} (run scripts/install-claude-cli)",
+            path.display()
+        ))
+    }
+}
+
+/// The CLI's path, or `None` after reporting the skip.
+fn cli_or_skip(test: &str) -> Option<PathBuf> {
+    match cli() {
+        Ok(p) => Some(p),
+        Err(why) => {
+            assert!(
+                std::env::var_os("ORCH_REQUIRE_CLAUDE_CLI").is_none(),
+                "{test}: ORCH_REQUIRE_CLAUDE_CLI is set but {why}"
+            );
+            orchestrator_testkit::skip(test, &why);
+            None
+        }
+    }
+}
+
+fn checkout() -> tempfile::TempDir {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ok = std::process::Command::new("git")
+        .args(["init", "-q"])
+        .current_dir(d.path())
+        .status()
+        .expect("git");
+    assert!(ok.success());
+    std::fs::write(d.path().join("README.md"), "sample\n").expect("write");
+    d
+}
+
+fn prompt(stage: &str) -> String {
+    format!(
+        "You are the analyst of the orchestrator pipeline.\nwork_item: {KEY}\nstage: {stage}\nWrite the stage's artifact under docs/work-items/{KEY}/."
+    )
+}
+
+/// Runs the CLI in `dir` against `server`, with a throwaway HOME and nothing else of ours.
+async fn run_cli(
+    bin: &Path,
+    server: &ModelServer,
+    dir: &Path,
+    stage: &str,
+    extra: &[&str],
+) -> Output {
+    let home = tempfile::tempdir().expect("home");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.arg("-p")
+        .arg(prompt(stage))
+        .args(["--output-format", "json", "--allowedTools", "Write,Edit"])
+        .args(extra)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", home.path())
+        .env("ANTHROPIC_BASE_URL", server.base_url())
+        .env("ANTHROPIC_API_KEY", "sk-scripted-model")
+        .env("CLAUDE_CODE_MAX_RETRIES", "1")
+        // Loopback only: no telemetry, error reports or update checks.
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        .env("DISABLE_AUTOUPDATER", "1")
+        .env("DISABLE_TELEMETRY", "1")
+        .env("DISABLE_ERROR_REPORTING", "1")
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the CLI finishes within 120 s")
+        .expect("the CLI starts")
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn the_real_cli_writes_the_stage_artifact_and_prints_a_result() {
+    let Some(bin) = cli_or_skip("the_real_cli_writes_the_stage_artifact_and_prints_a_result")
+    else {
+        return;
+    };
+    let server = ModelServer::start().await.expect("server");
+    let co = checkout();
+    let out = run_cli(&bin, &server, co.path(), "analysis", &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let artifact = co.path().join(format!("docs/work-items/{KEY}/analysis.md"));
+    let text = std::fs::read_to_string(&artifact)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", artifact.display(), describe(&out)));
+    assert!(
+        text.starts_with(&format!("---\nwork_item: {KEY}\n")),
+        "{text}"
+    );
+    let r = orchestrator_agent_output::parse_result(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no result: {}", describe(&out)));
+    assert_eq!(r.subtype.as_deref(), Some("success"));
+    assert_eq!(r.is_error, Some(false));
+    assert_eq!(r.permission_denials, 0);
+    assert_eq!(r.num_turns, Some(2));
+    assert!(r.usage.input_tokens.unwrap_or(0) > 0, "{r:?}");
+    assert!(r.total_cost_usd.unwrap_or(0.0) > 0.0, "{r:?}");
+    assert!(server.control.turns_answered() >= 2);
+}
+
+#[tokio::test]
+async fn an_overloaded_model_is_reported_as_api_error_529() {
+    let Some(bin) = cli_or_skip("an_overloaded_model_is_reported_as_api_error_529") else {
+        return;
+    };
+    let server = ModelServer::start().await.expect("server");
+    server.control.fail_always(Failure::Overloaded);
+    let co = checkout();
+    let out = run_cli(&bin, &server, co.path(), "analysis", &[]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let r = orchestrator_agent_output::parse_result(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no result: {}", describe(&out)));
+    assert_eq!(r.is_error, Some(true));
+    assert_eq!(r.api_error_status, Some(529), "{r:?}");
+    assert!(server.control.failures_answered() >= 1);
+    assert!(!co.path().join("docs").exists());
+}
+
+#[tokio::test]
+async fn a_stop_hook_keeps_a_lazy_model_working_until_the_artifact_exists() {
+    let Some(bin) = cli_or_skip("a_stop_hook_keeps_a_lazy_model_working_until_the_artifact_exists")
+    else {
+        return;
+    };
+    let server = ModelServer::start().await.expect("server");
+    server.control.set_scenario(Scenario::LazyUntilStopHook);
+    let co = checkout();
+    // A stand-in for `orchestrator qg-hook`: exit 2 with the reason while the file is missing.
+    let hook = format!(
+        "test -s docs/work-items/{KEY}/analysis.md || {{ echo 'MISSING ARTIFACT: docs/work-items/{KEY}/analysis.md' >&2; exit 2; }}"
+    );
+    let settings =
+        serde_json::json!({"hooks": {"Stop": [{"hooks": [{"type": "command", "command": hook}]}]}})
+            .to_string();
+    let out = run_cli(
+        &bin,
+        &server,
+        co.path(),
+        "analysis",
+        &["--settings", &settings],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        co.path()
+            .join(format!("docs/work-items/{KEY}/analysis.md"))
+            .is_file(),
+        "{}",
+        describe(&out)
+    );
+    let r = orchestrator_agent_output::parse_result(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no result: {}", describe(&out)));
+    assert_eq!(r.subtype.as_deref(), Some("success"));
+    assert_eq!(r.num_turns, Some(3), "{r:?}");
+}
