@@ -3,6 +3,7 @@
 //! - `orchestrator up` runs every service and the gateway in one process.
 //! - `orchestrator serve <service>` runs one of them.
 //! - `orchestrator staging-check` runs the staging checks and prints the verdict.
+//! - `orchestrator item ...` creates, lists, shows and approves work items (local tracker).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,11 @@ enum Command {
         #[arg(long)]
         state_file: Option<std::path::PathBuf>,
     },
+    /// The local tracker: create, list, show and approve work items on a running stack.
+    Item {
+        #[command(subcommand)]
+        command: orchestrator::item::ItemCommand,
+    },
 }
 
 /// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
@@ -83,10 +89,13 @@ fn main() -> ExitCode {
             state_file,
         });
     }
+    if let Command::Item { command } = cli.command {
+        return item(command);
+    }
     let parts: Vec<ServiceName> = match &cli.command {
         Command::Up => ServiceName::ALL.to_vec(),
         // Answered above, before any configuration is read.
-        Command::QgHook { .. } => return ExitCode::FAILURE,
+        Command::QgHook { .. } | Command::Item { .. } => return ExitCode::FAILURE,
         Command::Serve { service } => match service.parse() {
             Ok(s) => vec![s],
             Err(e) => return fail(e),
@@ -162,6 +171,32 @@ fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
         eprintln!("{}", answer.stderr);
     }
     ExitCode::from(answer.code)
+}
+
+/// Runs an `item` command against the configured stack.
+fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
+    let clients = match Config::from_process()
+        .map_err(|e| e.to_string())
+        .and_then(|c| {
+            orchestrator_kit::clients::Clients::from_config(&c).map_err(|e| e.to_string())
+        }) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(orchestrator::item::run(&clients, command)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod item;
 mod post_deploy;
 mod process;
 mod scripted_agent;
