@@ -175,11 +175,7 @@ fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
 
 /// Runs an `item` command against the configured stack.
 fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
-    let clients = match Config::from_process()
-        .map_err(|e| e.to_string())
-        .and_then(|c| {
-            orchestrator_kit::clients::Clients::from_config(&c).map_err(|e| e.to_string())
-        }) {
+    let config = match Config::from_process() {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
@@ -190,7 +186,15 @@ fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
-    match runtime.block_on(orchestrator::item::run(&clients, command)) {
+    // The clients' channels need the runtime even to be built.
+    let out = runtime.block_on(async {
+        let clients =
+            orchestrator_kit::clients::Clients::from_config(&config).map_err(|e| e.to_string())?;
+        orchestrator::item::run(&clients, command)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match out {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS
