@@ -314,13 +314,12 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
                 let _ = writeln!(out, "  (none yet)");
             }
             for c in comments {
-                let _ = writeln!(
-                    out,
-                    "  [{}] {}: {}",
-                    c.created_at,
-                    c.author,
-                    strip_tags(&c.html)
-                );
+                // The local tracker stores epoch ms; Plane gives RFC 3339 already.
+                let at = c
+                    .created_at
+                    .parse::<i64>()
+                    .map_or_else(|_| c.created_at.clone(), rfc3339);
+                let _ = writeln!(out, "  [{at}] {}: {}", c.author, strip_tags(&c.html));
             }
         }
         // The tracker being down must not hide the rest.

@@ -95,6 +95,10 @@ async fn create_list_show_and_approve(storage: TestStorage) {
         .and_then(|h| h.split("\nComments:").next())
         .expect("history section");
     assert!(history.contains("-> analysis"), "{out}");
+    assert!(
+        out.contains("Z] stream: "),
+        "comment time as RFC 3339: {out}"
+    );
     assert!(out.contains("Analyst"), "usage line missing: {out}");
     assert!(out.contains("$0.02"), "{out}");
     let e = item::show(c, "NOPE-1").await.expect_err("unknown");
