@@ -82,7 +82,15 @@ async fn create_list_show_and_approve(storage: TestStorage) {
         .await
         .expect("record");
 
-    let out = item::show(c, "LOCAL-1").await.expect("show");
+    // The stream bot's comment is delivered by the outbox: poll for it, with a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let out = loop {
+        let out = item::show(c, "LOCAL-1").await.expect("show");
+        if out.contains("] stream: ") || std::time::Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert!(out.starts_with("LOCAL-1  Health endpoint\n"), "{out}");
     assert!(out.contains("stage:     analysis"), "{out}");
     assert!(
