@@ -17,6 +17,7 @@
 //! - the [`Scenario::LazyUntilStopHook`] scenario first ends its turn WITHOUT writing,
 //!   and writes only once the conversation holds the Stop hook's feedback.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -99,6 +100,10 @@ struct Inner {
     /// Answered to this many next requests, before `failure`.
     fail_next: u32,
     fail_next_with: Option<Failure>,
+    /// Stages whose verdict is negative on the first run per work item.
+    reject_first: BTreeSet<String>,
+    /// (work item, stage) already rejected once.
+    rejected: BTreeSet<(String, String)>,
     requests: u32,
     failures_answered: u32,
     turns_answered: u32,
@@ -138,6 +143,19 @@ impl Control {
             i.fail_next = 0;
             i.fail_next_with = None;
         });
+    }
+
+    /// The first run of `stage`'s agent for each work item gives the negative verdict
+    /// (`CHANGES_REQUESTED` / `FAILED`); the run after the rollback passes.
+    pub fn reject_first(&self, stage: &str) {
+        self.with(|i| i.reject_first.insert(stage.to_owned()));
+    }
+
+    /// Whether this run of `stage` for `key` rejects (and remembers that it did).
+    fn rejects(&self, key: &str, stage: &str) -> bool {
+        self.with(|i| {
+            i.reject_first.contains(stage) && i.rejected.insert((key.to_owned(), stage.to_owned()))
+        })
     }
 
     /// `POST /v1/messages` requests received.
@@ -238,7 +256,7 @@ async fn messages(State(control): State<Control>, body: String) -> Response {
             (status, h, axum::Json(body)).into_response()
         }
         Ok(scenario) => {
-            let turn = decide(scenario, &request);
+            let turn = decide_with(scenario, &request, &mut |k, s| control.rejects(k, s));
             let sse = if request["stream"].as_bool() == Some(false) {
                 // Not streamed: the whole message as JSON (the CLI streams; kept for curl).
                 return axum::Json(message_json(&turn)).into_response();
@@ -275,6 +293,17 @@ pub type Artifact = (String, String);
 
 /// The files of `stage` for work item `key` (relative paths), as docs/artifacts.md asks.
 pub fn artifacts(key: &str, stage: &str) -> Vec<Artifact> {
+    artifacts_with(key, stage, false)
+}
+
+/// Whether `stage` ends in a verdict (a negative one rolls back).
+pub fn has_verdict(stage: &str) -> bool {
+    matches!(stage, "review" | "testing" | "deploy-staging" | "deploy")
+}
+
+/// [`artifacts`], with the negative verdict when `negative`.
+pub fn artifacts_with(key: &str, stage: &str, negative: bool) -> Vec<Artifact> {
+    let pick = |pass: &'static str, fail: &'static str| if negative { fail } else { pass };
     let dir = format!("docs/work-items/{key}");
     let doc = |name: &str, title: &str, agent: &str| {
         (
@@ -307,20 +336,30 @@ pub fn artifacts(key: &str, stage: &str) -> Vec<Artifact> {
                 doc("development.md", "Development notes", "developer"),
             ]
         }
-        "review" => vec![verdict("review.md", "Review", "review_verdict", "APPROVED")],
+        "review" => vec![verdict(
+            "review.md",
+            "Review",
+            "review_verdict",
+            pick("APPROVED", "CHANGES_REQUESTED"),
+        )],
         "testing" => vec![verdict(
             "test-report.md",
             "Test report",
             "test_status",
-            "PASSED",
+            pick("PASSED", "FAILED"),
         )],
         "deploy-staging" => vec![verdict(
             "staging.md",
             "Staging",
             "staging_status",
-            "SUCCESS",
+            pick("SUCCESS", "FAILED"),
         )],
-        "deploy" => vec![verdict("deploy.md", "Deploy", "deploy_status", "SUCCESS")],
+        "deploy" => vec![verdict(
+            "deploy.md",
+            "Deploy",
+            "deploy_status",
+            pick("SUCCESS", "FAILED"),
+        )],
         _ => vec![],
     }
 }
@@ -421,8 +460,18 @@ fn tool_results(request: &Value) -> usize {
         .unwrap_or(0)
 }
 
-/// What the model answers to `request` in `scenario`.
+/// What the model answers to `request` in `scenario` (never a negative verdict).
 pub fn decide(scenario: Scenario, request: &Value) -> Turn {
+    decide_with(scenario, request, &mut |_, _| false)
+}
+
+/// What the model answers; `rejects(key, stage)` is asked once per run of a verdict stage
+/// whether this run gives the negative verdict.
+pub fn decide_with(
+    scenario: Scenario,
+    request: &Value,
+    rejects: &mut dyn FnMut(&str, &str) -> bool,
+) -> Turn {
     // A side request of the CLI (no tools: a title, a summary): plain text.
     let has_write = request["tools"]
         .as_array()
@@ -443,8 +492,10 @@ pub fn decide(scenario: Scenario, request: &Value) -> Turn {
     if scenario == Scenario::LazyUntilStopHook && !all.contains("Stop hook feedback") {
         return Turn::Text(format!("{stage} of {key} looks done to me."));
     }
-    let files = artifacts(&key, &stage);
     let done = tool_results(request);
+    // The verdict is written on the run's first turn: that is where the run decides.
+    let negative = done == 0 && has_verdict(&stage) && rejects(&key, &stage);
+    let files = artifacts_with(&key, &stage, negative);
     match files.get(done) {
         Some((path, content)) => {
             let file_path = match working_directory(&texts) {

@@ -117,6 +117,64 @@ fn the_lazy_scenario_writes_only_after_the_stop_hook_feedback() {
     ));
 }
 
+#[tokio::test]
+async fn reject_first_gives_one_negative_verdict_per_work_item_and_stage() {
+    let server = ModelServer::start().await.expect("starts");
+    server.control.reject_first("review");
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/messages", server.base_url());
+    let verdict = |key: &'static str, stage: &'static str| {
+        let req = http
+            .post(&url)
+            .json(&request(&format!("work_item: {key}\nstage: {stage}"), 0));
+        async move {
+            let body = req.send().await.expect("post").text().await.expect("body");
+            let joined: String = events(&body)
+                .iter()
+                .filter_map(|(_, d)| d["delta"]["partial_json"].as_str().map(str::to_owned))
+                .collect();
+            let input: Value = serde_json::from_str(&joined).expect("input");
+            input["content"].as_str().expect("content").to_owned()
+        }
+    };
+    assert!(
+        verdict("ORCH-1", "review")
+            .await
+            .contains("review_verdict: CHANGES_REQUESTED")
+    );
+    assert!(
+        verdict("ORCH-1", "review")
+            .await
+            .contains("review_verdict: APPROVED")
+    );
+    assert!(
+        verdict("ORCH-2", "review")
+            .await
+            .contains("review_verdict: CHANGES_REQUESTED")
+    );
+    assert!(
+        verdict("ORCH-1", "testing")
+            .await
+            .contains("test_status: PASSED")
+    );
+    for (stage, want) in [
+        ("testing", "test_status: FAILED"),
+        ("deploy-staging", "staging_status: FAILED"),
+        ("deploy", "deploy_status: FAILED"),
+    ] {
+        assert!(
+            artifacts_with("ORCH-1", stage, true)[0].1.contains(want),
+            "{stage}"
+        );
+        assert!(
+            !artifacts_with("ORCH-1", stage, false)[0]
+                .1
+                .contains("FAILED"),
+            "{stage}"
+        );
+    }
+}
+
 #[test]
 fn fields_are_read_in_every_shape_and_as_whole_words() {
     for (text, want) in [
