@@ -198,3 +198,27 @@ async fn a_stop_hook_keeps_a_lazy_model_working_until_the_artifact_exists() {
     assert_eq!(r.subtype.as_deref(), Some("success"));
     assert_eq!(r.num_turns, Some(3), "{r:?}");
 }
+
+#[tokio::test]
+async fn the_real_cli_writes_the_code_change_and_the_notes_in_development() {
+    let Some(bin) = cli_or_skip("the_real_cli_writes_the_code_change_and_the_notes_in_development")
+    else {
+        return;
+    };
+    let server = ModelServer::start().await.expect("server");
+    let co = checkout();
+    let out = run_cli(&bin, &server, co.path(), "development", &[]).await;
+    assert!(out.status.success(), "{}", describe(&out));
+    for path in orchestrator_model_server::artifacts(KEY, "development")
+        .iter()
+        .map(|(p, _)| p)
+    {
+        assert!(co.path().join(path).is_file(), "{path}\n{}", describe(&out));
+    }
+    assert!(co.path().join("scripted/demo_1.py").is_file());
+    let r = orchestrator_agent_output::parse_result(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no result: {}", describe(&out)));
+    assert_eq!(r.subtype.as_deref(), Some("success"));
+    // Two Write turns, then the closing text.
+    assert_eq!(r.num_turns, Some(3), "{r:?}");
+}
