@@ -9,7 +9,10 @@ Interface (see README.md in this directory):
   ORCH_SCRIPTED_REJECT  comma-separated stages whose agent gives a negative verdict on
                      its FIRST run for this work item (review, testing, deploy-staging,
                      deploy), to exercise the rollback path       (optional)
-Any command-line arguments (e.g. the CLI's `-p <prompt> --output-format json`) are ignored.
+When ORCH_WORK_ITEM or ORCH_STAGE is unset, they are read from the command-line arguments
+(e.g. the CLI's `-p <prompt>`, where the launcher puts the job's context): the first
+`work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE` found. Other arguments
+(`--output-format json`, ...) are ignored.
 
 It writes the stage's artifacts under docs/work-items/<KEY>/ with the frontmatter of
 docs/artifacts.md, makes a real code change in the development stage, and prints one
@@ -118,6 +121,16 @@ def read_field(path, field):
     return None
 
 
+def from_args(name):
+    """The value of `name` in the arguments: `name: v`, `"name": "v"`, `name=v`."""
+    pat = re.compile(r'(?<![A-Za-z0-9_])["\']?' + re.escape(name) + r'["\']?\s*[:=]\s*["\'`]?([A-Za-z0-9_-]+)')
+    for arg in sys.argv[1:]:
+        m = pat.search(arg)
+        if m:
+            return m.group(1)
+    return ""
+
+
 def write(path, fields, title, body):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     front = "".join(f"{k}: {v}\n" for k, v in fields.items())
@@ -127,8 +140,8 @@ def write(path, fields, title, body):
 
 def main():
     started = time.monotonic()
-    key = os.environ.get("ORCH_WORK_ITEM", "").strip()
-    stage = os.environ.get("ORCH_STAGE", "").strip().lower()
+    key = os.environ.get("ORCH_WORK_ITEM", "").strip() or from_args("work_item")
+    stage = (os.environ.get("ORCH_STAGE", "").strip() or from_args("stage")).lower()
     agent = os.environ.get("ORCH_AGENT", "").strip().lower()
     if not KEY_RE.match(key):
         fail(f"ORCH_WORK_ITEM must be a work item key like ORCH-65, not {key!r}")

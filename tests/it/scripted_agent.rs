@@ -229,3 +229,33 @@ fn bad_input_is_an_error_result_not_a_crash() {
         );
     }
 }
+
+#[test]
+fn without_the_variables_the_context_is_read_from_the_prompt_argument() {
+    let Some(py) = python() else {
+        orchestrator_testkit::skip(
+            "without_the_variables_the_context_is_read_from_the_prompt_argument",
+            "python3 is not installed",
+        );
+        return;
+    };
+    let d = checkout();
+    let payload = serde_json::json!({"work_item": KEY, "stage": "testing", "repo": "acme/app", "branch": format!("orch/{KEY}")});
+    let out = Command::new(py)
+        .arg(script())
+        .args([
+            "-p",
+            &format!("You are the tester.\n{payload}"),
+            "--output-format",
+            "json",
+        ])
+        .current_dir(d.path())
+        .env_remove("ORCH_WORK_ITEM")
+        .env_remove("ORCH_STAGE")
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{out:?}");
+    for (check, outcome) in gate(Stage::Testing, d.path()) {
+        assert_eq!(outcome, CheckOutcome::Pass, "{check}");
+    }
+}
