@@ -7,6 +7,7 @@ mod auth;
 mod item;
 mod post_deploy;
 mod process;
+mod real_cli;
 mod scripted_agent;
 mod stage_engine;
 mod staging_check;

@@ -620,5 +620,68 @@ pub fn message_json(turn: &Turn) -> Value {
         "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage})
 }
 
+/// The pinned CLI's version, as `scripts/install-claude-cli` installs it.
+pub const CLAUDE_CLI_VERSION: &str = "2.1.328";
+
+/// Where the real Claude Code CLI is: `$ORCH_CLAUDE_CLI`, else
+/// `$ORCH_CLAUDE_CLI_DIR/node_modules/.bin/claude`, else
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator/claude-cli/node_modules/.bin/claude` (where
+/// `scripts/install-claude-cli` puts it). `Err` says why it is not there.
+pub fn claude_cli() -> Result<std::path::PathBuf, String> {
+    use std::path::PathBuf;
+    let path = if let Some(p) = std::env::var_os("ORCH_CLAUDE_CLI") {
+        PathBuf::from(p)
+    } else {
+        let dir = std::env::var_os("ORCH_CLAUDE_CLI_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .map(|c| c.join("orchestrator/claude-cli"))
+            })
+            .ok_or("neither ORCH_CLAUDE_CLI, ORCH_CLAUDE_CLI_DIR nor HOME is set")?;
+        dir.join("node_modules/.bin/claude")
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "the Claude Code CLI {CLAUDE_CLI_VERSION} is not installed at {} (run scripts/install-claude-cli)",
+            path.display()
+        ))
+    }
+}
+
+/// The CLI's path for test `test`, or `None` after printing `SKIPPED <test>: <why>`;
+/// with `ORCH_REQUIRE_CLAUDE_CLI` set, a missing CLI panics instead.
+pub fn claude_cli_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    match claude_cli() {
+        Ok(p) => Some(p),
+        Err(why) => {
+            assert!(
+                std::env::var_os("ORCH_REQUIRE_CLAUDE_CLI").is_none(),
+                "{test}: ORCH_REQUIRE_CLAUDE_CLI is set but {why}"
+            );
+            eprintln!("SKIPPED {test}: {why}");
+            None
+        }
+    }
+}
+
+/// The environment for a CLI run against the server at `base_url`: a scripted key, one
+/// retry, and nothing that would leave loopback. Add a throwaway `HOME` and `PATH`.
+pub fn cli_env(base_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ANTHROPIC_BASE_URL", base_url.to_owned()),
+        ("ANTHROPIC_API_KEY", "sk-scripted-model".to_owned()),
+        ("CLAUDE_CODE_MAX_RETRIES", "1".to_owned()),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".to_owned()),
+        ("DISABLE_AUTOUPDATER", "1".to_owned()),
+        ("DISABLE_TELEMETRY", "1".to_owned()),
+        ("DISABLE_ERROR_REPORTING", "1".to_owned()),
+    ]
+}
+
 #[cfg(test)]
 mod tests;

@@ -2,10 +2,8 @@
 //! driven by the scripted model server: no model, no network. Where the CLI is not
 //! installed, each test reports itself `SKIPPED <name>: <why>` on stderr.
 //!
-//! The binary: `$ORCH_CLAUDE_CLI`, else `$ORCH_CLAUDE_CLI_DIR/node_modules/.bin/claude`, else
-//! `${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator/claude-cli/node_modules/.bin/claude` (where
-//! `scripts/install-claude-cli` puts it). `ORCH_REQUIRE_CLAUDE_CLI=1` turns a skip into a
-//! failure (CI, where the script installed it).
+//! The binary: see `orchestrator_model_server::claude_cli`. `ORCH_REQUIRE_CLAUDE_CLI=1`
+//! turns a skip into a failure (CI, where the script installed it).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -15,44 +13,8 @@ use orchestrator_model_server::{Failure, ModelServer, Scenario};
 
 const KEY: &str = "DEMO-1";
 
-fn cli() -> Result<PathBuf, String> {
-    let path = if let Some(p) = std::env::var_os("ORCH_CLAUDE_CLI") {
-        PathBuf::from(p)
-    } else {
-        let dir = std::env::var_os("ORCH_CLAUDE_CLI_DIR")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("XDG_CACHE_HOME")
-                    .map(PathBuf::from)
-                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                    .map(|c| c.join("orchestrator/claude-cli"))
-            })
-            .ok_or("neither ORCH_CLAUDE_CLI, ORCH_CLAUDE_CLI_DIR nor HOME is set")?;
-        dir.join("node_modules/.bin/claude")
-    };
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "the Claude Code CLI is not installed at {} (run scripts/install-claude-cli)",
-            path.display()
-        ))
-    }
-}
-
-/// The CLI's path, or `None` after reporting the skip.
 fn cli_or_skip(test: &str) -> Option<PathBuf> {
-    match cli() {
-        Ok(p) => Some(p),
-        Err(why) => {
-            assert!(
-                std::env::var_os("ORCH_REQUIRE_CLAUDE_CLI").is_none(),
-                "{test}: ORCH_REQUIRE_CLAUDE_CLI is set but {why}"
-            );
-            orchestrator_testkit::skip(test, &why);
-            None
-        }
-    }
+    orchestrator_model_server::claude_cli_or_skip(test)
 }
 
 fn checkout() -> tempfile::TempDir {
@@ -91,14 +53,7 @@ async fn run_cli(
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", home.path())
-        .env("ANTHROPIC_BASE_URL", server.base_url())
-        .env("ANTHROPIC_API_KEY", "sk-scripted-model")
-        .env("CLAUDE_CODE_MAX_RETRIES", "1")
-        // Loopback only: no telemetry, error reports or update checks.
-        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
-        .env("DISABLE_AUTOUPDATER", "1")
-        .env("DISABLE_TELEMETRY", "1")
-        .env("DISABLE_ERROR_REPORTING", "1")
+        .envs(orchestrator_model_server::cli_env(&server.base_url()))
         .kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
