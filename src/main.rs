@@ -5,6 +5,7 @@
 //! - `orchestrator staging-check` runs the staging checks and prints the verdict.
 //! - `orchestrator health <service>` asks a service on this host whether it serves (the
 //!   container healthcheck of deploy/compose.yaml).
+//! - `orchestrator item ...` creates, lists, shows and approves work items (local tracker).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -69,6 +70,11 @@ enum Command {
         #[arg(long)]
         state_file: Option<std::path::PathBuf>,
     },
+    /// The local tracker: create, list, show and approve work items on a running stack.
+    Item {
+        #[command(subcommand)]
+        command: orchestrator::item::ItemCommand,
+    },
 }
 
 /// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
@@ -95,10 +101,15 @@ fn main() -> ExitCode {
     if let Command::Health { service } = &cli.command {
         return health(service);
     }
+    if let Command::Item { command } = cli.command {
+        return item(command);
+    }
     let parts: Vec<ServiceName> = match &cli.command {
         Command::Up => ServiceName::ALL.to_vec(),
-        // Answered above.
-        Command::QgHook { .. } | Command::Health { .. } => return ExitCode::FAILURE,
+        // Answered above, before any configuration is read.
+        Command::QgHook { .. } | Command::Health { .. } | Command::Item { .. } => {
+            return ExitCode::FAILURE;
+        }
         Command::Serve { service } => match service.parse() {
             Ok(s) => vec![s],
             Err(e) => return fail(e),
@@ -240,6 +251,36 @@ fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
         eprintln!("{}", answer.stderr);
     }
     ExitCode::from(answer.code)
+}
+
+/// Runs an `item` command against the configured stack.
+fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
+    let config = match Config::from_process() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    // The clients' channels need the runtime even to be built.
+    let out = runtime.block_on(async {
+        let clients =
+            orchestrator_kit::clients::Clients::from_config(&config).map_err(|e| e.to_string())?;
+        orchestrator::item::run(&clients, command)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match out {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

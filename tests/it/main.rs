@@ -5,8 +5,11 @@ mod common;
 
 mod auth;
 mod deploy;
+mod item;
 mod post_deploy;
 mod process;
+mod real_cli;
+mod scripted_agent;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;

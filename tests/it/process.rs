@@ -266,3 +266,37 @@ fn an_unreachable_postgres_is_named_without_its_password() {
         "no SQLite fallback created"
     );
 }
+
+#[test]
+fn item_commands_talk_to_a_running_stack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut up = orchestrator(dir.path())
+        .arg("up")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("up starts");
+    let addrs = read_addrs(&mut up);
+    let url = |part: &str| format!("http://{}", addrs[part]);
+    let item = |args: &[&str]| {
+        run(orchestrator(dir.path())
+            .arg("item")
+            .args(args)
+            .env("ORCH_STAGE_ENGINE_URL", url("stage-engine"))
+            .env("ORCH_USAGE_LEDGER_URL", url("usage-ledger")))
+    };
+    let created = item(&["create", "--repo", "acme/app", "Speed up startup"]);
+    let listed = item(&["list"]);
+    let shown = item(&["show", "LOCAL-1"]);
+    let unknown = item(&["show", "NOPE-1"]);
+    let _ = up.kill();
+    let _ = up.wait();
+    assert_eq!(created.0, 0, "{created:?}");
+    assert!(created.1.starts_with("created LOCAL-1 "), "{created:?}");
+    assert_eq!(listed.0, 0, "{listed:?}");
+    assert!(listed.1.contains("Speed up startup"), "{listed:?}");
+    assert_eq!(shown.0, 0, "{shown:?}");
+    assert!(shown.1.contains("stage:     analysis"), "{shown:?}");
+    assert_eq!(unknown.0, 1, "{unknown:?}");
+    assert!(unknown.2.contains("NOPE-1"), "{unknown:?}");
+}
