@@ -80,8 +80,10 @@ pub struct DispatchConfig {
     pub poll_interval: Duration,
     /// Deliveries applied at once (each for a different work item).
     pub batch: u32,
-    /// How long a claimed delivery is reserved for the claiming dispatcher; a dispatcher
-    /// that dies mid-call frees it after this.
+    /// `ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS`: how long a claimed delivery is reserved for
+    /// the dispatcher that claimed it. One attempt is cut off at three quarters of it, so a
+    /// live dispatcher never outlasts its claim; a gateway killed mid-attempt leaves the
+    /// delivery to be picked up again when the lease runs out.
     pub claim_lease: Duration,
 }
 
@@ -93,7 +95,7 @@ impl Default for DispatchConfig {
             backoff_max: Duration::from_millis(300_000),
             poll_interval: Duration::from_millis(500),
             batch: 16,
-            claim_lease: Duration::from_secs(60),
+            claim_lease: Duration::from_secs(15),
         }
     }
 }
@@ -143,6 +145,8 @@ impl GatewayConfig {
             backoff_max: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", 300_000)?,
             poll_interval: ms(env, "ORCH_GATEWAY_DISPATCH_POLL_MS", 500)?
                 .max(Duration::from_millis(10)),
+            claim_lease: ms(env, "ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS", 15_000)?
+                .max(Duration::from_millis(200)),
             ..defaults
         };
 

@@ -122,7 +122,7 @@ async fn prune(shared: &Shared) {
 pub(crate) async fn tick(shared: &Arc<Shared>) -> Result<usize, sqlx::Error> {
     let now = now_ms();
     let due = inbox::due(&shared.db, now, shared.config.dispatch.batch).await?;
-    let lease = i64::try_from(shared.config.dispatch.claim_lease.as_millis()).unwrap_or(60_000);
+    let lease = i64::try_from(shared.config.dispatch.claim_lease.as_millis()).unwrap_or(15_000);
     let mut set = JoinSet::new();
     for d in due {
         if !inbox::claim(&shared.db, &d, now, now + lease).await? {
@@ -150,7 +150,17 @@ async fn apply_one(shared: &Shared, d: Due) {
         "gitea"
     };
     let outcome = match d.command.as_deref().map(serde_json::from_str::<Command>) {
-        Some(Ok(command)) => call(shared, &command).await,
+        Some(Ok(command)) => {
+            // Never outlast the claim: past it, another dispatcher may take the delivery.
+            let limit = shared.config.dispatch.claim_lease * 3 / 4;
+            match tokio::time::timeout(limit, call(shared, &command)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Failed {
+                    code: Code::DeadlineExceeded,
+                    message: format!("no answer within {} ms", limit.as_millis()),
+                },
+            }
+        }
         Some(Err(e)) => Outcome::Dead(format!("stored command is unreadable: {e}")),
         None => Outcome::Dead("pending delivery without a command".to_owned()),
     };

@@ -4,5 +4,6 @@
 mod common;
 
 mod auth;
+mod gateway;
 mod process;
 mod usage_ledger;
