@@ -94,7 +94,7 @@ impl Default for DispatchConfig {
             backoff_base: Duration::from_millis(1_000),
             backoff_max: Duration::from_millis(300_000),
             poll_interval: Duration::from_millis(500),
-            batch: 16,
+            batch: 32,
             claim_lease: Duration::from_secs(15),
         }
     }
@@ -313,6 +313,36 @@ mod tests {
         let c = GatewayConfig::from_env(&Env::from_pairs([("ORCH_PLANE_TRIGGER_LABEL", "-")]))
             .expect("config");
         assert_eq!(c.triggers.label, None);
+    }
+
+    #[test]
+    fn every_variable_read_here_is_in_env_example() {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.env.example"))
+                .expect(".env.example");
+        let listed: Vec<&str> = example
+            .lines()
+            .map(|l| l.trim_start_matches('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .collect();
+        let src = include_str!("config.rs");
+        let names: Vec<&str> = src
+            .split('"')
+            .filter(|w| {
+                !["ORCH_", "PLANE_", "GITEA_"].contains(w)
+                    && (w.starts_with("ORCH_")
+                        || w.starts_with("PLANE_")
+                        || w.starts_with("GITEA_"))
+                    && w.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+            })
+            .collect();
+        assert!(names.len() >= 15, "{names:?}");
+        for name in names {
+            assert!(
+                listed.contains(&name),
+                "{name} is missing from .env.example"
+            );
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::Shared;
-use crate::inbox::{self, Due, State};
+use crate::inbox::{self, Claimed, State};
 use crate::translate::Command;
 
 /// How a failed call is treated.
@@ -63,7 +63,11 @@ pub fn classify(code: Code) -> Retry {
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
-    Applied(String),
+    /// Done; `learned_key` is a (tracker issue id, work item key) pair to remember.
+    Applied {
+        reason: String,
+        learned_key: Option<(String, String)>,
+    },
     Ignored(String),
     Failed {
         code: Code,
@@ -121,19 +125,16 @@ async fn prune(shared: &Shared) {
 /// Applies every delivery that is due now (one per work item); returns how many it tried.
 pub(crate) async fn tick(shared: &Arc<Shared>) -> Result<usize, sqlx::Error> {
     let now = now_ms();
-    let due = inbox::due(&shared.db, now, shared.config.dispatch.batch).await?;
     let lease = i64::try_from(shared.config.dispatch.claim_lease.as_millis()).unwrap_or(15_000);
+    let claimed =
+        inbox::claim_due(&shared.db, now, now + lease, shared.config.dispatch.batch).await?;
+    let tried = claimed.len();
     let mut set = JoinSet::new();
-    for d in due {
-        if !inbox::claim(&shared.db, &d, now, now + lease).await? {
-            continue;
-        }
+    for d in claimed {
         let shared = Arc::clone(shared);
         set.spawn(async move { apply_one(&shared, d).await });
     }
-    let mut tried = 0;
     while let Some(joined) = set.join_next().await {
-        tried += 1;
         if let Err(e) = joined {
             tracing::error!(error = %e, "inbox delivery task failed");
         }
@@ -141,9 +142,9 @@ pub(crate) async fn tick(shared: &Arc<Shared>) -> Result<usize, sqlx::Error> {
     Ok(tried)
 }
 
-#[tracing::instrument(skip_all, fields(inbox_id = %d.id, source = %d.source, delivery_id = %d.delivery_id, attempt = d.attempts + 1))]
-async fn apply_one(shared: &Shared, d: Due) {
-    let attempt = d.attempts + 1;
+#[tracing::instrument(skip_all, fields(inbox_id = %d.id, source = %d.source, delivery_id = %d.delivery_id, attempt = d.attempt))]
+async fn apply_one(shared: &Shared, d: Claimed) {
+    let attempt = d.attempt;
     let source = if d.source == "plane" {
         "plane"
     } else {
@@ -166,20 +167,24 @@ async fn apply_one(shared: &Shared, d: Due) {
     };
     let now = now_ms();
     let written = match outcome {
-        Outcome::Applied(reason) => {
+        Outcome::Applied {
+            reason,
+            learned_key,
+        } => {
             tracing::info!(%reason, "delivery applied");
             shared.metrics.delivery(source, "applied");
-            inbox::finish(&shared.db, &d.id, State::Applied, &reason, "", now).await
+            let key = learned_key.as_ref().map(|(t, k)| (t.as_str(), k.as_str()));
+            inbox::finish(&shared.db, &d.id, State::Applied, &reason, "", now, key).await
         }
         Outcome::Ignored(reason) => {
             tracing::info!(%reason, "delivery ignored");
             shared.metrics.delivery(source, "ignored");
-            inbox::finish(&shared.db, &d.id, State::Ignored, &reason, "", now).await
+            inbox::finish(&shared.db, &d.id, State::Ignored, &reason, "", now, None).await
         }
         Outcome::Dead(reason) => {
             tracing::warn!(%reason, "delivery is a dead letter");
             shared.metrics.delivery(source, "dead");
-            inbox::finish(&shared.db, &d.id, State::Dead, &reason, &reason, now).await
+            inbox::finish(&shared.db, &d.id, State::Dead, &reason, &reason, now, None).await
         }
         Outcome::Failed { code, message } => {
             let error = format!("{code:?}: {message}");
@@ -189,13 +194,13 @@ async fn apply_one(shared: &Shared, d: Due) {
                     tracing::warn!(%error, "permanent error: delivery is a dead letter");
                     shared.metrics.delivery(source, "dead");
                     let reason = format!("permanent error {error}");
-                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now).await
+                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, None).await
                 }
                 Retry::Retryable if attempt >= max => {
                     tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
                     shared.metrics.delivery(source, "dead");
                     let reason = format!("gave up after {attempt} attempts");
-                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now).await
+                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, None).await
                 }
                 Retry::Retryable => {
                     let delay = shared.config.dispatch.backoff(attempt);
@@ -249,17 +254,14 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 Ok(r) => {
                     let r = r.into_inner();
                     let key = r.work_item.map(|w| w.key).unwrap_or_default();
-                    if !key.is_empty()
-                        && let Err(e) =
-                            inbox::remember_key(&shared.db, tracker_issue_id, &key, now_ms()).await
-                    {
-                        tracing::warn!(error = %e, "could not remember the work item key");
+                    Outcome::Applied {
+                        reason: if r.created {
+                            format!("created work item {key} in {repo}")
+                        } else {
+                            format!("work item {key} already existed")
+                        },
+                        learned_key: (!key.is_empty()).then(|| (tracker_issue_id.clone(), key)),
                     }
-                    Outcome::Applied(if r.created {
-                        format!("created work item {key} in {repo}")
-                    } else {
-                        format!("work item {key} already existed")
-                    })
                 }
                 Err(s) => failed(s),
             }
@@ -289,7 +291,10 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
             match res {
                 Ok(r) => {
                     let r = r.into_inner();
-                    Outcome::Applied(format!("approve {key}: {}", outcome_name(r.outcome)))
+                    Outcome::Applied {
+                        reason: format!("approve {key}: {}", outcome_name(r.outcome)),
+                        learned_key: None,
+                    }
                 }
                 Err(s) => failed(s),
             }
@@ -313,10 +318,13 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 Ok(r) => {
                     let r = r.into_inner();
                     let key = r.work_item.map(|w| w.key).unwrap_or_default();
-                    Outcome::Applied(format!(
-                        "pr merged {repo}#{pr_number} ({key}): {}",
-                        outcome_name(r.outcome)
-                    ))
+                    Outcome::Applied {
+                        reason: format!(
+                            "pr merged {repo}#{pr_number} ({key}): {}",
+                            outcome_name(r.outcome)
+                        ),
+                        learned_key: None,
+                    }
                 }
                 Err(s) => failed(s),
             }

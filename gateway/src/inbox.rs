@@ -115,70 +115,58 @@ pub async fn insert(db: &Db, d: &NewDelivery<'_>) -> Result<Stored, sqlx::Error>
     })
 }
 
-/// A pending delivery whose turn has come.
+/// A pending delivery claimed for one attempt.
 #[derive(Debug, Clone)]
-pub struct Due {
+pub struct Claimed {
     pub id: String,
     pub source: String,
     pub delivery_id: String,
     pub command: Option<String>,
-    pub attempts: u32,
-    pub next_attempt_at_ms: i64,
+    /// This attempt's number (1 for the first).
+    pub attempt: u32,
 }
 
-/// Returns up to `limit` pending deliveries that are due and first in line for their
-/// work item: no earlier pending delivery shares their ordering key.
-pub async fn due(db: &Db, now_ms: i64, limit: u32) -> Result<Vec<Due>, sqlx::Error> {
+/// Claims up to `limit` pending deliveries that are due and first in line for their work
+/// item (no earlier pending delivery shares their ordering key), oldest due first, in one
+/// statement: each claimed row counts an attempt and is reserved until `lease_until_ms`,
+/// so that another dispatcher (another gateway replica) skips it. The outer re-check of
+/// `next_attempt_at_ms` makes a row claimed concurrently by another replica drop out.
+pub async fn claim_due(
+    db: &Db,
+    now_ms: i64,
+    lease_until_ms: i64,
+    limit: u32,
+) -> Result<Vec<Claimed>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT w.id, w.source, w.delivery_id, w.command, w.attempts, w.next_attempt_at_ms \
-         FROM webhook_inbox w \
-         WHERE w.state = 'pending' AND w.next_attempt_at_ms <= $1 \
-         AND NOT EXISTS (SELECT 1 FROM webhook_inbox e WHERE e.ordering_key = w.ordering_key \
-                         AND e.state = 'pending' AND e.id < w.id) \
-         ORDER BY w.id LIMIT $2",
+        "UPDATE webhook_inbox SET attempts = attempts + 1, next_attempt_at_ms = $1 \
+         WHERE state = 'pending' AND next_attempt_at_ms <= $2 AND id IN ( \
+           SELECT w.id FROM webhook_inbox w \
+           WHERE w.state = 'pending' AND w.next_attempt_at_ms <= $2 \
+           AND NOT EXISTS (SELECT 1 FROM webhook_inbox e WHERE e.ordering_key = w.ordering_key \
+                           AND e.state = 'pending' AND e.id < w.id) \
+           ORDER BY w.next_attempt_at_ms, w.id LIMIT $3) \
+         RETURNING id, source, delivery_id, command, attempts",
     )
+    .bind(lease_until_ms)
     .bind(now_ms)
     .bind(i64::from(limit))
     .fetch_all(&db.pool)
     .await?;
     rows.iter()
         .map(|r| {
-            Ok(Due {
+            Ok(Claimed {
                 id: r.try_get("id")?,
                 source: r.try_get("source")?,
                 delivery_id: r.try_get("delivery_id")?,
                 command: r.try_get("command")?,
-                attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-                next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
+                attempt: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
             })
         })
         .collect()
 }
 
-/// Claims a due delivery for one attempt: counts the attempt and reserves the row until
-/// `lease_until_ms`, so that another dispatcher (another gateway replica) skips it. Returns
-/// false when someone else claimed it first.
-pub async fn claim(
-    db: &Db,
-    due: &Due,
-    now_ms: i64,
-    lease_until_ms: i64,
-) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE webhook_inbox SET attempts = attempts + 1, next_attempt_at_ms = $1 \
-         WHERE id = $2 AND state = 'pending' AND next_attempt_at_ms = $3 \
-         AND next_attempt_at_ms <= $4",
-    )
-    .bind(lease_until_ms)
-    .bind(&due.id)
-    .bind(due.next_attempt_at_ms)
-    .bind(now_ms)
-    .execute(&db.pool)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Ends a pending delivery as applied, ignored or dead.
+/// Ends a pending delivery as applied, ignored or dead; with `learned_key`
+/// (tracker issue id, work item key), records that too, in the same transaction.
 pub async fn finish(
     db: &Db,
     id: &str,
@@ -186,7 +174,9 @@ pub async fn finish(
     reason: &str,
     last_error: &str,
     now_ms: i64,
+    learned_key: Option<(&str, &str)>,
 ) -> Result<(), sqlx::Error> {
+    let mut tx = db.pool.begin().await?;
     sqlx::query(
         "UPDATE webhook_inbox SET state = $1, reason = $2, last_error = $3, finished_at_ms = $4 \
          WHERE id = $5 AND state = 'pending'",
@@ -196,9 +186,12 @@ pub async fn finish(
     .bind(last_error)
     .bind(now_ms)
     .bind(id)
-    .execute(&db.pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    if let Some((tracker_issue_id, work_item)) = learned_key {
+        upsert_key(&mut tx, tracker_issue_id, work_item, now_ms).await?;
+    }
+    tx.commit().await
 }
 
 /// Puts a delivery back in line for another attempt at `next_attempt_at_ms`.
@@ -340,6 +333,16 @@ pub async fn remember_key(
     work_item: &str,
     now_ms: i64,
 ) -> Result<(), sqlx::Error> {
+    let mut conn = db.pool.acquire().await?;
+    upsert_key(&mut conn, tracker_issue_id, work_item, now_ms).await
+}
+
+async fn upsert_key(
+    conn: &mut sqlx::AnyConnection,
+    tracker_issue_id: &str,
+    work_item: &str,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO work_item_keys (tracker_issue_id, work_item, updated_at_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (tracker_issue_id) DO UPDATE SET work_item = $2, updated_at_ms = $3",
@@ -347,7 +350,7 @@ pub async fn remember_key(
     .bind(tracker_issue_id)
     .bind(work_item)
     .bind(now_ms)
-    .execute(&db.pool)
+    .execute(conn)
     .await?;
     Ok(())
 }

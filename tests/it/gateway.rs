@@ -68,7 +68,7 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_the_stack_a_delivery_waits_while_stage_engine_is_unimplemented_and_queue_says_why() {
+async fn in_the_stack_a_signed_delivery_reaches_stage_engine_and_is_never_lost() {
     let stack = start(
         TestStorage::sqlite(),
         &[
@@ -87,17 +87,28 @@ async fn in_the_stack_a_delivery_waits_while_stage_engine_is_unimplemented_and_q
     )
     .await;
     assert_eq!(status, 202, "{v}");
-    // stage-engine answers UNIMPLEMENTED until it is built: retried, never lost.
-    eventually(Duration::from_secs(10), "a retried attempt", || async {
-        let q = queue(&addr).await;
-        q["inbox"]["pending"] == 1 && q["inbox"]["dead"] == 0
+    // The dispatcher calls the real stage-engine: applied, or (while stage-engine answers
+    // UNIMPLEMENTED) kept pending and retried; never lost, never dead.
+    eventually(Duration::from_secs(10), "a CreateWorkItem call", || async {
+        let metrics = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        metrics.contains("gateway_rpc_duration_seconds_count{rpc=\"CreateWorkItem\"")
     })
     .await;
     let q = queue(&addr).await;
+    let (pending, applied) = (
+        q["inbox"]["pending"].as_u64(),
+        q["inbox"]["applied"].as_u64(),
+    );
+    assert_eq!(pending.unwrap_or(0) + applied.unwrap_or(0), 1, "{q}");
+    assert_eq!(q["inbox"]["dead"], 0, "{q}");
     for part in ["launcher", "reaper", "post_deploy"] {
         assert!(q[part].is_object(), "{part}: {q}");
     }
-    assert_eq!(q["inbox"]["pending"], 1, "{q}");
 }
 
 /// A stage-engine that is down (UNAVAILABLE) until told otherwise, counting creates.
