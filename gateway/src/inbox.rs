@@ -166,7 +166,9 @@ pub async fn claim_due(
 }
 
 /// Ends a pending delivery as applied, ignored or dead; with `learned_key`
-/// (tracker issue id, work item key), records that too, in the same transaction.
+/// (tracker issue id, work item key), records that first. Two statements, no transaction:
+/// on SQLite's one connection a transaction costs two more round trips per delivery, and
+/// a key remembered for a delivery that is then retried is still right.
 pub async fn finish(
     db: &Db,
     id: &str,
@@ -176,7 +178,9 @@ pub async fn finish(
     now_ms: i64,
     learned_key: Option<(&str, &str)>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool.begin().await?;
+    if let Some((tracker_issue_id, work_item)) = learned_key {
+        remember_key(db, tracker_issue_id, work_item, now_ms).await?;
+    }
     sqlx::query(
         "UPDATE webhook_inbox SET state = $1, reason = $2, last_error = $3, finished_at_ms = $4 \
          WHERE id = $5 AND state = 'pending'",
@@ -186,12 +190,9 @@ pub async fn finish(
     .bind(last_error)
     .bind(now_ms)
     .bind(id)
-    .execute(&mut *tx)
+    .execute(&db.pool)
     .await?;
-    if let Some((tracker_issue_id, work_item)) = learned_key {
-        upsert_key(&mut tx, tracker_issue_id, work_item, now_ms).await?;
-    }
-    tx.commit().await
+    Ok(())
 }
 
 /// Puts a delivery back in line for another attempt at `next_attempt_at_ms`.
@@ -333,16 +334,6 @@ pub async fn remember_key(
     work_item: &str,
     now_ms: i64,
 ) -> Result<(), sqlx::Error> {
-    let mut conn = db.pool.acquire().await?;
-    upsert_key(&mut conn, tracker_issue_id, work_item, now_ms).await
-}
-
-async fn upsert_key(
-    conn: &mut sqlx::AnyConnection,
-    tracker_issue_id: &str,
-    work_item: &str,
-    now_ms: i64,
-) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO work_item_keys (tracker_issue_id, work_item, updated_at_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (tracker_issue_id) DO UPDATE SET work_item = $2, updated_at_ms = $3",
@@ -350,7 +341,7 @@ async fn upsert_key(
     .bind(tracker_issue_id)
     .bind(work_item)
     .bind(now_ms)
-    .execute(conn)
+    .execute(&db.pool)
     .await?;
     Ok(())
 }

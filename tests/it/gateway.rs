@@ -143,7 +143,17 @@ impl StageEngine for Fake {
     }
 }
 
-fn spawn_gateway(dir: &std::path::Path, stage_engine_url: &str) -> (Child, String) {
+/// Kills the child when dropped, so that a failing test leaves no process behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_gateway(dir: &std::path::Path, stage_engine_url: &str) -> (Reaped, String) {
     let mut child = orchestrator(dir)
         .args(["serve", "gateway"])
         .env("ORCH_STAGE_ENGINE_URL", stage_engine_url)
@@ -159,7 +169,7 @@ fn spawn_gateway(dir: &std::path::Path, stage_engine_url: &str) -> (Child, Strin
         .spawn()
         .expect("spawn");
     let addrs = read_addrs(&mut child);
-    (child, addrs["gateway"].clone())
+    (Reaped(child), addrs["gateway"].clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,12 +194,12 @@ async fn a_gateway_process_sigkilled_right_after_its_2xx_applies_the_delivery_on
     let (status, v) = post_plane(&addr, "sigkill-1", &body).await;
     assert_eq!(status, 202, "{v}");
     // SIGKILL at once: no graceful anything.
-    first.kill().expect("kill");
-    first.wait().expect("wait");
+    first.0.kill().expect("kill");
+    first.0.wait().expect("wait");
     assert_eq!(fake.creates.load(Ordering::SeqCst), 0);
 
     fake.up.store(true, Ordering::SeqCst);
-    let (mut second, addr) = spawn_gateway(dir.path(), &url);
+    let (_second, addr) = spawn_gateway(dir.path(), &url);
     eventually(
         Duration::from_secs(15),
         "applied after the restart",
@@ -216,7 +226,5 @@ async fn a_gateway_process_sigkilled_right_after_its_2xx_applies_the_delivery_on
         (Some(1), Some(0)),
         "{q}"
     );
-    let _ = second.kill();
-    let _ = second.wait();
     stop.cancel();
 }
