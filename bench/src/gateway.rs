@@ -248,6 +248,17 @@ async fn collect(tasks: Vec<tokio::task::JoinHandle<(Vec<u64>, usize)>>, start: 
     }
 }
 
+/// User + system CPU time of a process so far, in seconds (clock ticks of 10 ms).
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based in proc(5)).
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -328,10 +339,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Warm-up: connections, the SQLite page cache.
     let warm = open_loop(&load, 500, 1, args.connections.min(8)).await;
     warm.report("warm-up");
+    let child_pid = pid.to_string();
+    let cpu = || {
+        (
+            cpu_seconds(&child_pid).unwrap_or(0.0),
+            cpu_seconds("self").unwrap_or(0.0),
+        )
+    };
+    let (g0, s0) = cpu();
     let open = open_loop(&load, args.rate, args.seconds, args.connections).await;
     open.report(&format!("open {}/s", args.rate));
+    let (g1, s1) = cpu();
     let closed = closed_loop(&load, args.seconds, args.connections).await;
     closed.report("closed loop");
+    let (g2, s2) = cpu();
+    for (name, n, g, s) in [
+        ("open", open.sent, g1 - g0, s1 - s0),
+        ("closed", closed.sent, g2 - g1, s2 - s1),
+    ] {
+        println!(
+            "cpu {name:<7} gateway {:>5.1} s = {:>5.0} us/delivery (ingest + dispatch); load generator {:>5.1} s",
+            g,
+            g * 1e6 / n.max(1) as f64,
+            s
+        );
+    }
 
     // Every delivery is in the inbox once, and is applied once.
     let sent = load.next_id.load(Ordering::Relaxed);

@@ -8,6 +8,8 @@
 -- state         pending (to apply) | applied | ignored (nothing to do) | dead (dead letter)
 -- command       the stage-engine call as JSON (NULL when ignored)
 -- ordering_key  the work item a delivery concerns: applied in arrival order per key
+-- work_item     the work item key stage-engine answered with ('' until known): a Plane
+--               comment names only the Plane issue, while Approve needs the key
 -- next_attempt_at_ms  when a pending delivery is due; a claim pushes it out by a lease
 CREATE TABLE webhook_inbox (
     id TEXT PRIMARY KEY,
@@ -20,6 +22,7 @@ CREATE TABLE webhook_inbox (
     reason TEXT NOT NULL,
     command TEXT,
     ordering_key TEXT NOT NULL,
+    work_item TEXT NOT NULL,
     body TEXT NOT NULL,
     attempts BIGINT NOT NULL,
     next_attempt_at_ms BIGINT NOT NULL,
@@ -33,10 +36,3 @@ CREATE TABLE webhook_inbox (
 CREATE INDEX webhook_inbox_due ON webhook_inbox (state, next_attempt_at_ms);
 CREATE INDEX webhook_inbox_by_key ON webhook_inbox (ordering_key, state, id);
 
--- Work item keys learned from CreateWorkItem answers: a Plane comment names only the
--- Plane issue, while Approve needs the work item's key.
-CREATE TABLE work_item_keys (
-    tracker_issue_id TEXT PRIMARY KEY,
-    work_item TEXT NOT NULL,
-    updated_at_ms BIGINT NOT NULL
-);

@@ -63,10 +63,10 @@ pub fn classify(code: Code) -> Retry {
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
-    /// Done; `learned_key` is a (tracker issue id, work item key) pair to remember.
+    /// Done, for `work_item` ('' when the answer named none).
     Applied {
         reason: String,
-        learned_key: Option<(String, String)>,
+        work_item: String,
     },
     Ignored(String),
     Failed {
@@ -167,24 +167,29 @@ async fn apply_one(shared: &Shared, d: Claimed) {
     };
     let now = now_ms();
     let written = match outcome {
-        Outcome::Applied {
-            reason,
-            learned_key,
-        } => {
-            tracing::info!(%reason, "delivery applied");
+        Outcome::Applied { reason, work_item } => {
+            tracing::info!(%reason, %work_item, "delivery applied");
             shared.metrics.delivery(source, "applied");
-            let key = learned_key.as_ref().map(|(t, k)| (t.as_str(), k.as_str()));
-            inbox::finish(&shared.db, &d.id, State::Applied, &reason, "", now, key).await
+            inbox::finish(
+                &shared.db,
+                &d.id,
+                State::Applied,
+                &reason,
+                "",
+                now,
+                &work_item,
+            )
+            .await
         }
         Outcome::Ignored(reason) => {
             tracing::info!(%reason, "delivery ignored");
             shared.metrics.delivery(source, "ignored");
-            inbox::finish(&shared.db, &d.id, State::Ignored, &reason, "", now, None).await
+            inbox::finish(&shared.db, &d.id, State::Ignored, &reason, "", now, "").await
         }
         Outcome::Dead(reason) => {
             tracing::warn!(%reason, "delivery is a dead letter");
             shared.metrics.delivery(source, "dead");
-            inbox::finish(&shared.db, &d.id, State::Dead, &reason, &reason, now, None).await
+            inbox::finish(&shared.db, &d.id, State::Dead, &reason, &reason, now, "").await
         }
         Outcome::Failed { code, message } => {
             let error = format!("{code:?}: {message}");
@@ -194,13 +199,13 @@ async fn apply_one(shared: &Shared, d: Claimed) {
                     tracing::warn!(%error, "permanent error: delivery is a dead letter");
                     shared.metrics.delivery(source, "dead");
                     let reason = format!("permanent error {error}");
-                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, None).await
+                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, "").await
                 }
                 Retry::Retryable if attempt >= max => {
                     tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
                     shared.metrics.delivery(source, "dead");
                     let reason = format!("gave up after {attempt} attempts");
-                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, None).await
+                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, "").await
                 }
                 Retry::Retryable => {
                     let delay = shared.config.dispatch.backoff(attempt);
@@ -260,7 +265,7 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                         } else {
                             format!("work item {key} already existed")
                         },
-                        learned_key: (!key.is_empty()).then(|| (tracker_issue_id.clone(), key)),
+                        work_item: key,
                     }
                 }
                 Err(s) => failed(s),
@@ -293,7 +298,7 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                     let r = r.into_inner();
                     Outcome::Applied {
                         reason: format!("approve {key}: {}", outcome_name(r.outcome)),
-                        learned_key: None,
+                        work_item: key,
                     }
                 }
                 Err(s) => failed(s),
@@ -323,7 +328,7 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                             "pr merged {repo}#{pr_number} ({key}): {}",
                             outcome_name(r.outcome)
                         ),
-                        learned_key: None,
+                        work_item: key,
                     }
                 }
                 Err(s) => failed(s),
@@ -332,10 +337,11 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
     }
 }
 
-/// The work item key of a Plane issue: learned from an earlier CreateWorkItem, else looked
-/// up among the work items that wait for approval or run.
+/// The work item key of a Plane issue: learned from an earlier CreateWorkItem of the same
+/// issue (still in the inbox), else looked up among the work items that wait for approval
+/// or run.
 async fn work_item_for(shared: &Shared, tracker_issue_id: &str) -> Result<Option<String>, Outcome> {
-    match inbox::key_for(&shared.db, tracker_issue_id).await {
+    match inbox::key_for(&shared.db, &format!("plane:{tracker_issue_id}")).await {
         Ok(Some(key)) => return Ok(Some(key)),
         Ok(None) => {}
         Err(e) => {
@@ -362,11 +368,6 @@ async fn work_item_for(shared: &Shared, tracker_issue_id: &str) -> Result<Option
             .iter()
             .find(|w| w.tracker_issue_id == tracker_issue_id)
         {
-            if let Err(e) =
-                inbox::remember_key(&shared.db, tracker_issue_id, &w.key, now_ms()).await
-            {
-                tracing::warn!(error = %e, "could not remember the work item key");
-            }
             return Ok(Some(w.key.clone()));
         }
     }

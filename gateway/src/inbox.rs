@@ -1,4 +1,4 @@
-//! The `webhook_inbox` table (and `work_item_keys`): every statement the gateway runs.
+//! The `webhook_inbox` table: every statement the gateway runs.
 
 use orchestrator_kit::Db;
 use sqlx::Row;
@@ -77,9 +77,9 @@ pub async fn insert(db: &Db, d: &NewDelivery<'_>) -> Result<Stored, sqlx::Error>
     };
     let done = sqlx::query(
         "INSERT INTO webhook_inbox (id, source, delivery_id, body_sha256, event, action, state, \
-         reason, command, ordering_key, body, attempts, next_attempt_at_ms, last_error, \
-         received_at_ms, finished_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, '', $12, $13) \
+         reason, command, ordering_key, work_item, body, attempts, next_attempt_at_ms, \
+         last_error, received_at_ms, finished_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', $11, 0, $12, '', $12, $13) \
          ON CONFLICT DO NOTHING",
     )
     .bind(&id)
@@ -165,10 +165,8 @@ pub async fn claim_due(
         .collect()
 }
 
-/// Ends a pending delivery as applied, ignored or dead; with `learned_key`
-/// (tracker issue id, work item key), records that first. Two statements, no transaction:
-/// on SQLite's one connection a transaction costs two more round trips per delivery, and
-/// a key remembered for a delivery that is then retried is still right.
+/// Ends a pending delivery as applied, ignored or dead, with the work item key it
+/// concerns when one is known ('' otherwise).
 pub async fn finish(
     db: &Db,
     id: &str,
@@ -176,19 +174,17 @@ pub async fn finish(
     reason: &str,
     last_error: &str,
     now_ms: i64,
-    learned_key: Option<(&str, &str)>,
+    work_item: &str,
 ) -> Result<(), sqlx::Error> {
-    if let Some((tracker_issue_id, work_item)) = learned_key {
-        remember_key(db, tracker_issue_id, work_item, now_ms).await?;
-    }
     sqlx::query(
-        "UPDATE webhook_inbox SET state = $1, reason = $2, last_error = $3, finished_at_ms = $4 \
-         WHERE id = $5 AND state = 'pending'",
+        "UPDATE webhook_inbox SET state = $1, reason = $2, last_error = $3, finished_at_ms = $4, \
+         work_item = $5 WHERE id = $6 AND state = 'pending'",
     )
     .bind(state.as_str())
     .bind(reason)
     .bind(last_error)
     .bind(now_ms)
+    .bind(work_item)
     .bind(id)
     .execute(&db.pool)
     .await?;
@@ -258,6 +254,7 @@ pub struct Delivery {
     pub reason: String,
     pub command: Option<serde_json::Value>,
     pub ordering_key: String,
+    pub work_item: String,
     pub attempts: u32,
     pub next_attempt_at_ms: i64,
     pub last_error: String,
@@ -266,7 +263,7 @@ pub struct Delivery {
 }
 
 const COLUMNS: &str = "id, source, delivery_id, event, action, state, reason, command, \
-    ordering_key, attempts, next_attempt_at_ms, last_error, received_at_ms, finished_at_ms";
+    ordering_key, work_item, attempts, next_attempt_at_ms, last_error, received_at_ms, finished_at_ms";
 
 fn delivery(r: &AnyRow) -> Result<Delivery, sqlx::Error> {
     let command: Option<String> = r.try_get("command")?;
@@ -280,6 +277,7 @@ fn delivery(r: &AnyRow) -> Result<Delivery, sqlx::Error> {
         reason: r.try_get("reason")?,
         command: command.and_then(|c| serde_json::from_str(&c).ok()),
         ordering_key: r.try_get("ordering_key")?,
+        work_item: r.try_get("work_item")?,
         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
         next_attempt_at_ms: r.try_get("next_attempt_at_ms")?,
         last_error: r.try_get("last_error")?,
@@ -327,31 +325,16 @@ pub async fn prune(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error> {
     Ok(done.rows_affected())
 }
 
-/// Remembers the work item key of a tracker issue.
-pub async fn remember_key(
-    db: &Db,
-    tracker_issue_id: &str,
-    work_item: &str,
-    now_ms: i64,
-) -> Result<(), sqlx::Error> {
+/// The work item key of the deliveries of `ordering_key`, when one of them learned it
+/// (the applied CreateWorkItem of a Plane issue).
+pub async fn key_for(db: &Db, ordering_key: &str) -> Result<Option<String>, sqlx::Error> {
     sqlx::query(
-        "INSERT INTO work_item_keys (tracker_issue_id, work_item, updated_at_ms) VALUES ($1, $2, $3) \
-         ON CONFLICT (tracker_issue_id) DO UPDATE SET work_item = $2, updated_at_ms = $3",
+        "SELECT work_item FROM webhook_inbox WHERE ordering_key = $1 AND work_item <> '' \
+         ORDER BY id DESC LIMIT 1",
     )
-    .bind(tracker_issue_id)
-    .bind(work_item)
-    .bind(now_ms)
-    .execute(&db.pool)
-    .await?;
-    Ok(())
-}
-
-/// The work item key of a tracker issue, when the gateway has seen it created.
-pub async fn key_for(db: &Db, tracker_issue_id: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query("SELECT work_item FROM work_item_keys WHERE tracker_issue_id = $1")
-        .bind(tracker_issue_id)
-        .fetch_optional(&db.pool)
-        .await?
-        .map(|r| r.try_get("work_item"))
-        .transpose()
+    .bind(ordering_key)
+    .fetch_optional(&db.pool)
+    .await?
+    .map(|r| r.try_get("work_item"))
+    .transpose()
 }

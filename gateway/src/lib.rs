@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::GatewayConfig;
 
-/// The gateway's own migrations (`webhook_inbox`, `work_item_keys`), embedded.
+/// The gateway's own migrations (`webhook_inbox`), embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// What the handlers and the dispatcher share.
