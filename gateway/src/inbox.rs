@@ -130,7 +130,10 @@ pub struct Claimed {
 /// item (no earlier pending delivery shares their ordering key), oldest due first, in one
 /// statement: each claimed row counts an attempt and is reserved until `lease_until_ms`,
 /// so that another dispatcher (another gateway replica) skips it. The outer re-check of
-/// `next_attempt_at_ms` makes a row claimed concurrently by another replica drop out.
+/// `next_attempt_at_ms` makes a row claimed concurrently by another replica drop out
+/// (claims, retries and leases all move it into the future); its unary `+` keeps SQLite
+/// from answering the outer WHERE by scanning the whole backlog on that index instead of
+/// looking the few ids up by primary key.
 pub async fn claim_due(
     db: &Db,
     now_ms: i64,
@@ -139,7 +142,7 @@ pub async fn claim_due(
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     let rows = sqlx::query(
         "UPDATE webhook_inbox SET attempts = attempts + 1, next_attempt_at_ms = $1 \
-         WHERE state = 'pending' AND next_attempt_at_ms <= $2 AND id IN ( \
+         WHERE +next_attempt_at_ms <= $2 AND id IN ( \
            SELECT w.id FROM webhook_inbox w \
            WHERE w.state = 'pending' AND w.next_attempt_at_ms <= $2 \
            AND NOT EXISTS (SELECT 1 FROM webhook_inbox e WHERE e.ordering_key = w.ordering_key \
