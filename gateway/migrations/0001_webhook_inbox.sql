@@ -33,6 +33,6 @@ CREATE TABLE webhook_inbox (
     UNIQUE (source, body_sha256)
 );
 
-CREATE INDEX webhook_inbox_due ON webhook_inbox (state, next_attempt_at_ms);
+CREATE INDEX webhook_inbox_due ON webhook_inbox (state, next_attempt_at_ms, id);
 CREATE INDEX webhook_inbox_by_key ON webhook_inbox (ordering_key, state, id);
 
