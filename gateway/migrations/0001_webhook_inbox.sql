@@ -35,4 +35,7 @@ CREATE TABLE webhook_inbox (
 
 CREATE INDEX webhook_inbox_due ON webhook_inbox (state, next_attempt_at_ms, id);
 CREATE INDEX webhook_inbox_by_key ON webhook_inbox (ordering_key, state, id);
+-- GET /queue and /metrics: counts by state and the oldest pending delivery, read from
+-- this small index alone (never by visiting the rows and their bodies).
+CREATE INDEX webhook_inbox_by_state ON webhook_inbox (state, received_at_ms);
 
