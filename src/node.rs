@@ -77,13 +77,16 @@ impl Node {
         if let Location::SqliteDir(dir) = &location {
             db::ensure_data_dir(dir)?;
         }
+        let gateway_config = if parts.contains(&ServiceName::Gateway) {
+            Some(gateway::GatewayConfig::from_env(&config.env)?)
+        } else {
+            None
+        };
         let mut stores = BTreeMap::new();
-        let opened = futures_join(parts.iter().filter(|p| **p != ServiceName::Gateway).map(
-            |&part| {
-                let location = location.clone();
-                async move { (part, db::open(part, &location, migrator(part)).await) }
-            },
-        ))
+        let opened = futures_join(parts.iter().map(|&part| {
+            let location = location.clone();
+            async move { (part, db::open(part, &location, migrator(part)).await) }
+        }))
         .await;
         for (part, db) in opened {
             stores.insert(part, db?);
@@ -106,10 +109,20 @@ impl Node {
             addrs.insert(part, config.listen[&part]);
             let stop = shutdown.clone();
             if part == ServiceName::Gateway {
+                let store = stores
+                    .remove(&part)
+                    .expect("a store was opened for every part");
+                let gw = gateway::Gateway::new(
+                    store,
+                    gateway_config
+                        .clone()
+                        .expect("the gateway's configuration was read"),
+                    clients.clone(),
+                );
                 tasks.spawn(async move {
                     (
                         part,
-                        gateway::serve(listener, stop)
+                        gateway::serve(listener, gw, stop)
                             .await
                             .map_err(|e| e.to_string()),
                     )
@@ -180,7 +193,8 @@ pub fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
         ServiceName::Reaper => &reaper::MIGRATOR,
         ServiceName::MergeGate => &merge_gate::MIGRATOR,
         ServiceName::PostDeploy => &post_deploy::MIGRATOR,
-        ServiceName::UsageLedger | ServiceName::Gateway => &usage_ledger::MIGRATOR,
+        ServiceName::UsageLedger => &usage_ledger::MIGRATOR,
+        ServiceName::Gateway => &gateway::MIGRATOR,
     }
 }
 

@@ -4,6 +4,7 @@
 //! `cargo run --release -p orchestrator-bench -- all` prints every figure that
 //! `docs/benchmarks.md` holds.
 
+mod gateway;
 mod stack;
 mod stage_engine;
 
@@ -60,6 +61,12 @@ enum What {
         #[arg(long)]
         postgres: Option<String>,
     },
+    /// Signed webhook deliveries per second into the gateway's inbox (SQLite), with p50/p99
+    /// latency, driven from this process against a gateway in a child process.
+    Gateway(gateway::Args),
+    /// The gateway under test (started by `gateway`; not meant to be run by hand).
+    #[command(hide = true)]
+    GatewayServer(gateway::ServerArgs),
     /// Every benchmark of the foundation with its default size.
     All,
 }
@@ -67,14 +74,24 @@ enum What {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let bin = cli.bin.unwrap_or_else(default_bin);
+    // Only the benchmarks that exec `orchestrator up` need the release binary.
+    let needs_bin = matches!(
+        cli.what,
+        What::Startup { .. } | What::Rss { .. } | What::RecordRun { .. } | What::All
+    );
     anyhow::ensure!(
-        bin.is_file(),
+        !needs_bin || bin.is_file(),
         "{} not found: run `cargo build --release` first",
         bin.display()
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    match cli.what {
+        What::Gateway(args) => return rt.block_on(gateway::run(args)),
+        What::GatewayServer(args) => return rt.block_on(gateway::server(args)),
+        _ => {}
+    }
     rt.block_on(async {
         println!("machine: {}", stack::machine());
         println!("binary: {}", bin.display());
@@ -87,6 +104,7 @@ fn main() -> Result<()> {
                 runs,
             } => record_run(&bin, concurrency, seconds, runs).await,
             What::StageEngine { items, postgres } => stage_engine::run(items, postgres).await,
+            What::Gateway(_) | What::GatewayServer(_) => Ok(()),
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;

@@ -5,6 +5,7 @@ mod common;
 
 mod auth;
 mod deploy;
+mod gateway;
 mod item;
 mod post_deploy;
 mod process;

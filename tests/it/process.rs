@@ -10,7 +10,7 @@ use orchestrator_kit::ServiceName;
 const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
 
 /// A command with a clean orchestrator environment: every part on port 0, data in `dir`.
-fn orchestrator(dir: &std::path::Path) -> Command {
+pub(crate) fn orchestrator(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .env("ORCH_DATA_DIR", dir.join("var"))
@@ -33,7 +33,7 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 }
 
 /// Waits for the "ready" line and returns the printed addresses.
-fn read_addrs(child: &mut Child) -> BTreeMap<String, String> {
+pub(crate) fn read_addrs(child: &mut Child) -> BTreeMap<String, String> {
     let stdout = child.stdout.take().expect("stdout");
     let mut addrs = BTreeMap::new();
     for line in BufReader::new(stdout).lines() {
