@@ -50,10 +50,25 @@ pub enum MergeTree {
 }
 
 /// A git runner. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Git {
     program: PathBuf,
     timeout: Duration,
+    /// Extra variables for every invocation (e.g. `GIT_CONFIG_*` carrying an auth header):
+    /// kept out of the argument vector, which `ps` shows, and out of `Debug`.
+    env: std::sync::Arc<Vec<(String, String)>>,
+}
+
+impl std::fmt::Debug for Git {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values may be credentials: only the names are shown.
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Git")
+            .field("program", &self.program)
+            .field("timeout", &self.timeout)
+            .field("env", &names)
+            .finish()
+    }
 }
 
 impl Default for Git {
@@ -68,7 +83,14 @@ impl Git {
         Git {
             program: PathBuf::from("git"),
             timeout: Duration::from_secs(120),
+            env: std::sync::Arc::new(Vec::new()),
         }
+    }
+
+    /// Sets a variable for every invocation (values never reach a log or `Debug`).
+    pub fn with_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        std::sync::Arc::make_mut(&mut self.env).push((name.into(), value.into()));
+        self
     }
 
     /// Uses another git binary.
@@ -96,6 +118,7 @@ impl Git {
             .env("GIT_TERMINAL_PROMPT", "0")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("LC_ALL", "C")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -340,6 +363,23 @@ mod tests {
         ));
         let err = git.ok(dir.path(), &["log"]).await.expect_err("not a repo");
         assert!(err.to_string().contains("not a git repository"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn extra_variables_reach_git_but_not_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let git = Git::new()
+            .with_env("GIT_CONFIG_COUNT", "1")
+            .with_env("GIT_CONFIG_KEY_0", "orch.probe")
+            .with_env("GIT_CONFIG_VALUE_0", "hunter2");
+        let got = git
+            .ok(dir.path(), &["config", "--get", "orch.probe"])
+            .await
+            .expect("config from the environment");
+        assert_eq!(got.trim(), "hunter2");
+        let shown = format!("{git:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("GIT_CONFIG_VALUE_0"), "{shown}");
     }
 
     #[tokio::test]
