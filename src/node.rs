@@ -100,6 +100,15 @@ impl Node {
             None => None,
         };
 
+        let mut merge_gate = match stores.remove(&ServiceName::MergeGate) {
+            Some(db) => Some(::merge_gate::MergeGateService::start(
+                db,
+                clients.clone(),
+                &config.env,
+            )?),
+            None => None,
+        };
+
         let mut tasks = JoinSet::new();
         let mut addrs = BTreeMap::new();
         for (part, listener) in listeners {
@@ -121,6 +130,14 @@ impl Node {
                 Some(svc) if part == ServiceName::StageEngine => {
                     use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
                     Routes::new(StageEngineServer::with_interceptor(svc, auth))
+                }
+                other if part == ServiceName::MergeGate => {
+                    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
+                    stage_engine = other;
+                    let svc = merge_gate
+                        .take()
+                        .expect("merge-gate was built for its part");
+                    Routes::new(MergeGateServer::with_interceptor(svc, auth))
                 }
                 other => {
                     stage_engine = other;
@@ -192,7 +209,6 @@ fn routes(
     post_deploy_config: &::post_deploy::PostDeployConfig,
 ) -> Routes {
     use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
-    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
     use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
     use orchestrator_proto::usage_ledger::v1::usage_ledger_server::UsageLedgerServer;
@@ -207,18 +223,18 @@ fn routes(
             ::reaper::ReaperService::new(db, clients),
             auth,
         )),
-        ServiceName::MergeGate => Routes::new(MergeGateServer::with_interceptor(
-            ::merge_gate::MergeGateService::new(db, clients),
-            auth,
-        )),
         ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
             ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
-        // stage-engine is built in `Node::start` (it needs the configuration and shutdown).
-        ServiceName::UsageLedger | ServiceName::StageEngine | ServiceName::Gateway => Routes::new(
-            UsageLedgerServer::with_interceptor(::usage_ledger::UsageLedgerService::new(db), auth),
-        ),
+        // stage-engine and merge-gate are built in `Node::start` (they need the configuration).
+        ServiceName::UsageLedger
+        | ServiceName::StageEngine
+        | ServiceName::MergeGate
+        | ServiceName::Gateway => Routes::new(UsageLedgerServer::with_interceptor(
+            ::usage_ledger::UsageLedgerService::new(db),
+            auth,
+        )),
     }
 }
 
