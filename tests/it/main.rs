@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod merge_gate;
 mod post_deploy;
 mod process;
 mod stage_engine;
