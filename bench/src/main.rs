@@ -4,6 +4,7 @@
 //! `cargo run --release -p orchestrator-bench -- all` prints every figure that
 //! `docs/benchmarks.md` holds.
 
+mod reaper;
 mod stack;
 
 use std::path::PathBuf;
@@ -50,6 +51,25 @@ enum What {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// One reaper tick with N running jobs (fake launcher in this process; no binary needed).
+    ReaperTick {
+        #[arg(long, default_value_t = 10_000)]
+        jobs: usize,
+        /// Jobs probed dead every tick (their streaks are written each tick).
+        #[arg(long, default_value_t = 0)]
+        dead: usize,
+        #[arg(long, default_value_t = 30)]
+        ticks: usize,
+    },
+    /// SIGKILL of a real process -> its job flipped, with the reaper loop running (no binary needed).
+    ReaperZombie {
+        #[arg(long, default_value_t = 1)]
+        interval_s: u64,
+        #[arg(long, default_value_t = 3)]
+        dead_ticks: u32,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Every benchmark with its default size.
     All,
 }
@@ -57,8 +77,12 @@ enum What {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let bin = cli.bin.unwrap_or_else(default_bin);
+    let in_process = matches!(
+        cli.what,
+        What::ReaperTick { .. } | What::ReaperZombie { .. }
+    );
     anyhow::ensure!(
-        bin.is_file(),
+        in_process || bin.is_file(),
         "{} not found: run `cargo build --release` first",
         bin.display()
     );
@@ -67,8 +91,16 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async {
         println!("machine: {}", stack::machine());
-        println!("binary: {}", bin.display());
+        if !in_process {
+            println!("binary: {}", bin.display());
+        }
         match cli.what {
+            What::ReaperTick { jobs, dead, ticks } => reaper::tick(jobs, dead, ticks).await,
+            What::ReaperZombie {
+                interval_s,
+                dead_ticks,
+                runs,
+            } => reaper::zombie(interval_s, dead_ticks, runs).await,
             What::Startup { runs } => startup(&bin, runs).await,
             What::Rss { runs } => rss(&bin, runs).await,
             What::RecordRun {
@@ -79,7 +111,8 @@ fn main() -> Result<()> {
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;
-                record_run(&bin, 32, 5, 3).await
+                record_run(&bin, 32, 5, 3).await?;
+                reaper::tick(10_000, 0, 30).await
             }
         }
     })

@@ -224,15 +224,12 @@ impl ReaperService {
     ) -> Result<(), String> {
         let inner = &self.inner;
         let c = &inner.config;
-        let jobs = inner
-            .peers
-            .list_running()
-            .await
-            .map_err(|s| format!("launcher ListRunning: {:?}: {}", s.code(), s.message()))?;
-        let probes = inner
-            .peers
-            .probe_processes()
-            .await
+        // Both lists at once: with thousands of running jobs each is a few MB on the wire.
+        let (jobs, probes) =
+            tokio::join!(inner.peers.list_running(), inner.peers.probe_processes());
+        let jobs =
+            jobs.map_err(|s| format!("launcher ListRunning: {:?}: {}", s.code(), s.message()))?;
+        let probes = probes
             .map_err(|s| format!("launcher ProbeProcesses: {:?}: {}", s.code(), s.message()))?;
         rec.jobs_seen = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
         for p in &probes {
