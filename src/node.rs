@@ -54,6 +54,12 @@ impl Node {
         } else {
             ::post_deploy::PostDeployConfig::new(config.data_dir.join("post-deploy"))
         };
+        if parts.contains(&ServiceName::MergeGate) {
+            ::merge_gate::MergeGateConfig::from_env(&config.env)?;
+        }
+        if parts.contains(&ServiceName::Reaper) {
+            ::reaper::ReaperConfig::from_env(&config.env)?;
+        }
         let mut listeners = Vec::new();
         for &part in parts {
             let addr = config.listen[&part];
@@ -103,6 +109,26 @@ impl Node {
             None => None,
         };
 
+        let mut merge_gate = match stores.remove(&ServiceName::MergeGate) {
+            Some(db) => Some(::merge_gate::MergeGateService::start(
+                db,
+                clients.clone(),
+                &config.env,
+            )?),
+            None => None,
+        };
+
+        // The reaper's loop starts here and stops with the node's shutdown token.
+        let mut reaper = match stores.remove(&ServiceName::Reaper) {
+            Some(db) => Some(::reaper::ReaperService::start(
+                db,
+                clients.clone(),
+                &config.env,
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
+
         let mut tasks = JoinSet::new();
         let mut addrs = BTreeMap::new();
         for (part, listener) in listeners {
@@ -134,6 +160,20 @@ impl Node {
                 Some(svc) if part == ServiceName::StageEngine => {
                     use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
                     Routes::new(StageEngineServer::with_interceptor(svc, auth))
+                }
+                other if part == ServiceName::MergeGate => {
+                    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
+                    stage_engine = other;
+                    let svc = merge_gate
+                        .take()
+                        .expect("merge-gate was built for its part");
+                    Routes::new(MergeGateServer::with_interceptor(svc, auth))
+                }
+                other if part == ServiceName::Reaper => {
+                    use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
+                    stage_engine = other;
+                    let svc = reaper.take().expect("the reaper was built for its part");
+                    Routes::new(ReaperServer::with_interceptor(svc, auth))
                 }
                 other => {
                     stage_engine = other;
@@ -206,9 +246,7 @@ fn routes(
     post_deploy_config: &::post_deploy::PostDeployConfig,
 ) -> Routes {
     use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
-    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
-    use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
     use orchestrator_proto::usage_ledger::v1::usage_ledger_server::UsageLedgerServer;
 
     let auth = auth.clone();
@@ -217,22 +255,20 @@ fn routes(
             ::launcher::LauncherService::new(db, clients),
             auth,
         )),
-        ServiceName::Reaper => Routes::new(ReaperServer::with_interceptor(
-            ::reaper::ReaperService::new(db, clients),
-            auth,
-        )),
-        ServiceName::MergeGate => Routes::new(MergeGateServer::with_interceptor(
-            ::merge_gate::MergeGateService::new(db, clients),
-            auth,
-        )),
         ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
             ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
-        // stage-engine is built in `Node::start` (it needs the configuration and shutdown).
-        ServiceName::UsageLedger | ServiceName::StageEngine | ServiceName::Gateway => Routes::new(
-            UsageLedgerServer::with_interceptor(::usage_ledger::UsageLedgerService::new(db), auth),
-        ),
+        // stage-engine, merge-gate and the reaper are built in `Node::start` (they need the
+        // configuration, the reaper its shutdown token).
+        ServiceName::UsageLedger
+        | ServiceName::StageEngine
+        | ServiceName::MergeGate
+        | ServiceName::Reaper
+        | ServiceName::Gateway => Routes::new(UsageLedgerServer::with_interceptor(
+            ::usage_ledger::UsageLedgerService::new(db),
+            auth,
+        )),
     }
 }
 

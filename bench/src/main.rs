@@ -5,6 +5,7 @@
 //! `docs/benchmarks.md` holds.
 
 mod gateway;
+mod reaper;
 mod stack;
 mod stage_engine;
 
@@ -67,7 +68,26 @@ enum What {
     /// The gateway under test (started by `gateway`; not meant to be run by hand).
     #[command(hide = true)]
     GatewayServer(gateway::ServerArgs),
-    /// Every benchmark of the foundation with its default size.
+    /// One reaper tick with N running jobs (fake launcher in this process; no binary needed).
+    ReaperTick {
+        #[arg(long, default_value_t = 10_000)]
+        jobs: usize,
+        /// Jobs probed dead every tick (their streaks are written each tick).
+        #[arg(long, default_value_t = 0)]
+        dead: usize,
+        #[arg(long, default_value_t = 30)]
+        ticks: usize,
+    },
+    /// SIGKILL of a real process -> its job flipped, with the reaper loop running (no binary needed).
+    ReaperZombie {
+        #[arg(long, default_value_t = 1)]
+        interval_s: u64,
+        #[arg(long, default_value_t = 3)]
+        dead_ticks: u32,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Every benchmark with its default size.
     All,
 }
 
@@ -94,8 +114,16 @@ fn main() -> Result<()> {
     }
     rt.block_on(async {
         println!("machine: {}", stack::machine());
-        println!("binary: {}", bin.display());
+        if needs_bin {
+            println!("binary: {}", bin.display());
+        }
         match cli.what {
+            What::ReaperTick { jobs, dead, ticks } => reaper::tick(jobs, dead, ticks).await,
+            What::ReaperZombie {
+                interval_s,
+                dead_ticks,
+                runs,
+            } => reaper::zombie(interval_s, dead_ticks, runs).await,
             What::Startup { runs } => startup(&bin, runs).await,
             What::Rss { runs } => rss(&bin, runs).await,
             What::RecordRun {
@@ -108,7 +136,8 @@ fn main() -> Result<()> {
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;
-                record_run(&bin, 32, 5, 3).await
+                record_run(&bin, 32, 5, 3).await?;
+                reaper::tick(10_000, 0, 30).await
             }
         }
     })
