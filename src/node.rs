@@ -99,6 +99,15 @@ impl Node {
         }
         let clients = Clients::from_config(&config)?;
         // Built before anything serves: a bad tracker or forge setting fails start-up.
+        let launcher = match stores.remove(&ServiceName::Launcher) {
+            Some(db) => Some(::launcher::LauncherService::start(
+                db,
+                clients.clone(),
+                &config.env,
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
         let mut stage_engine = match stores.remove(&ServiceName::StageEngine) {
             Some(db) => Some(::stage_engine::StageEngineService::start(
                 db,
@@ -130,6 +139,15 @@ impl Node {
         };
 
         let mut tasks = JoinSet::new();
+        if let Some(svc) = &launcher {
+            // The node is down only once the launcher has handed its running jobs back.
+            let stopped = svc.supervisor().stopped();
+            tasks.spawn(async move {
+                stopped.cancelled().await;
+                (ServiceName::Launcher, Ok(()))
+            });
+        }
+        let mut launcher = launcher;
         let mut addrs = BTreeMap::new();
         for (part, listener) in listeners {
             addrs.insert(part, config.listen[&part]);
@@ -156,27 +174,36 @@ impl Node {
                 continue;
             }
             let auth = RequireToken::new(config.internal_token.as_ref());
-            let routes = match stage_engine.take() {
-                Some(svc) if part == ServiceName::StageEngine => {
+            // The services built above (they own loops or need the configuration) are
+            // served as they are; the others are built from their store here.
+            let routes = match part {
+                ServiceName::Launcher => {
+                    use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
+                    let svc = launcher
+                        .take()
+                        .expect("the launcher was built for its part");
+                    Routes::new(LauncherServer::with_interceptor(svc, auth))
+                }
+                ServiceName::StageEngine => {
                     use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
+                    let svc = stage_engine
+                        .take()
+                        .expect("stage-engine was built for its part");
                     Routes::new(StageEngineServer::with_interceptor(svc, auth))
                 }
-                other if part == ServiceName::MergeGate => {
+                ServiceName::MergeGate => {
                     use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
-                    stage_engine = other;
                     let svc = merge_gate
                         .take()
                         .expect("merge-gate was built for its part");
                     Routes::new(MergeGateServer::with_interceptor(svc, auth))
                 }
-                other if part == ServiceName::Reaper => {
+                ServiceName::Reaper => {
                     use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
-                    stage_engine = other;
                     let svc = reaper.take().expect("the reaper was built for its part");
                     Routes::new(ReaperServer::with_interceptor(svc, auth))
                 }
-                other => {
-                    stage_engine = other;
+                _ => {
                     let store = stores
                         .remove(&part)
                         .expect("a store was opened for every gRPC part");
@@ -245,24 +272,20 @@ fn routes(
     auth: &RequireToken,
     post_deploy_config: &::post_deploy::PostDeployConfig,
 ) -> Routes {
-    use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
     use orchestrator_proto::usage_ledger::v1::usage_ledger_server::UsageLedgerServer;
 
     let auth = auth.clone();
     match part {
-        ServiceName::Launcher => Routes::new(LauncherServer::with_interceptor(
-            ::launcher::LauncherService::new(db, clients),
-            auth,
-        )),
         ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
             ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
-        // stage-engine, merge-gate and the reaper are built in `Node::start` (they need the
-        // configuration, the reaper its shutdown token).
+        // The launcher, stage-engine, merge-gate and the reaper are built in `Node::start`
+        // (they need the configuration, and the loops the shutdown token).
         ServiceName::UsageLedger
         | ServiceName::StageEngine
+        | ServiceName::Launcher
         | ServiceName::MergeGate
         | ServiceName::Reaper
         | ServiceName::Gateway => Routes::new(UsageLedgerServer::with_interceptor(

@@ -5,6 +5,7 @@
 //! `docs/benchmarks.md` holds.
 
 mod gateway;
+mod launcher;
 mod reaper;
 mod stack;
 mod stage_engine;
@@ -87,7 +88,25 @@ enum What {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
-    /// Every benchmark with its default size.
+    /// The launcher over its real storage with real agent processes (no git, no gRPC):
+    /// enqueue -> agent started latency, and no-op job throughput.
+    Launcher {
+        /// Jobs per throughput run.
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+        /// Sequential jobs for the latency figure.
+        #[arg(long, default_value_t = 500)]
+        latency_jobs: usize,
+        /// ORCH_MAX_CONCURRENCY (and reserved jobs in flight).
+        #[arg(long, default_value_t = 10)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// A postgres:// URL, or `throwaway` (as for stage-engine); default SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+    /// Every benchmark of the foundation with its default size.
     All,
 }
 
@@ -133,6 +152,13 @@ fn main() -> Result<()> {
             } => record_run(&bin, concurrency, seconds, runs).await,
             What::StageEngine { items, postgres } => stage_engine::run(items, postgres).await,
             What::Gateway(_) | What::GatewayServer(_) => Ok(()),
+            What::Launcher {
+                jobs,
+                latency_jobs,
+                concurrency,
+                runs,
+                postgres,
+            } => launcher::run(jobs, latency_jobs, concurrency, runs, postgres).await,
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;

@@ -147,6 +147,7 @@ async fn services_of_later_issues_answer_unimplemented() {
         .clone()
         .get_job(GetJobRequest { job_id: "j".into() })
         .await
-        .expect_err("stub");
-    assert_eq!(err.code(), Code::Unimplemented);
+        .expect_err("unknown job");
+    // Built by #4: an unknown job is NOT_FOUND, no longer UNIMPLEMENTED.
+    assert_eq!(err.code(), Code::NotFound);
 }

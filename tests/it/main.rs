@@ -7,6 +7,7 @@ mod auth;
 mod deploy;
 mod gateway;
 mod item;
+mod launcher;
 mod merge_gate;
 mod post_deploy;
 mod process;

@@ -1,30 +1,33 @@
-//! launcher: The durable job queue and the agent process supervisor.
+//! launcher: the durable job queue and the agent process supervisor (ARCHITECTURE §3.2).
 //!
-//! The RPC surface is declared in `proto/orchestrator/launcher/v1/launcher.proto`. Until issue #4
-//! builds it, every RPC answers UNIMPLEMENTED (see `docs/rpc-status.md`).
+//! - [`store`]: the `jobs`, `launcher_instances` and `breaker` tables; the claim (oldest
+//!   runnable first, LLM jobs capped across replicas, `FOR UPDATE SKIP LOCKED` on
+//!   PostgreSQL) and the guarded writes (the attempt is the fencing token);
+//! - [`supervisor`]: the event-driven dispatcher, heartbeats, restart reconciliation, the
+//!   circuit breaker's gate;
+//! - [`run`] and [`agent`]: one LLM run — checkout, spawn in its own process group, pid
+//!   stamp, watchdog, finalize, commit/push/PR, finish comment, `AdvanceStage`;
+//! - [`reserved`]: the no-LLM jobs (`deploy-finalizer`, `post-deploy-monitor`) as RPCs;
+//! - [`classify`] and [`rules`]: what a run came to and where the job goes next, as pure
+//!   functions.
 
-use orchestrator_kit::Db;
-use orchestrator_kit::clients::Clients;
-use orchestrator_proto::launcher::v1::launcher_server::Launcher;
+pub mod agent;
+pub mod classify;
+pub mod config;
+mod error;
+pub mod peers;
+pub mod proc;
+pub mod reserved;
+pub mod rules;
+pub mod run;
+mod service;
+pub mod store;
+pub mod supervisor;
+pub mod workspace;
+
+pub use config::LauncherConfig;
+pub use error::LauncherError;
+pub use service::{LauncherService, new_job_id, to_proto, validate_agent};
 
 /// The service's own migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// The launcher gRPC service over its own storage and the clients of the services it calls.
-#[derive(Clone)]
-pub struct LauncherService {
-    #[allow(dead_code)]
-    db: Db,
-    #[allow(dead_code)]
-    clients: Clients,
-}
-
-impl LauncherService {
-    pub fn new(db: Db, clients: Clients) -> Self {
-        LauncherService { db, clients }
-    }
-}
-
-// Every RPC keeps the generated default: UNIMPLEMENTED.
-#[tonic::async_trait]
-impl Launcher for LauncherService {}

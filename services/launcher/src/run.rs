@@ -1,0 +1,1020 @@
+//! One run of an LLM job: look up the branch, check it out, build the command, spawn the
+//! agent in its own group, stamp its pid, watch it, then finalize — record the usage,
+//! classify, and on success commit, push, ensure the PR, post the finish comment under the
+//! agent's bot and call `StageEngine.AdvanceStage`.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use orchestrator_agent_output::{TAIL_BYTES, parse_result};
+use orchestrator_forge::{PullRequest, RepoName};
+use orchestrator_git::{validate_branch, validate_work_item_key};
+use orchestrator_kit::time::{now_ms, rfc3339};
+use orchestrator_proto::merge_gate::v1::AcquireLeaseRequest;
+use orchestrator_proto::stage_engine::v1::{AdvanceOutcome, AdvanceStageRequest};
+use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
+use serde_json::{Value, json};
+
+use crate::agent::{self, Ended, Launch};
+use crate::classify::{Evidence, RunExit, Verdict, classify};
+use crate::config::shell_quote;
+use crate::peers::is_transient;
+use crate::rules::End;
+use crate::store::{self, JobRow, Kind, NewJob};
+use crate::supervisor::{RunHandle, StopReason, Supervisor, html_escape};
+use crate::workspace::Checkout;
+
+/// The agents that run stages (and have their own tracker bot).
+pub const ROLES: [&str; 6] = [
+    "analyst",
+    "architect",
+    "developer",
+    "reviewer",
+    "tester",
+    "deployer",
+];
+
+/// The role as people read it: `developer` -> `Developer`, `deploy-finalizer` ->
+/// `Deploy finalizer`.
+pub fn role_title(agent: &str) -> String {
+    let spaced = agent.replace(['-', '_'], " ");
+    let mut chars = spaced.chars();
+    match chars.next() {
+        Some(c) => c.to_uppercase().chain(chars).collect(),
+        None => "Agent".to_owned(),
+    }
+}
+
+/// Where a work item's artifacts live on its branch.
+pub fn artifacts_dir(key: &str) -> String {
+    format!("docs/work-items/{key}")
+}
+
+/// What a run works on, validated.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub key: String,
+    pub repo: RepoName,
+    pub branch: String,
+    pub base: String,
+    pub title: String,
+    pub why: String,
+    pub dedupe_key: String,
+}
+
+/// What a run left on disk: enough to finalize it, even from a later life of the launcher
+/// (`run-<attempt>.json` in the job's directory).
+#[derive(Debug, Clone)]
+pub(crate) struct RunFiles {
+    pub ctx: Ctx,
+    pub checkout: Option<Checkout>,
+    pub cwd: PathBuf,
+    pub log: PathBuf,
+    pub hook_state: Option<PathBuf>,
+    pub lease: bool,
+}
+
+impl RunFiles {
+    fn to_json(&self) -> Value {
+        json!({
+            "work_item": self.ctx.key,
+            "repo": self.ctx.repo.to_string(),
+            "branch": self.ctx.branch,
+            "base": self.ctx.base,
+            "title": self.ctx.title,
+            "dedupe_key": self.ctx.dedupe_key,
+            "start_sha": self.checkout.as_ref().map(|c| c.start_sha.clone()),
+            "cwd": self.cwd,
+            "log": self.log,
+            "hook_state": self.hook_state,
+            "lease": self.lease,
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<RunFiles> {
+        let s = |k: &str| v[k].as_str().map(str::to_owned);
+        let ctx = Ctx {
+            key: s("work_item")?,
+            repo: RepoName::parse(&s("repo")?).ok()?,
+            branch: s("branch")?,
+            base: s("base")?,
+            title: s("title").unwrap_or_default(),
+            why: String::new(),
+            dedupe_key: s("dedupe_key").unwrap_or_default(),
+        };
+        let cwd = PathBuf::from(s("cwd")?);
+        Some(RunFiles {
+            checkout: s("start_sha").map(|start_sha| Checkout {
+                dir: cwd.clone(),
+                branch: ctx.branch.clone(),
+                base: ctx.base.clone(),
+                start_sha,
+            }),
+            ctx,
+            cwd,
+            log: PathBuf::from(s("log")?),
+            hook_state: s("hook_state").map(PathBuf::from),
+            lease: v["lease"].as_bool().unwrap_or(false),
+        })
+    }
+}
+
+fn bad_input(reason: impl Into<String>) -> End {
+    End::Failed {
+        outcome: "bad_input",
+        reason: reason.into(),
+    }
+}
+
+fn run_file(job_dir: &Path, attempt: u32) -> PathBuf {
+    job_dir.join(format!("run-{attempt}.json"))
+}
+
+/// Appends a line to the run log (best effort: the log is for people).
+fn log_line(log: &Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(log) {
+        let _ = writeln!(f, "== {line}");
+    }
+}
+
+/// The last `TAIL_BYTES` of the log, lossily decoded.
+pub(crate) fn read_tail(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+impl Supervisor {
+    pub(crate) async fn run_llm(&self, job: JobRow, h: RunHandle) {
+        let mut lease = false;
+        let files = match self.prepare(&job, &mut lease).await {
+            Ok(f) => f,
+            Err(end) => {
+                self.end_run(&job, end, None, None).await;
+                self.release_lease(&job, lease).await;
+                return;
+            }
+        };
+        let started = Instant::now();
+        let argv = self.argv(&job, &files).await;
+        let argv = match argv {
+            Ok(a) => a,
+            Err(end) => {
+                log_line(&files.log, &format!("not started: {end:?}"));
+                self.end_run(&job, end, None, None).await;
+                self.release_lease(&job, files.lease).await;
+                return;
+            }
+        };
+        let prompt = self
+            .config()
+            .job_dir(&job.id)
+            .join(format!("prompt-{}.md", job.attempt));
+        let job_vars = vec![
+            ("ORCH_JOB_ID".to_owned(), job.id.clone()),
+            ("ORCH_JOB_ATTEMPT".to_owned(), job.attempt.to_string()),
+            ("ORCH_WORK_ITEM".to_owned(), files.ctx.key.clone()),
+            ("ORCH_AGENT".to_owned(), job.agent.clone()),
+            ("ORCH_STAGE".to_owned(), job.stage.clone()),
+            ("ORCH_REPO".to_owned(), files.ctx.repo.to_string()),
+            ("ORCH_BRANCH".to_owned(), files.ctx.branch.clone()),
+            (
+                "ORCH_ARTIFACTS_DIR".to_owned(),
+                artifacts_dir(&files.ctx.key),
+            ),
+            ("ORCH_PROMPT_FILE".to_owned(), prompt.display().to_string()),
+        ];
+        let launch = Launch {
+            argv: argv.clone(),
+            cwd: &files.cwd,
+            prompt: &prompt,
+            log: &files.log,
+            env: &self.inner.agent_env,
+            job_vars,
+        };
+        let mut child = match agent::spawn(&launch) {
+            Ok(c) => c,
+            Err(e) => {
+                log_line(&files.log, &format!("cannot start the agent: {e}"));
+                let end = match &e {
+                    agent::SpawnError::NotFound(_) => bad_input(e.to_string()),
+                    _ => End::Permanent {
+                        outcome: "spawn_failed",
+                        reason: e.to_string(),
+                        retry: true,
+                    },
+                };
+                self.end_run(&job, end, None, None).await;
+                self.release_lease(&job, files.lease).await;
+                return;
+            }
+        };
+        let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        h.pid.store(pid, std::sync::atomic::Ordering::SeqCst);
+        let stamped = store::stamp_pid(
+            self.db(),
+            &job.id,
+            job.attempt,
+            &self.config().instance_id,
+            i64::from(pid),
+            now_ms(),
+        )
+        .await;
+        if !matches!(stamped, Ok(true)) {
+            // Cancelled or flipped between the claim and the spawn (or storage is gone):
+            // the process must not run unsupervised.
+            tracing::warn!(job_id = job.id, pid, stamped = ?stamped, "could not stamp the pid; stopping the agent");
+            agent::kill_group(pid, self.config().kill_grace, Some(&mut child)).await;
+            self.release_lease(&job, files.lease).await;
+            return;
+        }
+        tracing::info!(
+            job_id = job.id,
+            attempt = job.attempt,
+            pid,
+            agent = job.agent,
+            "agent started"
+        );
+        if job.agent == "analyst" && job.attempt == 1 {
+            let me = self.clone();
+            let (key, id) = (files.ctx.key.clone(), job.id.clone());
+            tokio::spawn(async move {
+                let html = format!(
+                    "<p>Analyst started on {} (job {}).</p>",
+                    html_escape(&key),
+                    html_escape(&id)
+                );
+                me.comment(&key, &html, "analyst", &format!("launcher:{id}:start"))
+                    .await;
+            });
+        }
+        let timeout = self.config().timeout_for(&job.agent);
+        let ended = agent::watch(&mut child, pid, timeout, self.config().kill_grace, &h.stop).await;
+        let took = started.elapsed();
+        let exit = match ended {
+            Ended::Stopped => {
+                match h.reason() {
+                    Some(StopReason::Shutdown) => {
+                        log_line(
+                            &files.log,
+                            "stopped: the launcher is shutting down; the job goes back to the queue",
+                        );
+                        let end = End::Again {
+                            outcome: "handed_back",
+                            reason: "the launcher shut down while it ran".to_owned(),
+                            after: Duration::ZERO,
+                            bump: false,
+                        };
+                        self.end_run(&job, end, None, None).await;
+                    }
+                    _ => log_line(
+                        &files.log,
+                        "stopped: the job was ended elsewhere (cancelled or flipped)",
+                    ),
+                }
+                self.release_lease(&job, files.lease).await;
+                return;
+            }
+            Ended::TimedOut => {
+                log_line(
+                    &files.log,
+                    &format!(
+                        "timed out after {:.1}s: SIGTERM to the group, SIGKILL after {:.1}s if still alive",
+                        timeout.as_secs_f64(),
+                        self.config().kill_grace.as_secs_f64()
+                    ),
+                );
+                RunExit {
+                    code: Some(-9),
+                    timed_out: true,
+                }
+            }
+            Ended::Exited(code) => {
+                log_line(
+                    &files.log,
+                    &format!(
+                        "exit {} after {:.1}s",
+                        code.map_or("?".to_owned(), |c| c.to_string()),
+                        took.as_secs_f64()
+                    ),
+                );
+                RunExit {
+                    code,
+                    timed_out: false,
+                }
+            }
+        };
+        let _ = store::stamp_exit(self.db(), &job.id, job.attempt, exit.code.unwrap_or(-1)).await;
+        self.finalize(&job, &files, exit, timeout).await;
+    }
+
+    /// Everything before the spawn; an `Err` is how the run ends instead.
+    async fn prepare(&self, job: &JobRow, lease: &mut bool) -> Result<RunFiles, End> {
+        let c = self.inner.config.clone();
+        let payload: Value = if job.payload_json.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(&job.payload_json)
+                .map_err(|e| bad_input(format!("payload_json is not JSON: {e}")))?
+        };
+        if !payload.is_object() {
+            return Err(bad_input("payload_json is not a JSON object"));
+        }
+        let key = validate_work_item_key(&job.work_item)
+            .map_err(|e| bad_input(e.to_string()))?
+            .to_owned();
+        let repo = RepoName::parse(&job.repo).map_err(|e| bad_input(e.to_string()))?;
+        crate::service::validate_agent(&job.agent).map_err(bad_input)?;
+        // The branch first: the payload's, else the work item's, else the convention.
+        let branch = match payload["branch"].as_str().filter(|b| !b.is_empty()) {
+            Some(b) => b.to_owned(),
+            None => match self.inner.peers.work_item(&key).await {
+                Ok(item) if !item.branch.is_empty() => item.branch,
+                Ok(_) => format!("orch/{key}"),
+                Err(s) if is_transient(&s) => {
+                    return Err(again(
+                        "peer_unavailable",
+                        format!(
+                            "stage-engine is unavailable to look up the branch: {}",
+                            s.message()
+                        ),
+                        self.backoff(job),
+                    ));
+                }
+                Err(_) => format!("orch/{key}"),
+            },
+        };
+        validate_branch(&branch).map_err(|e| bad_input(e.to_string()))?;
+        let base = payload["base"]
+            .as_str()
+            .filter(|b| !b.is_empty())
+            .map_or_else(|| c.forge.base_branch.clone(), str::to_owned);
+        validate_branch(&base).map_err(|e| bad_input(format!("base: {e}")))?;
+        let ctx = Ctx {
+            key: key.clone(),
+            repo: repo.clone(),
+            branch,
+            base,
+            title: payload["title"].as_str().unwrap_or_default().to_owned(),
+            why: payload["reason"].as_str().unwrap_or_default().to_owned(),
+            dedupe_key: job
+                .dedupe_key
+                .clone()
+                .or_else(|| payload["dedupe_key"].as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        };
+        let prompt_path = c.agents_dir.join(format!("{}.md", job.agent));
+        let role_prompt = std::fs::read_to_string(&prompt_path).map_err(|e| {
+            bad_input(format!(
+                "missing prompt file {} for agent {}: {e}",
+                prompt_path.display(),
+                job.agent
+            ))
+        })?;
+        if c.deploy_lease && job.stage == "deploy" {
+            self.acquire_lease(job, &repo).await?;
+            *lease = true;
+        }
+        let job_dir = c.job_dir(&job.id);
+        let log = job_dir.join(format!("attempt-{}.log", job.attempt));
+        let header = format!(
+            "== orchestrator launcher: job {} attempt {}, agent {}, work item {}, branch {}, at {}\n",
+            job.id,
+            job.attempt,
+            job.agent,
+            key,
+            ctx.branch,
+            rfc3339(now_ms())
+        );
+        std::fs::create_dir_all(&job_dir)
+            .and_then(|()| std::fs::write(&log, header))
+            .map_err(|e| End::Permanent {
+                outcome: "log_failed",
+                reason: format!("cannot write the log {}: {e}", log.display()),
+                retry: true,
+            })?;
+        let _ =
+            store::set_log_path(self.db(), &job.id, job.attempt, &log.display().to_string()).await;
+        let cwd = job_dir.join("checkout");
+        let checkout = if c.git {
+            match self
+                .inner
+                .workspace
+                .prepare(&cwd, &repo, &ctx.branch, &ctx.base)
+                .await
+            {
+                Ok(co) => Some(co),
+                Err(e) => {
+                    log_line(&log, &format!("checkout failed: {e}"));
+                    return Err(End::Permanent {
+                        outcome: "checkout_failed",
+                        reason: format!("cannot check out {repo} {}: {e}", ctx.branch),
+                        retry: true,
+                    });
+                }
+            }
+        } else {
+            if cwd.exists() {
+                let _ = std::fs::remove_dir_all(&cwd);
+            }
+            std::fs::create_dir_all(&cwd).map_err(|e| End::Permanent {
+                outcome: "checkout_failed",
+                reason: format!("cannot create {}: {e}", cwd.display()),
+                retry: true,
+            })?;
+            None
+        };
+        let hook_state = c
+            .qg_hook
+            .as_ref()
+            .map(|_| job_dir.join(format!("qg-hook-blocks-{}", job.attempt)));
+        let files = RunFiles {
+            ctx,
+            checkout,
+            cwd,
+            log,
+            hook_state,
+            lease: *lease,
+        };
+        let prompt = job_dir.join(format!("prompt-{}.md", job.attempt));
+        std::fs::write(&prompt, self.prompt_text(job, &files.ctx, &role_prompt))
+            .and_then(|()| {
+                std::fs::write(run_file(&job_dir, job.attempt), files.to_json().to_string())
+            })
+            .map_err(|e| End::Permanent {
+                outcome: "log_failed",
+                reason: format!("cannot write into {}: {e}", job_dir.display()),
+                retry: true,
+            })?;
+        Ok(files)
+    }
+
+    fn backoff(&self, job: &JobRow) -> Duration {
+        crate::classify::backoff(
+            job.transient_attempts + 1,
+            self.config().backoff_base,
+            self.config().backoff_max,
+            crate::classify::jitter(),
+        )
+    }
+
+    async fn acquire_lease(&self, job: &JobRow, repo: &RepoName) -> Result<(), End> {
+        let req = AcquireLeaseRequest {
+            repo: repo.to_string(),
+            holder_job_id: job.id.clone(),
+            instance_id: self.config().instance_id.clone(),
+            pid: i64::from(std::process::id()),
+            ttl_s: 0,
+        };
+        match self.inner.peers.acquire_lease(req).await {
+            Ok(r) if r.acquired => Ok(()),
+            Ok(r) => {
+                let holder = r.lease.map(|l| l.holder_job_id).unwrap_or_default();
+                if holder == job.id {
+                    return Ok(());
+                }
+                Err(again(
+                    "lease_busy",
+                    format!("the merge lease of {repo} is held by job {holder}"),
+                    self.config().lease_retry,
+                ))
+            }
+            Err(s) if is_transient(&s) => Err(End::Again {
+                outcome: "peer_unavailable",
+                reason: format!(
+                    "merge-gate cannot give the merge lease ({:?}): {}",
+                    s.code(),
+                    s.message()
+                ),
+                after: self.backoff(job),
+                bump: true,
+            }),
+            Err(s) => Err(bad_input(format!(
+                "merge-gate refused the merge lease: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    pub(crate) async fn release_lease(&self, job: &JobRow, held: bool) {
+        if !held {
+            return;
+        }
+        if let Err(e) = self.inner.peers.release_lease(&job.repo, &job.id).await {
+            // A lease left behind expires (TTL) or is reclaimed by the reaper.
+            tracing::warn!(job_id = job.id, repo = job.repo, code = ?e.code(), error = e.message(), "cannot release the merge lease");
+        }
+    }
+
+    /// The role's prompt and the work item's context, fed to the agent on stdin.
+    fn prompt_text(&self, job: &JobRow, ctx: &Ctx, role_prompt: &str) -> String {
+        let mut p = role_prompt.trim_end().to_owned();
+        p.push_str("\n\n---\n\n# Your task\n\n");
+        p.push_str(&format!("- Work item: {}", ctx.key));
+        if !ctx.title.is_empty() {
+            p.push_str(&format!(" — {}", ctx.title));
+        }
+        p.push_str(&format!(
+            "\n- Stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
+            job.stage,
+            ctx.repo,
+            ctx.branch,
+            ctx.base,
+            artifacts_dir(&ctx.key)
+        ));
+        if !ctx.why.is_empty() {
+            p.push_str(&format!("- Why you run: {}\n", ctx.why));
+        }
+        if job.attempt > 1 && !job.reason.is_empty() {
+            p.push_str(&format!(
+                "- This is run {} of this job; the previous one ended with: {}\n",
+                job.attempt, job.reason
+            ));
+        }
+        p.push_str("- The orchestrator commits and pushes what you leave in the checkout; do not push yourself.\n");
+        p
+    }
+
+    /// The command and the flags the launcher adds: the work item's remaining budget and
+    /// the quality gate as the Stop hook (never `--bare`: it would skip hooks).
+    async fn argv(&self, job: &JobRow, files: &RunFiles) -> Result<Vec<String>, End> {
+        let c = self.config();
+        let mut argv = c.agent_command.clone();
+        if let Some(budget) = c.work_item_budget_usd {
+            let spent = match self.inner.peers.spent_usd(&files.ctx.key).await {
+                Ok(s) => s,
+                Err(s) if is_transient(&s) => {
+                    return Err(again(
+                        "peer_unavailable",
+                        format!(
+                            "usage-ledger is unavailable to tell what {} has spent: {}",
+                            files.ctx.key,
+                            s.message()
+                        ),
+                        self.backoff(job),
+                    ));
+                }
+                Err(s) => return Err(bad_input(format!("usage-ledger refused: {}", s.message()))),
+            };
+            if spent >= budget {
+                let reason = format!(
+                    "the work item's budget is spent: ${spent:.2} of ${budget:.2} (ORCH_WORK_ITEM_BUDGET_USD)"
+                );
+                let html = format!(
+                    "<p>{} is blocked: {}. Raise the budget or finish the work by hand.</p>",
+                    html_escape(&files.ctx.key),
+                    html_escape(&reason)
+                );
+                self.comment(
+                    &files.ctx.key,
+                    &html,
+                    "stream",
+                    &format!("launcher:{}:budget", job.id),
+                )
+                .await;
+                return Err(End::Failed {
+                    outcome: "budget_blocked",
+                    reason,
+                });
+            }
+            argv.push("--max-budget-usd".to_owned());
+            argv.push(format!("{:.4}", budget - spent));
+        }
+        if let (Some(hook), Some(state)) = (&c.qg_hook, &files.hook_state) {
+            let command = format!(
+                "{} --work-item {} --stage {} --dir {} --state-file {} --max-blocks {}",
+                hook.command,
+                shell_quote(&files.ctx.key),
+                shell_quote(&job.stage),
+                shell_quote(&files.cwd.display().to_string()),
+                shell_quote(&state.display().to_string()),
+                hook.max_blocks
+            );
+            let settings =
+                json!({"hooks": {"Stop": [{"hooks": [{"type": "command", "command": command}]}]}});
+            argv.push("--settings".to_owned());
+            argv.push(settings.to_string());
+        }
+        Ok(argv)
+    }
+
+    /// Finalizes a run of this launcher's previous life whose process is gone.
+    pub(crate) async fn finalize_orphan(&self, job: JobRow) {
+        let job_dir = self.config().job_dir(&job.id);
+        let files = std::fs::read_to_string(run_file(&job_dir, job.attempt))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| RunFiles::from_json(&v));
+        let Some(files) = files else {
+            let end = End::Permanent {
+                outcome: "orphaned",
+                reason: "the launcher restarted before the agent started".to_owned(),
+                retry: true,
+            };
+            self.end_run(&job, end, None, None).await;
+            return;
+        };
+        log_line(
+            &files.log,
+            "the launcher restarted; finalizing this run from its log",
+        );
+        let exit = RunExit {
+            code: job.exit_code,
+            timed_out: false,
+        };
+        let timeout = self.config().timeout_for(&job.agent);
+        self.finalize(&job, &files, exit, timeout).await;
+    }
+
+    async fn finalize(&self, job: &JobRow, files: &RunFiles, exit: RunExit, timeout: Duration) {
+        let tail = read_tail(&files.log);
+        let result = parse_result(&tail);
+        if let Err(e) = self
+            .inner
+            .peers
+            .record_run(RecordRunRequest {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                work_item: files.ctx.key.clone(),
+                agent: job.agent.clone(),
+                output: tail.clone(),
+            })
+            .await
+        {
+            // Never fatal: the run's outcome does not depend on its accounting.
+            tracing::warn!(job_id = job.id, code = ?e.code(), error = e.message(), "cannot record the run's usage");
+        }
+        let qg_hook_blocks = files.hook_state.as_deref().map(|p| {
+            std::fs::read_to_string(p)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        });
+        let work_done = match &files.checkout {
+            Some(co) => self.inner.workspace.work_done(co).await.ok(),
+            None => None,
+        };
+        let verdict = classify(&Evidence {
+            exit,
+            result: result.as_ref(),
+            log_tail: &tail,
+            work_done,
+            now_ms: now_ms(),
+        });
+        tracing::info!(job_id = job.id, attempt = job.attempt, verdict = verdict.kind(), exit = ?exit.code, "run classified");
+        self.on_outcome(matches!(verdict, Verdict::Transient { .. }))
+            .await;
+        let end = match verdict {
+            Verdict::Success => self.deliver_success(job, files, qg_hook_blocks).await,
+            Verdict::Transient { reason, wait } => End::Transient { reason, wait },
+            Verdict::Permanent { reason, retry } => {
+                let (outcome, reason) = if exit.timed_out {
+                    (
+                        "timeout",
+                        format!("timed out after {}s", timeout.as_secs_f64()),
+                    )
+                } else {
+                    ("permanent", reason)
+                };
+                End::Permanent {
+                    outcome,
+                    reason,
+                    retry,
+                }
+            }
+        };
+        let succeeded = matches!(end, End::Succeeded { .. });
+        let written = self.end_run(job, end, exit.code, qg_hook_blocks).await;
+        self.release_lease(job, files.lease).await;
+        if succeeded
+            && written.is_some()
+            && let Some(co) = &files.checkout
+        {
+            // The work is on the forge now; the log stays for TailLog and people.
+            let _ = std::fs::remove_dir_all(&co.dir);
+        }
+    }
+
+    /// Feeds the circuit breaker (LLM outcomes only).
+    async fn on_outcome(&self, transient: bool) {
+        let c = self.config();
+        let now = now_ms();
+        let r = if transient {
+            let cooldown = i64::try_from(c.breaker_cooldown.as_millis()).unwrap_or(i64::MAX);
+            store::breaker_on_transient(self.db(), c.breaker_threshold, cooldown, now)
+                .await
+                .map(|b| {
+                    if b.state == "open" {
+                        tracing::warn!(
+                            consecutive_transient = b.consecutive_transient,
+                            open_until_ms = b.open_until_ms,
+                            "circuit breaker open: LLM claims pause"
+                        );
+                    }
+                })
+        } else {
+            store::breaker_on_other(self.db(), now).await
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot update the circuit breaker");
+        }
+    }
+
+    /// The success path: commit and push, ensure the PR, the finish comment, AdvanceStage.
+    async fn deliver_success(
+        &self,
+        job: &JobRow,
+        files: &RunFiles,
+        qg_hook_blocks: Option<u32>,
+    ) -> End {
+        let ctx = &files.ctx;
+        let forge = self.inner.workspace.forge().clone();
+        let mut notes: Vec<String> = Vec::new();
+        let mut links: Vec<(String, String)> = Vec::new();
+        let mut pr: Option<PullRequest> = None;
+        if let Some(co) = &files.checkout {
+            let message = format!(
+                "{} {}: {} (job {}, attempt {})",
+                ctx.key, job.stage, job.agent, job.id, job.attempt
+            );
+            let delivered = match self.inner.workspace.deliver(co, &job.agent, &message).await {
+                Ok(d) => d,
+                Err(e) => {
+                    log_line(&files.log, &format!("delivery failed: {e}"));
+                    return End::Permanent {
+                        outcome: "push_failed",
+                        reason: format!("cannot commit and push the agent's work: {e}"),
+                        retry: true,
+                    };
+                }
+            };
+            if !delivered.committed && delivered.changed_files.is_empty() {
+                notes.push("no changes to commit".to_owned());
+            }
+            let prefix = format!("{}/", artifacts_dir(&ctx.key));
+            for f in delivered
+                .changed_files
+                .iter()
+                .filter(|f| f.starts_with(&prefix))
+            {
+                let name = f[prefix.len()..].to_owned();
+                links.push((name, forge.file_url(&ctx.repo, &ctx.branch, f)));
+            }
+            log_line(
+                &files.log,
+                &format!(
+                    "delivered: head {}{}",
+                    delivered.head_sha,
+                    if delivered.pushed {
+                        ", pushed"
+                    } else {
+                        ", nothing new to push"
+                    }
+                ),
+            );
+            let title = if ctx.title.is_empty() {
+                ctx.key.clone()
+            } else {
+                format!("{}: {}", ctx.key, ctx.title)
+            };
+            let body = format!("Work item {} — opened by the orchestrator.", ctx.key);
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match forge
+                    .ensure_pr(&ctx.repo, &ctx.branch, &ctx.base, &title, &body)
+                    .await
+                {
+                    Ok(p) => {
+                        pr = Some(p.pr);
+                        break;
+                    }
+                    Err(e) if e.is_transient() && tries < 4 => {
+                        tokio::time::sleep(Duration::from_millis(500 * (1 << tries))).await;
+                    }
+                    Err(e) => {
+                        return End::Permanent {
+                            outcome: "pr_failed",
+                            reason: format!("cannot ensure the PR: {e}"),
+                            retry: true,
+                        };
+                    }
+                }
+            }
+        }
+        self.finish_comment(job, files, pr.as_ref(), &links, &notes, qg_hook_blocks)
+            .await;
+        let mut outcome = if notes.is_empty() {
+            "succeeded"
+        } else {
+            "no_changes"
+        }
+        .to_owned();
+        match self.advance(job, ctx).await {
+            Ok(resp) => {
+                let adv = resp.outcome();
+                notes.push(format!(
+                    "advance_stage: {}",
+                    adv.as_str_name().to_ascii_lowercase()
+                ));
+                if adv == AdvanceOutcome::Done && job.stage == "deploy" && self.config().git {
+                    match self.enqueue_finalizer(job, ctx, pr.as_ref()).await {
+                        Ok(()) => outcome = "deployed".to_owned(),
+                        Err(e) => notes.push(format!("cannot enqueue the deploy-finalizer: {e}")),
+                    }
+                }
+            }
+            Err(e) => notes.push(e),
+        }
+        End::Succeeded {
+            outcome,
+            note: notes.join("; "),
+        }
+    }
+
+    async fn finish_comment(
+        &self,
+        job: &JobRow,
+        files: &RunFiles,
+        pr: Option<&PullRequest>,
+        links: &[(String, String)],
+        notes: &[String],
+        qg_hook_blocks: Option<u32>,
+    ) {
+        let line = match self.inner.peers.finish_comment(&job.id, job.attempt).await {
+            Ok(t) if !t.is_empty() => t,
+            _ => format!("{} done", role_title(&job.agent)),
+        };
+        let mut html = format!("<p>{}</p>", html_escape(&line));
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(p) = pr {
+            parts.push(format!(
+                "PR <a href=\"{}\">#{}</a>",
+                html_escape(&p.url),
+                p.number
+            ));
+        }
+        if !links.is_empty() {
+            let l: Vec<String> = links
+                .iter()
+                .map(|(n, u)| format!("<a href=\"{}\">{}</a>", html_escape(u), html_escape(n)))
+                .collect();
+            parts.push(format!("artifacts: {}", l.join(", ")));
+        }
+        if let Some(b) = qg_hook_blocks.filter(|b| *b > 0) {
+            parts.push(format!("the quality-gate hook kept it working {b} time(s)"));
+        }
+        for n in notes {
+            parts.push(html_escape(n));
+        }
+        if !parts.is_empty() {
+            html.push_str(&format!("<p>{}</p>", parts.join(" · ")));
+        }
+        let key = format!("launcher:{}:{}:finish", job.id, job.attempt);
+        self.comment(
+            &files.ctx.key,
+            &html,
+            crate::supervisor::comment_author(&job.agent),
+            &key,
+        )
+        .await;
+    }
+
+    /// `StageEngine.AdvanceStage`, retried a while when stage-engine is unavailable.
+    async fn advance(
+        &self,
+        job: &JobRow,
+        ctx: &Ctx,
+    ) -> Result<orchestrator_proto::stage_engine::v1::AdvanceStageResponse, String> {
+        let req = AdvanceStageRequest {
+            work_item: ctx.key.clone(),
+            finished_agent: job.agent.clone(),
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            dedupe_key: ctx.dedupe_key.clone(),
+        };
+        let mut wait = Duration::from_millis(250);
+        for tries in 1.. {
+            match self.inner.peers.advance_stage(req.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(s) if is_transient(&s) && tries < 6 && !self.inner.stopped.is_cancelled() => {
+                    tracing::info!(job_id = job.id, code = ?s.code(), "stage-engine unavailable for advance_stage; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(s) => {
+                    tracing::warn!(job_id = job.id, code = ?s.code(), error = s.message(), "advance_stage failed");
+                    return Err(format!(
+                        "advance_stage failed ({:?}): {}",
+                        s.code(),
+                        s.message()
+                    ));
+                }
+            }
+        }
+        Err("advance_stage was not attempted".to_owned())
+    }
+
+    /// After the deployer's verdict completed the item: the deploy-finalizer merges the PR,
+    /// pinned to the head that was deployed. The deployer releases its lease right after;
+    /// the finalizer takes the lease at its claim (and waits briefly while its deployer
+    /// still holds it).
+    async fn enqueue_finalizer(
+        &self,
+        job: &JobRow,
+        ctx: &Ctx,
+        pr: Option<&PullRequest>,
+    ) -> Result<(), String> {
+        let pr = pr.ok_or("no PR to merge")?;
+        let now = now_ms();
+        let payload = json!({
+            "work_item": ctx.key,
+            "repo": ctx.repo.to_string(),
+            "branch": ctx.branch,
+            "base": ctx.base,
+            "pr_number": pr.number,
+            "tested_head_sha": pr.head_sha,
+            "deployer_job_id": job.id,
+        });
+        store::enqueue(
+            self.db(),
+            &NewJob {
+                id: crate::service::new_job_id(),
+                work_item: ctx.key.clone(),
+                repo: ctx.repo.to_string(),
+                agent: "deploy-finalizer".to_owned(),
+                stage: job.stage.clone(),
+                kind: Kind::Reserved,
+                payload_json: payload.to_string(),
+                dedupe_key: Some(format!("deploy-finalizer:{}", job.id)),
+                max_attempts: self.config().max_attempts,
+                not_before_ms: now,
+                now_ms: now,
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.wake();
+        Ok(())
+    }
+}
+
+fn again(outcome: &'static str, reason: String, after: Duration) -> End {
+    End::Again {
+        outcome,
+        reason,
+        after,
+        bump: outcome == "peer_unavailable",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_titles() {
+        assert_eq!(role_title("developer"), "Developer");
+        assert_eq!(role_title("deploy-finalizer"), "Deploy finalizer");
+        assert_eq!(role_title(""), "Agent");
+    }
+
+    #[test]
+    fn run_files_round_trip() {
+        let f = RunFiles {
+            ctx: Ctx {
+                key: "ORCH-1".into(),
+                repo: RepoName::parse("acme/app").expect("repo"),
+                branch: "orch/ORCH-1".into(),
+                base: "main".into(),
+                title: "t".into(),
+                why: String::new(),
+                dedupe_key: "d".into(),
+            },
+            checkout: Some(Checkout {
+                dir: "/w/jobs/j/checkout".into(),
+                branch: "orch/ORCH-1".into(),
+                base: "main".into(),
+                start_sha: "abc".into(),
+            }),
+            cwd: "/w/jobs/j/checkout".into(),
+            log: "/w/jobs/j/attempt-1.log".into(),
+            hook_state: None,
+            lease: true,
+        };
+        let back = RunFiles::from_json(&f.to_json()).expect("parse");
+        assert_eq!(back.checkout, f.checkout);
+        assert_eq!(back.log, f.log);
+        assert!(back.lease);
+        assert_eq!(back.ctx.dedupe_key, "d");
+    }
+}

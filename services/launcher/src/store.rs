@@ -1,0 +1,742 @@
+//! The launcher's tables: jobs, launcher_instances, breaker.
+//!
+//! Every write about a run is guarded by `status = 'running' AND attempt = $n`: the attempt
+//! is the fencing token, so a late writer from an earlier run (or a second finalizer)
+//! changes nothing and learns it from the row count.
+
+use std::fmt;
+use std::str::FromStr;
+
+use orchestrator_kit::{Backend, Db};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// A job's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Runs an LLM agent; counts against `ORCH_MAX_CONCURRENCY`.
+    Llm,
+    /// A no-LLM job run as an RPC (deploy-finalizer, post-deploy-monitor).
+    Reserved,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Llm => "llm",
+            Kind::Reserved => "reserved",
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "llm" => Ok(Kind::Llm),
+            "reserved" => Ok(Kind::Reserved),
+            _ => Err(format!("unknown job kind '{s}'")),
+        }
+    }
+}
+
+/// A job's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Queued,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown job status '{s}'"))
+    }
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub work_item: String,
+    pub repo: String,
+    pub agent: String,
+    pub stage: String,
+    pub kind: Kind,
+    pub payload_json: String,
+    pub dedupe_key: Option<String>,
+    pub status: Status,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub failures: u32,
+    pub transient_attempts: u32,
+    pub not_before_ms: i64,
+    pub instance_id: String,
+    pub pid: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub enqueued_at_ms: i64,
+    pub started_at_ms: i64,
+    pub heartbeat_at_ms: i64,
+    pub finished_at_ms: i64,
+    pub log_path: String,
+    pub outcome: String,
+    pub reason: String,
+    pub qg_hook_blocks: u32,
+}
+
+const COLUMNS: &str = "id, work_item, repo, agent, stage, kind, payload_json, dedupe_key, status, attempt, \
+     max_attempts, failures, transient_attempts, not_before_ms, instance_id, pid, exit_code, enqueued_at_ms, \
+     started_at_ms, heartbeat_at_ms, finished_at_ms, log_path, outcome, reason, qg_hook_blocks";
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+fn decode(e: String) -> sqlx::Error {
+    sqlx::Error::Decode(e.into())
+}
+
+fn from_row(row: &AnyRow) -> Result<JobRow, sqlx::Error> {
+    Ok(JobRow {
+        id: row.try_get("id")?,
+        work_item: row.try_get("work_item")?,
+        repo: row.try_get("repo")?,
+        agent: row.try_get("agent")?,
+        stage: row.try_get("stage")?,
+        kind: row.try_get::<String, _>("kind")?.parse().map_err(decode)?,
+        payload_json: row.try_get("payload_json")?,
+        dedupe_key: row.try_get("dedupe_key")?,
+        status: row
+            .try_get::<String, _>("status")?
+            .parse()
+            .map_err(decode)?,
+        attempt: u32_of(row.try_get("attempt")?),
+        max_attempts: u32_of(row.try_get("max_attempts")?),
+        failures: u32_of(row.try_get("failures")?),
+        transient_attempts: u32_of(row.try_get("transient_attempts")?),
+        not_before_ms: row.try_get("not_before_ms")?,
+        instance_id: row.try_get("instance_id")?,
+        pid: row.try_get("pid")?,
+        exit_code: row
+            .try_get::<Option<i64>, _>("exit_code")?
+            .and_then(|c| i32::try_from(c).ok()),
+        enqueued_at_ms: row.try_get("enqueued_at_ms")?,
+        started_at_ms: row.try_get("started_at_ms")?,
+        heartbeat_at_ms: row.try_get("heartbeat_at_ms")?,
+        finished_at_ms: row.try_get("finished_at_ms")?,
+        log_path: row.try_get("log_path")?,
+        outcome: row.try_get("outcome")?,
+        reason: row.try_get("reason")?,
+        qg_hook_blocks: u32_of(row.try_get("qg_hook_blocks")?),
+    })
+}
+
+/// A job to add.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub work_item: String,
+    pub repo: String,
+    pub agent: String,
+    pub stage: String,
+    pub kind: Kind,
+    pub payload_json: String,
+    pub dedupe_key: Option<String>,
+    pub max_attempts: u32,
+    pub not_before_ms: i64,
+    pub now_ms: i64,
+}
+
+/// Adds a job; with a dedupe key already used, returns the first job and `false`.
+pub async fn enqueue(db: &Db, j: &NewJob) -> Result<(JobRow, bool), sqlx::Error> {
+    let done = sqlx::query(
+        "INSERT INTO jobs (id, work_item, repo, agent, stage, kind, payload_json, dedupe_key, status, attempt, \
+         max_attempts, failures, transient_attempts, not_before_ms, instance_id, pid, exit_code, enqueued_at_ms, \
+         started_at_ms, heartbeat_at_ms, finished_at_ms, log_path, outcome, reason, qg_hook_blocks) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', 0, $9, 0, 0, $10, '', NULL, NULL, $11, 0, 0, 0, '', '', '', 0) \
+         ON CONFLICT (dedupe_key) DO NOTHING",
+    )
+    .bind(&j.id)
+    .bind(&j.work_item)
+    .bind(&j.repo)
+    .bind(&j.agent)
+    .bind(&j.stage)
+    .bind(j.kind.as_str())
+    .bind(&j.payload_json)
+    .bind(j.dedupe_key.clone())
+    .bind(i64::from(j.max_attempts))
+    .bind(j.not_before_ms)
+    .bind(j.now_ms)
+    .execute(&db.pool)
+    .await?;
+    let created = done.rows_affected() == 1;
+    let row = if created {
+        get(db, &j.id).await?
+    } else {
+        match &j.dedupe_key {
+            Some(k) => get_by_dedupe(db, k).await?,
+            None => None,
+        }
+    };
+    let row = row.ok_or_else(|| decode("the enqueued job vanished".into()))?;
+    Ok((row, created))
+}
+
+pub async fn get(db: &Db, id: &str) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(&db.pool)
+    .await?
+    .as_ref()
+    .map(from_row)
+    .transpose()
+}
+
+async fn get_by_dedupe(db: &Db, key: &str) -> Result<Option<JobRow>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs WHERE dedupe_key = $1"
+    )))
+    .bind(key)
+    .fetch_optional(&db.pool)
+    .await?
+    .as_ref()
+    .map(from_row)
+    .transpose()
+}
+
+/// Filters of [`list`]; empty means any.
+#[derive(Debug, Default)]
+pub struct ListFilter<'a> {
+    pub status: &'a str,
+    pub work_item: &'a str,
+    pub repo: &'a str,
+    pub agent: &'a str,
+    pub limit: u32,
+}
+
+/// Jobs matching the filter, newest first.
+pub async fn list(db: &Db, f: &ListFilter<'_>) -> Result<Vec<JobRow>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs \
+         WHERE ($1 = '' OR status = $1) AND ($2 = '' OR work_item = $2) AND ($3 = '' OR repo = $3) \
+         AND ($4 = '' OR agent = $4) \
+         ORDER BY enqueued_at_ms DESC, id DESC LIMIT $5"
+    )))
+    .bind(f.status)
+    .bind(f.work_item)
+    .bind(f.repo)
+    .bind(f.agent)
+    .bind(i64::from(f.limit))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Every running job, oldest start first.
+pub async fn running(db: &Db) -> Result<Vec<JobRow>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM jobs WHERE status = 'running' ORDER BY started_at_ms, id"
+    )))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// Jobs per status.
+pub async fn counts(db: &Db) -> Result<Vec<(Status, u64)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        .fetch_all(&db.pool)
+        .await?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let s: Status = r.try_get::<String, _>("status")?.parse().map_err(decode)?;
+        out.push((s, u64::try_from(r.try_get::<i64, _>("n")?).unwrap_or(0)));
+    }
+    Ok(out)
+}
+
+/// The earliest `not_before` of a queued job that is not runnable yet, if any (the
+/// dispatcher sleeps until then at most).
+pub async fn next_due(db: &Db, now_ms: i64) -> Result<Option<i64>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT MIN(not_before_ms) AS at FROM jobs WHERE status = 'queued' AND not_before_ms > $1",
+    )
+    .bind(now_ms)
+    .fetch_one(&db.pool)
+    .await?;
+    row.try_get::<Option<i64>, _>("at")
+}
+
+/// Which kinds a claim may take.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimFilter {
+    pub llm: bool,
+    pub reserved: bool,
+    pub max_concurrency: u32,
+}
+
+/// Claims the oldest runnable job this instance may take, in ONE statement: an LLM job only
+/// while fewer than `max_concurrency` LLM jobs run (across every replica), a reserved job
+/// whatever the LLM slots. Marks it running at the next attempt, owned by `instance_id`.
+///
+/// PostgreSQL: `FOR UPDATE SKIP LOCKED`, so replicas never claim the same row; claims that
+/// may take an LLM job also take a transaction-scoped advisory lock first, so that two
+/// replicas cannot both see the last free slot.
+/// SQLite: one writer at a time; a single `UPDATE ... WHERE id = (SELECT ...) RETURNING`.
+pub async fn claim(
+    db: &Db,
+    instance_id: &str,
+    now_ms: i64,
+    f: ClaimFilter,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    if !f.llm && !f.reserved {
+        return Ok(None);
+    }
+    let lock = if db.backend == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, instance_id = $2, started_at_ms = $1, \
+         heartbeat_at_ms = $1, pid = NULL, exit_code = NULL, finished_at_ms = 0, outcome = '', qg_hook_blocks = 0, \
+         log_path = '' \
+         WHERE id = (SELECT id FROM jobs WHERE status = 'queued' AND not_before_ms <= $1 \
+           AND ((kind = 'reserved' AND $3 = 1) OR (kind = 'llm' AND $4 = 1 AND \
+                (SELECT COUNT(*) FROM jobs r WHERE r.status = 'running' AND r.kind = 'llm') < $5)) \
+           ORDER BY enqueued_at_ms, id LIMIT 1{lock}) \
+         AND status = 'queued' RETURNING {COLUMNS}"
+    );
+    let q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(now_ms)
+        .bind(instance_id)
+        .bind(i64::from(f.reserved))
+        .bind(i64::from(f.llm))
+        .bind(i64::from(f.max_concurrency));
+    let row = if db.backend == Backend::Postgres && f.llm {
+        let mut tx = db.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(7274001)")
+            .execute(&mut *tx)
+            .await?;
+        let row = q.fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
+        row
+    } else {
+        q.fetch_optional(&db.pool).await?
+    };
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Claims up to `limit` runnable reserved jobs at once, oldest first (no LLM slot
+/// involved, so no advisory lock: `SKIP LOCKED` alone keeps replicas apart).
+pub async fn claim_reserved(
+    db: &Db,
+    instance_id: &str,
+    now_ms: i64,
+    limit: u32,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let lock = if db.backend == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, instance_id = $2, started_at_ms = $1, \
+         heartbeat_at_ms = $1, pid = NULL, exit_code = NULL, finished_at_ms = 0, outcome = '', qg_hook_blocks = 0, \
+         log_path = '' \
+         WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' AND not_before_ms <= $1 AND kind = 'reserved' \
+           ORDER BY enqueued_at_ms, id LIMIT $3{lock}) \
+         AND status = 'queued' RETURNING {COLUMNS}"
+    )))
+    .bind(now_ms)
+    .bind(instance_id)
+    .bind(i64::from(limit))
+    .fetch_all(&db.pool)
+    .await?;
+    let mut jobs: Vec<JobRow> = rows.iter().map(from_row).collect::<Result<_, _>>()?;
+    jobs.sort_by(|a, b| (a.enqueued_at_ms, &a.id).cmp(&(b.enqueued_at_ms, &b.id)));
+    Ok(jobs)
+}
+
+/// Records where the run's log is (before the spawn, so a spawn failure can be read).
+pub async fn set_log_path(
+    db: &Db,
+    id: &str,
+    attempt: u32,
+    path: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET log_path = $3 WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(path)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Stamps the agent's pid right after the spawn. False: the run was flipped meanwhile.
+pub async fn stamp_pid(
+    db: &Db,
+    id: &str,
+    attempt: u32,
+    instance_id: &str,
+    pid: i64,
+    now_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET pid = $3, instance_id = $4, heartbeat_at_ms = $5 \
+         WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(pid)
+    .bind(instance_id)
+    .bind(now_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Stamps the exit code as soon as the agent is reaped, before anything slow: a job with
+/// an exit code that is still running tells the reaper "the launcher died between wait
+/// and finalize".
+pub async fn stamp_exit(db: &Db, id: &str, attempt: u32, code: i32) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET exit_code = $3 WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(i64::from(code))
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The end of a run: where the job goes next.
+#[derive(Debug, Clone)]
+pub struct Settle {
+    /// queued (a retry or a hand-back), or a terminal status.
+    pub status: Status,
+    pub not_before_ms: i64,
+    pub failures: u32,
+    pub transient_attempts: u32,
+    pub outcome: String,
+    pub reason: String,
+    /// Overwrites the stamped exit code when set.
+    pub exit_code: Option<i32>,
+    pub qg_hook_blocks: Option<u32>,
+    pub now_ms: i64,
+}
+
+/// Ends run `attempt` of job `id` — only if it is still running at that attempt. Returns
+/// the job as written, or `None` when someone else ended that run first.
+pub async fn settle(
+    db: &Db,
+    id: &str,
+    attempt: u32,
+    s: &Settle,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    let finished = if s.status.is_terminal() { s.now_ms } else { 0 };
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET status = $3, not_before_ms = $4, failures = $5, transient_attempts = $6, \
+         outcome = $7, reason = $8, finished_at_ms = $9, \
+         exit_code = CASE WHEN $10 = 1 THEN $11 ELSE exit_code END, \
+         qg_hook_blocks = CASE WHEN $12 = 1 THEN $13 ELSE qg_hook_blocks END \
+         WHERE id = $1 AND attempt = $2 AND status = 'running' RETURNING {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(s.status.as_str())
+    .bind(s.not_before_ms)
+    .bind(i64::from(s.failures))
+    .bind(i64::from(s.transient_attempts))
+    .bind(&s.outcome)
+    .bind(&s.reason)
+    .bind(finished)
+    .bind(i64::from(s.exit_code.is_some()))
+    .bind(i64::from(s.exit_code.unwrap_or(0)))
+    .bind(i64::from(s.qg_hook_blocks.is_some()))
+    .bind(i64::from(s.qg_hook_blocks.unwrap_or(0)))
+    .fetch_optional(&db.pool)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Cancels a queued job (a running one is cancelled through [`settle`]).
+pub async fn cancel_queued(
+    db: &Db,
+    id: &str,
+    reason: &str,
+    now_ms: i64,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE jobs SET status = 'cancelled', outcome = 'cancelled', reason = $2, finished_at_ms = $3 \
+         WHERE id = $1 AND status = 'queued' RETURNING {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(reason)
+    .bind(now_ms)
+    .fetch_optional(&db.pool)
+    .await?;
+    row.as_ref().map(from_row).transpose()
+}
+
+/// Heartbeats the runs this instance still sees alive; returns the ids still running at
+/// their attempt (a missing id was ended by someone else: its process must go).
+pub async fn heartbeat_jobs(
+    db: &Db,
+    runs: &[(String, u32)],
+    now_ms: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut alive = Vec::new();
+    // Small batches keep the statement short on both backends.
+    for chunk in runs.chunks(200) {
+        let mut sql =
+            String::from("UPDATE jobs SET heartbeat_at_ms = $1 WHERE status = 'running' AND (");
+        for i in 0..chunk.len() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            sql.push_str(&format!(
+                "(id = ${} AND attempt = ${})",
+                2 + 2 * i,
+                3 + 2 * i
+            ));
+        }
+        sql.push_str(") RETURNING id");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now_ms);
+        for (id, attempt) in chunk {
+            q = q.bind(id.clone()).bind(i64::from(*attempt));
+        }
+        for r in q.fetch_all(&db.pool).await? {
+            alive.push(r.try_get::<String, _>("id")?);
+        }
+    }
+    Ok(alive)
+}
+
+/// A launcher instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub host: String,
+    pub started_at_ms: i64,
+    pub heartbeat_at_ms: i64,
+    pub stopped_at_ms: i64,
+}
+
+/// Registers (or re-registers after a restart) an instance.
+pub async fn register_instance(
+    db: &Db,
+    id: &str,
+    host: &str,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO launcher_instances (id, host, started_at_ms, heartbeat_at_ms, stopped_at_ms) \
+         VALUES ($1, $2, $3, $3, 0) \
+         ON CONFLICT (id) DO UPDATE SET host = $2, started_at_ms = $3, heartbeat_at_ms = $3, stopped_at_ms = 0",
+    )
+    .bind(id)
+    .bind(host)
+    .bind(now_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn heartbeat_instance(db: &Db, id: &str, now_ms: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE launcher_instances SET heartbeat_at_ms = $2 WHERE id = $1")
+        .bind(id)
+        .bind(now_ms)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Marks an instance stopped (a clean shutdown): it counts as gone at once.
+pub async fn stop_instance(db: &Db, id: &str, now_ms: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE launcher_instances SET stopped_at_ms = $2 WHERE id = $1")
+        .bind(id)
+        .bind(now_ms)
+        .execute(&db.pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn instances(db: &Db) -> Result<Vec<Instance>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, host, started_at_ms, heartbeat_at_ms, stopped_at_ms FROM launcher_instances ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Instance {
+                id: r.try_get("id")?,
+                host: r.try_get("host")?,
+                started_at_ms: r.try_get("started_at_ms")?,
+                heartbeat_at_ms: r.try_get("heartbeat_at_ms")?,
+                stopped_at_ms: r.try_get("stopped_at_ms")?,
+            })
+        })
+        .collect()
+}
+
+/// The breaker row.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BreakerRow {
+    pub state: String,
+    pub consecutive_transient: u32,
+    pub open_until_ms: i64,
+    pub probe_job_id: String,
+    pub probe_started_ms: i64,
+}
+
+pub async fn breaker(db: &Db) -> Result<BreakerRow, sqlx::Error> {
+    let r = sqlx::query(
+        "SELECT state, consecutive_transient, open_until_ms, probe_job_id, probe_started_ms FROM breaker WHERE id = 'llm'",
+    )
+    .fetch_one(&db.pool)
+    .await?;
+    Ok(BreakerRow {
+        state: r.try_get("state")?,
+        consecutive_transient: u32_of(r.try_get("consecutive_transient")?),
+        open_until_ms: r.try_get("open_until_ms")?,
+        probe_job_id: r.try_get("probe_job_id")?,
+        probe_started_ms: r.try_get("probe_started_ms")?,
+    })
+}
+
+/// A transient outcome: one more in a row; at `threshold` (0: never) — or when it was
+/// the half-open probe — the breaker opens until `now + cooldown`.
+pub async fn breaker_on_transient(
+    db: &Db,
+    threshold: u32,
+    cooldown_ms: i64,
+    now_ms: i64,
+) -> Result<BreakerRow, sqlx::Error> {
+    sqlx::query(
+        "UPDATE breaker SET \
+           state = CASE WHEN state = 'half_open' OR ($1 > 0 AND consecutive_transient + 1 >= $1) THEN 'open' ELSE state END, \
+           open_until_ms = CASE WHEN state = 'half_open' OR ($1 > 0 AND consecutive_transient + 1 >= $1) THEN $2 ELSE open_until_ms END, \
+           probe_job_id = CASE WHEN state = 'half_open' THEN '' ELSE probe_job_id END, \
+           consecutive_transient = consecutive_transient + 1, updated_at_ms = $3 \
+         WHERE id = 'llm'",
+    )
+    .bind(i64::from(threshold))
+    .bind(now_ms + cooldown_ms)
+    .bind(now_ms)
+    .execute(&db.pool)
+    .await?;
+    breaker(db).await
+}
+
+/// Any other outcome (the API answered): the breaker closes.
+pub async fn breaker_on_other(db: &Db, now_ms: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE breaker SET state = 'closed', consecutive_transient = 0, open_until_ms = 0, probe_job_id = '', \
+         probe_started_ms = 0, updated_at_ms = $1 WHERE id = 'llm' \
+         AND (state <> 'closed' OR consecutive_transient <> 0)",
+    )
+    .bind(now_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+/// Takes the half-open probe: succeeds for exactly one caller once the cooldown is over
+/// (or when the previous probe was abandoned: `stale_before_ms`).
+pub async fn breaker_take_probe(
+    db: &Db,
+    now_ms: i64,
+    stale_before_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE breaker SET state = 'half_open', probe_job_id = '', probe_started_ms = $1, updated_at_ms = $1 \
+         WHERE id = 'llm' AND ((state = 'open' AND open_until_ms <= $1) OR (state = 'half_open' AND probe_started_ms < $2))",
+    )
+    .bind(now_ms)
+    .bind(stale_before_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Names the probe job, or gives the probe back (`job_id` empty: nothing was claimed).
+pub async fn breaker_set_probe(db: &Db, job_id: &str, now_ms: i64) -> Result<(), sqlx::Error> {
+    if job_id.is_empty() {
+        sqlx::query(
+            "UPDATE breaker SET state = 'open', probe_job_id = '', updated_at_ms = $1 \
+             WHERE id = 'llm' AND state = 'half_open' AND probe_job_id = ''",
+        )
+        .bind(now_ms)
+        .execute(&db.pool)
+        .await?;
+    } else {
+        sqlx::query(
+            "UPDATE breaker SET probe_job_id = $1, updated_at_ms = $2 WHERE id = 'llm' AND state = 'half_open'",
+        )
+        .bind(job_id)
+        .bind(now_ms)
+        .execute(&db.pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The probe job ended without an API outcome (cancelled, killed): let another probe go.
+pub async fn breaker_release_probe(db: &Db, job_id: &str, now_ms: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE breaker SET state = 'open', probe_job_id = '', open_until_ms = $2, updated_at_ms = $2 \
+         WHERE id = 'llm' AND state = 'half_open' AND probe_job_id = $1",
+    )
+    .bind(job_id)
+    .bind(now_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}

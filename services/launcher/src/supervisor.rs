@@ -1,0 +1,620 @@
+//! The supervisor: the dispatcher that claims jobs (woken at once by an enqueue or a
+//! finished job, with a slow poll as a fallback), the heartbeat of this instance and of
+//! its live runs, restart reconciliation, and the end of every run (the guarded settle).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use orchestrator_kit::Db;
+use orchestrator_kit::time::now_ms;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::AgentEnv;
+use crate::classify::jitter;
+use crate::config::LauncherConfig;
+use crate::peers::Peers;
+use crate::rules::{End, Limits, next_state};
+use crate::store::{self, ClaimFilter, JobRow, Kind, Status};
+use crate::workspace::Workspace;
+
+/// Why a run was asked to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// `CancelJob` or `FlipTerminal` already wrote the job's end: only the process must go.
+    EndedElsewhere,
+    /// This launcher is shutting down: the job goes back to the queue.
+    Shutdown,
+}
+
+/// A run in flight in this launcher.
+#[derive(Clone)]
+pub struct RunHandle {
+    pub attempt: u32,
+    pub kind: Kind,
+    /// The agent's pid (= its process group), 0 until spawned.
+    pub pid: Arc<AtomicI32>,
+    pub stop: CancellationToken,
+    pub stop_reason: Arc<Mutex<Option<StopReason>>>,
+    /// Turns true when the run is over (TailLog ends its stream).
+    pub ended: watch::Receiver<bool>,
+}
+
+impl RunHandle {
+    /// Asks the run to stop (the first reason wins).
+    pub fn stop(&self, reason: StopReason) {
+        if let Ok(mut r) = self.stop_reason.lock()
+            && r.is_none()
+        {
+            *r = Some(reason);
+        }
+        self.stop.cancel();
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.stop_reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+pub(crate) struct Inner {
+    pub db: Db,
+    pub config: Arc<LauncherConfig>,
+    pub peers: Arc<dyn Peers>,
+    pub workspace: Workspace,
+    pub agent_env: AgentEnv,
+    pub wake: Notify,
+    pub runs: Mutex<HashMap<String, RunHandle>>,
+    pub llm_in_flight: AtomicU32,
+    pub reserved_in_flight: AtomicU32,
+    /// Cancelled when the dispatcher stops for good.
+    pub stopped: CancellationToken,
+}
+
+/// The queue's worker in this process. Cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Removes a run from the in-flight map when its task ends, however it ends (a panic
+/// included), and wakes the dispatcher: a slot is free.
+struct RunGuard {
+    sup: Supervisor,
+    id: String,
+    attempt: u32,
+    kind: Kind,
+    ended: watch::Sender<bool>,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        let inner = &self.sup.inner;
+        if let Ok(mut runs) = inner.runs.lock()
+            && runs
+                .get(&self.id)
+                .is_some_and(|h| h.attempt == self.attempt)
+        {
+            runs.remove(&self.id);
+        }
+        match self.kind {
+            Kind::Llm => inner.llm_in_flight.fetch_sub(1, Ordering::SeqCst),
+            Kind::Reserved => inner.reserved_in_flight.fetch_sub(1, Ordering::SeqCst),
+        };
+        let _ = self.ended.send(true);
+        inner.wake.notify_one();
+    }
+}
+
+/// The breaker's answer to "may an LLM job be claimed now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Allowed,
+    /// Half-open: exactly one LLM job may go, as the probe.
+    Probe,
+    Blocked,
+}
+
+impl Supervisor {
+    pub fn new(
+        db: Db,
+        config: LauncherConfig,
+        peers: Arc<dyn Peers>,
+        workspace: Workspace,
+        agent_env: AgentEnv,
+    ) -> Self {
+        Supervisor {
+            inner: Arc::new(Inner {
+                db,
+                config: Arc::new(config),
+                peers,
+                workspace,
+                agent_env,
+                wake: Notify::new(),
+                runs: Mutex::new(HashMap::new()),
+                llm_in_flight: AtomicU32::new(0),
+                reserved_in_flight: AtomicU32::new(0),
+                stopped: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &LauncherConfig {
+        &self.inner.config
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// Wakes the dispatcher (an enqueue, a finished job).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// The handle of a run in flight here.
+    pub fn handle(&self, job_id: &str) -> Option<RunHandle> {
+        self.inner
+            .runs
+            .lock()
+            .ok()
+            .and_then(|r| r.get(job_id).cloned())
+    }
+
+    /// Runs in flight here: (job id, attempt).
+    pub fn in_flight(&self) -> Vec<(String, u32)> {
+        self.inner
+            .runs
+            .lock()
+            .map(|r| r.iter().map(|(k, h)| (k.clone(), h.attempt)).collect())
+            .unwrap_or_default()
+    }
+
+    /// A token cancelled once the dispatcher has stopped and handed its runs back.
+    pub fn stopped(&self) -> CancellationToken {
+        self.inner.stopped.clone()
+    }
+
+    /// Registers this instance, reconciles what its previous life left running, then
+    /// dispatches until `shutdown`; heartbeats alongside. Returns at once.
+    pub fn start(&self, shutdown: CancellationToken) {
+        let me = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let id = me.config().instance_id.clone();
+            loop {
+                match store::register_instance(me.db(), &id, &me.config().host, now_ms()).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(instance_id = id, error = %e, "cannot register the launcher instance; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = stop.cancelled() => { me.inner.stopped.cancel(); return; }
+                        }
+                    }
+                }
+            }
+            tracing::info!(
+                instance_id = id,
+                host = me.config().host,
+                "launcher instance started"
+            );
+            let hb = me.clone();
+            let hb_stop = stop.clone();
+            tokio::spawn(async move { hb.heartbeat_loop(hb_stop).await });
+            me.reconcile().await;
+            me.dispatch_loop(stop).await;
+        });
+    }
+
+    async fn dispatch_loop(&self, shutdown: CancellationToken) {
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if let Err(e) = self.claim_available().await {
+                tracing::warn!(error = %e, "claiming jobs failed; retrying at the next poll");
+            }
+            let wait = self.next_wait().await;
+            tokio::select! {
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => break,
+            }
+        }
+        self.drain().await;
+        if let Err(e) = store::stop_instance(self.db(), &self.config().instance_id, now_ms()).await
+        {
+            tracing::warn!(error = %e, "cannot mark the launcher instance stopped");
+        }
+        self.inner.stopped.cancel();
+        tracing::info!(instance_id = self.config().instance_id, "launcher stopped");
+    }
+
+    /// How long to sleep: the poll, or less when a queued job becomes runnable sooner.
+    async fn next_wait(&self) -> Duration {
+        let now = now_ms();
+        let poll = self.config().poll;
+        match store::next_due(self.db(), now).await {
+            Ok(Some(at)) => Duration::from_millis(u64::try_from(at - now).unwrap_or(0)).min(poll),
+            _ => poll,
+        }
+    }
+
+    /// A half-open probe that has not reported by then was lost (its launcher died).
+    fn probe_stale_before(&self, now: i64) -> i64 {
+        let c = self.config();
+        let longest = c
+            .timeout_overrides
+            .values()
+            .copied()
+            .chain([c.agent_timeout])
+            .max()
+            .unwrap_or(c.agent_timeout);
+        let stale = i64::try_from((longest + c.kill_grace + Duration::from_secs(60)).as_millis())
+            .unwrap_or(i64::MAX);
+        now.saturating_sub(stale)
+    }
+
+    async fn gate(&self, now: i64) -> Result<Gate, sqlx::Error> {
+        let b = store::breaker(self.db()).await?;
+        Ok(match b.state.as_str() {
+            "closed" => Gate::Allowed,
+            "open" if now < b.open_until_ms => Gate::Blocked,
+            "open" => Gate::Probe,
+            "half_open" if b.probe_started_ms < self.probe_stale_before(now) => Gate::Probe,
+            _ => Gate::Blocked,
+        })
+    }
+
+    /// Claims jobs while this instance has room: reserved jobs up to
+    /// `ORCH_RESERVED_CONCURRENCY`, LLM jobs while the breaker and the global
+    /// `ORCH_MAX_CONCURRENCY` allow.
+    async fn claim_available(&self) -> Result<(), sqlx::Error> {
+        let c = self.inner.config.clone();
+        let mut probed = false;
+        loop {
+            let now = now_ms();
+            let reserved_ok =
+                self.inner.reserved_in_flight.load(Ordering::SeqCst) < c.reserved_concurrency;
+            let llm_room = self.inner.llm_in_flight.load(Ordering::SeqCst) < c.max_concurrency;
+            let gate = if llm_room {
+                self.gate(now).await?
+            } else {
+                Gate::Blocked
+            };
+            if gate == Gate::Probe && !probed {
+                probed = true;
+                if store::breaker_take_probe(self.db(), now, self.probe_stale_before(now)).await? {
+                    let job = store::claim(
+                        self.db(),
+                        &c.instance_id,
+                        now,
+                        ClaimFilter {
+                            llm: true,
+                            reserved: false,
+                            max_concurrency: c.max_concurrency,
+                        },
+                    )
+                    .await?;
+                    match job {
+                        Some(job) => {
+                            store::breaker_set_probe(self.db(), &job.id, now).await?;
+                            tracing::info!(
+                                job_id = job.id,
+                                "circuit breaker half-open: one job goes as the probe"
+                            );
+                            self.launch(job);
+                        }
+                        None => store::breaker_set_probe(self.db(), "", now).await?,
+                    }
+                }
+                continue;
+            }
+            let llm_ok = gate == Gate::Allowed;
+            let reserved_room = c
+                .reserved_concurrency
+                .saturating_sub(self.inner.reserved_in_flight.load(Ordering::SeqCst));
+            let reserved = if reserved_ok {
+                store::claim_reserved(self.db(), &c.instance_id, now, reserved_room).await?
+            } else {
+                Vec::new()
+            };
+            let got_reserved = !reserved.is_empty();
+            for job in reserved {
+                self.launch(job);
+            }
+            let llm = if llm_ok {
+                store::claim(
+                    self.db(),
+                    &c.instance_id,
+                    now,
+                    ClaimFilter {
+                        llm: true,
+                        reserved: false,
+                        max_concurrency: c.max_concurrency,
+                    },
+                )
+                .await?
+            } else {
+                None
+            };
+            let got_llm = llm.is_some();
+            if let Some(job) = llm {
+                self.launch(job);
+            }
+            if !got_reserved && !got_llm {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts the task of a claimed run.
+    fn launch(&self, job: JobRow) {
+        let (tx, rx) = watch::channel(false);
+        let handle = RunHandle {
+            attempt: job.attempt,
+            kind: job.kind,
+            pid: Arc::new(AtomicI32::new(0)),
+            stop: CancellationToken::new(),
+            stop_reason: Arc::new(Mutex::new(None)),
+            ended: rx,
+        };
+        match job.kind {
+            Kind::Llm => self.inner.llm_in_flight.fetch_add(1, Ordering::SeqCst),
+            Kind::Reserved => self.inner.reserved_in_flight.fetch_add(1, Ordering::SeqCst),
+        };
+        if let Ok(mut runs) = self.inner.runs.lock() {
+            runs.insert(job.id.clone(), handle.clone());
+        }
+        tracing::info!(
+            job_id = job.id,
+            attempt = job.attempt,
+            agent = job.agent,
+            work_item = job.work_item,
+            "job claimed"
+        );
+        let guard = RunGuard {
+            sup: self.clone(),
+            id: job.id.clone(),
+            attempt: job.attempt,
+            kind: job.kind,
+            ended: tx,
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match job.kind {
+                Kind::Llm => me.run_llm(job, handle).await,
+                Kind::Reserved => me.run_reserved(job, handle).await,
+            }
+        });
+    }
+
+    /// Ends run `job.attempt` as `end` decides (guarded), then does what the end calls for
+    /// (a failure comment). Returns the job as written, or `None` when someone else ended
+    /// that run first — the caller then does nothing more.
+    pub(crate) async fn end_run(
+        &self,
+        job: &JobRow,
+        end: End,
+        exit_code: Option<i32>,
+        qg_hook_blocks: Option<u32>,
+    ) -> Option<JobRow> {
+        let c = self.config();
+        let limits = Limits {
+            max_transient_attempts: c.max_transient_attempts,
+            backoff_base: c.backoff_base,
+            backoff_max: c.backoff_max,
+        };
+        let mut s = next_state(job, &end, limits, now_ms(), jitter());
+        s.exit_code = exit_code;
+        s.qg_hook_blocks = qg_hook_blocks;
+        let written = loop {
+            match store::settle(self.db(), &job.id, job.attempt, &s).await {
+                Ok(w) => break w,
+                Err(e) => {
+                    // Storage trouble: the run's end must not be lost while we live.
+                    tracing::warn!(job_id = job.id, error = %e, "cannot write the end of a run; retrying");
+                    if self.inner.stopped.is_cancelled() {
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        match &written {
+            None => tracing::info!(
+                job_id = job.id,
+                attempt = job.attempt,
+                "the run was ended by someone else; nothing more to do"
+            ),
+            Some(row) => {
+                tracing::info!(
+                    job_id = row.id,
+                    attempt = row.attempt,
+                    status = %row.status,
+                    outcome = row.outcome,
+                    reason = row.reason,
+                    "run ended"
+                );
+                if row.status == Status::Failed {
+                    self.comment_failure(row).await;
+                }
+                if row.status == Status::Queued {
+                    self.wake();
+                }
+            }
+        }
+        written
+    }
+
+    /// Posts "<Role> failed: <reason>" on the work item (never fatal).
+    pub(crate) async fn comment_failure(&self, job: &JobRow) {
+        let html = format!(
+            "<p>{} failed (job {}, attempt {}): {}</p>",
+            crate::run::role_title(&job.agent),
+            html_escape(&job.id),
+            job.attempt,
+            html_escape(&job.reason)
+        );
+        let key = format!("launcher:{}:{}:failed", job.id, job.attempt);
+        self.comment(&job.work_item, &html, comment_author(&job.agent), &key)
+            .await;
+    }
+
+    /// Posts a comment through stage-engine (its outbox retries it); never fatal.
+    pub(crate) async fn comment(&self, work_item: &str, html: &str, author: &str, key: &str) {
+        let req = orchestrator_proto::stage_engine::v1::AddCommentRequest {
+            work_item: work_item.to_owned(),
+            html: html.to_owned(),
+            author: author.to_owned(),
+            idempotency_key: key.to_owned(),
+        };
+        if let Err(e) = self.inner.peers.add_comment(req).await {
+            tracing::warn!(work_item, code = ?e.code(), error = e.message(), "cannot post a comment");
+        }
+    }
+
+    async fn heartbeat_loop(&self, stop: CancellationToken) {
+        let id = self.config().instance_id.clone();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.config().heartbeat) => {}
+                () = stop.cancelled() => return,
+            }
+            let now = now_ms();
+            if let Err(e) = store::heartbeat_instance(self.db(), &id, now).await {
+                tracing::warn!(error = %e, "launcher heartbeat failed");
+                continue;
+            }
+            let runs = self.in_flight();
+            if runs.is_empty() {
+                continue;
+            }
+            match store::heartbeat_jobs(self.db(), &runs, now).await {
+                Ok(alive) => {
+                    for (job_id, attempt) in runs {
+                        if alive.contains(&job_id) {
+                            continue;
+                        }
+                        // Ended by someone else (a cancel or a flip through another
+                        // replica): its process must not run on.
+                        if let Some(h) = self.handle(&job_id)
+                            && h.attempt == attempt
+                            && !h.stop.is_cancelled()
+                        {
+                            tracing::info!(
+                                job_id,
+                                attempt,
+                                "the run was ended elsewhere; stopping its process"
+                            );
+                            h.stop(StopReason::EndedElsewhere);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "job heartbeat failed"),
+            }
+        }
+    }
+
+    /// At shutdown: stops every run here and hands its job back to the queue.
+    async fn drain(&self) {
+        let handles: Vec<RunHandle> = self
+            .inner
+            .runs
+            .lock()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default();
+        if handles.is_empty() {
+            return;
+        }
+        tracing::info!(
+            runs = handles.len(),
+            "handing running jobs back to the queue"
+        );
+        for h in &handles {
+            h.stop(StopReason::Shutdown);
+        }
+        for mut h in handles {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h.ended.wait_for(|e| *e)).await;
+        }
+    }
+
+    /// Jobs this instance left running in a previous life: a process that is gone is
+    /// finalized from its log at once (instead of waiting for the reaper); one still alive
+    /// cannot be waited on by this new life, so its group is killed and the run ends as
+    /// a permanent failure (the attempt rules decide on a retry).
+    async fn reconcile(&self) {
+        let me = &self.config().instance_id;
+        let running = match store::running(self.db()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list running jobs for reconciliation");
+                return;
+            }
+        };
+        for job in running.into_iter().filter(|j| &j.instance_id == me) {
+            if self.handle(&job.id).is_some() {
+                continue;
+            }
+            tracing::info!(job_id = job.id, attempt = job.attempt, pid = ?job.pid, "reconciling a job left running by this launcher's previous life");
+            let me2 = self.clone();
+            // One slow kill must not hold up the others, nor the dispatcher.
+            tokio::spawn(async move { me2.reconcile_one(job).await });
+        }
+    }
+
+    async fn reconcile_one(&self, job: JobRow) {
+        let pgid = job.pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        let alive = pgid > 1 && crate::proc::group_alive(pgid);
+        if job.kind == Kind::Reserved {
+            // Its RPC was cut off: call again.
+            let end = End::Again {
+                outcome: "handed_back",
+                reason: "the launcher restarted while it ran".to_owned(),
+                after: Duration::ZERO,
+                bump: false,
+            };
+            self.end_run(&job, end, None, None).await;
+            return;
+        }
+        if alive {
+            crate::agent::kill_group(pgid, self.config().kill_grace, None).await;
+            let end = End::Permanent {
+                outcome: "orphaned",
+                reason: "the launcher restarted while the agent ran; it was killed".to_owned(),
+                retry: true,
+            };
+            self.end_run(&job, end, None, None).await;
+            return;
+        }
+        // Gone: its log tells how it ended.
+        self.finalize_orphan(job).await;
+    }
+}
+
+/// The role whose bot posts about `agent`'s job: the agent's own, or `stream`.
+pub(crate) fn comment_author(agent: &str) -> &str {
+    if crate::run::ROLES.contains(&agent) {
+        agent
+    } else {
+        "stream"
+    }
+}
+
+/// Escapes text for the tracker's HTML comments.
+pub(crate) fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
