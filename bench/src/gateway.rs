@@ -66,12 +66,18 @@ pub struct ServerArgs {
 
 /// The child: a gateway on 127.0.0.1:0 over SQLite in `data_dir`; prints its address.
 pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
-    let env = Env::from_pairs([
+    let mut env = Env::from_pairs([
         ("ORCH_STAGE_ENGINE_URL", args.stage_engine_url.as_str()),
         ("PLANE_WEBHOOK_SECRET", SECRET),
         ("ORCH_PLANE_DEFAULT_REPO", "acme/app"),
         ("ORCH_PLANE_BOT_USERS", "stream-bot"),
     ]);
+    // The gateway's own knobs pass through, to compare settings.
+    for (k, v) in std::env::vars() {
+        if k.starts_with("ORCH_GATEWAY_") {
+            env = env.with(k, v);
+        }
+    }
     let config = Config::from_env(env.clone())?;
     let gw_config = gateway::GatewayConfig::from_env(&env)?;
     let db = db::open(

@@ -78,7 +78,8 @@ pub struct DispatchConfig {
     /// `ORCH_GATEWAY_DISPATCH_POLL_MS`: how often the dispatcher looks for due retries (a
     /// new delivery wakes it at once).
     pub poll_interval: Duration,
-    /// Deliveries applied at once (each for a different work item).
+    /// `ORCH_GATEWAY_DISPATCH_BATCH`: deliveries claimed and applied at once (each for a
+    /// different work item).
     pub batch: u32,
     /// `ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS`: how long a claimed delivery is reserved for
     /// the dispatcher that claimed it. One attempt is cut off at three quarters of it, so a
@@ -147,7 +148,9 @@ impl GatewayConfig {
                 .max(Duration::from_millis(10)),
             claim_lease: ms(env, "ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS", 15_000)?
                 .max(Duration::from_millis(200)),
-            ..defaults
+            batch: env
+                .parse("ORCH_GATEWAY_DISPATCH_BATCH", defaults.batch)?
+                .clamp(1, 1_000),
         };
 
         let default_repo = env
