@@ -3,6 +3,9 @@
 //! - `orchestrator up` runs every service and the gateway in one process.
 //! - `orchestrator serve <service>` runs one of them.
 //! - `orchestrator staging-check` runs the staging checks and prints the verdict.
+//! - `orchestrator health <service>` asks a service on this host whether it serves (the
+//!   container healthcheck of deploy/compose.yaml).
+//! - `orchestrator item ...` creates, lists, shows and approves work items (local tracker).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +44,13 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         artifact: Option<PathBuf>,
     },
+    /// Asks the service listening on this host (its ORCH_<SERVICE>_ADDR, on loopback when
+    /// that is 0.0.0.0) whether it serves: gRPC health for its full name, GET /healthz for
+    /// the gateway. Exit 0 serving, 1 not: a container healthcheck.
+    Health {
+        /// stage-engine, launcher, reaper, merge-gate, post-deploy, usage-ledger or gateway.
+        service: String,
+    },
     /// The quality gate as the agent's Stop hook: exit 0 pass, 2 block (what is missing on
     /// stderr), 1 own error. Reads the CLI's hook input on stdin.
     QgHook {
@@ -59,6 +69,11 @@ enum Command {
         /// Where the blocks of this run are counted (outside the checkout).
         #[arg(long)]
         state_file: Option<std::path::PathBuf>,
+    },
+    /// The local tracker: create, list, show and approve work items on a running stack.
+    Item {
+        #[command(subcommand)]
+        command: orchestrator::item::ItemCommand,
     },
 }
 
@@ -83,10 +98,18 @@ fn main() -> ExitCode {
             state_file,
         });
     }
+    if let Command::Health { service } = &cli.command {
+        return health(service);
+    }
+    if let Command::Item { command } = cli.command {
+        return item(command);
+    }
     let parts: Vec<ServiceName> = match &cli.command {
         Command::Up => ServiceName::ALL.to_vec(),
         // Answered above, before any configuration is read.
-        Command::QgHook { .. } => return ExitCode::FAILURE,
+        Command::QgHook { .. } | Command::Health { .. } | Command::Item { .. } => {
+            return ExitCode::FAILURE;
+        }
         Command::Serve { service } => match service.parse() {
             Ok(s) => vec![s],
             Err(e) => return fail(e),
@@ -151,6 +174,72 @@ async fn run(config: Config, parts: Vec<ServiceName>) -> ExitCode {
     }
 }
 
+/// How long `health` waits for an answer: below compose's healthcheck timeout.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Probes one local service the way its orchestrator peers and staging-check do; prints
+/// the outcome on one line.
+fn health(service: &str) -> ExitCode {
+    use orchestrator_staging::CheckOutcome;
+    use orchestrator_staging::checks::{Check, GatewayGet, ServicesServing};
+
+    let service: ServiceName = match service.parse() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let config = match Config::from_process() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let addr = config.listen[&service];
+    if addr.port() == 0 {
+        return fail(format!(
+            "{}: port 0 is chosen at start-up; give the real port to probe it",
+            service.addr_var()
+        ));
+    }
+    let url = local_url(addr);
+    let check: Box<dyn Check> = if service.grpc_name().is_some() {
+        Box::new(ServicesServing {
+            services: vec![(service, url)],
+            timeout: HEALTH_TIMEOUT,
+        })
+    } else {
+        Box::new(GatewayGet {
+            id: "healthz",
+            name: "gateway /healthz",
+            url: format!("{url}/healthz"),
+            json: true,
+            http: reqwest::Client::new(),
+            timeout: HEALTH_TIMEOUT,
+        })
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(check.run()) {
+        CheckOutcome::Pass(what) => {
+            println!("{service}: {what}");
+            ExitCode::SUCCESS
+        }
+        CheckOutcome::Fail(why) | CheckOutcome::Error(why) => fail(format!("{service}: {why}")),
+    }
+}
+
+/// Where this host reaches a listen address: an unspecified IP (0.0.0.0, ::) on loopback.
+fn local_url(addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
+}
+
 /// Runs the Stop hook: no runtime, no configuration, no logs (stderr goes to the model).
 fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
     use std::io::Read;
@@ -162,6 +251,36 @@ fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
         eprintln!("{}", answer.stderr);
     }
     ExitCode::from(answer.code)
+}
+
+/// Runs an `item` command against the configured stack.
+fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
+    let config = match Config::from_process() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    // The clients' channels need the runtime even to be built.
+    let out = runtime.block_on(async {
+        let clients =
+            orchestrator_kit::clients::Clients::from_config(&config).map_err(|e| e.to_string())?;
+        orchestrator::item::run(&clients, command)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match out {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> ExitCode {

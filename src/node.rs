@@ -54,6 +54,12 @@ impl Node {
         } else {
             ::post_deploy::PostDeployConfig::new(config.data_dir.join("post-deploy"))
         };
+        if parts.contains(&ServiceName::MergeGate) {
+            ::merge_gate::MergeGateConfig::from_env(&config.env)?;
+        }
+        if parts.contains(&ServiceName::Reaper) {
+            ::reaper::ReaperConfig::from_env(&config.env)?;
+        }
         let mut listeners = Vec::new();
         for &part in parts {
             let addr = config.listen[&part];
@@ -77,13 +83,16 @@ impl Node {
         if let Location::SqliteDir(dir) = &location {
             db::ensure_data_dir(dir)?;
         }
+        let gateway_config = if parts.contains(&ServiceName::Gateway) {
+            Some(gateway::GatewayConfig::from_env(&config.env)?)
+        } else {
+            None
+        };
         let mut stores = BTreeMap::new();
-        let opened = futures_join(parts.iter().filter(|p| **p != ServiceName::Gateway).map(
-            |&part| {
-                let location = location.clone();
-                async move { (part, db::open(part, &location, migrator(part)).await) }
-            },
-        ))
+        let opened = futures_join(parts.iter().map(|&part| {
+            let location = location.clone();
+            async move { (part, db::open(part, &location, migrator(part)).await) }
+        }))
         .await;
         for (part, db) in opened {
             stores.insert(part, db?);
@@ -109,6 +118,26 @@ impl Node {
             None => None,
         };
 
+        let mut merge_gate = match stores.remove(&ServiceName::MergeGate) {
+            Some(db) => Some(::merge_gate::MergeGateService::start(
+                db,
+                clients.clone(),
+                &config.env,
+            )?),
+            None => None,
+        };
+
+        // The reaper's loop starts here and stops with the node's shutdown token.
+        let mut reaper = match stores.remove(&ServiceName::Reaper) {
+            Some(db) => Some(::reaper::ReaperService::start(
+                db,
+                clients.clone(),
+                &config.env,
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
+
         let mut tasks = JoinSet::new();
         if let Some(svc) = &launcher {
             // The node is down only once the launcher has handed its running jobs back.
@@ -124,10 +153,20 @@ impl Node {
             addrs.insert(part, config.listen[&part]);
             let stop = shutdown.clone();
             if part == ServiceName::Gateway {
+                let store = stores
+                    .remove(&part)
+                    .expect("a store was opened for every part");
+                let gw = gateway::Gateway::new(
+                    store,
+                    gateway_config
+                        .clone()
+                        .expect("the gateway's configuration was read"),
+                    clients.clone(),
+                );
                 tasks.spawn(async move {
                     (
                         part,
-                        gateway::serve(listener, stop)
+                        gateway::serve(listener, gw, stop)
                             .await
                             .map_err(|e| e.to_string()),
                     )
@@ -135,19 +174,36 @@ impl Node {
                 continue;
             }
             let auth = RequireToken::new(config.internal_token.as_ref());
-            let launcher_svc = launcher.take_if(|_| part == ServiceName::Launcher);
-            let routes = match (stage_engine.take(), launcher_svc) {
-                (other, Some(svc)) => {
-                    stage_engine = other;
+            // The services built above (they own loops or need the configuration) are
+            // served as they are; the others are built from their store here.
+            let routes = match part {
+                ServiceName::Launcher => {
                     use orchestrator_proto::launcher::v1::launcher_server::LauncherServer;
+                    let svc = launcher
+                        .take()
+                        .expect("the launcher was built for its part");
                     Routes::new(LauncherServer::with_interceptor(svc, auth))
                 }
-                (Some(svc), None) if part == ServiceName::StageEngine => {
+                ServiceName::StageEngine => {
                     use orchestrator_proto::stage_engine::v1::stage_engine_server::StageEngineServer;
+                    let svc = stage_engine
+                        .take()
+                        .expect("stage-engine was built for its part");
                     Routes::new(StageEngineServer::with_interceptor(svc, auth))
                 }
-                (other, None) => {
-                    stage_engine = other;
+                ServiceName::MergeGate => {
+                    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
+                    let svc = merge_gate
+                        .take()
+                        .expect("merge-gate was built for its part");
+                    Routes::new(MergeGateServer::with_interceptor(svc, auth))
+                }
+                ServiceName::Reaper => {
+                    use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
+                    let svc = reaper.take().expect("the reaper was built for its part");
+                    Routes::new(ReaperServer::with_interceptor(svc, auth))
+                }
+                _ => {
                     let store = stores
                         .remove(&part)
                         .expect("a store was opened for every gRPC part");
@@ -204,7 +260,8 @@ pub fn migrator(part: ServiceName) -> &'static sqlx::migrate::Migrator {
         ServiceName::Reaper => &reaper::MIGRATOR,
         ServiceName::MergeGate => &merge_gate::MIGRATOR,
         ServiceName::PostDeploy => &post_deploy::MIGRATOR,
-        ServiceName::UsageLedger | ServiceName::Gateway => &usage_ledger::MIGRATOR,
+        ServiceName::UsageLedger => &usage_ledger::MIGRATOR,
+        ServiceName::Gateway => &gateway::MIGRATOR,
     }
 }
 
@@ -215,30 +272,22 @@ fn routes(
     auth: &RequireToken,
     post_deploy_config: &::post_deploy::PostDeployConfig,
 ) -> Routes {
-    use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGateServer;
     use orchestrator_proto::post_deploy::v1::post_deploy_server::PostDeployServer;
-    use orchestrator_proto::reaper::v1::reaper_server::ReaperServer;
     use orchestrator_proto::usage_ledger::v1::usage_ledger_server::UsageLedgerServer;
 
     let auth = auth.clone();
     match part {
-        ServiceName::Reaper => Routes::new(ReaperServer::with_interceptor(
-            ::reaper::ReaperService::new(db, clients),
-            auth,
-        )),
-        ServiceName::MergeGate => Routes::new(MergeGateServer::with_interceptor(
-            ::merge_gate::MergeGateService::new(db, clients),
-            auth,
-        )),
         ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
             ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
             auth,
         )),
-        // stage-engine and the launcher are built in `Node::start` (they need the
-        // configuration and shutdown).
+        // The launcher, stage-engine, merge-gate and the reaper are built in `Node::start`
+        // (they need the configuration, and the loops the shutdown token).
         ServiceName::UsageLedger
         | ServiceName::StageEngine
         | ServiceName::Launcher
+        | ServiceName::MergeGate
+        | ServiceName::Reaper
         | ServiceName::Gateway => Routes::new(UsageLedgerServer::with_interceptor(
             ::usage_ledger::UsageLedgerService::new(db),
             auth,

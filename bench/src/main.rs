@@ -4,7 +4,9 @@
 //! `cargo run --release -p orchestrator-bench -- all` prints every figure that
 //! `docs/benchmarks.md` holds.
 
+mod gateway;
 mod launcher;
+mod reaper;
 mod stack;
 mod stage_engine;
 
@@ -61,6 +63,31 @@ enum What {
         #[arg(long)]
         postgres: Option<String>,
     },
+    /// Signed webhook deliveries per second into the gateway's inbox (SQLite), with p50/p99
+    /// latency, driven from this process against a gateway in a child process.
+    Gateway(gateway::Args),
+    /// The gateway under test (started by `gateway`; not meant to be run by hand).
+    #[command(hide = true)]
+    GatewayServer(gateway::ServerArgs),
+    /// One reaper tick with N running jobs (fake launcher in this process; no binary needed).
+    ReaperTick {
+        #[arg(long, default_value_t = 10_000)]
+        jobs: usize,
+        /// Jobs probed dead every tick (their streaks are written each tick).
+        #[arg(long, default_value_t = 0)]
+        dead: usize,
+        #[arg(long, default_value_t = 30)]
+        ticks: usize,
+    },
+    /// SIGKILL of a real process -> its job flipped, with the reaper loop running (no binary needed).
+    ReaperZombie {
+        #[arg(long, default_value_t = 1)]
+        interval_s: u64,
+        #[arg(long, default_value_t = 3)]
+        dead_ticks: u32,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// The launcher over its real storage with real agent processes (no git, no gRPC):
     /// enqueue -> agent started latency, and no-op job throughput.
     Launcher {
@@ -86,20 +113,36 @@ enum What {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let bin = cli.bin.unwrap_or_else(default_bin);
-    // The in-process benchmarks need no binary.
-    let in_process = matches!(cli.what, What::StageEngine { .. } | What::Launcher { .. });
+    // Only the benchmarks that exec `orchestrator up` need the release binary.
+    let needs_bin = matches!(
+        cli.what,
+        What::Startup { .. } | What::Rss { .. } | What::RecordRun { .. } | What::All
+    );
     anyhow::ensure!(
-        in_process || bin.is_file(),
+        !needs_bin || bin.is_file(),
         "{} not found: run `cargo build --release` first",
         bin.display()
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    match cli.what {
+        What::Gateway(args) => return rt.block_on(gateway::run(args)),
+        What::GatewayServer(args) => return rt.block_on(gateway::server(args)),
+        _ => {}
+    }
     rt.block_on(async {
         println!("machine: {}", stack::machine());
-        println!("binary: {}", bin.display());
+        if needs_bin {
+            println!("binary: {}", bin.display());
+        }
         match cli.what {
+            What::ReaperTick { jobs, dead, ticks } => reaper::tick(jobs, dead, ticks).await,
+            What::ReaperZombie {
+                interval_s,
+                dead_ticks,
+                runs,
+            } => reaper::zombie(interval_s, dead_ticks, runs).await,
             What::Startup { runs } => startup(&bin, runs).await,
             What::Rss { runs } => rss(&bin, runs).await,
             What::RecordRun {
@@ -108,6 +151,7 @@ fn main() -> Result<()> {
                 runs,
             } => record_run(&bin, concurrency, seconds, runs).await,
             What::StageEngine { items, postgres } => stage_engine::run(items, postgres).await,
+            What::Gateway(_) | What::GatewayServer(_) => Ok(()),
             What::Launcher {
                 jobs,
                 latency_jobs,
@@ -118,7 +162,8 @@ fn main() -> Result<()> {
             What::All => {
                 startup(&bin, 20).await?;
                 rss(&bin, 5).await?;
-                record_run(&bin, 32, 5, 3).await
+                record_run(&bin, 32, 5, 3).await?;
+                reaper::tick(10_000, 0, 30).await
             }
         }
     })

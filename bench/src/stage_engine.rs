@@ -30,6 +30,9 @@ impl Forge for StaticForge {
     fn kind(&self) -> ForgeKind {
         ForgeKind::Local
     }
+    async fn repo_exists(&self, _: &RepoName) -> Result<bool, ForgeError> {
+        Ok(true)
+    }
     async fn ensure_pr(
         &self,
         _: &RepoName,

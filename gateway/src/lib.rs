@@ -1,56 +1,112 @@
-//! The HTTP gateway (axum). For now it serves `GET /healthz`; the webhook inbox, `GET /queue`
-//! and `/metrics` arrive with issue #7.
+//! The HTTP gateway (axum): Plane and Gitea webhooks in through a durable inbox, the
+//! operator's window (`GET /queue`, `/metrics`, `/healthz`) out.
+//!
+//! A webhook is checked (content type, size, HMAC-SHA256 signature), translated into one
+//! stage-engine call or an "ignored" record, and committed to the `webhook_inbox` table —
+//! deduplicated by delivery id and by body — before the sender gets its 2xx. The
+//! dispatcher ([`dispatch`]) then applies pending deliveries in arrival order per work
+//! item, retrying while stage-engine is unavailable and dead-lettering what cannot be
+//! applied. See `docs/gateway.md`.
+
+pub mod config;
+pub mod dispatch;
+mod http;
+pub mod inbox;
+pub mod metrics;
+pub mod queue;
+pub mod signature;
+#[cfg(test)]
+mod testdata;
+#[cfg(test)]
+mod tests;
+pub mod translate;
+pub mod validate;
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use orchestrator_kit::Db;
+use orchestrator_kit::clients::Clients;
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The gateway's routes, testable without a socket.
-pub fn app() -> Router {
-    Router::new().route("/healthz", get(healthz))
+pub use config::GatewayConfig;
+
+/// The gateway's own migrations (`webhook_inbox`), embedded.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// What the handlers and the dispatcher share.
+pub(crate) struct Shared {
+    pub(crate) db: Db,
+    pub(crate) config: GatewayConfig,
+    pub(crate) clients: Clients,
+    pub(crate) metrics: metrics::Metrics,
+    /// Wakes the dispatcher when a delivery is stored.
+    pub(crate) wake: Notify,
+    /// Requests handled at once (`ORCH_GATEWAY_MAX_CONCURRENT_REQUESTS`).
+    pub(crate) limiter: Arc<Semaphore>,
 }
 
-async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({ "status": "ok" }))
+/// A gateway over its storage, its configuration and the clients of the services.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
 }
 
-/// Serves the gateway on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, app())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use http::{Request, StatusCode};
-    use tower::ServiceExt;
-
-    #[tokio::test]
-    async fn healthz_answers_ok() {
-        let res = app()
-            .oneshot(
-                Request::get("/healthz")
-                    .body(axum::body::Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::OK);
+impl Gateway {
+    pub fn new(db: Db, config: GatewayConfig, clients: Clients) -> Self {
+        let limiter = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        Gateway {
+            shared: Arc::new(Shared {
+                db,
+                config,
+                clients,
+                metrics: metrics::Metrics::default(),
+                wake: Notify::new(),
+                limiter,
+            }),
+        }
     }
 
-    #[tokio::test]
-    async fn unknown_routes_are_404() {
-        let res = app()
-            .oneshot(
-                Request::get("/nope")
-                    .body(axum::body::Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    /// The routes, testable without a socket.
+    pub fn router(&self) -> Router {
+        http::router(Arc::clone(&self.shared))
     }
+
+    /// The gateway's storage.
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    /// Starts the inbox dispatcher; it stops when `shutdown` is cancelled.
+    pub fn spawn_dispatcher(&self, shutdown: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(dispatch::run(Arc::clone(&self.shared), shutdown))
+    }
+
+    /// Applies whatever is due now, once (tests and tools).
+    pub async fn dispatch_once(&self) -> Result<usize, sqlx::Error> {
+        dispatch::tick(&self.shared).await
+    }
+}
+
+/// Serves the gateway on `listener`, with its dispatcher, until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    gateway: Gateway,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    gateway.shared.config.warn_at_start();
+    let dispatcher = gateway.spawn_dispatcher(shutdown.clone());
+    let stop = shutdown.clone();
+    let served = axum::serve(listener, gateway.router())
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if served.is_err() {
+        // The dispatcher must not outlive a server that failed.
+        dispatcher.abort();
+    }
+    let _ = dispatcher.await;
+    served
 }

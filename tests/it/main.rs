@@ -4,9 +4,15 @@
 mod common;
 
 mod auth;
+mod deploy;
+mod gateway;
+mod item;
 mod launcher;
+mod merge_gate;
 mod post_deploy;
 mod process;
+mod real_cli;
+mod scripted_agent;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;

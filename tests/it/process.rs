@@ -10,7 +10,7 @@ use orchestrator_kit::ServiceName;
 const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
 
 /// A command with a clean orchestrator environment: every part on port 0, data in `dir`.
-fn orchestrator(dir: &std::path::Path) -> Command {
+pub(crate) fn orchestrator(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .env("ORCH_DATA_DIR", dir.join("var"))
@@ -33,7 +33,7 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 }
 
 /// Waits for the "ready" line and returns the printed addresses.
-fn read_addrs(child: &mut Child) -> BTreeMap<String, String> {
+pub(crate) fn read_addrs(child: &mut Child) -> BTreeMap<String, String> {
     let stdout = child.stdout.take().expect("stdout");
     let mut addrs = BTreeMap::new();
     for line in BufReader::new(stdout).lines() {
@@ -265,4 +265,38 @@ fn an_unreachable_postgres_is_named_without_its_password() {
         !dir.path().join("var").exists(),
         "no SQLite fallback created"
     );
+}
+
+#[test]
+fn item_commands_talk_to_a_running_stack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut up = orchestrator(dir.path())
+        .arg("up")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("up starts");
+    let addrs = read_addrs(&mut up);
+    let url = |part: &str| format!("http://{}", addrs[part]);
+    let item = |args: &[&str]| {
+        run(orchestrator(dir.path())
+            .arg("item")
+            .args(args)
+            .env("ORCH_STAGE_ENGINE_URL", url("stage-engine"))
+            .env("ORCH_USAGE_LEDGER_URL", url("usage-ledger")))
+    };
+    let created = item(&["create", "--repo", "acme/app", "Speed up startup"]);
+    let listed = item(&["list"]);
+    let shown = item(&["show", "LOCAL-1"]);
+    let unknown = item(&["show", "NOPE-1"]);
+    let _ = up.kill();
+    let _ = up.wait();
+    assert_eq!(created.0, 0, "{created:?}");
+    assert!(created.1.starts_with("created LOCAL-1 "), "{created:?}");
+    assert_eq!(listed.0, 0, "{listed:?}");
+    assert!(listed.1.contains("Speed up startup"), "{listed:?}");
+    assert_eq!(shown.0, 0, "{shown:?}");
+    assert!(shown.1.contains("stage:     analysis"), "{shown:?}");
+    assert_eq!(unknown.0, 1, "{unknown:?}");
+    assert!(unknown.2.contains("NOPE-1"), "{unknown:?}");
 }

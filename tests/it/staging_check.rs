@@ -147,6 +147,18 @@ async fn gateway_double() -> String {
     url
 }
 
+/// A gateway that lost `GET /queue` (404): a REAL failure, never waived.
+async fn gateway_without_queue() -> String {
+    let app = axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
 /// The variables that point the command at `stack`.
 fn stack_env(stack: &Stack) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = ServiceName::ALL
@@ -208,7 +220,10 @@ async fn against_the_real_stack_a_missing_queue_fails_the_verdict() {
     let stack = start(TestStorage::sqlite(), &[]).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let artifact = dir.path().join("staging.md");
-    let env = stack_env(&stack);
+    let mut env = stack_env(&stack);
+    // The real gateway serves /queue now; a stand-in without it keeps a REAL failure here.
+    let no_queue = gateway_without_queue().await;
+    set(&mut env, "ORCH_GATEWAY_URL", &no_queue);
     let (code, lines) = staging_check(
         &env,
         &["--artifact", &artifact.display().to_string()],
@@ -250,7 +265,6 @@ async fn against_the_real_stack_a_missing_queue_fails_the_verdict() {
     // The sandbox named, the stack's stage-engine cannot answer yet: an internal error,
     // which is never waived.
     let gateway = gateway_double().await;
-    let mut env = env;
     set(&mut env, "ORCH_GATEWAY_URL", &gateway);
     set(&mut env, "ORCH_STAGING_SANDBOX_WORK_ITEM", "SANDBOX-1");
     let (code, lines) = staging_check(&env, &[], dir.path()).await;
@@ -403,11 +417,8 @@ async fn sandbox_failures_are_waived_only_when_tolerant() {
         branch_exists: true,
         analyst_launched: true,
     };
-    set(
-        &mut env,
-        "ORCH_GATEWAY_URL",
-        stack.config.url(ServiceName::Gateway),
-    );
+    let no_queue = gateway_without_queue().await;
+    set(&mut env, "ORCH_GATEWAY_URL", &no_queue);
     let (code, lines) = staging_check(&env, &[], dir.path()).await;
     assert_eq!(code, 1, "{lines:#?}");
     assert!(line(&lines, "C3").starts_with("FAIL C3"));

@@ -164,6 +164,16 @@ impl Forge for GiteaForge {
         ForgeKind::Gitea
     }
 
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool, ForgeError> {
+        let url = self.api_url(repo, &[])?;
+        let (status, text) = self.send(Method::GET, url, None).await?;
+        match status {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(status_error("get repository", s, &text)),
+        }
+    }
+
     #[tracing::instrument(skip_all, fields(repo = %repo, head, base))]
     async fn ensure_pr(
         &self,

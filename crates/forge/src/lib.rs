@@ -109,6 +109,9 @@ pub trait Forge: Send + Sync + 'static {
     /// `gitea` or `local`.
     fn kind(&self) -> ForgeKind;
 
+    /// Returns whether `repo` exists on this forge.
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool, ForgeError>;
+
     /// Opens a PR from `head` into `base`, or returns the open one that exists.
     async fn ensure_pr(
         &self,

@@ -203,6 +203,10 @@ impl Forge for LocalForge {
         ForgeKind::Local
     }
 
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool, ForgeError> {
+        Ok(self.repo_dir(repo).join("HEAD").exists())
+    }
+
     async fn ensure_pr(
         &self,
         repo: &RepoName,

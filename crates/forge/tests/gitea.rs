@@ -217,6 +217,36 @@ async fn ensure_pr_creates_then_finds_the_existing_one_on_409() {
 }
 
 #[tokio::test]
+async fn repo_exists_reads_the_repository() {
+    let raw = std::fs::read(contracts_dir().join("gitea-webhook-pull_request-opened.json"))
+        .expect("sample");
+    let sample: Value = serde_json::from_slice(&raw).expect("json");
+    let fake = Fake::start(vec![
+        step(
+            Method::GET,
+            "/api/v1/repos/acme/app",
+            None,
+            200,
+            &sample["repository"],
+        ),
+        step(
+            Method::GET,
+            "/api/v1/repos/acme/app",
+            None,
+            404,
+            json!({"message": "The target couldn't be found.", "url": "u", "errors": []}),
+        ),
+        step(Method::GET, "/api/v1/repos/acme/app", None, 502, ""),
+    ])
+    .await;
+    assert!(fake.forge.repo_exists(&repo()).await.expect("200"));
+    assert!(!fake.forge.repo_exists(&repo()).await.expect("404"));
+    let err = fake.forge.repo_exists(&repo()).await.expect_err("502");
+    assert!(err.is_transient(), "{err}");
+    fake.check();
+}
+
+#[tokio::test]
 async fn ensure_pr_maps_refusals_and_outages() {
     let fake = Fake::start(vec![
         step(

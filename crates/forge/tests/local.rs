@@ -247,6 +247,13 @@ async fn concurrent_merges_of_one_pr_merge_once() {
 async fn unknown_repos_and_bad_names_are_refused() {
     let (_dir, forge, _repo, _bare) = setup().await;
     let other = RepoName::parse("acme/none").expect("repo");
+    assert!(!forge.repo_exists(&other).await.expect("exists?"));
+    assert!(
+        forge
+            .repo_exists(&RepoName::parse("acme/app").expect("repo"))
+            .await
+            .expect("exists?")
+    );
     assert!(matches!(
         forge.get_pr(&other, 1).await,
         Err(ForgeError::NotFound(_))

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::{Interceptor, Routes};
@@ -92,13 +93,22 @@ pub async fn serve(
         .set_service_status("", ServingStatus::Serving)
         .await;
 
+    // Accepted sockets do not inherit Server::tcp_nodelay (that applies only when tonic binds
+    // the listener itself). Without it, Nagle holds the frames of a response that follow
+    // the first until the client's delayed ACK: about 40 ms added to an RPC.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            let _ = stream.set_nodelay(true);
+        }
+        conn
+    });
     let stop = shutdown.clone();
     let result = Server::builder()
         .add_routes(routes)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             stop.cancelled().await;
             reporter
                 .set_service_status(grpc_name, ServingStatus::NotServing)

@@ -1,30 +1,25 @@
-//! merge-gate: One merge at a time per repo, mergeability checks, idempotent merge finalization.
+//! merge-gate: one merge at a time per repo, mergeability checks, idempotent merge
+//! finalization (ARCHITECTURE §3.4).
 //!
-//! The RPC surface is declared in `proto/orchestrator/merge_gate/v1/merge_gate.proto`. Until issue #5
-//! builds it, every RPC answers UNIMPLEMENTED (see `docs/rpc-status.md`).
+//! - leases (`AcquireLease`, `ReleaseLease`, `GetLease`, `ListLeases`,
+//!   `ReclaimStaleLeases`): one holder per repo, taken in one atomic statement; a stale lease
+//!   (TTL passed, or holder judged dead by the launcher) is taken over atomically;
+//! - [`mirror`]: `check_branch_mergeable` with `git merge-tree --write-tree` in a bare mirror;
+//! - `EnsurePr`, and `FinalizeMerge` ([`finalize`]): merged once, pinned to the tested head.
 
-use orchestrator_kit::Db;
-use orchestrator_kit::clients::Clients;
-use orchestrator_proto::merge_gate::v1::merge_gate_server::MergeGate;
+pub mod config;
+mod error;
+mod finalize;
+pub mod liveness;
+pub mod mirror;
+mod service;
+pub mod store;
+
+pub use config::MergeGateConfig;
+pub use error::GateError;
+pub use finalize::Finalized;
+pub use liveness::{HolderLiveness, LauncherLiveness, TtlOnly};
+pub use service::{Acquired, MergeGateService, lease_to_proto};
 
 /// The service's own migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// The merge-gate gRPC service over its own storage and the clients of the services it calls.
-#[derive(Clone)]
-pub struct MergeGateService {
-    #[allow(dead_code)]
-    db: Db,
-    #[allow(dead_code)]
-    clients: Clients,
-}
-
-impl MergeGateService {
-    pub fn new(db: Db, clients: Clients) -> Self {
-        MergeGateService { db, clients }
-    }
-}
-
-// Every RPC keeps the generated default: UNIMPLEMENTED.
-#[tonic::async_trait]
-impl MergeGate for MergeGateService {}

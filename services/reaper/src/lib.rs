@@ -1,30 +1,20 @@
-//! reaper: Background liveness: frees zombie jobs and reclaims stale merge leases.
-//!
-//! The RPC surface is declared in `proto/orchestrator/reaper/v1/reaper.proto`. Until issue #5
-//! builds it, every RPC answers UNIMPLEMENTED (see `docs/rpc-status.md`).
+//! reaper: background liveness (ARCHITECTURE §3.6). Every `ORCH_REAPER_INTERVAL_S` it looks
+//! at every running job through the launcher and applies three tiers ([`tiers`]): a
+//! dead-pid streak, an exit code the launcher never finalized, and a backstop on run time.
+//! Its only mutating write is the launcher's guarded `FlipTerminal`; it also has merge-gate
+//! reclaim stale merge leases. `Snapshot` and `TickNow` show and drive it.
 
-use orchestrator_kit::Db;
-use orchestrator_kit::clients::Clients;
-use orchestrator_proto::reaper::v1::reaper_server::Reaper;
+pub mod config;
+mod error;
+pub mod peers;
+mod service;
+pub mod store;
+pub mod tiers;
+
+pub use config::ReaperConfig;
+pub use error::ReaperError;
+pub use peers::{GrpcPeers, Peers};
+pub use service::{ReaperService, to_report};
 
 /// The service's own migrations, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// The reaper gRPC service over its own storage and the clients of the services it calls.
-#[derive(Clone)]
-pub struct ReaperService {
-    #[allow(dead_code)]
-    db: Db,
-    #[allow(dead_code)]
-    clients: Clients,
-}
-
-impl ReaperService {
-    pub fn new(db: Db, clients: Clients) -> Self {
-        ReaperService { db, clients }
-    }
-}
-
-// Every RPC keeps the generated default: UNIMPLEMENTED.
-#[tonic::async_trait]
-impl Reaper for ReaperService {}

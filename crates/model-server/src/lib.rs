@@ -1,0 +1,687 @@
+//! A scripted model: a small HTTP server playing the Anthropic Messages API, so that the
+//! REAL Claude Code CLI runs as the agent with no model and no network (point it at the
+//! server with `ANTHROPIC_BASE_URL`). What the CLI sends and expects is in
+//! `shared/contracts/claude-cli/real-2.1.328/README.md`:
+//!
+//! - `GET /api/hello` answers 404 (the CLI is fine with that);
+//! - `POST /v1/messages` answers a streamed (SSE) turn. Each turn of the agent loop writes
+//!   ONE file of the stage's artifacts with a `tool_use` block of the `Write` tool; once
+//!   every file was written (as many `tool_result` blocks in the conversation as files),
+//!   it answers text with `end_turn`;
+//! - which files: the work item key and the stage are read from the conversation
+//!   (`work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`, as the launcher's
+//!   prompt carries them), the checkout from the CLI's system prompt
+//!   (`Primary working directory: ...`) so the `Write` paths are absolute;
+//! - on demand ([`Control`]) it answers 429 (with `retry-after`), 529, 401 or the spend
+//!   limit instead, for the storm tests;
+//! - the [`Scenario::LazyUntilStopHook`] scenario first ends its turn WITHOUT writing,
+//!   and writes only once the conversation holds the Stop hook's feedback.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+/// The model name the server reports.
+pub const MODEL: &str = "claude-scripted-1";
+
+/// An error the server answers instead of a turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// HTTP 429 `rate_limit_error` with `retry-after: <s>`.
+    RateLimit { retry_after_s: u32 },
+    /// HTTP 529 `overloaded_error`.
+    Overloaded,
+    /// HTTP 401 `authentication_error`.
+    InvalidKey,
+    /// HTTP 429 with the spend-limit text: must not be retried.
+    SpendLimit,
+}
+
+impl Failure {
+    /// The status, the extra headers and the Anthropic error body.
+    pub fn response(&self) -> (StatusCode, Vec<(&'static str, String)>, Value) {
+        let (status, kind, message, headers) = match self {
+            Failure::RateLimit { retry_after_s } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "Number of request tokens has exceeded your per-minute rate limit",
+                vec![("retry-after", retry_after_s.to_string())],
+            ),
+            Failure::Overloaded => (
+                StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                "overloaded_error",
+                "Overloaded",
+                vec![],
+            ),
+            Failure::InvalidKey => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid x-api-key",
+                vec![],
+            ),
+            Failure::SpendLimit => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "You have reached your specified API usage limits. You will regain access on 2026-12-01 at 00:00 UTC.",
+                vec![],
+            ),
+        };
+        let mut body = json!({"type": "error", "error": {"type": kind, "message": message}});
+        if *self == Failure::SpendLimit {
+            body["error_code"] = json!("enforced_spend_limit_reached");
+        }
+        (status, headers, body)
+    }
+}
+
+/// How the model behaves when it is not told to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scenario {
+    /// Writes the stage's artifacts, one `Write` per turn, then ends its turn.
+    #[default]
+    WriteArtifacts,
+    /// Ends its first turn without writing anything; writes the artifacts only once the
+    /// conversation holds `Stop hook feedback` (the quality gate as the Stop hook).
+    LazyUntilStopHook,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    scenario: Scenario,
+    /// Answered to every request while set.
+    failure: Option<Failure>,
+    /// Answered to this many next requests, before `failure`.
+    fail_next: u32,
+    fail_next_with: Option<Failure>,
+    /// Stages whose verdict is negative on the first run per work item.
+    reject_first: BTreeSet<String>,
+    /// (work item, stage) already rejected once.
+    rejected: BTreeSet<(String, String)>,
+    requests: u32,
+    failures_answered: u32,
+    turns_answered: u32,
+}
+
+/// The shared handle a test flips.
+#[derive(Debug, Clone, Default)]
+pub struct Control(Arc<Mutex<Inner>>);
+
+impl Control {
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        // A test that panicked while holding the lock must not hide its own failure.
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+
+    pub fn set_scenario(&self, s: Scenario) {
+        self.with(|i| i.scenario = s);
+    }
+
+    /// Every request fails with `f` until [`Control::clear_failure`].
+    pub fn fail_always(&self, f: Failure) {
+        self.with(|i| i.failure = Some(f));
+    }
+
+    /// The next `n` requests fail with `f`; then the model answers again.
+    pub fn fail_next(&self, n: u32, f: Failure) {
+        self.with(|i| {
+            i.fail_next = n;
+            i.fail_next_with = Some(f);
+        });
+    }
+
+    pub fn clear_failure(&self) {
+        self.with(|i| {
+            i.failure = None;
+            i.fail_next = 0;
+            i.fail_next_with = None;
+        });
+    }
+
+    /// The first run of `stage`'s agent for each work item gives the negative verdict
+    /// (`CHANGES_REQUESTED` / `FAILED`); the run after the rollback passes.
+    pub fn reject_first(&self, stage: &str) {
+        self.with(|i| i.reject_first.insert(stage.to_owned()));
+    }
+
+    /// Whether this run of `stage` for `key` rejects (and remembers that it did).
+    fn rejects(&self, key: &str, stage: &str) -> bool {
+        self.with(|i| {
+            i.reject_first.contains(stage) && i.rejected.insert((key.to_owned(), stage.to_owned()))
+        })
+    }
+
+    /// `POST /v1/messages` requests received.
+    pub fn requests(&self) -> u32 {
+        self.with(|i| i.requests)
+    }
+
+    /// Requests answered with an error.
+    pub fn failures_answered(&self) -> u32 {
+        self.with(|i| i.failures_answered)
+    }
+
+    /// Requests answered with a turn.
+    pub fn turns_answered(&self) -> u32 {
+        self.with(|i| i.turns_answered)
+    }
+
+    /// What to answer now: an error, or a turn in the current scenario.
+    fn next(&self) -> Result<Scenario, Failure> {
+        self.with(|i| {
+            i.requests += 1;
+            let failure = if i.fail_next > 0 {
+                i.fail_next -= 1;
+                i.fail_next_with.clone()
+            } else {
+                i.failure.clone()
+            };
+            match failure {
+                Some(f) => {
+                    i.failures_answered += 1;
+                    Err(f)
+                }
+                None => {
+                    i.turns_answered += 1;
+                    Ok(i.scenario)
+                }
+            }
+        })
+    }
+}
+
+/// A running server; stops when dropped.
+pub struct ModelServer {
+    pub addr: SocketAddr,
+    pub control: Control,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ModelServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ModelServer {
+    /// Binds `127.0.0.1:0` and serves in the background (needs a Tokio runtime).
+    pub async fn start() -> std::io::Result<Self> {
+        let control = Control::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = router(control.clone());
+        let task = tokio::spawn(async move {
+            // The server lives as long as the test holds it; an accept error ends it.
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(ModelServer {
+            addr,
+            control,
+            task,
+        })
+    }
+
+    /// The value of `ANTHROPIC_BASE_URL`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// The routes, over `control`.
+pub fn router(control: Control) -> Router {
+    Router::new()
+        .route("/api/hello", get(|| async { StatusCode::NOT_FOUND }))
+        .route("/v1/messages", post(messages))
+        .with_state(control)
+}
+
+async fn messages(State(control): State<Control>, body: String) -> Response {
+    let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    match control.next() {
+        Err(f) => {
+            let (status, headers, body) = f.response();
+            let mut h = HeaderMap::new();
+            for (k, v) in headers {
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    h.insert(k, v);
+                }
+            }
+            (status, h, axum::Json(body)).into_response()
+        }
+        Ok(scenario) => {
+            let turn = decide_with(scenario, &request, &mut |k, s| control.rejects(k, s));
+            let sse = if request["stream"].as_bool() == Some(false) {
+                // Not streamed: the whole message as JSON (the CLI streams; kept for curl).
+                return axum::Json(message_json(&turn)).into_response();
+            } else {
+                sse(&turn)
+            };
+            (
+                [
+                    (header::CONTENT_TYPE, "text/event-stream"),
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                sse,
+            )
+                .into_response()
+        }
+    }
+}
+
+/// One answer of the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Turn {
+    /// `tool_use` of `Write` with this input, `stop_reason: tool_use`.
+    Write {
+        id: String,
+        file_path: String,
+        content: String,
+    },
+    /// Text, `stop_reason: end_turn`.
+    Text(String),
+}
+
+/// A file the model writes: path relative to the checkout, and content.
+pub type Artifact = (String, String);
+
+/// The files of `stage` for work item `key` (relative paths), as docs/artifacts.md asks.
+pub fn artifacts(key: &str, stage: &str) -> Vec<Artifact> {
+    artifacts_with(key, stage, false)
+}
+
+/// Whether `stage` ends in a verdict (a negative one rolls back).
+pub fn has_verdict(stage: &str) -> bool {
+    matches!(stage, "review" | "testing" | "deploy-staging" | "deploy")
+}
+
+/// [`artifacts`], with the negative verdict when `negative`.
+pub fn artifacts_with(key: &str, stage: &str, negative: bool) -> Vec<Artifact> {
+    let pick = |pass: &'static str, fail: &'static str| if negative { fail } else { pass };
+    let dir = format!("docs/work-items/{key}");
+    let doc = |name: &str, title: &str, agent: &str| {
+        (
+            format!("{dir}/{name}"),
+            format!(
+                "---\nwork_item: {key}\nauthor: {agent}\n---\n# {title}\n\nWritten by the scripted model for {key}, stage {stage}.\n"
+            ),
+        )
+    };
+    let verdict = |name: &str, title: &str, field: &str, value: &str| {
+        (
+            format!("{dir}/{name}"),
+            format!(
+                "---\nwork_item: {key}\n{field}: {value}\n---\n# {title}\n\nThe scripted model says {field}: {value}.\n"
+            ),
+        )
+    };
+    match stage {
+        "analysis" => vec![doc("analysis.md", "Analysis", "analyst")],
+        "architecture" => vec![doc("architecture.md", "Architecture", "architect")],
+        "development" => {
+            let module = key.to_ascii_lowercase().replace('-', "_");
+            vec![
+                (
+                    format!("scripted/{module}.py"),
+                    format!(
+                        "\"\"\"Written by the scripted model for {key}.\"\"\"\n\n\ndef {module}():\n    return True\n"
+                    ),
+                ),
+                doc("development.md", "Development notes", "developer"),
+            ]
+        }
+        "review" => vec![verdict(
+            "review.md",
+            "Review",
+            "review_verdict",
+            pick("APPROVED", "CHANGES_REQUESTED"),
+        )],
+        "testing" => vec![verdict(
+            "test-report.md",
+            "Test report",
+            "test_status",
+            pick("PASSED", "FAILED"),
+        )],
+        "deploy-staging" => vec![verdict(
+            "staging.md",
+            "Staging",
+            "staging_status",
+            pick("SUCCESS", "FAILED"),
+        )],
+        "deploy" => vec![verdict(
+            "deploy.md",
+            "Deploy",
+            "deploy_status",
+            pick("SUCCESS", "FAILED"),
+        )],
+        _ => vec![],
+    }
+}
+
+/// Every text of the request: the system prompt and the text of all messages.
+fn texts(request: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut push = |v: &Value| match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(blocks) => {
+            for b in blocks {
+                if let Some(t) = b["text"].as_str() {
+                    out.push(t.to_owned());
+                }
+                // A tool_result's content may itself be text blocks or a string.
+                match &b["content"] {
+                    Value::String(s) => out.push(s.clone()),
+                    Value::Array(inner) => out.extend(
+                        inner
+                            .iter()
+                            .filter_map(|i| i["text"].as_str().map(str::to_owned)),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    };
+    push(&request["system"]);
+    if let Some(msgs) = request["messages"].as_array() {
+        for m in msgs {
+            push(&m["content"]);
+        }
+    }
+    out
+}
+
+/// The value after `name` in `text`: `name: value`, `"name": "value"`, `name=value`.
+pub fn field(text: &str, name: &str) -> Option<String> {
+    let mut from = 0;
+    while let Some(i) = text[from..].find(name) {
+        let start = from + i;
+        from = start + name.len();
+        // A whole word: not part of a longer name.
+        let before_ok = text[..start]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !c.is_ascii_alphanumeric() && c != '_');
+        if !before_ok {
+            continue;
+        }
+        let rest = text[from..].trim_start_matches(['"', '\'']);
+        let Some(rest) = rest
+            .trim_start()
+            .strip_prefix([':', '='])
+            .map(|r| r.trim_start().trim_start_matches(['"', '\'', '`']))
+        else {
+            continue;
+        };
+        let value: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        if !value.is_empty() {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The checkout, from the CLI's system prompt (`Primary working directory: /path`).
+pub fn working_directory(texts: &[String]) -> Option<String> {
+    for t in texts {
+        for marker in ["Primary working directory:", "Working directory:"] {
+            if let Some(i) = t.find(marker) {
+                let rest = t[i + marker.len()..].trim_start();
+                let dir: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                if dir.starts_with('/') {
+                    return Some(dir);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn tool_results(request: &Value) -> usize {
+    request["messages"]
+        .as_array()
+        .map(|msgs| {
+            msgs.iter()
+                .filter(|m| m["role"] == "user")
+                .filter_map(|m| m["content"].as_array())
+                .flatten()
+                .filter(|b| b["type"] == "tool_result")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// What the model answers to `request` in `scenario` (never a negative verdict).
+pub fn decide(scenario: Scenario, request: &Value) -> Turn {
+    decide_with(scenario, request, &mut |_, _| false)
+}
+
+/// What the model answers; `rejects(key, stage)` is asked once per run of a verdict stage
+/// whether this run gives the negative verdict.
+pub fn decide_with(
+    scenario: Scenario,
+    request: &Value,
+    rejects: &mut dyn FnMut(&str, &str) -> bool,
+) -> Turn {
+    // A side request of the CLI (no tools: a title, a summary): plain text.
+    let has_write = request["tools"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|t| t["name"] == "Write"));
+    if !has_write {
+        return Turn::Text("Scripted model.".to_owned());
+    }
+    let texts = texts(request);
+    let all = texts.join("\n");
+    let key = field(&all, "work_item");
+    let stage = field(&all, "stage");
+    let (Some(key), Some(stage)) = (key, stage) else {
+        return Turn::Text(
+            "The scripted model found no `work_item:` and `stage:` in the prompt; nothing written."
+                .to_owned(),
+        );
+    };
+    if scenario == Scenario::LazyUntilStopHook && !all.contains("Stop hook feedback") {
+        return Turn::Text(format!("{stage} of {key} looks done to me."));
+    }
+    let done = tool_results(request);
+    // The verdict is written on the run's first turn: that is where the run decides.
+    let negative = done == 0 && has_verdict(&stage) && rejects(&key, &stage);
+    let files = artifacts_with(&key, &stage, negative);
+    match files.get(done) {
+        Some((path, content)) => {
+            let file_path = match working_directory(&texts) {
+                Some(dir) => format!("{}/{path}", dir.trim_end_matches('/')),
+                None => path.clone(),
+            };
+            Turn::Write {
+                id: format!("toolu_scripted_{done:02}"),
+                file_path,
+                content: content.clone(),
+            }
+        }
+        None => Turn::Text(format!(
+            "Stage {stage} of {key}: {} file(s) written.",
+            files.len()
+        )),
+    }
+}
+
+fn usage(turn: &Turn) -> (Value, u64) {
+    let out = match turn {
+        Turn::Write { content, .. } => 40 + content.len() as u64 / 4,
+        Turn::Text(t) => 10 + t.len() as u64 / 4,
+    };
+    (
+        json!({
+            "input_tokens": 1200,
+            "cache_creation_input_tokens": 300,
+            "cache_read_input_tokens": 4000,
+            "output_tokens": 1
+        }),
+        out,
+    )
+}
+
+fn event(name: &str, data: &Value) -> String {
+    format!("event: {name}\ndata: {data}\n\n")
+}
+
+/// The turn as the Messages API's Server-Sent Events.
+pub fn sse(turn: &Turn) -> String {
+    let (start_usage, out_tokens) = usage(turn);
+    let mut s = event(
+        "message_start",
+        &json!({"type": "message_start", "message": {
+            "id": "msg_scripted", "type": "message", "role": "assistant", "model": MODEL,
+            "content": [], "stop_reason": null, "stop_sequence": null, "usage": start_usage
+        }}),
+    );
+    let stop_reason = match turn {
+        Turn::Write {
+            id,
+            file_path,
+            content,
+        } => {
+            s += &event(
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "tool_use", "id": id, "name": "Write", "input": {}}}),
+            );
+            let input = json!({"file_path": file_path, "content": content}).to_string();
+            // Streamed in pieces, as the API does: the client must join them.
+            let cut = input
+                .char_indices()
+                .map(|(i, _)| i)
+                .nth(input.chars().count() / 2)
+                .unwrap_or(0);
+            for part in [&input[..cut], &input[cut..]] {
+                s += &event(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": 0,
+                        "delta": {"type": "input_json_delta", "partial_json": part}}),
+                );
+            }
+            "tool_use"
+        }
+        Turn::Text(text) => {
+            s += &event(
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": 0,
+                    "content_block": {"type": "text", "text": ""}}),
+            );
+            s += &event(
+                "content_block_delta",
+                &json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": text}}),
+            );
+            "end_turn"
+        }
+    };
+    s += &event(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    );
+    s += &event(
+        "message_delta",
+        &json!({"type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+            "usage": {"output_tokens": out_tokens}}),
+    );
+    s += &event("message_stop", &json!({"type": "message_stop"}));
+    s
+}
+
+/// The turn as one non-streamed message.
+pub fn message_json(turn: &Turn) -> Value {
+    let (mut usage, out) = usage(turn);
+    usage["output_tokens"] = json!(out);
+    let (content, stop) = match turn {
+        Turn::Write {
+            id,
+            file_path,
+            content,
+        } => (
+            json!([{"type": "tool_use", "id": id, "name": "Write",
+                "input": {"file_path": file_path, "content": content}}]),
+            "tool_use",
+        ),
+        Turn::Text(t) => (json!([{"type": "text", "text": t}]), "end_turn"),
+    };
+    json!({"id": "msg_scripted", "type": "message", "role": "assistant", "model": MODEL,
+        "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage})
+}
+
+/// The pinned CLI's version, as `scripts/install-claude-cli` installs it.
+pub const CLAUDE_CLI_VERSION: &str = "2.1.328";
+
+/// Where the real Claude Code CLI is: `$ORCH_CLAUDE_CLI`, else
+/// `$ORCH_CLAUDE_CLI_DIR/node_modules/.bin/claude`, else
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/orchestrator/claude-cli/node_modules/.bin/claude` (where
+/// `scripts/install-claude-cli` puts it). `Err` says why it is not there.
+pub fn claude_cli() -> Result<std::path::PathBuf, String> {
+    use std::path::PathBuf;
+    let path = if let Some(p) = std::env::var_os("ORCH_CLAUDE_CLI") {
+        PathBuf::from(p)
+    } else {
+        let dir = std::env::var_os("ORCH_CLAUDE_CLI_DIR")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .map(|c| c.join("orchestrator/claude-cli"))
+            })
+            .ok_or("neither ORCH_CLAUDE_CLI, ORCH_CLAUDE_CLI_DIR nor HOME is set")?;
+        dir.join("node_modules/.bin/claude")
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "the Claude Code CLI {CLAUDE_CLI_VERSION} is not installed at {} (run scripts/install-claude-cli)",
+            path.display()
+        ))
+    }
+}
+
+/// The CLI's path for test `test`, or `None` after printing `SKIPPED <test>: <why>`;
+/// with `ORCH_REQUIRE_CLAUDE_CLI` set, a missing CLI panics instead.
+pub fn claude_cli_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    match claude_cli() {
+        Ok(p) => Some(p),
+        Err(why) => {
+            assert!(
+                std::env::var_os("ORCH_REQUIRE_CLAUDE_CLI").is_none(),
+                "{test}: ORCH_REQUIRE_CLAUDE_CLI is set but {why}"
+            );
+            eprintln!("SKIPPED {test}: {why}");
+            None
+        }
+    }
+}
+
+/// The environment for a CLI run against the server at `base_url`: a scripted key, one
+/// retry, and nothing that would leave loopback. Add a throwaway `HOME` and `PATH`.
+pub fn cli_env(base_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("ANTHROPIC_BASE_URL", base_url.to_owned()),
+        ("ANTHROPIC_API_KEY", "sk-scripted-model".to_owned()),
+        ("CLAUDE_CODE_MAX_RETRIES", "1".to_owned()),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".to_owned()),
+        ("DISABLE_AUTOUPDATER", "1".to_owned()),
+        ("DISABLE_TELEMETRY", "1".to_owned()),
+        ("DISABLE_ERROR_REPORTING", "1".to_owned()),
+    ]
+}
+
+#[cfg(test)]
+mod tests;

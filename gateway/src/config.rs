@@ -1,0 +1,362 @@
+//! The gateway's section of the configuration, read once at start-up.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use orchestrator_kit::{ConfigError, Env, Secret};
+
+use crate::validate;
+
+/// Everything the gateway reads from the environment. Tests build it with
+/// [`GatewayConfig::from_env`] over their own [`Env`], or adjust the fields directly.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `PLANE_WEBHOOK_SECRET`: the key of `X-Plane-Signature`.
+    pub plane_secret: Option<Secret>,
+    /// `GITEA_WEBHOOK_SECRET`: the key of `X-Gitea-Signature`.
+    pub gitea_secret: Option<Secret>,
+    /// `ORCH_WEBHOOK_ALLOW_UNSIGNED`: accept deliveries without a signature (local
+    /// development only). A signature that is present is still checked.
+    pub allow_unsigned: bool,
+    /// `ORCH_GATEWAY_MAX_BODY_BYTES`: larger bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// `ORCH_GATEWAY_REQUEST_TIMEOUT_MS`: the whole request, body included.
+    pub request_timeout: Duration,
+    /// `ORCH_GATEWAY_MAX_CONCURRENT_REQUESTS`: requests handled at once; the rest wait
+    /// (unread, in the kernel's socket buffers) until a slot frees or their timeout passes.
+    /// With the body limit it bounds the memory a flood can take.
+    pub max_concurrent_requests: usize,
+    /// `ORCH_GATEWAY_INBOX_RETENTION_DAYS`: applied and ignored deliveries older than this
+    /// are deleted (dead letters stay); `None` (0) keeps everything.
+    pub retention_days: Option<u32>,
+    pub triggers: Triggers,
+    pub repos: RepoMap,
+    pub dispatch: DispatchConfig,
+}
+
+/// What turns a Plane issue into a work item, and who is a bot.
+#[derive(Debug, Clone, Default)]
+pub struct Triggers {
+    /// `ORCH_PLANE_TRIGGER_STATE`: a state name (case-insensitive) or state id.
+    pub state: Option<String>,
+    /// `ORCH_PLANE_TRIGGER_LABEL`: a label name (case-insensitive) or label id.
+    pub label: Option<String>,
+    /// `ORCH_PLANE_BOT_USERS`: Plane accounts (user id, email or display name) whose
+    /// `:approved:` never counts: the orchestrator's own bots.
+    pub bot_users: Vec<String>,
+}
+
+/// Which repository a Plane project's work items go to.
+#[derive(Debug, Clone, Default)]
+pub struct RepoMap {
+    /// `ORCH_PLANE_PROJECT_REPOS`: `<project id>=<owner/name>` pairs, comma-separated.
+    pub by_project: BTreeMap<String, String>,
+    /// `ORCH_PLANE_DEFAULT_REPO`: for projects not in the map.
+    pub default: Option<String>,
+}
+
+impl RepoMap {
+    /// Returns the repository of a Plane project, if one is configured.
+    pub fn repo_for(&self, project_id: &str) -> Option<&str> {
+        self.by_project
+            .get(project_id)
+            .or(self.default.as_ref())
+            .map(String::as_str)
+    }
+}
+
+/// How the dispatcher retries.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// `ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS`: attempts on a retryable error before the
+    /// delivery becomes a dead letter.
+    pub max_attempts: u32,
+    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS`: the first retry's delay; it doubles.
+    pub backoff_base: Duration,
+    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS`: the longest delay between two attempts.
+    pub backoff_max: Duration,
+    /// `ORCH_GATEWAY_DISPATCH_POLL_MS`: how often the dispatcher looks for due retries (a
+    /// new delivery wakes it at once).
+    pub poll_interval: Duration,
+    /// `ORCH_GATEWAY_DISPATCH_BATCH`: deliveries claimed and applied at once (each for a
+    /// different work item).
+    pub batch: u32,
+    /// `ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS`: how long a claimed delivery is reserved for
+    /// the dispatcher that claimed it. One attempt is cut off at three quarters of it, so a
+    /// live dispatcher never outlasts its claim; a gateway killed mid-attempt leaves the
+    /// delivery to be picked up again when the lease runs out.
+    pub claim_lease: Duration,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            max_attempts: 20,
+            backoff_base: Duration::from_millis(1_000),
+            backoff_max: Duration::from_millis(300_000),
+            poll_interval: Duration::from_millis(500),
+            batch: 32,
+            claim_lease: Duration::from_secs(15),
+        }
+    }
+}
+
+impl DispatchConfig {
+    /// The delay after the `attempt`-th failure: `min(base * 2^(attempt-1), max)`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1).min(30))
+            .unwrap_or(u32::MAX);
+        self.backoff_base
+            .checked_mul(factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+}
+
+impl GatewayConfig {
+    /// Reads the gateway's variables; the first bad value is the error.
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let max_body_bytes: usize = env.parse("ORCH_GATEWAY_MAX_BODY_BYTES", 1_048_576)?;
+        if max_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "ORCH_GATEWAY_MAX_BODY_BYTES",
+                "must be greater than 0",
+            ));
+        }
+        let max_concurrent_requests: usize =
+            env.parse("ORCH_GATEWAY_MAX_CONCURRENT_REQUESTS", 64)?;
+        if max_concurrent_requests == 0 {
+            return Err(ConfigError::new(
+                "ORCH_GATEWAY_MAX_CONCURRENT_REQUESTS",
+                "must be greater than 0",
+            ));
+        }
+        let max_attempts: u32 = env.parse("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", 20)?;
+        if max_attempts == 0 {
+            return Err(ConfigError::new(
+                "ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS",
+                "must be at least 1",
+            ));
+        }
+        let defaults = DispatchConfig::default();
+        let dispatch = DispatchConfig {
+            max_attempts,
+            backoff_base: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", 1_000)?,
+            backoff_max: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", 300_000)?,
+            poll_interval: ms(env, "ORCH_GATEWAY_DISPATCH_POLL_MS", 500)?
+                .max(Duration::from_millis(10)),
+            claim_lease: ms(env, "ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS", 15_000)?
+                .max(Duration::from_millis(200)),
+            batch: env
+                .parse("ORCH_GATEWAY_DISPATCH_BATCH", defaults.batch)?
+                .clamp(1, 1_000),
+        };
+
+        let default_repo = env
+            .get("ORCH_PLANE_DEFAULT_REPO")
+            .map(|r| checked_repo("ORCH_PLANE_DEFAULT_REPO", r))
+            .transpose()?;
+        let mut by_project = BTreeMap::new();
+        if let Some(raw) = env.get("ORCH_PLANE_PROJECT_REPOS") {
+            for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                let Some((project, repo)) = pair.split_once('=') else {
+                    return Err(ConfigError::new(
+                        "ORCH_PLANE_PROJECT_REPOS",
+                        format!("invalid pair '{pair}': expected <project id>=<owner/name>"),
+                    ));
+                };
+                let project = project.trim();
+                if project.is_empty() {
+                    return Err(ConfigError::new(
+                        "ORCH_PLANE_PROJECT_REPOS",
+                        format!("invalid pair '{pair}': empty project id"),
+                    ));
+                }
+                by_project.insert(
+                    project.to_owned(),
+                    checked_repo("ORCH_PLANE_PROJECT_REPOS", repo)?,
+                );
+            }
+        }
+
+        Ok(GatewayConfig {
+            plane_secret: env.secret("PLANE_WEBHOOK_SECRET"),
+            gitea_secret: env.secret("GITEA_WEBHOOK_SECRET"),
+            allow_unsigned: env.bool("ORCH_WEBHOOK_ALLOW_UNSIGNED", false)?,
+            max_body_bytes,
+            request_timeout: ms(env, "ORCH_GATEWAY_REQUEST_TIMEOUT_MS", 10_000)?,
+            max_concurrent_requests,
+            retention_days: Some(env.parse("ORCH_GATEWAY_INBOX_RETENTION_DAYS", 30u32)?)
+                .filter(|d| *d > 0),
+            triggers: Triggers {
+                state: env
+                    .get("ORCH_PLANE_TRIGGER_STATE")
+                    .map(|s| s.trim().to_owned()),
+                label: Some(
+                    env.get("ORCH_PLANE_TRIGGER_LABEL")
+                        .unwrap_or("orchestrator")
+                        .trim()
+                        .to_owned(),
+                )
+                .filter(|l| l != "-"),
+                bot_users: env
+                    .get("ORCH_PLANE_BOT_USERS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            },
+            repos: RepoMap {
+                by_project,
+                default: default_repo,
+            },
+            dispatch,
+        })
+    }
+
+    /// Says loudly, once at start-up, what would make the gateway refuse or misread
+    /// deliveries.
+    pub fn warn_at_start(&self) {
+        if self.allow_unsigned {
+            tracing::warn!(
+                "ORCH_WEBHOOK_ALLOW_UNSIGNED=true: UNSIGNED WEBHOOKS ARE ACCEPTED. anyone who can reach \
+                 the gateway can create and approve work items. use this for local development only"
+            );
+        }
+        for (var, secret) in [
+            ("PLANE_WEBHOOK_SECRET", &self.plane_secret),
+            ("GITEA_WEBHOOK_SECRET", &self.gitea_secret),
+        ] {
+            if secret.is_none() && !self.allow_unsigned {
+                tracing::warn!(
+                    var,
+                    "webhook secret not set: these webhooks are refused (401)"
+                );
+            }
+        }
+        if self.repos.default.is_none() && self.repos.by_project.is_empty() {
+            tracing::warn!(
+                "neither ORCH_PLANE_DEFAULT_REPO nor ORCH_PLANE_PROJECT_REPOS is set: \
+                 plane issues cannot become work items (they end as dead letters)"
+            );
+        }
+        if self.triggers.bot_users.is_empty() {
+            tracing::warn!(
+                "ORCH_PLANE_BOT_USERS is empty: the gateway cannot tell the orchestrator's bots \
+                 from humans, so an :approved: by a bot would be passed on"
+            );
+        }
+        if self.triggers.state.is_none() && self.triggers.label.is_none() {
+            tracing::warn!("no plane trigger (ORCH_PLANE_TRIGGER_STATE, ORCH_PLANE_TRIGGER_LABEL)");
+        }
+    }
+}
+
+fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(env.parse(name, default)?))
+}
+
+fn checked_repo(var: &str, repo: &str) -> Result<String, ConfigError> {
+    let repo = repo.trim();
+    validate::repo(repo)
+        .map(|()| repo.to_owned())
+        .map_err(|why| ConfigError::new(var, format!("invalid repository '{repo}': {why}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let c = GatewayConfig::from_env(&Env::default()).expect("defaults");
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert!(!c.allow_unsigned);
+        assert!(c.plane_secret.is_none());
+        assert_eq!(c.triggers.label.as_deref(), Some("orchestrator"));
+        assert_eq!(c.triggers.state, None);
+        assert_eq!(c.repos.repo_for("p"), None);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("ORCH_GATEWAY_MAX_BODY_BYTES", "big"),
+            ("ORCH_GATEWAY_MAX_BODY_BYTES", "0"),
+            ("ORCH_WEBHOOK_ALLOW_UNSIGNED", "sometimes"),
+            ("ORCH_PLANE_DEFAULT_REPO", "../etc"),
+            ("ORCH_PLANE_DEFAULT_REPO", "-x/y"),
+            ("ORCH_PLANE_PROJECT_REPOS", "p1"),
+            ("ORCH_PLANE_PROJECT_REPOS", "p1=a/b/c"),
+            ("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", "0"),
+        ] {
+            let err = GatewayConfig::from_env(&Env::from_pairs([(var, value)]))
+                .expect_err(&format!("{var}={value}"));
+            assert_eq!(err.var, var, "{err}");
+        }
+    }
+
+    #[test]
+    fn the_project_map_wins_over_the_default() {
+        let c = GatewayConfig::from_env(&Env::from_pairs([
+            ("ORCH_PLANE_DEFAULT_REPO", "acme/app"),
+            ("ORCH_PLANE_PROJECT_REPOS", "p1=acme/one, p2 = acme/two"),
+        ]))
+        .expect("config");
+        assert_eq!(c.repos.repo_for("p1"), Some("acme/one"));
+        assert_eq!(c.repos.repo_for("p2"), Some("acme/two"));
+        assert_eq!(c.repos.repo_for("p3"), Some("acme/app"));
+    }
+
+    #[test]
+    fn the_label_trigger_can_be_switched_off() {
+        let c = GatewayConfig::from_env(&Env::from_pairs([("ORCH_PLANE_TRIGGER_LABEL", "-")]))
+            .expect("config");
+        assert_eq!(c.triggers.label, None);
+    }
+
+    #[test]
+    fn every_variable_read_here_is_in_env_example() {
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../.env.example"))
+                .expect(".env.example");
+        let listed: Vec<&str> = example
+            .lines()
+            .map(|l| l.trim_start_matches('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .collect();
+        let src = include_str!("config.rs");
+        let names: Vec<&str> = src
+            .split('"')
+            .filter(|w| {
+                !["ORCH_", "PLANE_", "GITEA_"].contains(w)
+                    && (w.starts_with("ORCH_")
+                        || w.starts_with("PLANE_")
+                        || w.starts_with("GITEA_"))
+                    && w.bytes().all(|b| b.is_ascii_uppercase() || b == b'_')
+            })
+            .collect();
+        assert!(names.len() >= 15, "{names:?}");
+        for name in names {
+            assert!(
+                listed.contains(&name),
+                "{name} is missing from .env.example"
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let d = DispatchConfig {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1_000),
+            ..DispatchConfig::default()
+        };
+        let got: Vec<u128> = (1..=6).map(|a| d.backoff(a).as_millis()).collect();
+        assert_eq!(got, [100, 200, 400, 800, 1_000, 1_000]);
+        assert_eq!(d.backoff(u32::MAX), Duration::from_millis(1_000));
+    }
+}

@@ -1,0 +1,435 @@
+//! The dispatcher: applies the inbox's pending deliveries to stage-engine, in arrival order
+//! per work item, with retries and backoff, and a dead-letter state after too many failures.
+//!
+//! Retry rule, by the gRPC code of the failed call:
+//! - retryable (the service is down, busy, not built yet, or failed on its side):
+//!   UNAVAILABLE, UNIMPLEMENTED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, CANCELLED,
+//!   UNKNOWN, INTERNAL -> retried after `min(base * 2^(n-1), max)`, dead after
+//!   `max_attempts` attempts;
+//! - permanent (asking again cannot help): INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
+//!   ALREADY_EXISTS, PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE, DATA_LOSS -> dead at
+//!   once.
+//!
+//! Delivery to stage-engine is at least once: a gateway killed after a call succeeded and
+//! before it recorded that success calls again after a restart. The calls are idempotent on
+//! their own keys (CreateWorkItem on the tracker issue id, Approve on the comment id,
+//! OnPrMerged on the PR and merge sha), so a repeat changes nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orchestrator_kit::time::now_ms;
+use orchestrator_proto::stage_engine::v1::{
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, ListWorkItemsRequest, OnPrMergedRequest,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::Shared;
+use crate::inbox::{self, Claimed, State};
+use crate::translate::Command;
+
+/// How a failed call is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    Retryable,
+    Permanent,
+}
+
+/// The retry rule (see the module's documentation).
+pub fn classify(code: Code) -> Retry {
+    match code {
+        Code::Unavailable
+        | Code::Unimplemented
+        | Code::DeadlineExceeded
+        | Code::ResourceExhausted
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::Internal => Retry::Retryable,
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::NotFound
+        | Code::FailedPrecondition
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::OutOfRange
+        | Code::DataLoss => Retry::Permanent,
+    }
+}
+
+/// What one attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Done, for `work_item` ('' when the answer named none).
+    Applied {
+        reason: String,
+        work_item: String,
+    },
+    Ignored(String),
+    Failed {
+        code: Code,
+        message: String,
+    },
+    /// Not a call's failure: something we cannot fix by retrying (bad stored command,
+    /// missing configuration).
+    Dead(String),
+}
+
+/// Runs until `shutdown`: applies what is due, then waits for a new delivery or the poll
+/// interval. One bad delivery or a storage hiccup is logged and the loop goes on.
+pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut last_prune = Instant::now();
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let worked = match tick(&shared).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbox dispatch failed; will retry");
+                0
+            }
+        };
+        if last_prune.elapsed() >= Duration::from_secs(3_600) {
+            last_prune = Instant::now();
+            prune(&shared).await;
+        }
+        if worked > 0 {
+            // More may be due (the next in line for the keys just applied).
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(shared.config.dispatch.poll_interval) => {}
+        }
+    }
+    tracing::debug!("inbox dispatcher stopped");
+}
+
+async fn prune(shared: &Shared) {
+    let Some(days) = shared.config.retention_days else {
+        return;
+    };
+    let before = now_ms() - i64::from(days) * 86_400_000;
+    match inbox::prune(&shared.db, before).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, days, "pruned old inbox deliveries"),
+        Err(e) => tracing::warn!(error = %e, "inbox prune failed"),
+    }
+}
+
+/// Applies every delivery that is due now (one per work item); returns how many it tried.
+pub(crate) async fn tick(shared: &Arc<Shared>) -> Result<usize, sqlx::Error> {
+    let now = now_ms();
+    let lease = i64::try_from(shared.config.dispatch.claim_lease.as_millis()).unwrap_or(15_000);
+    let claimed =
+        inbox::claim_due(&shared.db, now, now + lease, shared.config.dispatch.batch).await?;
+    let tried = claimed.len();
+    let mut set = JoinSet::new();
+    for d in claimed {
+        let shared = Arc::clone(shared);
+        set.spawn(async move { apply_one(&shared, d).await });
+    }
+    while let Some(joined) = set.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(error = %e, "inbox delivery task failed");
+        }
+    }
+    Ok(tried)
+}
+
+#[tracing::instrument(skip_all, fields(inbox_id = %d.id, source = %d.source, delivery_id = %d.delivery_id, attempt = d.attempt))]
+async fn apply_one(shared: &Shared, d: Claimed) {
+    let attempt = d.attempt;
+    let source = if d.source == "plane" {
+        "plane"
+    } else {
+        "gitea"
+    };
+    let outcome = match d.command.as_deref().map(serde_json::from_str::<Command>) {
+        Some(Ok(command)) => {
+            // Never outlast the claim: past it, another dispatcher may take the delivery.
+            let limit = shared.config.dispatch.claim_lease * 3 / 4;
+            match tokio::time::timeout(limit, call(shared, &command)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Outcome::Failed {
+                    code: Code::DeadlineExceeded,
+                    message: format!("no answer within {} ms", limit.as_millis()),
+                },
+            }
+        }
+        Some(Err(e)) => Outcome::Dead(format!("stored command is unreadable: {e}")),
+        None => Outcome::Dead("pending delivery without a command".to_owned()),
+    };
+    let now = now_ms();
+    let written = match outcome {
+        Outcome::Applied { reason, work_item } => {
+            tracing::info!(%reason, %work_item, "delivery applied");
+            shared.metrics.delivery(source, "applied");
+            inbox::finish(
+                &shared.db,
+                &d.id,
+                State::Applied,
+                &reason,
+                "",
+                now,
+                &work_item,
+            )
+            .await
+        }
+        Outcome::Ignored(reason) => {
+            tracing::info!(%reason, "delivery ignored");
+            shared.metrics.delivery(source, "ignored");
+            inbox::finish(&shared.db, &d.id, State::Ignored, &reason, "", now, "").await
+        }
+        Outcome::Dead(reason) => {
+            tracing::warn!(%reason, "delivery is a dead letter");
+            shared.metrics.delivery(source, "dead");
+            inbox::finish(&shared.db, &d.id, State::Dead, &reason, &reason, now, "").await
+        }
+        Outcome::Failed { code, message } => {
+            let error = format!("{code:?}: {message}");
+            let max = shared.config.dispatch.max_attempts;
+            match classify(code) {
+                Retry::Permanent => {
+                    tracing::warn!(%error, "permanent error: delivery is a dead letter");
+                    shared.metrics.delivery(source, "dead");
+                    let reason = format!("permanent error {error}");
+                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, "").await
+                }
+                Retry::Retryable if attempt >= max => {
+                    tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
+                    shared.metrics.delivery(source, "dead");
+                    let reason = format!("gave up after {attempt} attempts");
+                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, "").await
+                }
+                Retry::Retryable => {
+                    let delay = shared.config.dispatch.backoff(attempt);
+                    tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "delivery will be retried");
+                    shared.metrics.delivery(source, "retried");
+                    let at = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+                    inbox::retry_at(&shared.db, &d.id, at, &error).await
+                }
+            }
+        }
+    };
+    if let Err(e) = written {
+        // The claim's lease runs out and the delivery is tried again: at least once.
+        tracing::warn!(error = %e, "could not record the delivery's outcome");
+    }
+}
+
+fn outcome_name(o: i32) -> &'static str {
+    AdvanceOutcome::try_from(o)
+        .map(|o| o.as_str_name())
+        .unwrap_or("UNKNOWN_OUTCOME")
+}
+
+async fn call(shared: &Shared, command: &Command) -> Outcome {
+    let mut se = shared.clients.stage_engine.clone();
+    match command {
+        Command::CreateWorkItem {
+            tracker_issue_id,
+            project_id,
+            title,
+            description,
+        } => {
+            let Some(repo) = shared.config.repos.repo_for(project_id) else {
+                return Outcome::Dead(format!(
+                    "no repository for plane project {project_id}: set ORCH_PLANE_DEFAULT_REPO \
+                     or ORCH_PLANE_PROJECT_REPOS"
+                ));
+            };
+            let req = CreateWorkItemRequest {
+                tracker_issue_id: tracker_issue_id.clone(),
+                key: String::new(),
+                title: title.clone(),
+                description: description.clone(),
+                repo: repo.to_owned(),
+                branch: String::new(),
+                // The delivery names its project: no lookup by key needed.
+                tracker_project_id: project_id.clone(),
+            };
+            let started = Instant::now();
+            let res = se.create_work_item(req).await;
+            observe(shared, "CreateWorkItem", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let key = r.work_item.map(|w| w.key).unwrap_or_default();
+                    Outcome::Applied {
+                        reason: if r.created {
+                            format!("created work item {key} in {repo}")
+                        } else {
+                            format!("work item {key} already existed")
+                        },
+                        work_item: key,
+                    }
+                }
+                Err(s) => failed(s),
+            }
+        }
+        Command::Approve {
+            tracker_issue_id,
+            author,
+            comment_id,
+        } => {
+            let key = match work_item_for(shared, tracker_issue_id).await {
+                Ok(Some(key)) => key,
+                Ok(None) => {
+                    return Outcome::Ignored(format!(
+                        "no work item for plane issue {tracker_issue_id}"
+                    ));
+                }
+                Err(o) => return o,
+            };
+            let req = ApproveRequest {
+                work_item: key.clone(),
+                author: author.clone(),
+                comment_id: comment_id.clone(),
+            };
+            let started = Instant::now();
+            let res = se.approve(req).await;
+            observe(shared, "Approve", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    Outcome::Applied {
+                        reason: format!("approve {key}: {}", outcome_name(r.outcome)),
+                        work_item: key,
+                    }
+                }
+                Err(s) => failed(s),
+            }
+        }
+        Command::OnPrMerged {
+            repo,
+            branch,
+            pr_number,
+            merge_sha,
+        } => {
+            let req = OnPrMergedRequest {
+                repo: repo.clone(),
+                branch: branch.clone(),
+                pr_number: *pr_number,
+                merge_sha: merge_sha.clone(),
+            };
+            let started = Instant::now();
+            let res = se.on_pr_merged(req).await;
+            observe(shared, "OnPrMerged", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let key = r.work_item.map(|w| w.key).unwrap_or_default();
+                    Outcome::Applied {
+                        reason: format!(
+                            "pr merged {repo}#{pr_number} ({key}): {}",
+                            outcome_name(r.outcome)
+                        ),
+                        work_item: key,
+                    }
+                }
+                Err(s) => failed(s),
+            }
+        }
+    }
+}
+
+/// The work item key of a Plane issue: learned from an earlier CreateWorkItem of the same
+/// issue (still in the inbox), else looked up among the work items that wait for approval
+/// or run.
+async fn work_item_for(shared: &Shared, tracker_issue_id: &str) -> Result<Option<String>, Outcome> {
+    match inbox::key_for(&shared.db, &format!("plane:{tracker_issue_id}")).await {
+        Ok(Some(key)) => return Ok(Some(key)),
+        Ok(None) => {}
+        Err(e) => {
+            return Err(Outcome::Failed {
+                code: Code::Unavailable,
+                message: format!("gateway storage: {e}"),
+            });
+        }
+    }
+    let mut se = shared.clients.stage_engine.clone();
+    for status in ["awaiting_approval", "active"] {
+        let started = Instant::now();
+        let res = se
+            .list_work_items(ListWorkItemsRequest {
+                status: status.to_owned(),
+                stage: String::new(),
+                repo: String::new(),
+                limit: 0,
+            })
+            .await;
+        observe(shared, "ListWorkItems", &res, started);
+        let items = res.map_err(failed)?.into_inner().work_items;
+        if let Some(w) = items
+            .iter()
+            .find(|w| w.tracker_issue_id == tracker_issue_id)
+        {
+            return Ok(Some(w.key.clone()));
+        }
+    }
+    Ok(None)
+}
+
+fn failed(s: tonic::Status) -> Outcome {
+    let mut message = s.message().to_owned();
+    message.truncate(500);
+    Outcome::Failed {
+        code: s.code(),
+        message,
+    }
+}
+
+fn observe<T>(
+    shared: &Shared,
+    rpc: &'static str,
+    res: &Result<T, tonic::Status>,
+    started: Instant,
+) {
+    let code = match res {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    };
+    shared
+        .metrics
+        .rpc(rpc, format!("{code:?}"), started.elapsed());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_rule() {
+        use Code::*;
+        for code in [
+            Unavailable,
+            Unimplemented,
+            DeadlineExceeded,
+            ResourceExhausted,
+            Aborted,
+            Cancelled,
+            Unknown,
+            Internal,
+        ] {
+            assert_eq!(classify(code), Retry::Retryable, "{code:?}");
+        }
+        for code in [
+            InvalidArgument,
+            NotFound,
+            FailedPrecondition,
+            AlreadyExists,
+            PermissionDenied,
+            Unauthenticated,
+            OutOfRange,
+            DataLoss,
+        ] {
+            assert_eq!(classify(code), Retry::Permanent, "{code:?}");
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! `GET /queue`: the operator's window. It gathers the launcher's queue, the reaper's
+//! snapshot, the open post-deploy watches and the inbox; a part that cannot be read shows
+//! its error in place, and the rest is still served.
+
+use std::time::Instant;
+
+use orchestrator_kit::time::now_ms;
+use orchestrator_proto::launcher::v1::{
+    Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse,
+};
+use orchestrator_proto::post_deploy::v1::{ListWatchesRequest, Watch};
+use orchestrator_proto::reaper::v1::{ReaperSnapshot, SnapshotRequest};
+use serde_json::{Value, json};
+
+use crate::Shared;
+use crate::inbox;
+
+/// How many dead letters `GET /queue` lists (the newest first).
+pub const DEAD_LETTERS_SHOWN: u32 = 50;
+
+/// The whole `GET /queue` document.
+pub(crate) async fn snapshot(shared: &Shared) -> Value {
+    let (launcher, reaper, watches, inbox) = tokio::join!(
+        launcher_snapshot(shared),
+        reaper_snapshot(shared),
+        open_watches(shared),
+        inbox_part(shared),
+    );
+    json!({
+        "generated_at_ms": now_ms(),
+        "launcher": launcher.map(|s| launcher_json(&s)).unwrap_or_else(|e| e),
+        "reaper": reaper.map(|s| reaper_json(&s)).unwrap_or_else(|e| e),
+        "post_deploy": watches
+            .map(|w| json!({ "open_watches": w.iter().map(watch_json).collect::<Vec<_>>() }))
+            .unwrap_or_else(|e| e),
+        "inbox": inbox,
+    })
+}
+
+/// The launcher's QueueSnapshot, or the error as JSON.
+pub(crate) async fn launcher_snapshot(shared: &Shared) -> Result<QueueSnapshotResponse, Value> {
+    let started = Instant::now();
+    let res = shared
+        .clients
+        .launcher
+        .clone()
+        .queue_snapshot(QueueSnapshotRequest {})
+        .await;
+    record(shared, "QueueSnapshot", &res, started);
+    res.map(tonic::Response::into_inner).map_err(error_json)
+}
+
+async fn reaper_snapshot(shared: &Shared) -> Result<ReaperSnapshot, Value> {
+    let started = Instant::now();
+    let res = shared
+        .clients
+        .reaper
+        .clone()
+        .snapshot(SnapshotRequest {})
+        .await;
+    record(shared, "Snapshot", &res, started);
+    res.map(tonic::Response::into_inner).map_err(error_json)
+}
+
+async fn open_watches(shared: &Shared) -> Result<Vec<Watch>, Value> {
+    let started = Instant::now();
+    let res = shared
+        .clients
+        .post_deploy
+        .clone()
+        .list_watches(ListWatchesRequest {
+            state: "watching".to_owned(),
+            ..Default::default()
+        })
+        .await;
+    record(shared, "ListWatches", &res, started);
+    res.map(|r| r.into_inner().watches).map_err(error_json)
+}
+
+async fn inbox_part(shared: &Shared) -> Value {
+    let counts = inbox::counts(&shared.db).await;
+    let dead = inbox::dead_letters(&shared.db, DEAD_LETTERS_SHOWN).await;
+    match (counts, dead) {
+        (Ok(c), Ok(dead)) => json!({
+            "pending": c.pending,
+            "applied": c.applied,
+            "ignored": c.ignored,
+            "dead": c.dead,
+            "oldest_pending_age_ms": c.oldest_pending_received_at_ms.map(|t| (now_ms() - t).max(0)),
+            "dead_letters": dead,
+        }),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the inbox for /queue");
+            json!({ "error": { "code": "INTERNAL", "message": "gateway storage error" } })
+        }
+    }
+}
+
+fn record<T>(shared: &Shared, rpc: &'static str, res: &Result<T, tonic::Status>, started: Instant) {
+    let code = match res {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    shared
+        .metrics
+        .rpc(rpc, format!("{code:?}"), started.elapsed());
+}
+
+/// `{"error": {"code": "UNIMPLEMENTED", "message": ...}}`.
+pub fn error_json(s: tonic::Status) -> Value {
+    json!({ "error": { "code": code_name(s.code()), "message": s.message() } })
+}
+
+/// The canonical gRPC name of a code, e.g. `DEADLINE_EXCEEDED`.
+pub fn code_name(code: tonic::Code) -> String {
+    let debug = format!("{code:?}");
+    let mut out = String::with_capacity(debug.len() + 4);
+    for (i, c) in debug.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn status_name(s: i32) -> &'static str {
+    JobStatus::try_from(s)
+        .map(|s| s.as_str_name())
+        .unwrap_or("JOB_STATUS_UNSPECIFIED")
+}
+
+/// A job as JSON, enums by name.
+pub fn job_json(j: &Job) -> Value {
+    json!({
+        "id": j.id,
+        "work_item": j.work_item,
+        "repo": j.repo,
+        "agent": j.agent,
+        "stage": j.stage,
+        "kind": JobKind::try_from(j.kind).map(|k| k.as_str_name()).unwrap_or("JOB_KIND_UNSPECIFIED"),
+        "status": status_name(j.status),
+        "attempt": j.attempt,
+        "max_attempts": j.max_attempts,
+        "transient_attempts": j.transient_attempts,
+        "not_before_ms": j.not_before_ms,
+        "instance_id": j.instance_id,
+        "pid": j.pid,
+        "exit_code": j.exit_code,
+        "enqueued_at_ms": j.enqueued_at_ms,
+        "started_at_ms": j.started_at_ms,
+        "heartbeat_at_ms": j.heartbeat_at_ms,
+        "finished_at_ms": j.finished_at_ms,
+        "outcome": j.outcome,
+        "reason": j.reason,
+        "qg_hook_blocks": j.qg_hook_blocks,
+    })
+}
+
+/// The launcher's snapshot as JSON: counts by status name, running jobs with their age.
+pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
+    let counts: serde_json::Map<String, Value> = s
+        .counts
+        .iter()
+        .map(|c| (status_name(c.status).to_owned(), json!(c.count)))
+        .collect();
+    json!({
+        "counts": counts,
+        "running": s.running.iter().map(|r| {
+            let mut j = r.job.as_ref().map(job_json).unwrap_or_else(|| json!({}));
+            j["age_ms"] = json!(r.age_ms);
+            j
+        }).collect::<Vec<_>>(),
+        "llm_running": s.llm_running,
+        "max_concurrency": s.max_concurrency,
+        "breaker": s.breaker.as_ref().map(|b| json!({
+            "state": b.state,
+            "consecutive_transient": b.consecutive_transient,
+            "open_until_ms": b.open_until_ms,
+        })),
+    })
+}
+
+pub fn reaper_json(s: &ReaperSnapshot) -> Value {
+    json!({
+        "enabled": s.enabled,
+        "interval_s": s.interval_s,
+        "dead_ticks": s.dead_ticks,
+        "max_running_s": s.max_running_s,
+        "lease_reclaim_enabled": s.lease_reclaim_enabled,
+        "ticks": s.ticks,
+        "last_tick_at_ms": s.last_tick_at_ms,
+        "flips_dead_pid": s.flips_dead_pid,
+        "flips_exit_code": s.flips_exit_code,
+        "flips_backstop": s.flips_backstop,
+        "leases_reclaimed": s.leases_reclaimed,
+        "errors": s.errors,
+        "last_error": s.last_error,
+    })
+}
+
+pub fn watch_json(w: &Watch) -> Value {
+    json!({
+        "work_item": w.work_item,
+        "repo": w.repo,
+        "deployed_sha": w.deployed_sha,
+        "previous_sha": w.previous_sha,
+        "armed_at_ms": w.armed_at_ms,
+        "window_end_ms": w.window_end_ms,
+        "consecutive_health_failures": w.consecutive_health_failures,
+        "consecutive_probe_errors": w.consecutive_probe_errors,
+        "state": w.state,
+        "last_action": w.last_action,
+        "closed_at_ms": w.closed_at_ms,
+        "self_repo": w.self_repo,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orchestrator_proto::launcher::v1::{BreakerState, RunningJob, StatusCount};
+
+    #[test]
+    fn code_names_are_canonical() {
+        assert_eq!(code_name(tonic::Code::Unimplemented), "UNIMPLEMENTED");
+        assert_eq!(
+            code_name(tonic::Code::DeadlineExceeded),
+            "DEADLINE_EXCEEDED"
+        );
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+    }
+
+    #[test]
+    fn the_launcher_snapshot_reads_by_name() {
+        let s = QueueSnapshotResponse {
+            counts: vec![StatusCount {
+                status: JobStatus::Queued as i32,
+                count: 3,
+            }],
+            running: vec![RunningJob {
+                job: Some(Job {
+                    id: "j1".into(),
+                    status: JobStatus::Running as i32,
+                    kind: JobKind::Llm as i32,
+                    ..Job::default()
+                }),
+                age_ms: 1500,
+            }],
+            llm_running: 1,
+            max_concurrency: 2,
+            breaker: Some(BreakerState {
+                state: "closed".into(),
+                ..BreakerState::default()
+            }),
+        };
+        let v = launcher_json(&s);
+        assert_eq!(v["counts"]["QUEUED"], 3);
+        assert_eq!(v["running"][0]["id"], "j1");
+        assert_eq!(v["running"][0]["status"], "RUNNING");
+        assert_eq!(v["running"][0]["kind"], "LLM");
+        assert_eq!(v["running"][0]["age_ms"], 1500);
+        assert_eq!(v["breaker"]["state"], "closed");
+    }
+}

@@ -1,0 +1,721 @@
+//! What a verified delivery means for the pipeline: one stage-engine call, or nothing
+//! (ignored, with the reason recorded). Pure functions over the parsed body, so that they
+//! are table-tested and fuzzed without a server.
+//!
+//! - Plane `issue` created, or updated INTO the trigger (a delivery whose changed field is
+//!   the state and whose state is `ORCH_PLANE_TRIGGER_STATE`, or whose changed field is the
+//!   labels and whose labels hold `ORCH_PLANE_TRIGGER_LABEL`) -> `CreateWorkItem`. Plane
+//!   sends one delivery per changed field, so a PATCH of name and state yields one create,
+//!   from the state delivery; `CreateWorkItem` is idempotent on the issue id anyway.
+//! - Plane `issue_comment` created, holding `:approved:`, by an account that is not one of
+//!   `ORCH_PLANE_BOT_USERS` -> `Approve`.
+//! - Gitea `pull_request` `closed` with `merged: true` (from a branch of the same
+//!   repository) -> `OnPrMerged`.
+//! - Any other known event -> ignored. An unknown event or a body that lacks what its event
+//!   needs -> [`BadPayload`] (the sender gets 400).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::Triggers;
+use crate::validate;
+
+/// The stage-engine call a delivery turns into, stored in the inbox as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "rpc")]
+pub enum Command {
+    /// The repository is chosen at dispatch time from the project (see `RepoMap`), so that
+    /// fixing the configuration and re-driving a dead letter works.
+    CreateWorkItem {
+        tracker_issue_id: String,
+        project_id: String,
+        title: String,
+        description: String,
+    },
+    Approve {
+        tracker_issue_id: String,
+        author: String,
+        comment_id: String,
+    },
+    OnPrMerged {
+        repo: String,
+        branch: String,
+        pr_number: u64,
+        merge_sha: String,
+    },
+}
+
+impl Command {
+    /// The RPC's name, as in the proto.
+    pub fn rpc(&self) -> &'static str {
+        match self {
+            Command::CreateWorkItem { .. } => "CreateWorkItem",
+            Command::Approve { .. } => "Approve",
+            Command::OnPrMerged { .. } => "OnPrMerged",
+        }
+    }
+}
+
+/// The outcome of translating one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Translation {
+    /// Apply `command`, after every earlier delivery with the same `ordering_key` (the
+    /// work item it concerns).
+    Apply {
+        command: Command,
+        ordering_key: String,
+    },
+    /// Nothing to do; the reason is recorded.
+    Ignore { reason: String },
+}
+
+/// The sender's mistake: the short reason of a 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadPayload(pub String);
+
+fn ignore(reason: impl Into<String>) -> Result<Translation, BadPayload> {
+    Ok(Translation::Ignore {
+        reason: reason.into(),
+    })
+}
+
+fn bad(reason: impl Into<String>) -> BadPayload {
+    BadPayload(reason.into())
+}
+
+/// Every `X-Plane-Event` the open-source Plane sends (bgtasks/webhook_task.py).
+pub const PLANE_EVENTS: &[&str] = &[
+    "project",
+    "issue",
+    "cycle",
+    "module",
+    "cycle_issue",
+    "module_issue",
+    "issue_comment",
+];
+
+/// The `X-Gitea-Event` values of modules/webhook/type.go, and the newer ones we know of.
+pub const GITEA_EVENTS: &[&str] = &[
+    "create",
+    "delete",
+    "fork",
+    "push",
+    "issues",
+    "issue_comment",
+    "pull_request",
+    "pull_request_approved",
+    "pull_request_rejected",
+    "pull_request_comment",
+    "pull_request_review",
+    "pull_request_review_request",
+    "pull_request_sync",
+    "wiki",
+    "repository",
+    "release",
+    "package",
+    "status",
+    "schedule",
+    "workflow_run",
+    "workflow_job",
+    "workflow_dispatch",
+];
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for key in path {
+        cur = cur.get(key)?;
+    }
+    cur.as_str()
+}
+
+fn required_id<'a>(v: &'a Value, path: &[&str]) -> Result<&'a str, BadPayload> {
+    let name = path.join(".");
+    let id = str_at(v, path).ok_or_else(|| bad(format!("{name} is required")))?;
+    validate::opaque_id(id).map_err(|why| bad(format!("{name}: {why}")))?;
+    Ok(id)
+}
+
+/// Translates a Plane delivery. `body` must already be a parsed JSON object.
+pub fn plane(event: &str, body: &Value, triggers: &Triggers) -> Result<Translation, BadPayload> {
+    if !PLANE_EVENTS.contains(&event) {
+        return Err(bad(format!("unknown X-Plane-Event '{}'", clip(event))));
+    }
+    if !body.is_object() {
+        return Err(bad("the body must be a JSON object"));
+    }
+    let action = str_at(body, &["action"]).ok_or_else(|| bad("action is required"))?;
+    match event {
+        "issue" => plane_issue(action, body, triggers),
+        "issue_comment" => plane_comment(action, body, triggers),
+        other => ignore(format!("plane event '{other}' is not used")),
+    }
+}
+
+fn plane_issue(action: &str, body: &Value, triggers: &Triggers) -> Result<Translation, BadPayload> {
+    let created = match action {
+        "created" | "create" => true,
+        "updated" | "update" => false,
+        "deleted" | "delete" => return ignore("plane issue deleted"),
+        other => return ignore(format!("plane issue action '{}' is not used", clip(other))),
+    };
+    let data = body
+        .get("data")
+        .filter(|d| d.is_object())
+        .ok_or_else(|| bad("data is required"))?;
+    let issue_id = required_id(body, &["data", "id"])?;
+    let project_id = required_id(body, &["data", "project"])?;
+    let in_state = triggers
+        .state
+        .as_deref()
+        .is_some_and(|want| state_matches(data.get("state"), want));
+    let has_label = triggers
+        .label
+        .as_deref()
+        .is_some_and(|want| labels_match(data.get("labels"), want));
+
+    let triggered = if created {
+        in_state || has_label
+    } else {
+        // One delivery per changed field: only the delivery of the change INTO the trigger.
+        match str_at(body, &["activity", "field"]) {
+            Some("state" | "state_id") => in_state,
+            Some("labels" | "label_ids") => has_label,
+            Some(other) => {
+                return ignore(format!(
+                    "plane issue update of '{}' is not a move into the trigger",
+                    clip(other)
+                ));
+            }
+            None => return ignore("plane issue update without activity.field"),
+        }
+    };
+    if !triggered {
+        return ignore("plane issue is not in the trigger state or label");
+    }
+    let title = str_at(data, &["name"]).unwrap_or_default();
+    let description = str_at(data, &["description_stripped"])
+        .or_else(|| str_at(data, &["description_html"]))
+        .unwrap_or_default();
+    Ok(Translation::Apply {
+        ordering_key: format!("plane:{issue_id}"),
+        command: Command::CreateWorkItem {
+            tracker_issue_id: issue_id.to_owned(),
+            project_id: project_id.to_owned(),
+            title: title.to_owned(),
+            description: description.to_owned(),
+        },
+    })
+}
+
+/// `data.state` is a StateLite object in webhooks (`{id, name, ...}`), a bare id elsewhere.
+fn state_matches(state: Option<&Value>, want: &str) -> bool {
+    match state {
+        Some(Value::String(id)) => id == want,
+        Some(obj @ Value::Object(_)) => {
+            str_at(obj, &["id"]) == Some(want)
+                || str_at(obj, &["name"]).is_some_and(|n| n.eq_ignore_ascii_case(want))
+        }
+        _ => false,
+    }
+}
+
+/// `data.labels` holds `{id, name, color}` objects in webhooks, bare ids elsewhere.
+fn labels_match(labels: Option<&Value>, want: &str) -> bool {
+    let Some(Value::Array(labels)) = labels else {
+        return false;
+    };
+    labels.iter().any(|l| match l {
+        Value::String(id) => id == want,
+        obj @ Value::Object(_) => {
+            str_at(obj, &["id"]) == Some(want)
+                || str_at(obj, &["name"]).is_some_and(|n| n.eq_ignore_ascii_case(want))
+        }
+        _ => false,
+    })
+}
+
+/// The marker a human writes to pass the gate after analysis.
+pub const APPROVAL_MARKER: &str = ":approved:";
+
+fn plane_comment(
+    action: &str,
+    body: &Value,
+    triggers: &Triggers,
+) -> Result<Translation, BadPayload> {
+    if !matches!(action, "created" | "create") {
+        return ignore(format!(
+            "plane comment action '{}' is not used",
+            clip(action)
+        ));
+    }
+    if !body.get("data").is_some_and(Value::is_object) {
+        return Err(bad("data is required"));
+    }
+    let comment_id = required_id(body, &["data", "id"])?;
+    let issue_id = required_id(body, &["data", "issue"])?;
+    let html = str_at(body, &["data", "comment_html"]).unwrap_or_default();
+    if !html.contains(APPROVAL_MARKER) {
+        return ignore("plane comment without :approved:");
+    }
+    // Who wrote it: the activity's actor (UserLite), else the comment's own columns.
+    let actor = body.get("activity").and_then(|a| a.get("actor"));
+    let names: Vec<&str> = [
+        actor.and_then(|a| str_at(a, &["id"])),
+        actor.and_then(|a| str_at(a, &["email"])),
+        actor.and_then(|a| str_at(a, &["display_name"])),
+        str_at(body, &["data", "actor"]),
+        str_at(body, &["data", "created_by"]),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|n| !n.is_empty())
+    .collect();
+    let Some(author) = [
+        actor.and_then(|a| str_at(a, &["display_name"])),
+        actor.and_then(|a| str_at(a, &["email"])),
+        actor.and_then(|a| str_at(a, &["id"])),
+        str_at(body, &["data", "actor"]),
+        str_at(body, &["data", "created_by"]),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|n| !n.is_empty()) else {
+        return ignore("plane :approved: comment without an author");
+    };
+    if let Some(bot) = names
+        .iter()
+        .find(|n| triggers.bot_users.iter().any(|b| b.eq_ignore_ascii_case(n)))
+    {
+        return ignore(format!(
+            "plane :approved: by a bot account ({}) never approves",
+            clip(bot)
+        ));
+    }
+    Ok(Translation::Apply {
+        ordering_key: format!("plane:{issue_id}"),
+        command: Command::Approve {
+            tracker_issue_id: issue_id.to_owned(),
+            author: clip(author).to_owned(),
+            comment_id: comment_id.to_owned(),
+        },
+    })
+}
+
+/// Translates a Gitea delivery. `body` must already be a parsed JSON object.
+pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
+    if !GITEA_EVENTS.contains(&event) {
+        return Err(bad(format!("unknown X-Gitea-Event '{}'", clip(event))));
+    }
+    if !body.is_object() {
+        return Err(bad("the body must be a JSON object"));
+    }
+    if event != "pull_request" {
+        return ignore(format!("gitea event '{event}' is not used"));
+    }
+    let action = str_at(body, &["action"]).ok_or_else(|| bad("action is required"))?;
+    if action != "closed" {
+        return ignore(format!(
+            "gitea pull_request action '{}' is not used",
+            clip(action)
+        ));
+    }
+    let pr = body
+        .get("pull_request")
+        .filter(|p| p.is_object())
+        .ok_or_else(|| bad("pull_request is required"))?;
+    let merged = pr
+        .get("merged")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| bad("pull_request.merged is required"))?;
+    if !merged {
+        return ignore("gitea pull request closed without a merge");
+    }
+    let repo = str_at(body, &["repository", "full_name"])
+        .ok_or_else(|| bad("repository.full_name is required"))?;
+    validate::repo(repo).map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    let branch =
+        str_at(pr, &["head", "ref"]).ok_or_else(|| bad("pull_request.head.ref is required"))?;
+    validate::branch(branch).map_err(|why| bad(format!("pull_request.head.ref: {why}")))?;
+    if let Some(head_repo) = str_at(pr, &["head", "repo", "full_name"])
+        && head_repo != repo
+    {
+        return ignore("gitea pull request from another repository (a fork)");
+    }
+    let pr_number = body
+        .get("number")
+        .and_then(Value::as_u64)
+        .or_else(|| pr.get("number").and_then(Value::as_u64))
+        .ok_or_else(|| bad("number is required"))?;
+    let merge_sha = str_at(pr, &["merge_commit_sha"]).unwrap_or_default();
+    if !merge_sha.is_empty() && !merge_sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("pull_request.merge_commit_sha: expected hex"));
+    }
+    Ok(Translation::Apply {
+        ordering_key: format!("gitea:{repo}:{branch}"),
+        command: Command::OnPrMerged {
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
+            pr_number,
+            merge_sha: clip(merge_sha).to_owned(),
+        },
+    })
+}
+
+/// At most 80 characters of something from outside, for a reason or a log line.
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(80) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata::sample;
+    use serde_json::json;
+
+    fn triggers() -> Triggers {
+        Triggers {
+            state: Some("Todo".into()),
+            label: Some("orchestrator".into()),
+            bot_users: vec!["stream-bot".into(), "b0t-1d".into()],
+        }
+    }
+
+    fn parse(name: &str) -> Value {
+        serde_json::from_slice(&sample(name)).expect("sample parses")
+    }
+
+    #[test]
+    fn every_sample_translates_as_expected() {
+        let t = triggers();
+        // (sample, expected rpc or the start of the ignore reason)
+        let cases = [
+            ("plane-webhook-issue-created.json", "CreateWorkItem"),
+            // The sample moves to Done, which is not the trigger state.
+            (
+                "plane-webhook-issue-updated-state.json",
+                "ignore: plane issue is not in the trigger",
+            ),
+            // The sample's comment has no :approved:.
+            (
+                "plane-webhook-issue_comment-created.json",
+                "ignore: plane comment without",
+            ),
+            (
+                "plane-webhook-deleted-shape.json",
+                "ignore: plane issue deleted",
+            ),
+            (
+                "gitea-webhook-pull_request-closed-merged.json",
+                "OnPrMerged",
+            ),
+            (
+                "gitea-webhook-pull_request-closed-unmerged.json",
+                "ignore: gitea pull request closed without",
+            ),
+            (
+                "gitea-webhook-pull_request-opened.json",
+                "ignore: gitea pull_request action 'opened'",
+            ),
+            ("gitea-webhook-push.json", "ignore: gitea event 'push'"),
+            (
+                "gitea-webhook-issue_comment-on-pull.json",
+                "ignore: gitea event 'issue_comment'",
+            ),
+            (
+                "gitea-webhook-issue_comment-on-issue.json",
+                "ignore: gitea event 'issue_comment'",
+            ),
+        ];
+        for (name, source, event, _) in crate::testdata::webhook_samples() {
+            let want = cases.iter().find(|(n, _)| *n == name).expect("case").1;
+            let body = parse(name);
+            let got = match source {
+                "plane" => plane(event, &body, &t),
+                _ => gitea(event, &body),
+            }
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let got = match got {
+                Translation::Apply { command, .. } => command.rpc().to_owned(),
+                Translation::Ignore { reason } => format!("ignore: {reason}"),
+            };
+            assert!(got.starts_with(want), "{name}: {got}");
+        }
+    }
+
+    #[test]
+    fn the_created_sample_becomes_create_work_item() {
+        let got = plane(
+            "issue",
+            &parse("plane-webhook-issue-created.json"),
+            &triggers(),
+        )
+        .expect("translates");
+        assert_eq!(
+            got,
+            Translation::Apply {
+                ordering_key: "plane:9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
+                command: Command::CreateWorkItem {
+                    tracker_issue_id: "9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
+                    project_id: "7c9e6679-7425-40de-944b-e07fc1f90ae7".into(),
+                    title: "Wire up Gitea merge webhook".into(),
+                    description: "Orchestrator should react to merged PRs.".into(),
+                }
+            }
+        );
+    }
+
+    #[test]
+    fn the_merged_sample_becomes_on_pr_merged() {
+        let got = gitea(
+            "pull_request",
+            &parse("gitea-webhook-pull_request-closed-merged.json"),
+        )
+        .expect("translates");
+        assert_eq!(
+            got,
+            Translation::Apply {
+                ordering_key: "gitea:anbraten/test-repo:anbraten-patch-1".into(),
+                command: Command::OnPrMerged {
+                    repo: "anbraten/test-repo".into(),
+                    branch: "anbraten-patch-1".into(),
+                    pr_number: 1,
+                    merge_sha: "f2440f050054df0f8ecabcace648f1683509064c".into(),
+                }
+            }
+        );
+    }
+
+    fn rpc_or_reason(r: Result<Translation, BadPayload>) -> String {
+        match r {
+            Ok(Translation::Apply { command, .. }) => command.rpc().to_owned(),
+            Ok(Translation::Ignore { reason }) => format!("ignore: {reason}"),
+            Err(e) => format!("400: {e}"),
+        }
+    }
+
+    #[test]
+    fn plane_issue_updates_trigger_only_on_the_field_that_moved_into_the_trigger() {
+        let mut body = parse("plane-webhook-issue-updated-state.json");
+        let by_name = Triggers {
+            state: Some("done".into()),
+            ..triggers()
+        };
+        let by_id = Triggers {
+            state: Some("3a8f5dbf-9e4c-4f6a-8b5d-4e7f8091a2b3".into()),
+            label: None,
+            ..triggers()
+        };
+        let no_state = Triggers {
+            state: None,
+            ..triggers()
+        };
+        assert_eq!(
+            rpc_or_reason(plane("issue", &body, &by_name)),
+            "CreateWorkItem"
+        );
+        assert_eq!(
+            rpc_or_reason(plane("issue", &body, &by_id)),
+            "CreateWorkItem"
+        );
+        assert!(rpc_or_reason(plane("issue", &body, &no_state)).starts_with("ignore"));
+        // The web app names the field state_id.
+        body["activity"]["field"] = json!("state_id");
+        assert_eq!(
+            rpc_or_reason(plane("issue", &body, &by_name)),
+            "CreateWorkItem"
+        );
+        // The same PATCH's delivery for another field does not create a second time.
+        body["activity"]["field"] = json!("name");
+        assert!(
+            rpc_or_reason(plane("issue", &body, &by_name))
+                .starts_with("ignore: plane issue update of 'name'")
+        );
+        // A labels delivery, with the trigger label present.
+        body["activity"]["field"] = json!("labels");
+        assert_eq!(
+            rpc_or_reason(plane("issue", &body, &triggers())),
+            "CreateWorkItem"
+        );
+        body["data"]["labels"] = json!([]);
+        assert!(rpc_or_reason(plane("issue", &body, &triggers())).starts_with("ignore"));
+        // Labels as bare ids.
+        body["data"]["labels"] = json!(["6d1c8ae2-c17f-4c9d-8e80-718293a4b5c6"]);
+        let label_id = Triggers {
+            label: Some("6d1c8ae2-c17f-4c9d-8e80-718293a4b5c6".into()),
+            ..triggers()
+        };
+        assert_eq!(
+            rpc_or_reason(plane("issue", &body, &label_id)),
+            "CreateWorkItem"
+        );
+        // The older docs' verb.
+        body["action"] = json!("update");
+        assert_eq!(
+            rpc_or_reason(plane("issue", &body, &label_id)),
+            "CreateWorkItem"
+        );
+    }
+
+    #[test]
+    fn approvals_come_from_humans_only() {
+        let mut body = parse("plane-webhook-issue_comment-created.json");
+        body["data"]["comment_html"] = json!("<p>looks good :approved:</p>");
+        let got = plane("issue_comment", &body, &triggers()).expect("translates");
+        assert_eq!(
+            got,
+            Translation::Apply {
+                ordering_key: "plane:9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
+                command: Command::Approve {
+                    tracker_issue_id: "9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
+                    author: "ada".into(),
+                    comment_id: "8f3eac04-e391-4eaf-80a2-93a4b5c6d7e8".into(),
+                }
+            }
+        );
+        // The same comment by a bot: by display name, by email, by id.
+        for (field, value) in [
+            ("display_name", "stream-bot"),
+            ("email", "STREAM-BOT"),
+            ("id", "b0t-1d"),
+        ] {
+            let mut b = body.clone();
+            b["activity"]["actor"][field] = json!(value);
+            assert!(
+                rpc_or_reason(plane("issue_comment", &b, &triggers()))
+                    .starts_with("ignore: plane :approved: by a bot"),
+                "{field}"
+            );
+        }
+        // Without an activity, the comment's own actor column is the author.
+        let mut b = body.clone();
+        b["activity"] = Value::Null;
+        b["data"]["actor"] = json!("b0t-1d");
+        b["data"]["created_by"] = json!("b0t-1d");
+        assert!(
+            rpc_or_reason(plane("issue_comment", &b, &triggers()))
+                .starts_with("ignore: plane :approved: by a bot")
+        );
+        // An edit is not an approval.
+        let mut b = body.clone();
+        b["action"] = json!("updated");
+        assert!(rpc_or_reason(plane("issue_comment", &b, &triggers())).starts_with("ignore"));
+    }
+
+    #[test]
+    fn bad_payloads_are_the_senders_mistake() {
+        let t = triggers();
+        let cases: Vec<(&str, &str, Value, &str)> = vec![
+            ("plane", "nope", json!({}), "unknown X-Plane-Event"),
+            (
+                "plane",
+                "issue",
+                json!([]),
+                "the body must be a JSON object",
+            ),
+            ("plane", "issue", json!({}), "action is required"),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created"}),
+                "data is required",
+            ),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created", "data": {}}),
+                "data.id is required",
+            ),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created", "data": {"id": "x"}}),
+                "data.project is required",
+            ),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created", "data": {"id": "-rf", "project": "p"}}),
+                "data.id: starts with '-'",
+            ),
+            (
+                "plane",
+                "issue_comment",
+                json!({"action": "created", "data": {"id": "c"}}),
+                "data.issue is required",
+            ),
+            ("gitea", "nope", json!({}), "unknown X-Gitea-Event"),
+            ("gitea", "pull_request", json!({}), "action is required"),
+            (
+                "gitea",
+                "pull_request",
+                json!({"action": "closed"}),
+                "pull_request is required",
+            ),
+            (
+                "gitea",
+                "pull_request",
+                json!({"action": "closed", "pull_request": {}}),
+                "pull_request.merged is required",
+            ),
+            (
+                "gitea",
+                "pull_request",
+                json!({"action": "closed", "pull_request": {"merged": true}}),
+                "repository.full_name is required",
+            ),
+            (
+                "gitea",
+                "pull_request",
+                json!({"action": "closed", "pull_request": {"merged": true, "head": {"ref": "--upload-pack=x"}}, "repository": {"full_name": "a/b"}}),
+                "pull_request.head.ref: starts with '-'",
+            ),
+            (
+                "gitea",
+                "pull_request",
+                json!({"action": "closed", "pull_request": {"merged": true, "head": {"ref": "x"}}, "repository": {"full_name": "../b"}}),
+                "repository.full_name",
+            ),
+            (
+                "gitea",
+                "pull_request",
+                json!({"action": "closed", "pull_request": {"merged": true, "head": {"ref": "x"}}, "repository": {"full_name": "a/b"}}),
+                "number is required",
+            ),
+        ];
+        for (source, event, body, want) in cases {
+            let got = match source {
+                "plane" => plane(event, &body, &t),
+                _ => gitea(event, &body),
+            };
+            let err = got.expect_err(&format!("{source} {event} {body}"));
+            assert!(err.0.starts_with(want), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn pull_requests_from_forks_are_ignored() {
+        let mut body = parse("gitea-webhook-pull_request-closed-merged.json");
+        body["pull_request"]["head"]["repo"]["full_name"] = json!("mallory/test-repo");
+        assert!(
+            rpc_or_reason(gitea("pull_request", &body))
+                .starts_with("ignore: gitea pull request from another")
+        );
+    }
+
+    #[test]
+    fn commands_round_trip_as_json() {
+        let c = Command::OnPrMerged {
+            repo: "a/b".into(),
+            branch: "x".into(),
+            pr_number: 7,
+            merge_sha: "abc".into(),
+        };
+        let s = serde_json::to_string(&c).expect("json");
+        assert!(s.starts_with(r#"{"rpc":"OnPrMerged""#), "{s}");
+        assert_eq!(serde_json::from_str::<Command>(&s).expect("parse"), c);
+    }
+}

@@ -1,0 +1,134 @@
+//! The services the reaper calls, behind one trait so that a tick can be driven against
+//! fakes; the real implementation goes through the gRPC clients. Its only mutating call on
+//! the launcher is the guarded `FlipTerminal`.
+
+use async_trait::async_trait;
+use orchestrator_kit::clients::Clients;
+use orchestrator_proto::launcher::v1::{
+    FlipTerminalRequest, FlipTerminalResponse, Job, ListRunningRequest, ProbeProcessesRequest,
+    ProcessProbe,
+};
+use orchestrator_proto::merge_gate::v1::{ReclaimStaleLeasesRequest, ReclaimStaleLeasesResponse};
+use orchestrator_proto::stage_engine::v1::{AdvanceStageRequest, AdvanceStageResponse};
+use tonic::Status;
+
+/// What the reaper needs from the launcher, stage-engine and merge-gate.
+#[async_trait]
+pub trait Peers: Send + Sync + 'static {
+    /// `Launcher.ListRunning`.
+    async fn list_running(&self) -> Result<Vec<Job>, Status>;
+    /// `Launcher.ProbeProcesses` for every running job.
+    async fn probe_processes(&self) -> Result<Vec<ProcessProbe>, Status>;
+    /// `Launcher.FlipTerminal` (guarded by job id and attempt).
+    async fn flip_terminal(
+        &self,
+        request: FlipTerminalRequest,
+    ) -> Result<FlipTerminalResponse, Status>;
+    /// `StageEngine.AdvanceStage`.
+    async fn advance_stage(
+        &self,
+        request: AdvanceStageRequest,
+    ) -> Result<AdvanceStageResponse, Status>;
+    /// `MergeGate.ReclaimStaleLeases`.
+    async fn reclaim_stale_leases(
+        &self,
+        request: ReclaimStaleLeasesRequest,
+    ) -> Result<ReclaimStaleLeasesResponse, Status>;
+}
+
+/// Lists of every running job can be large (10,000 jobs are a few MB): well above tonic's
+/// 4 MB default.
+const MAX_LIST_BYTES: usize = 256 * 1024 * 1024;
+
+/// The peers over gRPC.
+#[derive(Clone)]
+pub struct GrpcPeers {
+    clients: Clients,
+}
+
+impl GrpcPeers {
+    pub fn new(clients: Clients) -> Self {
+        GrpcPeers { clients }
+    }
+}
+
+#[async_trait]
+impl Peers for GrpcPeers {
+    async fn list_running(&self) -> Result<Vec<Job>, Status> {
+        Ok(self
+            .clients
+            .launcher
+            .clone()
+            .max_decoding_message_size(MAX_LIST_BYTES)
+            .list_running(ListRunningRequest {})
+            .await?
+            .into_inner()
+            .jobs)
+    }
+
+    async fn probe_processes(&self) -> Result<Vec<ProcessProbe>, Status> {
+        Ok(self
+            .clients
+            .launcher
+            .clone()
+            .max_decoding_message_size(MAX_LIST_BYTES)
+            .probe_processes(ProbeProcessesRequest { job_ids: vec![] })
+            .await?
+            .into_inner()
+            .probes)
+    }
+
+    async fn flip_terminal(
+        &self,
+        request: FlipTerminalRequest,
+    ) -> Result<FlipTerminalResponse, Status> {
+        Ok(self
+            .clients
+            .launcher
+            .clone()
+            .flip_terminal(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn advance_stage(
+        &self,
+        request: AdvanceStageRequest,
+    ) -> Result<AdvanceStageResponse, Status> {
+        Ok(self
+            .clients
+            .stage_engine
+            .clone()
+            .advance_stage(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn reclaim_stale_leases(
+        &self,
+        request: ReclaimStaleLeasesRequest,
+    ) -> Result<ReclaimStaleLeasesResponse, Status> {
+        Ok(self
+            .clients
+            .merge_gate
+            .clone()
+            .reclaim_stale_leases(request)
+            .await?
+            .into_inner())
+    }
+}
+
+/// Returns whether a failed call was the caller's fault (retrying the same call will not
+/// help), as opposed to a service that is down, overloaded or not built yet.
+pub fn is_final(status: &Status) -> bool {
+    use tonic::Code::*;
+    matches!(
+        status.code(),
+        InvalidArgument
+            | NotFound
+            | FailedPrecondition
+            | AlreadyExists
+            | OutOfRange
+            | PermissionDenied
+    )
+}

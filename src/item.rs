@@ -1,0 +1,385 @@
+//! `orchestrator item ...`: the local tracker's command line. Thin gRPC clients of a
+//! running stack (the configured `ORCH_*_URL`s): stage-engine for the work items, their
+//! history and comments, and the human approval; usage-ledger for what the agents spent.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use orchestrator_kit::clients::Clients;
+use orchestrator_kit::time::rfc3339;
+use orchestrator_proto::stage_engine::v1::{
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, GetWorkItemRequest, ListCommentsRequest,
+    ListTransitionsRequest, ListWorkItemsRequest, WorkItem,
+};
+use orchestrator_proto::usage_ledger::v1::WorkItemSummaryRequest;
+
+/// The key prefix of items created here when no `--key` is given: `LOCAL-1`, `LOCAL-2`, ...
+pub const LOCAL_KEY_PREFIX: &str = "LOCAL";
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ItemCommand {
+    /// Creates a work item at `analysis` (the analyst is enqueued); prints its key.
+    Create {
+        /// The forge repository, `owner/name` (local forge: `ORCH_FORGE_LOCAL_DIR/<owner>/<name>.git`).
+        #[arg(long)]
+        repo: String,
+        /// The title.
+        title: String,
+        /// A file holding the description (Markdown).
+        #[arg(long, value_name = "FILE")]
+        description: Option<PathBuf>,
+        /// The key, e.g. DEMO-1 (default: the next free LOCAL-<n>).
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Lists work items, newest first.
+    List {
+        /// Only this status (e.g. active, awaiting_approval, blocked, done).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this stage (e.g. review).
+        #[arg(long)]
+        stage: Option<String>,
+        /// Only this repo (`owner/name`).
+        #[arg(long)]
+        repo: Option<String>,
+    },
+    /// Shows one work item: stage, history, comments and usage.
+    Show {
+        /// The work item key.
+        key: String,
+    },
+    /// Approves a work item as a human (the `:approved:` of the human gate).
+    Approve {
+        /// The work item key.
+        key: String,
+        /// Who approves (default: $USER). A bot's name is refused by stage-engine.
+        #[arg(long = "as", value_name = "NAME")]
+        author: Option<String>,
+    },
+}
+
+/// What went wrong; printed as `error: ...`.
+#[derive(Debug, thiserror::Error)]
+pub enum ItemError {
+    #[error("{0}: {1}")]
+    Rpc(&'static str, String),
+    #[error("cannot read the description {0}: {1}")]
+    Description(PathBuf, std::io::Error),
+    #[error("no free {LOCAL_KEY_PREFIX}-<n> key after {0} tries; give --key")]
+    NoKey(u32),
+}
+
+fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> ItemError {
+    move |s| {
+        let msg = if s.message().is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            format!("{:?}: {}", s.code(), s.message())
+        };
+        ItemError::Rpc(what, msg)
+    }
+}
+
+/// Runs one item command; returns what to print on stdout.
+pub async fn run(clients: &Clients, command: ItemCommand) -> Result<String, ItemError> {
+    match command {
+        ItemCommand::Create {
+            repo,
+            title,
+            description,
+            key,
+        } => {
+            let description = match description {
+                Some(p) => std::fs::read_to_string(&p).map_err(|e| ItemError::Description(p, e))?,
+                None => String::new(),
+            };
+            create(clients, &repo, &title, &description, key.as_deref()).await
+        }
+        ItemCommand::List {
+            status,
+            stage,
+            repo,
+        } => list(clients, status, stage, repo).await,
+        ItemCommand::Show { key } => show(clients, &key).await,
+        ItemCommand::Approve { key, author } => {
+            let author = author
+                .or_else(|| std::env::var("USER").ok())
+                .filter(|a| !a.trim().is_empty())
+                .unwrap_or_else(|| "human".to_owned());
+            approve(clients, &key, &author).await
+        }
+    }
+}
+
+/// The next `LOCAL-<n>` after every LOCAL key that exists.
+async fn next_local_key(clients: &Clients) -> Result<u64, ItemError> {
+    let items = clients
+        .stage_engine
+        .clone()
+        .list_work_items(ListWorkItemsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc("ListWorkItems"))?
+        .into_inner()
+        .work_items;
+    Ok(items
+        .iter()
+        .filter_map(|i| {
+            i.key
+                .strip_prefix(LOCAL_KEY_PREFIX)
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0)
+        + 1)
+}
+
+pub async fn create(
+    clients: &Clients,
+    repo: &str,
+    title: &str,
+    description: &str,
+    key: Option<&str>,
+) -> Result<String, ItemError> {
+    const TRIES: u32 = 5;
+    let mut se = clients.stage_engine.clone();
+    let mut n = match key {
+        Some(_) => 0,
+        None => next_local_key(clients).await?,
+    };
+    for _ in 0..TRIES {
+        // The local tracker's issue id is the key itself: CreateWorkItem is idempotent on it.
+        let k = key.map_or_else(|| format!("{LOCAL_KEY_PREFIX}-{n}"), str::to_owned);
+        let r = se
+            .create_work_item(CreateWorkItemRequest {
+                tracker_issue_id: k.clone(),
+                key: k.clone(),
+                title: title.to_owned(),
+                description: description.to_owned(),
+                repo: repo.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(rpc("CreateWorkItem"))?
+            .into_inner();
+        let item = r.work_item.unwrap_or_default();
+        if r.created {
+            return Ok(format!(
+                "created {} ({}) at {} on branch {}\n",
+                item.key, item.repo, item.stage, item.branch
+            ));
+        }
+        if key.is_some() {
+            return Ok(format!(
+                "{} already exists ({}, {} at {}): nothing created\n",
+                item.key, item.title, item.status, item.stage
+            ));
+        }
+        // Someone else took LOCAL-<n> meanwhile: the next one.
+        n += 1;
+    }
+    Err(ItemError::NoKey(TRIES))
+}
+
+fn row(out: &mut String, i: &WorkItem) {
+    let _ = writeln!(
+        out,
+        "{:<12} {:<15} {:<18} {:<20} {}",
+        i.key, i.stage, i.status, i.repo, i.title
+    );
+}
+
+pub async fn list(
+    clients: &Clients,
+    status: Option<String>,
+    stage: Option<String>,
+    repo: Option<String>,
+) -> Result<String, ItemError> {
+    let items = clients
+        .stage_engine
+        .clone()
+        .list_work_items(ListWorkItemsRequest {
+            status: status.unwrap_or_default(),
+            stage: stage.unwrap_or_default(),
+            repo: repo.unwrap_or_default(),
+            limit: 1000,
+        })
+        .await
+        .map_err(rpc("ListWorkItems"))?
+        .into_inner()
+        .work_items;
+    let mut out = format!(
+        "{:<12} {:<15} {:<18} {:<20} {}\n",
+        "KEY", "STAGE", "STATUS", "REPO", "TITLE"
+    );
+    for i in &items {
+        row(&mut out, i);
+    }
+    if items.is_empty() {
+        out.push_str("(no work items)\n");
+    }
+    Ok(out)
+}
+
+/// Comments are HTML on the tracker; the terminal gets the text.
+fn strip_tags(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => in_tag = false,
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out.replace("&amp;", "&")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+}
+
+pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
+    let mut se = clients.stage_engine.clone();
+    let item = se
+        .get_work_item(GetWorkItemRequest {
+            key: key.to_owned(),
+        })
+        .await
+        .map_err(rpc("GetWorkItem"))?
+        .into_inner();
+    let mut out = String::new();
+    let _ = writeln!(out, "{}  {}", item.key, item.title);
+    let _ = writeln!(out, "  repo:      {} (branch {})", item.repo, item.branch);
+    let _ = writeln!(out, "  stage:     {}", item.stage);
+    let _ = writeln!(out, "  status:    {}", item.status);
+    if !item.expected_agent.is_empty() {
+        let _ = writeln!(out, "  agent:     {}", item.expected_agent);
+    }
+    let _ = writeln!(
+        out,
+        "  rollbacks: {}  stage retries: {}",
+        item.rollback_count, item.stage_retries
+    );
+    let _ = writeln!(out, "  created:   {}", rfc3339(item.created_at_ms));
+    let _ = writeln!(out, "  updated:   {}", rfc3339(item.updated_at_ms));
+
+    let transitions = se
+        .list_transitions(ListTransitionsRequest {
+            work_item: item.key.clone(),
+        })
+        .await
+        .map_err(rpc("ListTransitions"))?
+        .into_inner()
+        .transitions;
+    let _ = writeln!(out, "\nHistory:");
+    for t in &transitions {
+        let from = if t.from_stage.is_empty() {
+            "(new)"
+        } else {
+            &t.from_stage
+        };
+        let by = if t.finished_agent.is_empty() {
+            String::new()
+        } else {
+            format!(" by {}", t.finished_agent)
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {from} -> {}  {}{by}",
+            rfc3339(t.at_ms),
+            t.to_stage,
+            t.cause
+        );
+        for q in t.qg_results.iter().filter(|q| !q.passed) {
+            let _ = writeln!(out, "      failed {}: {}", q.check, q.detail);
+        }
+    }
+
+    let _ = writeln!(out, "\nComments:");
+    match se
+        .list_comments(ListCommentsRequest {
+            work_item: item.key.clone(),
+        })
+        .await
+    {
+        Ok(c) => {
+            let comments = c.into_inner().comments;
+            if comments.is_empty() {
+                let _ = writeln!(out, "  (none yet)");
+            }
+            for c in comments {
+                // The local tracker stores epoch ms; Plane gives RFC 3339 already.
+                let at = c
+                    .created_at
+                    .parse::<i64>()
+                    .map_or_else(|_| c.created_at.clone(), rfc3339);
+                let _ = writeln!(out, "  [{at}] {}: {}", c.author, strip_tags(&c.html));
+            }
+        }
+        // The tracker being down must not hide the rest.
+        Err(s) => {
+            let _ = writeln!(out, "  unavailable: {}", s.message());
+        }
+    }
+
+    let _ = writeln!(out, "\nUsage:");
+    match clients
+        .usage_ledger
+        .clone()
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: item.key.clone(),
+        })
+        .await
+    {
+        Ok(s) => {
+            let s = s.into_inner();
+            if s.agents.is_empty() {
+                let _ = writeln!(out, "  (no agent runs yet)");
+            } else {
+                for line in s.text.lines() {
+                    let _ = writeln!(out, "  {line}");
+                }
+            }
+        }
+        Err(s) => {
+            let _ = writeln!(out, "  unavailable: {}", s.message());
+        }
+    }
+    Ok(out)
+}
+
+pub async fn approve(clients: &Clients, key: &str, author: &str) -> Result<String, ItemError> {
+    let r = clients
+        .stage_engine
+        .clone()
+        .approve(ApproveRequest {
+            work_item: key.to_owned(),
+            author: author.to_owned(),
+            // Each approval from the command line is its own comment.
+            comment_id: format!("cli-{}", orchestrator_kit::time::now_ms()),
+        })
+        .await
+        .map_err(rpc("Approve"))?
+        .into_inner();
+    let item = r.work_item.unwrap_or_default();
+    let outcome = AdvanceOutcome::try_from(r.outcome)
+        .map(|o| o.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| r.outcome.to_string());
+    let mut out = format!(
+        "{key} approved by {author}: {outcome}; now at {} ({})\n",
+        item.stage, item.status
+    );
+    if !r.reason.is_empty() {
+        let _ = writeln!(out, "  {}", r.reason);
+    }
+    if !r.enqueued_agent.is_empty() {
+        let _ = writeln!(out, "  enqueued: {}", r.enqueued_agent);
+    }
+    Ok(out)
+}
