@@ -44,6 +44,11 @@ fn env_example() -> BTreeMap<String, Option<String>> {
                 .chars()
                 .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
         if is_name {
+            // As dotenv reads it: surrounding double quotes are not part of the value.
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
             vars.insert(name.to_owned(), (!commented).then(|| value.to_owned()));
         }
     }

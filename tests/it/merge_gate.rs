@@ -170,9 +170,9 @@ async fn merge_gate_and_reaper_in_the_stack(storage: TestStorage) {
             .await
             .expect("tick")
             .into_inner();
-        // The launcher is not built yet: its part of the tick fails, the lease part runs.
-        assert_eq!(tick.errors, 1, "{tick:?}");
-        assert!(tick.error.contains("Unimplemented"), "{tick:?}");
+        // The launcher answers (no running jobs); the lease's holder is unknown to it, so
+        // only the TTL applies.
+        assert_eq!(tick.errors, 0, "{tick:?}");
         if tick.leases_reclaimed == 1 {
             break;
         }
@@ -200,7 +200,7 @@ async fn merge_gate_and_reaper_in_the_stack(storage: TestStorage) {
         (s.interval_s, s.dead_ticks, s.leases_reclaimed),
         (3600, 3, 1)
     );
-    assert!(s.last_error.contains("ListRunning"), "{s:?}");
+    assert_eq!(s.last_error, "", "{s:?}");
 }
 
 async fn bad_reaper_and_merge_gate_settings_stop_start_up(storage: TestStorage) {
