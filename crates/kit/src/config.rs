@@ -406,9 +406,9 @@ mod tests {
     fn dotenv_is_read_and_the_process_environment_wins() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join(".env");
-        std::fs::write(&path, "ORCH_TEST_ONLY_FROM_FILE=file\nPATH=from-file\n").expect("write");
+        std::fs::write(&path, "TEST_ONLY_FROM_FILE=file\nPATH=from-file\n").expect("write");
         let env = Env::load(&path).expect("load");
-        assert_eq!(env.get("ORCH_TEST_ONLY_FROM_FILE"), Some("file"));
+        assert_eq!(env.get("TEST_ONLY_FROM_FILE"), Some("file"));
         assert_ne!(env.get("PATH"), Some("from-file"));
     }
 
