@@ -226,19 +226,39 @@ pub async fn list(
     Ok(out)
 }
 
-/// Comments are HTML on the tracker; the terminal gets the text.
+/// Comments are HTML on the tracker; the terminal gets the text, one line per paragraph,
+/// line break or list item.
 fn strip_tags(html: &str) -> String {
     let mut out = String::with_capacity(html.len());
-    let mut in_tag = false;
+    let mut tag: Option<String> = None;
     for c in html.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' if in_tag => in_tag = false,
-            c if !in_tag => out.push(c),
-            _ => {}
+        match (&mut tag, c) {
+            (None, '<') => tag = Some(String::new()),
+            (Some(t), '>') => {
+                let name = t
+                    .trim_start_matches('/')
+                    .split([' ', '/'])
+                    .next()
+                    .unwrap_or("");
+                match name.to_ascii_lowercase().as_str() {
+                    "br" | "p" | "div" | "ul" | "ol" | "li" | "h1" | "h2" | "h3" | "pre"
+                        if !out.is_empty() && !out.ends_with('\n') =>
+                    {
+                        out.push('\n')
+                    }
+                    _ => {}
+                }
+                if name.eq_ignore_ascii_case("li") && !t.starts_with('/') {
+                    out.push_str("- ");
+                }
+                tag = None;
+            }
+            (Some(t), c) => t.push(c),
+            (None, c) => out.push(c),
         }
     }
-    out.replace("&amp;", "&")
+    out.trim_end()
+        .replace("&amp;", "&")
         .replace("&lt;", "<")
         .replace("&gt;", ">")
         .replace("&quot;", "\"")
@@ -319,7 +339,12 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
                     .created_at
                     .parse::<i64>()
                     .map_or_else(|_| c.created_at.clone(), rfc3339);
-                let _ = writeln!(out, "  [{at}] {}: {}", c.author, strip_tags(&c.html));
+                let text = strip_tags(&c.html);
+                let mut lines = text.lines();
+                let _ = writeln!(out, "  [{at}] {}: {}", c.author, lines.next().unwrap_or(""));
+                for line in lines.filter(|l| !l.trim().is_empty()) {
+                    let _ = writeln!(out, "      {line}");
+                }
             }
         }
         // The tracker being down must not hide the rest.
@@ -382,4 +407,26 @@ pub async fn approve(clients: &Clients, key: &str, author: &str) -> Result<Strin
         let _ = writeln!(out, "  enqueued: {}", r.enqueued_agent);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_tags;
+
+    #[test]
+    fn comment_html_becomes_lines_of_text() {
+        for (html, text) in [
+            ("plain", "plain"),
+            ("<p>one</p><p>two &amp; three</p>", "one\ntwo & three"),
+            ("a<br>b<br/>c", "a\nb\nc"),
+            (
+                "<p>Checks:</p><ul><li>x passed</li><li>y failed</li></ul>",
+                "Checks:\n- x passed\n- y failed",
+            ),
+            ("<b>bold</b> <a href=\"u\">link</a>", "bold link"),
+            ("&lt;tag&gt; &quot;q&quot;", "<tag> \"q\""),
+        ] {
+            assert_eq!(strip_tags(html), text, "{html}");
+        }
+    }
 }

@@ -187,6 +187,10 @@ def main():
             sha = os.popen("git rev-parse HEAD 2>/dev/null").read().strip()
             if sha:
                 fields["deployed_sha"] = sha
+            # What production ran before: the base the branch started from.
+            base = os.popen("git merge-base HEAD origin/main 2>/dev/null").read().strip()
+            if base:
+                fields["previous_sha"] = base
         title = {"review": "Review", "testing": "Test report", "deploy-staging": "Staging", "deploy": "Deploy"}[stage]
         write(path, fields, title, f"The scripted {agent} says {field}: {verdict} for {key}.")
         written.append(path)

@@ -110,11 +110,8 @@ impl ForgeConfig {
             }),
             (ForgeKind::Local, None) => None,
         };
-        let data_dir = PathBuf::from(env.get("ORCH_DATA_DIR").unwrap_or("./var").trim());
-        let local_dir = env
-            .get("ORCH_FORGE_LOCAL_DIR")
-            .map(|d| PathBuf::from(d.trim()))
-            .unwrap_or_else(|| data_dir.join("forge"));
+        let data_dir = env.data_dir()?;
+        let local_dir = env.dir("ORCH_FORGE_LOCAL_DIR", || data_dir.join("forge"))?;
         let base_branch = env
             .get("ORCH_BASE_BRANCH")
             .unwrap_or("main")
@@ -159,7 +156,10 @@ mod tests {
     fn local_is_the_default_and_gitea_follows_its_url() {
         let c = ForgeConfig::from_env(&Env::default()).expect("defaults");
         assert_eq!(c.kind, ForgeKind::Local);
-        assert_eq!(c.local_dir, PathBuf::from("./var/forge"));
+        assert_eq!(
+            c.local_dir,
+            std::env::current_dir().expect("cwd").join("var/forge")
+        );
         assert_eq!(c.base_branch, "main");
 
         let c = ForgeConfig::from_env(&Env::from_pairs([

@@ -171,6 +171,28 @@ impl Env {
     pub fn secret(&self, name: &str) -> Option<Secret> {
         self.get(name).map(|v| Secret::new(v.trim()))
     }
+
+    /// Returns the directory `name` names, or `default` when unset, made absolute against
+    /// the current directory: git and agents run with other working directories, where a
+    /// relative path would point elsewhere.
+    pub fn dir(
+        &self,
+        name: &str,
+        default: impl FnOnce() -> PathBuf,
+    ) -> Result<PathBuf, ConfigError> {
+        let dir = self
+            .get(name)
+            .map(|d| PathBuf::from(d.trim()))
+            .unwrap_or_else(default);
+        std::path::absolute(&dir)
+            .map_err(|e| ConfigError::new(name, format!("cannot resolve '{}': {e}", dir.display())))
+    }
+
+    /// `ORCH_DATA_DIR` (default `./var`), absolute: the SQLite files and the default home
+    /// of every other directory the services keep.
+    pub fn data_dir(&self) -> Result<PathBuf, ConfigError> {
+        self.dir("ORCH_DATA_DIR", || PathBuf::from("./var"))
+    }
 }
 
 /// How log lines are written.
@@ -278,7 +300,7 @@ impl Config {
         Ok(Config {
             listen,
             urls,
-            data_dir: PathBuf::from(env.get("ORCH_DATA_DIR").unwrap_or("./var").trim()),
+            data_dir: env.data_dir()?,
             database_url,
             internal_token: env.secret("ORCH_INTERNAL_TOKEN"),
             log_format: env.parse("ORCH_LOG_FORMAT", LogFormat::Text)?,
@@ -345,7 +367,11 @@ mod tests {
             "127.0.0.1:8080"
         );
         assert_eq!(c.url(ServiceName::StageEngine), "http://127.0.0.1:50051");
-        assert_eq!(c.data_dir, PathBuf::from("./var"));
+        assert_eq!(
+            c.data_dir,
+            std::env::current_dir().expect("cwd").join("var"),
+            "a relative ORCH_DATA_DIR is made absolute"
+        );
         assert!(c.database_url.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
     }

@@ -124,13 +124,8 @@ fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
 impl LauncherConfig {
     /// Reads the launcher's variables (and the forge's).
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
-        let data_dir = PathBuf::from(env.get("ORCH_DATA_DIR").unwrap_or("./var").trim());
-        let workdir = env
-            .get("ORCH_WORKDIR")
-            .map(|d| PathBuf::from(d.trim()))
-            .unwrap_or_else(|| data_dir.join("work"));
-        let workdir = std::path::absolute(&workdir)
-            .map_err(|e| ConfigError::new("ORCH_WORKDIR", e.to_string()))?;
+        let data_dir = env.data_dir()?;
+        let workdir = env.dir("ORCH_WORKDIR", || data_dir.join("work"))?;
         let host = crate::proc::hostname();
         let instance_id = match env.get("ORCH_LAUNCHER_INSTANCE_ID") {
             Some(id) => {
@@ -224,11 +219,7 @@ impl LauncherConfig {
             instance_id,
             host,
             workdir,
-            agents_dir: PathBuf::from(
-                env.get("ORCH_AGENTS_DIR")
-                    .unwrap_or("./examples/agents")
-                    .trim(),
-            ),
+            agents_dir: env.dir("ORCH_AGENTS_DIR", || PathBuf::from("./examples/agents"))?,
             agent_command,
             env_passthrough,
             max_concurrency,

@@ -34,11 +34,10 @@ pub struct MergeGateConfig {
 impl MergeGateConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let forge = ForgeConfig::from_env(env)?;
-        let data_dir = PathBuf::from(env.get("ORCH_DATA_DIR").unwrap_or("./var").trim());
-        let mirror_dir = env
-            .get("ORCH_MERGE_MIRROR_DIR")
-            .map(|d| PathBuf::from(d.trim()))
-            .unwrap_or_else(|| data_dir.join("merge-gate").join("mirrors"));
+        let data_dir = env.data_dir()?;
+        let mirror_dir = env.dir("ORCH_MERGE_MIRROR_DIR", || {
+            data_dir.join("merge-gate").join("mirrors")
+        })?;
         let lease_ttl_s: u32 = env.parse("ORCH_MERGE_LEASE_TTL_S", 3600)?;
         if lease_ttl_s == 0 {
             return Err(ConfigError::new(
@@ -81,7 +80,13 @@ mod tests {
     fn defaults() {
         let c = MergeGateConfig::from_env(&Env::default()).expect("defaults");
         assert_eq!(c.lease_ttl_s, 3600);
-        assert_eq!(c.mirror_dir, PathBuf::from("./var/merge-gate/mirrors"));
+        assert_eq!(
+            c.mirror_dir,
+            std::env::current_dir()
+                .expect("cwd")
+                .join("var/merge-gate/mirrors"),
+            "relative directories are made absolute: git runs elsewhere"
+        );
         assert_eq!(c.merge_attempts, 3);
         assert_eq!(c.retry_after_s, 30);
         assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);

@@ -157,10 +157,7 @@ impl PostDeployConfig {
             Some(raw) => parse_targets(raw)
                 .map_err(|e| ConfigError::new("ORCH_POST_DEPLOY_TARGETS_JSON", e))?,
         };
-        let log_dir = env
-            .get("ORCH_POST_DEPLOY_LOG_DIR")
-            .map(|d| PathBuf::from(d.trim()))
-            .unwrap_or_else(|| data_dir.join("post-deploy"));
+        let log_dir = env.dir("ORCH_POST_DEPLOY_LOG_DIR", || data_dir.join("post-deploy"))?;
 
         Ok(PostDeployConfig {
             enabled: env.bool("ORCH_POST_DEPLOY_ENABLED", true)?,

@@ -103,7 +103,8 @@ impl PostDeployService {
         let work_item = required("work_item", &req.work_item, validate::work_item)?;
         let repo = required("repo", &req.repo, validate::repo)?;
         let deployed_sha = required("deployed_sha", &req.deployed_sha, validate::sha)?;
-        let previous_sha = required("previous_sha", &req.previous_sha, validate::sha)?;
+        // Optional: without it the watch still alerts, but never rolls back (to what?).
+        let previous_sha = optional("previous_sha", &req.previous_sha, validate::sha)?;
         let not_armed = |reason: String| {
             tracing::info!(work_item, repo, reason, "watch not armed");
             Ok(pb::ArmResponse {
@@ -243,7 +244,7 @@ impl PostDeployService {
         let window_over = now >= w.window_end_ms;
         let self_repo = w.self_repo || self.config.is_self_repo(&w.repo);
         let rollback_template = target
-            .filter(|t| t.has_rollback() && !self_repo)
+            .filter(|t| t.has_rollback() && !self_repo && !w.previous_sha.is_empty())
             .map(|t| t.rollback_command.clone());
         let decision = decide_action(&DecideInput {
             health: class.health,
@@ -685,6 +686,20 @@ fn required<'a>(
     let v = value.trim();
     if v.is_empty() {
         return Err(PostDeployError::MissingField(field));
+    }
+    check(v).map_err(|reason| PostDeployError::InvalidField { field, reason })?;
+    Ok(v)
+}
+
+/// An optional field, checked by `check` when present.
+fn optional<'a>(
+    field: &'static str,
+    value: &'a str,
+    check: fn(&str) -> Result<&str, String>,
+) -> Result<&'a str, PostDeployError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(v);
     }
     check(v).map_err(|reason| PostDeployError::InvalidField { field, reason })?;
     Ok(v)

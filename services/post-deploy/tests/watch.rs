@@ -393,6 +393,29 @@ async fn a_5xx_spike_rolls_back(storage: TestStorage) {
     assert_eq!(rig.rollbacks().len(), 1);
 }
 
+async fn without_a_previous_sha_a_degraded_deploy_only_alerts(storage: TestStorage) {
+    let rig = Rig::new(storage).await;
+    let svc = rig.service().await;
+    let armed = svc
+        .arm(&ArmRequest {
+            previous_sha: String::new(),
+            ..arm_request("SHOP-5", REPO)
+        })
+        .await
+        .expect("arm without previous_sha");
+    assert!(armed.armed, "{armed:?}");
+    rig.prod.set_health(500);
+    for _ in 0..2 {
+        assert_eq!(tick(&svc, "SHOP-5").await.action, Action::Continue);
+    }
+    let t = tick(&svc, "SHOP-5").await;
+    assert_eq!(t.action, Action::AlertOnly, "{t:?}");
+    assert!(
+        rig.rollbacks().is_empty(),
+        "nothing to roll back to: no rollback"
+    );
+}
+
 async fn the_self_repo_degraded_only_alerts(storage: TestStorage) {
     let rig = Rig::new(storage).await;
     let svc = rig.service().await;
@@ -672,10 +695,10 @@ async fn arm_is_idempotent_per_work_item_and_checks_its_input(storage: TestStora
         ),
         (
             ArmRequest {
-                previous_sha: String::new(),
+                previous_sha: "main~1".into(),
                 ..arm_request("SHOP-1", REPO)
             },
-            "previous_sha is required",
+            "previous_sha",
         ),
     ] {
         let err = svc.arm(&req).await.expect_err(field);
@@ -739,6 +762,7 @@ on_both_backends!(
     healthy_traffic_closes_when_the_window_ends,
     consecutive_health_failures_roll_back_exactly_once,
     a_5xx_spike_rolls_back,
+    without_a_previous_sha_a_degraded_deploy_only_alerts,
     the_self_repo_degraded_only_alerts,
     a_metrics_endpoint_that_is_down_alerts_and_never_rolls_back,
     a_restarted_post_deploy_resumes_the_watch,

@@ -581,16 +581,19 @@ impl Engine {
             outbox::insert(&mut tx, &item.key, &Effect::SetStateDone, None).await?;
             outbox::insert(&mut tx, &item.key, &Effect::UsageSummary, None).await?;
             if d.done_by_deploy && self.config.arm_post_deploy {
-                let deployed_sha = inputs
-                    .artifacts
-                    .get(qg::artifact::DEPLOY)
-                    .and_then(|t| t.as_deref())
-                    .and_then(qg::frontmatter)
-                    .and_then(|(f, _)| f.get("deployed_sha").cloned())
-                    .unwrap_or_default();
+                let deploy_field = |name: &str| {
+                    inputs
+                        .artifacts
+                        .get(qg::artifact::DEPLOY)
+                        .and_then(|t| t.as_deref())
+                        .and_then(qg::frontmatter)
+                        .and_then(|(f, _)| f.get(name).cloned())
+                        .unwrap_or_default()
+                };
                 let arm = Effect::ArmWatch {
                     repo: item.repo.clone(),
-                    deployed_sha,
+                    deployed_sha: deploy_field("deployed_sha"),
+                    previous_sha: deploy_field("previous_sha"),
                 };
                 outbox::insert(&mut tx, &item.key, &arm, None).await?;
             }

@@ -42,8 +42,14 @@ pub enum Effect {
         dedupe_key: String,
         payload_json: String,
     },
-    /// `PostDeploy.Arm` after `deploy -> done`.
-    ArmWatch { repo: String, deployed_sha: String },
+    /// `PostDeploy.Arm` after `deploy -> done`. `previous_sha` (what production ran
+    /// before) may be empty: entries written before it existed lack it.
+    ArmWatch {
+        repo: String,
+        deployed_sha: String,
+        #[serde(default)]
+        previous_sha: String,
+    },
 }
 
 impl Effect {
@@ -456,14 +462,18 @@ impl Dispatcher {
                 );
                 Ok(serde_json::json!({"job_id": job_id, "created": resp.created}).to_string())
             }
-            Effect::ArmWatch { repo, deployed_sha } => {
+            Effect::ArmWatch {
+                repo,
+                deployed_sha,
+                previous_sha,
+            } => {
                 let resp = self
                     .peers
                     .arm(ArmRequest {
                         work_item: entry.work_item.clone(),
                         repo,
                         deployed_sha,
-                        previous_sha: String::new(),
+                        previous_sha,
                     })
                     .await?;
                 Ok(serde_json::json!({"armed": resp.armed, "created": resp.created, "reason": resp.reason}).to_string())
@@ -593,6 +603,7 @@ mod tests {
                 Effect::ArmWatch {
                     repo: "a/b".into(),
                     deployed_sha: "abc".into(),
+                    previous_sha: String::new(),
                 },
                 "arm_watch",
                 "post_deploy",
