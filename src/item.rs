@@ -388,6 +388,7 @@ pub async fn approve(clients: &Clients, key: &str, author: &str) -> Result<Strin
             author: author.to_owned(),
             // Each approval from the command line is its own comment.
             comment_id: format!("cli-{}", orchestrator_kit::time::now_ms()),
+            ..Default::default()
         })
         .await
         .map_err(rpc("Approve"))?

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, ListWorkItemsRequest, OnPrMergedRequest,
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -235,6 +235,7 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
         Command::CreateWorkItem {
             tracker_issue_id,
             project_id,
+            sequence_id,
             title,
             description,
         } => {
@@ -244,6 +245,8 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                      or ORCH_PLANE_PROJECT_REPOS"
                 ));
             };
+            // The key (PROJ-42) is stage-engine's to derive: the tracker knows the
+            // project's identifier, the delivery only the project id and the number.
             let req = CreateWorkItemRequest {
                 tracker_issue_id: tracker_issue_id.clone(),
                 key: String::new(),
@@ -251,8 +254,8 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 description: description.clone(),
                 repo: repo.to_owned(),
                 branch: String::new(),
-                // The delivery names its project: no lookup by key needed.
                 tracker_project_id: project_id.clone(),
+                tracker_sequence_id: *sequence_id,
             };
             let started = Instant::now();
             let res = se.create_work_item(req).await;
@@ -278,19 +281,12 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
             author,
             comment_id,
         } => {
-            let key = match work_item_for(shared, tracker_issue_id).await {
-                Ok(Some(key)) => key,
-                Ok(None) => {
-                    return Outcome::Ignored(format!(
-                        "no work item for plane issue {tracker_issue_id}"
-                    ));
-                }
-                Err(o) => return o,
-            };
+            // A Plane comment names only its issue: stage-engine finds the work item by it.
             let req = ApproveRequest {
-                work_item: key.clone(),
+                work_item: String::new(),
                 author: author.clone(),
                 comment_id: comment_id.clone(),
+                tracker_issue_id: tracker_issue_id.clone(),
             };
             let started = Instant::now();
             let res = se.approve(req).await;
@@ -298,10 +294,15 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
             match res {
                 Ok(r) => {
                     let r = r.into_inner();
+                    let key = r.work_item.map(|w| w.key).unwrap_or_default();
                     Outcome::Applied {
                         reason: format!("approve {key}: {}", outcome_name(r.outcome)),
                         work_item: key,
                     }
+                }
+                // An approval on an issue that never became a work item: nothing to do.
+                Err(s) if s.code() == Code::NotFound => {
+                    Outcome::Ignored(format!("no work item for plane issue {tracker_issue_id}"))
                 }
                 Err(s) => failed(s),
             }
@@ -337,43 +338,6 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
             }
         }
     }
-}
-
-/// The work item key of a Plane issue: learned from an earlier CreateWorkItem of the same
-/// issue (still in the inbox), else looked up among the work items that wait for approval
-/// or run.
-async fn work_item_for(shared: &Shared, tracker_issue_id: &str) -> Result<Option<String>, Outcome> {
-    match inbox::key_for(&shared.db, &format!("plane:{tracker_issue_id}")).await {
-        Ok(Some(key)) => return Ok(Some(key)),
-        Ok(None) => {}
-        Err(e) => {
-            return Err(Outcome::Failed {
-                code: Code::Unavailable,
-                message: format!("gateway storage: {e}"),
-            });
-        }
-    }
-    let mut se = shared.clients.stage_engine.clone();
-    for status in ["awaiting_approval", "active"] {
-        let started = Instant::now();
-        let res = se
-            .list_work_items(ListWorkItemsRequest {
-                status: status.to_owned(),
-                stage: String::new(),
-                repo: String::new(),
-                limit: 0,
-            })
-            .await;
-        observe(shared, "ListWorkItems", &res, started);
-        let items = res.map_err(failed)?.into_inner().work_items;
-        if let Some(w) = items
-            .iter()
-            .find(|w| w.tracker_issue_id == tracker_issue_id)
-        {
-            return Ok(Some(w.key.clone()));
-        }
-    }
-    Ok(None)
 }
 
 fn failed(s: tonic::Status) -> Outcome {

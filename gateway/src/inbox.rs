@@ -327,17 +327,3 @@ pub async fn prune(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error> {
     .await?;
     Ok(done.rows_affected())
 }
-
-/// The work item key of the deliveries of `ordering_key`, when one of them learned it
-/// (the applied CreateWorkItem of a Plane issue).
-pub async fn key_for(db: &Db, ordering_key: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query(
-        "SELECT work_item FROM webhook_inbox WHERE ordering_key = $1 AND work_item <> '' \
-         ORDER BY id DESC LIMIT 1",
-    )
-    .bind(ordering_key)
-    .fetch_optional(&db.pool)
-    .await?
-    .map(|r| r.try_get("work_item"))
-    .transpose()
-}

@@ -513,13 +513,66 @@ async fn deliveries_for_one_work_item_apply_in_arrival_order(storage: TestStorag
     })
     .await;
     // The approval waited for the create (which failed three times first), and went to the
-    // work item the create answered with.
+    // work item created from its issue.
     assert_eq!(
         fake.calls(),
         [
             "CreateWorkItem:9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".to_owned(),
             "Approve:PROJ-1:8f3eac04-e391-4eaf-80a2-93a4b5c6d7e8:ada".to_owned(),
         ]
+    );
+    // The create names the issue's project and number, from which stage-engine derives the
+    // key; the gateway sends no key of its own.
+    let create = &fake.create_requests()[0];
+    assert_eq!(
+        (
+            create.key.as_str(),
+            create.tracker_project_id.as_str(),
+            create.tracker_sequence_id,
+            create.repo.as_str(),
+        ),
+        ("", "7c9e6679-7425-40de-944b-e07fc1f90ae7", 42, "acme/app")
+    );
+    let approved = inbox::get(gw.db(), "plane", "o-2")
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(
+        (approved.work_item.as_str(), approved.reason.as_str()),
+        ("PROJ-1", "approve PROJ-1: ADVANCED")
+    );
+
+    // An :approved: on an issue that never became a work item (stage-engine: NOT_FOUND) is
+    // recorded as ignored, not a dead letter.
+    let mut stray: Value = serde_json::from_slice(&comment).expect("json");
+    stray["data"]["id"] = Value::from("c-stray");
+    stray["data"]["issue"] = Value::from("0b0b0b0b-0000-4000-8000-000000000001");
+    let stray = serde_json::to_vec(&stray).expect("json");
+    let (s3, _) = send(
+        &gw,
+        hook("plane", "issue_comment", "", "o-3", &stray, Sig::Good),
+    )
+    .await;
+    assert_eq!(s3, StatusCode::ACCEPTED);
+    eventually(Duration::from_secs(10), "stray approval done", || async {
+        inbox::get(gw.db(), "plane", "o-3")
+            .await
+            .expect("get")
+            .expect("row")
+            .state
+            != "pending"
+    })
+    .await;
+    let d = inbox::get(gw.db(), "plane", "o-3")
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!(
+        (d.state, d.reason.as_str()),
+        (
+            "ignored",
+            "no work item for plane issue 0b0b0b0b-0000-4000-8000-000000000001"
+        )
     );
     shutdown.cancel();
     dispatcher.await.expect("dispatcher stops");

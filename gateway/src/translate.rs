@@ -29,6 +29,10 @@ pub enum Command {
     CreateWorkItem {
         tracker_issue_id: String,
         project_id: String,
+        /// The issue's number in its project (Plane's `sequence_id`): stage-engine names
+        /// the work item `<project identifier>-<sequence_id>`.
+        #[serde(default)]
+        sequence_id: u64,
         title: String,
         description: String,
     },
@@ -193,6 +197,11 @@ fn plane_issue(action: &str, body: &Value, triggers: &Triggers) -> Result<Transl
     if !triggered {
         return ignore("plane issue is not in the trigger state or label");
     }
+    let sequence_id = data
+        .get("sequence_id")
+        .and_then(Value::as_u64)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| bad("data.sequence_id is required (a positive integer)"))?;
     let title = str_at(data, &["name"]).unwrap_or_default();
     let description = str_at(data, &["description_stripped"])
         .or_else(|| str_at(data, &["description_html"]))
@@ -202,6 +211,7 @@ fn plane_issue(action: &str, body: &Value, triggers: &Triggers) -> Result<Transl
         command: Command::CreateWorkItem {
             tracker_issue_id: issue_id.to_owned(),
             project_id: project_id.to_owned(),
+            sequence_id,
             title: title.to_owned(),
             description: description.to_owned(),
         },
@@ -461,6 +471,7 @@ mod tests {
                 command: Command::CreateWorkItem {
                     tracker_issue_id: "9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
                     project_id: "7c9e6679-7425-40de-944b-e07fc1f90ae7".into(),
+                    sequence_id: 42,
                     title: "Wire up Gitea merge webhook".into(),
                     description: "Orchestrator should react to merged PRs.".into(),
                 }
@@ -640,6 +651,24 @@ mod tests {
                 "issue",
                 json!({"action": "created", "data": {"id": "-rf", "project": "p"}}),
                 "data.id: starts with '-'",
+            ),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created", "data": {"id": "x", "project": "p", "labels": [{"name": "orchestrator"}]}}),
+                "data.sequence_id is required",
+            ),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created", "data": {"id": "x", "project": "p", "sequence_id": 0, "labels": ["orchestrator"]}}),
+                "data.sequence_id is required",
+            ),
+            (
+                "plane",
+                "issue",
+                json!({"action": "created", "data": {"id": "x", "project": "p", "sequence_id": "42", "labels": ["orchestrator"]}}),
+                "data.sequence_id is required",
             ),
             (
                 "plane",

@@ -9,6 +9,7 @@ mod gateway;
 mod item;
 mod launcher;
 mod merge_gate;
+mod plane;
 mod post_deploy;
 mod process;
 mod real_cli;

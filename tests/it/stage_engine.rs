@@ -1,6 +1,6 @@
 //! stage-engine over gRPC in the whole stack: a work item walked from analysis to done by
 //! a scripted stand-in for the agents, on SQLite and on PostgreSQL — once with the local
-//! tracker, once with a fake Plane that answers 503 for a while in the middle. The forge is
+//! tracker, once with the fake Plane (`plane.rs`) answering 503 for a while in the middle. The forge is
 //! the local one (real bare repositories); the launcher, merge-gate and post-deploy are a
 //! fake gRPC server (their real services are built by other issues): Enqueue hands the job
 //! to the script, CheckBranchMergeable runs a real `git merge-tree`, Arm is counted.
@@ -9,10 +9,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::IntoResponse;
 use orchestrator_forge::local::LocalForge;
 use orchestrator_forge::{Forge, RepoName};
 use orchestrator_git::{Git, MergeTree};
@@ -35,6 +31,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use crate::common::{Stack, contracts_dir, start};
+use crate::plane::{ISSUE, PROJECT, Plane, plane_env, serve_plane};
 
 const KEY: &str = "ORCH-65";
 const REPO: &str = "acme/app";
@@ -151,153 +148,6 @@ async fn serve_peers(peers: Peers) -> String {
             .add_service(PostDeployServer::new(peers))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    format!("http://{addr}")
-}
-
-// ---------------------------------------------------------------- the fake Plane (HTTP)
-
-const PROJECT: &str = "7c9e6679-7425-40de-944b-e07fc1f90ae7";
-const ISSUE: &str = "9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d";
-
-#[derive(Default)]
-struct Plane {
-    /// While true, comment posts answer 503; the first one during an outage is stored
-    /// anyway (its answer "lost"), as when Plane commits and the response never arrives.
-    outage: Mutex<bool>,
-    lost_one: Mutex<bool>,
-    /// external_id -> comment JSON, in order.
-    comments: Mutex<Vec<(String, Value)>>,
-    created_201: Mutex<BTreeMap<String, u32>>,
-    answered_503: Mutex<u32>,
-    answered_409: Mutex<u32>,
-    state_patches: Mutex<Vec<String>>,
-    errors: Mutex<Vec<String>>,
-}
-
-async fn plane(
-    State(p): State<Arc<Plane>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> impl IntoResponse {
-    let path = uri.path().to_owned();
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let base = format!("/api/v1/workspaces/acme/projects/{PROJECT}");
-    let read = |name: &str| std::fs::read_to_string(contracts_dir().join(name)).expect("sample");
-    if path == format!("{base}/work-items/{ISSUE}/comments/") && method == Method::POST {
-        // Every comment of stage-engine is the stream bot's.
-        if key != "plane_api_stream" {
-            p.errors
-                .lock()
-                .expect("lock")
-                .push(format!("comment posted with {key:?}"));
-        }
-        let b: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let ext = b["external_id"].as_str().unwrap_or_default().to_owned();
-        if b["external_source"] != "orchestrator"
-            || ext.is_empty()
-            || !b["comment_html"].is_string()
-        {
-            p.errors
-                .lock()
-                .expect("lock")
-                .push(format!("bad comment body {b}"));
-        }
-        let exists = p
-            .comments
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|(e, _)| *e == ext);
-        let stored = |p: &Plane| {
-            let mut c: Value =
-                serde_json::from_str(&read("plane-api-comment-created.json")).expect("json");
-            let mut comments = p.comments.lock().expect("lock");
-            c["id"] = json!(format!("c-{}", comments.len() + 1));
-            c["comment_html"] = b["comment_html"].clone();
-            c["external_id"] = json!(ext);
-            c["external_source"] = json!("orchestrator");
-            comments.push((ext.clone(), c.clone()));
-            *p.created_201
-                .lock()
-                .expect("lock")
-                .entry(ext.clone())
-                .or_default() += 1;
-            c
-        };
-        if *p.outage.lock().expect("lock") {
-            *p.answered_503.lock().expect("lock") += 1;
-            let mut lost = p.lost_one.lock().expect("lock");
-            if !*lost && !exists {
-                *lost = true;
-                stored(&p);
-            }
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "<html>503 Service Unavailable</html>".to_owned(),
-            );
-        }
-        if exists {
-            *p.answered_409.lock().expect("lock") += 1;
-            return (
-                StatusCode::CONFLICT,
-                json!({"error": "Issue Comment with the same external id and external source already exists", "id": "x"}).to_string(),
-            );
-        }
-        return (StatusCode::CREATED, stored(&p).to_string());
-    }
-    if path == format!("{base}/work-items/{ISSUE}/comments/") && method == Method::GET {
-        let results: Vec<Value> = p
-            .comments
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|(_, c)| c.clone())
-            .collect();
-        let page = json!({"grouped_by": null, "sub_grouped_by": null, "total_count": results.len(), "next_cursor": "100:1:0",
-            "prev_cursor": "100:-1:1", "next_page_results": false, "prev_page_results": false, "count": results.len(),
-            "total_pages": 1, "total_results": results.len(), "extra_stats": null, "results": results});
-        return (StatusCode::OK, page.to_string());
-    }
-    if key != "plane_api_shared" {
-        p.errors
-            .lock()
-            .expect("lock")
-            .push(format!("{method} {path} with {key:?}"));
-    }
-    if path == format!("{base}/states/") && method == Method::GET {
-        return (StatusCode::OK, read("plane-api-states-list.json"));
-    }
-    if path == format!("{base}/work-items/{ISSUE}/") && method == Method::PATCH {
-        let b: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        p.state_patches
-            .lock()
-            .expect("lock")
-            .push(b["state"].as_str().unwrap_or_default().to_owned());
-        return (StatusCode::OK, read("plane-api-work-item.json"));
-    }
-    p.errors
-        .lock()
-        .expect("lock")
-        .push(format!("unexpected {method} {path}"));
-    (
-        StatusCode::NOT_FOUND,
-        json!({"error": "The requested resource does not exist."}).to_string(),
-    )
-}
-
-async fn serve_plane(p: Arc<Plane>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = axum::Router::new().fallback(plane).with_state(p);
-    tokio::spawn(async move { axum::serve(listener, app).await });
     format!("http://{addr}")
 }
 
@@ -503,6 +353,7 @@ async fn walk(
                         work_item: KEY.into(),
                         author: "reviewer".into(),
                         comment_id: "c-bot".into(),
+                        ..Default::default()
                     })
                     .await
                     .expect("bot approve")
@@ -513,6 +364,7 @@ async fn walk(
                         work_item: KEY.into(),
                         author: "ada".into(),
                         comment_id: "c-ada".into(),
+                        ..Default::default()
                     })
                     .await
                     .expect("approve")
@@ -652,6 +504,7 @@ async fn create(stack: &Stack, project: &str, issue: &str) {
             repo: REPO.into(),
             branch: String::new(),
             tracker_project_id: project.into(),
+            ..Default::default()
         })
         .await
         .expect("create")
@@ -818,18 +671,9 @@ async fn walk_from_analysis_to_done(storage: TestStorage) {
 async fn walk_with_plane_down_for_a_while(storage: TestStorage) {
     let p = Arc::new(Plane::default());
     let plane_url = serve_plane(p.clone()).await;
-    let mut s = setup(
-        storage,
-        &[
-            ("ORCH_TRACKER", "plane"),
-            ("PLANE_BASE_URL", &plane_url),
-            ("PLANE_WORKSPACE_SLUG", "acme"),
-            ("PLANE_API_TOKEN", "plane_api_shared"),
-            ("PLANE_BOT_TOKEN_STREAM", "plane_api_stream"),
-            ("ORCH_TRACKER_TIMEOUT_MS", "2000"),
-        ],
-    )
-    .await;
+    let env = plane_env(&plane_url);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut s = setup(storage, &env).await;
     create(&s.stack, PROJECT, ISSUE).await;
     let outage = p.clone();
     let walk = walk(

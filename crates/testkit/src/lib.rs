@@ -100,3 +100,15 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// A Plane project as `GET /api/v1/workspaces/{slug}/projects/{id}/` answers it, for the
+/// fake Plane servers of the tests. There is no captured sample in `shared/contracts`: the
+/// keys are derived, like the contract's own samples, from makeplane/plane's
+/// `ProjectSerializer` (`fields = "__all__"` of the `Project` model plus its annotated
+/// counts) in `apps/api/plane/api/serializers/project.py` and `db/models/project.py`;
+/// the values are made up. Plane stores `identifier` upper-cased, at most 12 characters.
+pub fn plane_project_json(id: &str, identifier: &str) -> String {
+    format!(
+        r#"{{"id": "{id}", "total_members": 3, "total_cycles": 0, "total_modules": 0, "is_member": true, "sort_order": 65535.0, "member_role": 20, "is_deployed": false, "cover_image_url": null, "created_at": "2026-05-01T09:00:00.000000Z", "updated_at": "2026-05-01T09:00:00.000000Z", "deleted_at": null, "name": "Orchestrated project", "description": "", "description_text": null, "description_html": null, "network": 2, "identifier": "{identifier}", "emoji": null, "icon_prop": null, "module_view": true, "cycle_view": true, "issue_views_view": true, "page_view": true, "intake_view": false, "is_time_tracking_enabled": false, "is_issue_type_enabled": false, "guest_view_all_features": false, "cover_image": null, "archive_in": 0, "close_in": 0, "logo_props": {{}}, "archived_at": null, "timezone": "UTC", "external_source": null, "external_id": null, "created_by": "3fa85f64-5717-4562-b3fc-2c963f66afa6", "updated_by": null, "workspace": "5f2a3c1e-8d4b-4e6a-9f0c-1a2b3c4d5e6f", "default_assignee": null, "project_lead": null, "cover_image_asset": null, "estimate": null, "default_state": null}}"#
+    )
+}

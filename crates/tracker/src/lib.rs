@@ -103,6 +103,10 @@ pub trait Tracker: Send + Sync + 'static {
     /// Finds the issue of a human key such as `ORCH-65`.
     async fn find_issue(&self, key: &str) -> Result<Option<IssueRef>, TrackerError>;
 
+    /// Returns the identifier of a project (the `PROJ` of `PROJ-42`), as the tracker
+    /// spells it. A project it does not know is [`TrackerError::NotFound`].
+    async fn project_identifier(&self, project_id: &str) -> Result<String, TrackerError>;
+
     /// Posts `html` on `issue` as `author` (a role: its bot token is used when it has one).
     /// A non-empty `idempotency_key` makes a repeated post a no-op (`duplicate: true`).
     async fn add_comment(
@@ -121,6 +125,18 @@ pub trait Tracker: Send + Sync + 'static {
 
     /// Moves `issue` to the state `state_id`.
     async fn set_state(&self, issue: &IssueRef, state_id: &str) -> Result<(), TrackerError>;
+}
+
+/// Returns the human key of an issue from its project and its number in that project:
+/// `<project identifier>-<sequence_id>`, e.g. `PROJ-42`. The caller validates it before it
+/// reaches git or a path (the identifier comes from outside).
+pub async fn issue_key(
+    tracker: &dyn Tracker,
+    project_id: &str,
+    sequence_id: u64,
+) -> Result<String, TrackerError> {
+    let identifier = tracker.project_identifier(project_id).await?;
+    Ok(format!("{identifier}-{sequence_id}"))
 }
 
 /// Picks the terminal Done state: the `completed` group, preferring one named "Done".
@@ -175,6 +191,25 @@ mod tests {
         assert!(is_role("stream"));
         assert!(!is_role("ada"));
         assert!(!is_role(""));
+    }
+
+    #[tokio::test]
+    async fn an_issue_key_is_the_project_identifier_and_the_sequence_id() {
+        let mut t = MockTracker::new();
+        t.expect_project_identifier()
+            .withf(|p| p == "proj")
+            .times(1)
+            .returning(|_| Ok("PROJ".to_owned()));
+        assert_eq!(issue_key(&t, "proj", 42).await.expect("key"), "PROJ-42");
+        let mut down = MockTracker::new();
+        down.expect_project_identifier()
+            .returning(|_| Err(TrackerError::Unavailable("HTTP 503".into())));
+        assert!(
+            issue_key(&down, "proj", 42)
+                .await
+                .expect_err("down")
+                .is_transient()
+        );
     }
 
     #[tokio::test]

@@ -93,6 +93,16 @@ impl Tracker for LocalTracker {
             }))
     }
 
+    /// The local tracker has one project, `local`, and no identifier for it: its work items
+    /// are created with their key.
+    async fn project_identifier(&self, project_id: &str) -> Result<String, TrackerError> {
+        Err(TrackerError::NotFound(format!(
+            "the local tracker has no project '{}' to derive a key from; give the key (or set \
+             PLANE_BASE_URL to use Plane)",
+            project_id.escape_debug()
+        )))
+    }
+
     async fn add_comment(
         &self,
         issue: &IssueRef,

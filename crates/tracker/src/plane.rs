@@ -1,5 +1,8 @@
 //! Plane's REST API v1, as described in `shared/contracts/plane-notes.md`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
@@ -16,12 +19,22 @@ pub const EXTERNAL_SOURCE: &str = "orchestrator";
 pub struct PlaneTracker {
     config: PlaneConfig,
     http: reqwest::Client,
+    /// Project id -> identifier, learned once per project: every new work item of a
+    /// project needs it, and it is one GET that need not be repeated (see
+    /// [`Tracker::project_identifier`]). Shared by the clones.
+    identifiers: Arc<Mutex<HashMap<String, String>>>,
 }
 
 #[derive(Debug, Deserialize)]
 struct WorkItem {
     id: String,
     project: String,
+}
+
+/// The part of a project (ProjectSerializer) we read.
+#[derive(Debug, Deserialize)]
+struct Project {
+    identifier: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,7 +135,11 @@ impl PlaneTracker {
             .connect_timeout(config.timeout)
             .user_agent("orchestrator")
             .build()?;
-        Ok(PlaneTracker { config, http })
+        Ok(PlaneTracker {
+            config,
+            http,
+            identifiers: Arc::default(),
+        })
     }
 
     /// `{base}/api/v1/workspaces/{slug}/` + `segments` + `/` (every Plane route ends with `/`).
@@ -213,6 +230,42 @@ impl Tracker for PlaneTracker {
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(status_error("find work item", s, &text)),
         }
+    }
+
+    /// `GET /api/v1/workspaces/{slug}/projects/{project_id}/`, once per project: a renamed
+    /// identifier is seen after a restart (existing work items keep their keys anyway).
+    async fn project_identifier(&self, project_id: &str) -> Result<String, TrackerError> {
+        let project_id = path_id("project id", project_id)?;
+        if let Some(known) = self
+            .identifiers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(project_id)
+        {
+            return Ok(known.clone());
+        }
+        let url = self.url(&["projects", project_id])?;
+        let (status, text) = self
+            .send(Method::GET, url, &self.config.api_token, None)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(status_error(
+                &format!("get project {project_id}"),
+                status,
+                &text,
+            ));
+        }
+        let project: Project = Self::decode("a project", &text)?;
+        tracing::info!(
+            project_id,
+            identifier = project.identifier,
+            "plane project identifier learned"
+        );
+        self.identifiers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(project_id.to_owned(), project.identifier.clone());
+        Ok(project.identifier)
     }
 
     #[tracing::instrument(skip_all, fields(issue = %issue.issue_id, author))]

@@ -330,6 +330,61 @@ async fn reads_and_state_changes_use_the_shared_token() {
 }
 
 #[tokio::test]
+async fn a_project_identifier_is_read_once_and_remembered() {
+    let other = "0f0f0f0f-1111-4222-8333-444455556666";
+    let project_path = |id: &str| format!("/api/v1/workspaces/acme/projects/{id}/");
+    let fake = Fake::start(vec![
+        // Down at first: transient, and nothing is remembered.
+        step(
+            Method::GET,
+            &project_path(PROJECT),
+            "plane_api_shared",
+            None,
+            503,
+            "<html>Service Unavailable</html>",
+        ),
+        step(
+            Method::GET,
+            &project_path(PROJECT),
+            "plane_api_shared",
+            None,
+            200,
+            orchestrator_testkit::plane_project_json(PROJECT, "PROJ"),
+        ),
+        // The token cannot see this one (Plane answers 404 for a project it hides).
+        step(
+            Method::GET,
+            &project_path(other),
+            "plane_api_shared",
+            None,
+            404,
+            json!({"error": "The requested resource does not exist."}),
+        ),
+    ])
+    .await;
+    let t = &fake.tracker;
+    let e = t.project_identifier(PROJECT).await.expect_err("503");
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(t.project_identifier(PROJECT).await.expect("200"), "PROJ");
+    // Remembered: no second request (the script would flag it), and the clones share it.
+    assert_eq!(t.project_identifier(PROJECT).await.expect("cached"), "PROJ");
+    assert_eq!(
+        orchestrator_tracker::issue_key(&t.clone(), PROJECT, 42)
+            .await
+            .expect("key"),
+        "PROJ-42"
+    );
+    let e = t.project_identifier(other).await.expect_err("404");
+    assert!(matches!(e, TrackerError::NotFound(_)), "{e}");
+    // An id that could climb out of the path is refused before any request.
+    assert!(matches!(
+        t.project_identifier("../x").await,
+        Err(TrackerError::Rejected { status: 400, .. })
+    ));
+    fake.check();
+}
+
+#[tokio::test]
 async fn outages_are_transient_and_refusals_are_not() {
     let p = comments_path();
     let body = json!({"comment_html": "<p>x</p>"});

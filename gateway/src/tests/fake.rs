@@ -9,8 +9,7 @@ use orchestrator_kit::ServiceName;
 use orchestrator_proto::stage_engine::v1::stage_engine_server::{StageEngine, StageEngineServer};
 use orchestrator_proto::stage_engine::v1::{
     AdvanceOutcome, AdvanceStageResponse, ApproveRequest, CreateWorkItemRequest,
-    CreateWorkItemResponse, ListWorkItemsRequest, ListWorkItemsResponse, OnPrMergedRequest,
-    WorkItem,
+    CreateWorkItemResponse, OnPrMergedRequest, WorkItem,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
@@ -22,6 +21,7 @@ struct Inner {
     flaky: AtomicU32,
     fail_with: Mutex<Option<Code>>,
     calls: Mutex<Vec<String>>,
+    creates: Mutex<Vec<CreateWorkItemRequest>>,
     items: Mutex<Vec<WorkItem>>,
 }
 
@@ -81,6 +81,11 @@ impl Fake {
         self.inner.calls.lock().expect("lock").clone()
     }
 
+    /// The CreateWorkItem requests applied, as sent.
+    pub fn create_requests(&self) -> Vec<CreateWorkItemRequest> {
+        self.inner.creates.lock().expect("lock").clone()
+    }
+
     pub fn count(&self, call: &str) -> usize {
         self.calls().iter().filter(|c| *c == call).count()
     }
@@ -119,6 +124,7 @@ impl StageEngine for Fake {
         self.gate()?;
         let r = request.into_inner();
         self.record(format!("CreateWorkItem:{}", r.tracker_issue_id));
+        self.inner.creates.lock().expect("lock").push(r.clone());
         let mut items = self.inner.items.lock().expect("lock");
         if let Some(w) = items
             .iter()
@@ -145,33 +151,34 @@ impl StageEngine for Fake {
         }))
     }
 
-    async fn list_work_items(
-        &self,
-        request: Request<ListWorkItemsRequest>,
-    ) -> Result<Response<ListWorkItemsResponse>, Status> {
-        self.gate()?;
-        let status = request.into_inner().status;
-        let items = self.inner.items.lock().expect("lock");
-        Ok(Response::new(ListWorkItemsResponse {
-            work_items: items
-                .iter()
-                .filter(|w| status.is_empty() || w.status == status)
-                .cloned()
-                .collect(),
-        }))
-    }
-
     async fn approve(
         &self,
         request: Request<ApproveRequest>,
     ) -> Result<Response<AdvanceStageResponse>, Status> {
         self.gate()?;
         let r = request.into_inner();
+        // As stage-engine: by key, or by the tracker issue the comment was on.
+        let item = self
+            .inner
+            .items
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|w| {
+                if r.work_item.is_empty() {
+                    w.tracker_issue_id == r.tracker_issue_id
+                } else {
+                    w.key == r.work_item
+                }
+            })
+            .cloned()
+            .ok_or_else(|| Status::not_found("no such work item"))?;
         self.record(format!(
             "Approve:{}:{}:{}",
-            r.work_item, r.comment_id, r.author
+            item.key, r.comment_id, r.author
         ));
         Ok(Response::new(AdvanceStageResponse {
+            work_item: Some(item),
             outcome: AdvanceOutcome::Advanced as i32,
             ..AdvanceStageResponse::default()
         }))

@@ -87,6 +87,8 @@ fn invalid(field: &'static str, e: impl std::fmt::Display) -> EngineError {
 pub struct NewWorkItem {
     pub tracker_issue_id: String,
     pub tracker_project_id: String,
+    /// The issue's number in its tracker project (0: unknown).
+    pub tracker_sequence_id: u64,
     pub key: String,
     pub title: String,
     pub description: String,
@@ -119,38 +121,22 @@ impl Engine {
 
     /// Creates a work item at `analysis` and enqueues the analyst; idempotent on the
     /// tracker issue id. Returns the item and whether it is new.
+    ///
+    /// Without a key, the key is derived through the tracker from the project and the
+    /// issue's sequence id (see [`Engine::derive_key`]); that lookup happens only for an
+    /// issue that has no work item yet, so a repeat answers even while the tracker is down.
     pub async fn create_work_item(
         &self,
         req: NewWorkItem,
     ) -> Result<(WorkItemRow, bool), EngineError> {
         let issue_id = required("tracker_issue_id", &req.tracker_issue_id)?.to_owned();
         let repo = validate_repo(required("repo", &req.repo)?).map_err(|e| invalid("repo", e))?;
-        let key = if req.key.trim().is_empty() {
-            issue_id.as_str()
-        } else {
-            req.key.trim()
-        };
-        let key = validate_work_item_key(key)
-            .map_err(|e| {
-                invalid(
-                    "key",
-                    format!("{e} (give key, or a tracker_issue_id that is a key)"),
-                )
-            })?
-            .to_owned();
-        let branch = if req.branch.trim().is_empty() {
-            format!("orch/{key}")
-        } else {
-            req.branch.trim().to_owned()
-        };
-        validate_branch(&branch).map_err(|e| invalid("branch", e))?;
+        let branch = req.branch.trim();
+        if !branch.is_empty() {
+            validate_branch(branch).map_err(|e| invalid("branch", e))?;
+        }
         if req.title.len() > 1000 || req.description.len() > 100_000 {
             return Err(invalid("title", "title or description too long"));
-        }
-
-        if let Some(existing) = store::get_by_tracker_issue(&self.db, &issue_id).await? {
-            self.register_local_issue(&existing).await?;
-            return Ok((existing, false));
         }
         let project = match (req.tracker_project_id.trim(), self.tracker.kind()) {
             (_, orchestrator_tracker::TrackerKind::Local) => {
@@ -164,6 +150,49 @@ impl Engine {
                 .and_then(|p| p.project_id.clone())
                 .unwrap_or_default(),
             (p, _) => p.to_owned(),
+        };
+        let given_key = req.key.trim();
+        let derive = given_key.is_empty() && req.tracker_sequence_id > 0;
+        if !derive {
+            let key = if given_key.is_empty() {
+                issue_id.as_str()
+            } else {
+                given_key
+            };
+            validate_work_item_key(key).map_err(|e| {
+                invalid(
+                    "key",
+                    format!(
+                        "{e} (give key, or tracker_project_id and tracker_sequence_id, or a \
+                         tracker_issue_id that is a key)"
+                    ),
+                )
+            })?;
+        }
+
+        if let Some(existing) = store::get_by_tracker_issue(&self.db, &issue_id).await? {
+            self.register_local_issue(&existing).await?;
+            return Ok((existing, false));
+        }
+        let key = if derive {
+            // The issue's own project, else the configured default (PLANE_PROJECT_ID).
+            let of = match req.tracker_project_id.trim() {
+                "" => project.as_str(),
+                given => given,
+            };
+            let project_id = required("tracker_project_id", of)?;
+            self.derive_key(project_id, req.tracker_sequence_id).await?
+        } else if given_key.is_empty() {
+            issue_id.clone()
+        } else {
+            given_key.to_owned()
+        };
+        let branch = if branch.is_empty() {
+            let b = format!("orch/{key}");
+            validate_branch(&b).map_err(|e| invalid("branch", e))?;
+            b
+        } else {
+            branch.to_owned()
         };
         let now = now_ms();
         let transition_id = outbox::new_id();
@@ -244,6 +273,33 @@ impl Engine {
         self.register_local_issue(&item).await?;
         tracing::info!(work_item = key, repo = item.repo, "work item created");
         Ok((item, true))
+    }
+
+    /// The key of a new work item from its tracker project and sequence id, e.g. `PROJ-42`,
+    /// validated (`IDENT-NUMBER`) because the identifier comes from the tracker and the key
+    /// becomes a branch and a path. A tracker that is down is UNAVAILABLE (the caller
+    /// retries); one that does not know the project, or refuses us, is a precondition to fix.
+    async fn derive_key(&self, project_id: &str, sequence_id: u64) -> Result<String, EngineError> {
+        let key = orchestrator_tracker::issue_key(self.tracker.as_ref(), project_id, sequence_id)
+            .await
+            .map_err(|e| {
+                if e.is_transient() {
+                    EngineError::Unavailable(format!(
+                        "the tracker is unavailable to name project {project_id}: {e}"
+                    ))
+                } else {
+                    EngineError::Precondition(format!(
+                        "cannot derive a key from tracker project {project_id}: {e}"
+                    ))
+                }
+            })?;
+        validate_work_item_key(&key).map_err(|e| {
+            invalid(
+                "key",
+                format!("derived from tracker project {project_id}: {e}"),
+            )
+        })?;
+        Ok(key)
     }
 
     async fn register_local_issue(&self, item: &WorkItemRow) -> Result<(), EngineError> {

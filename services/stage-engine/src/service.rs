@@ -169,7 +169,7 @@ const AGENTS: [&str; 6] = [
 
 #[tonic::async_trait]
 impl StageEngine for StageEngineService {
-    #[tracing::instrument(skip_all, fields(tracker_issue_id = %request.get_ref().tracker_issue_id, key = %request.get_ref().key))]
+    #[tracing::instrument(skip_all, fields(tracker_issue_id = %request.get_ref().tracker_issue_id, key = %request.get_ref().key, tracker_sequence_id = request.get_ref().tracker_sequence_id))]
     async fn create_work_item(
         &self,
         request: Request<CreateWorkItemRequest>,
@@ -180,6 +180,7 @@ impl StageEngine for StageEngineService {
             .create_work_item(NewWorkItem {
                 tracker_issue_id: r.tracker_issue_id,
                 tracker_project_id: r.tracker_project_id,
+                tracker_sequence_id: r.tracker_sequence_id,
                 key: r.key,
                 title: r.title,
                 description: r.description,
@@ -283,13 +284,25 @@ impl StageEngine for StageEngineService {
         Ok(Response::new(advance_response(a)))
     }
 
-    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, author = %request.get_ref().author))]
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, tracker_issue_id = %request.get_ref().tracker_issue_id, author = %request.get_ref().author))]
     async fn approve(
         &self,
         request: Request<ApproveRequest>,
     ) -> Result<Response<AdvanceStageResponse>, Status> {
         let r = request.into_inner();
-        let key = required("work_item", &r.work_item)?.to_owned();
+        let key = if r.work_item.trim().is_empty() && !r.tracker_issue_id.trim().is_empty() {
+            // A tracker comment names only its issue.
+            let issue = required("tracker_issue_id", &r.tracker_issue_id)?;
+            store::get_by_tracker_issue(&self.engine.db, issue)
+                .await
+                .map_err(EngineError::from)?
+                .ok_or_else(|| {
+                    EngineError::NotFound(format!("no work item for tracker issue {issue}"))
+                })?
+                .key
+        } else {
+            required("work_item", &r.work_item)?.to_owned()
+        };
         let author = required("author", &r.author)?.to_owned();
         let comment_id = if r.comment_id.trim().is_empty() {
             outbox::new_id()

@@ -245,6 +245,7 @@ impl Harness {
                 work_item: KEY.into(),
                 author: author.into(),
                 comment_id: comment.into(),
+                ..ApproveRequest::default()
             }))
             .await
             .expect("approve")
@@ -711,7 +712,129 @@ async fn a_refused_comment_fails_and_an_operator_retries_it(storage: TestStorage
     assert!(h.outbox("failed").await.is_empty());
 }
 
+/// A Plane issue names its project and its number, not its key: the key is the project's
+/// identifier (asked of the tracker once it is needed, never for a repeat) and the number.
+/// A tracker that is down is UNAVAILABLE and creates nothing; an identifier that is not
+/// safe for a branch is refused. An approval finds its work item by the tracker issue.
+async fn a_plane_issue_is_keyed_by_its_project_identifier(storage: TestStorage) {
+    use orchestrator_tracker::{CommentPosted, MockTracker, TrackerError, TrackerKind};
+    let mut t = MockTracker::new();
+    t.expect_kind().return_const(TrackerKind::Plane);
+    let down = Arc::new(Mutex::new(true));
+    t.expect_project_identifier()
+        .withf(|p| p == "proj-1")
+        .times(2)
+        .returning(move |_| {
+            let mut d = down.lock().expect("lock");
+            if *d {
+                *d = false;
+                return Err(TrackerError::Unavailable("HTTP 503".into()));
+            }
+            Ok("ORCH".into())
+        });
+    t.expect_project_identifier()
+        .withf(|p| p == "proj-bad")
+        .returning(|_| Ok("../X".into()));
+    t.expect_project_identifier()
+        .withf(|p| p == "proj-gone")
+        .returning(|_| Err(TrackerError::NotFound("HTTP 404".into())));
+    t.expect_add_comment().returning(|_, _, _, _| {
+        Ok(CommentPosted {
+            id: Some("c".into()),
+            duplicate: false,
+        })
+    });
+    let h = harness_with(storage, 0, false, Some(Arc::new(t))).await;
+    let create = |issue: &str, project: &str, seq: u64| CreateWorkItemRequest {
+        tracker_issue_id: issue.into(),
+        tracker_project_id: project.into(),
+        tracker_sequence_id: seq,
+        title: "Seven".into(),
+        repo: "acme/app".into(),
+        ..CreateWorkItemRequest::default()
+    };
+
+    let err = h
+        .svc
+        .create_work_item(Request::new(create("issue-7", "proj-1", 7)))
+        .await
+        .expect_err("plane down");
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        crate::store::get_by_tracker_issue(&h.svc.engine().db, "issue-7")
+            .await
+            .expect("get")
+            .is_none()
+    );
+    for created in [true, false] {
+        let r = h
+            .svc
+            .create_work_item(Request::new(create("issue-7", "proj-1", 7)))
+            .await
+            .expect("create")
+            .into_inner();
+        assert_eq!(r.created, created);
+        let w = r.work_item.expect("item");
+        assert_eq!(
+            (
+                w.key.as_str(),
+                w.branch.as_str(),
+                w.tracker_project_id.as_str()
+            ),
+            (KEY, "orch/ORCH-7", "proj-1")
+        );
+    }
+    for (project, code, field) in [
+        (
+            "proj-bad",
+            Code::InvalidArgument,
+            "key: derived from tracker project proj-bad",
+        ),
+        (
+            "proj-gone",
+            Code::FailedPrecondition,
+            "cannot derive a key from tracker project proj-gone",
+        ),
+    ] {
+        let err = h
+            .svc
+            .create_work_item(Request::new(create("issue-8", project, 8)))
+            .await
+            .expect_err(project);
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+
+    h.deliver().await;
+    h.write("analysis.md", "");
+    assert_eq!(
+        h.advance("analyst", "job-1", "").await.0,
+        AdvanceOutcome::AwaitingApproval
+    );
+    let approve = |issue: &str| ApproveRequest {
+        tracker_issue_id: issue.into(),
+        author: "ada".into(),
+        comment_id: "c-ada".into(),
+        ..ApproveRequest::default()
+    };
+    let err = h
+        .svc
+        .approve(Request::new(approve("issue-unknown")))
+        .await
+        .expect_err("no such issue");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    let r = h
+        .svc
+        .approve(Request::new(approve("issue-7")))
+        .await
+        .expect("approve")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Advanced, "{}", r.reason);
+    assert_eq!(h.item().await.stage.as_str(), "architecture");
+}
+
 on_both_backends!(
+    a_plane_issue_is_keyed_by_its_project_identifier,
     a_refused_comment_fails_and_an_operator_retries_it,
     idempotency_and_the_latest_job_rule,
     approval_human_yes_bot_no,
