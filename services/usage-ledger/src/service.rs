@@ -9,21 +9,22 @@ use tonic::{Request, Response, Status};
 
 use crate::error::LedgerError;
 use crate::format::{self, Totals};
-use crate::group_commit::GroupWriter;
+use crate::group_commit::{self, RunWriter};
 use crate::store::{self, RunRecord};
+use orchestrator_kit::group_commit::GroupWriter;
 
 /// The usage-ledger gRPC service over its own storage.
 #[derive(Debug, Clone)]
 pub struct UsageLedgerService {
     db: Db,
-    writer: GroupWriter,
+    writer: GroupWriter<RunWriter>,
 }
 
 impl UsageLedgerService {
     /// Builds the service; must be called inside a tokio runtime (it starts the writer).
     pub fn new(db: Db) -> Self {
         UsageLedgerService {
-            writer: GroupWriter::spawn(db.clone()),
+            writer: group_commit::spawn(db.clone()),
             db,
         }
     }
@@ -53,7 +54,7 @@ impl UsageLedgerService {
             duration_ms: parsed.as_ref().and_then(|r| r.duration_ms),
             recorded_at_ms: now_ms(),
         };
-        if self.writer.insert(run.clone()).await? {
+        if self.writer.write(run.clone()).await? {
             tracing::debug!(
                 job_id,
                 attempt,

@@ -37,16 +37,7 @@ pub async fn insert_many(db: &Db, runs: &[RunRecord]) -> Result<Vec<bool>, sqlx:
          output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, \
          api_error_status, num_turns, duration_ms, recorded_at_ms) VALUES ",
     );
-    for i in 0..runs.len() {
-        sql.push_str(if i == 0 { "(" } else { ", (" });
-        for c in 0..COLS {
-            if c > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!("${}", i * COLS + c + 1));
-        }
-        sql.push(')');
-    }
+    sql.push_str(&db.backend.values_rows(runs.len(), COLS));
     sql.push_str(" ON CONFLICT (job_id, attempt) DO NOTHING RETURNING job_id, attempt");
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     for run in runs {
