@@ -86,6 +86,11 @@ pub struct DispatchConfig {
     /// live dispatcher never outlasts its claim; a gateway killed mid-attempt leaves the
     /// delivery to be picked up again when the lease runs out.
     pub claim_lease: Duration,
+    /// `ORCH_GATEWAY_DISPATCH_LINGER_MS`: when fewer than a batch of deliveries were due,
+    /// the dispatcher waits this long for more before it claims again, so that it claims
+    /// and records them together (a few statements per batch rather than per delivery).
+    /// It delays applying a delivery by at most this much; it never delays the 2xx.
+    pub linger: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -97,6 +102,7 @@ impl Default for DispatchConfig {
             poll_interval: Duration::from_millis(500),
             batch: 32,
             claim_lease: Duration::from_secs(15),
+            linger: Duration::from_millis(10),
         }
     }
 }
@@ -151,7 +157,14 @@ impl GatewayConfig {
             batch: env
                 .parse("ORCH_GATEWAY_DISPATCH_BATCH", defaults.batch)?
                 .clamp(1, 1_000),
+            linger: ms(env, "ORCH_GATEWAY_DISPATCH_LINGER_MS", 10)?,
         };
+        if dispatch.linger > Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "ORCH_GATEWAY_DISPATCH_LINGER_MS",
+                "must be at most 1000 (it delays every delivery's application)",
+            ));
+        }
 
         let default_repo = env
             .get("ORCH_PLANE_DEFAULT_REPO")
@@ -292,6 +305,8 @@ mod tests {
             ("ORCH_PLANE_PROJECT_REPOS", "p1"),
             ("ORCH_PLANE_PROJECT_REPOS", "p1=a/b/c"),
             ("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", "0"),
+            ("ORCH_GATEWAY_DISPATCH_LINGER_MS", "5000"),
+            ("ORCH_GATEWAY_DISPATCH_LINGER_MS", "-1"),
         ] {
             let err = GatewayConfig::from_env(&Env::from_pairs([(var, value)]))
                 .expect_err(&format!("{var}={value}"));

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::Shared;
-use crate::inbox::{self, Claimed, State};
+use crate::inbox::{self, Attempted, Claimed, State};
 use crate::translate::Command;
 
 /// How a failed call is treated.
@@ -97,13 +97,29 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             last_prune = Instant::now();
             prune(&shared).await;
         }
+        let linger = shared.config.dispatch.linger;
+        if worked >= shared.config.dispatch.batch as usize {
+            // A backlog: claim the next batch at once.
+            continue;
+        }
         if worked > 0 {
-            // More may be due (the next in line for the keys just applied).
+            // More may be due (the next in line for the keys just applied) or arriving:
+            // let them gather, so that the next batch is claimed and recorded together.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(linger) => {}
+            }
             continue;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = shared.wake.notified() => {}
+            _ = shared.wake.notified() => {
+                // A new delivery: give the ones arriving with it the same batch.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(linger) => {}
+                }
+            }
             _ = tokio::time::sleep(shared.config.dispatch.poll_interval) => {}
         }
     }
@@ -166,30 +182,31 @@ async fn apply_one(shared: &Shared, d: Claimed) {
         None => Outcome::Dead("pending delivery without a command".to_owned()),
     };
     let now = now_ms();
-    let written = match outcome {
+    let id = d.id.clone();
+    let finished =
+        |state: State, reason: String, last_error: String, work_item: String| Attempted::Finished {
+            id: id.clone(),
+            state,
+            reason,
+            last_error,
+            at_ms: now,
+            work_item,
+        };
+    let record = match outcome {
         Outcome::Applied { reason, work_item } => {
             tracing::info!(%reason, %work_item, "delivery applied");
             shared.metrics.delivery(source, "applied");
-            inbox::finish(
-                &shared.db,
-                &d.id,
-                State::Applied,
-                &reason,
-                "",
-                now,
-                &work_item,
-            )
-            .await
+            finished(State::Applied, reason, String::new(), work_item)
         }
         Outcome::Ignored(reason) => {
             tracing::info!(%reason, "delivery ignored");
             shared.metrics.delivery(source, "ignored");
-            inbox::finish(&shared.db, &d.id, State::Ignored, &reason, "", now, "").await
+            finished(State::Ignored, reason, String::new(), String::new())
         }
         Outcome::Dead(reason) => {
             tracing::warn!(%reason, "delivery is a dead letter");
             shared.metrics.delivery(source, "dead");
-            inbox::finish(&shared.db, &d.id, State::Dead, &reason, &reason, now, "").await
+            finished(State::Dead, reason.clone(), reason, String::new())
         }
         Outcome::Failed { code, message } => {
             let error = format!("{code:?}: {message}");
@@ -199,24 +216,30 @@ async fn apply_one(shared: &Shared, d: Claimed) {
                     tracing::warn!(%error, "permanent error: delivery is a dead letter");
                     shared.metrics.delivery(source, "dead");
                     let reason = format!("permanent error {error}");
-                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, "").await
+                    finished(State::Dead, reason, error, String::new())
                 }
                 Retry::Retryable if attempt >= max => {
                     tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
                     shared.metrics.delivery(source, "dead");
                     let reason = format!("gave up after {attempt} attempts");
-                    inbox::finish(&shared.db, &d.id, State::Dead, &reason, &error, now, "").await
+                    finished(State::Dead, reason, error, String::new())
                 }
                 Retry::Retryable => {
                     let delay = shared.config.dispatch.backoff(attempt);
                     tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "delivery will be retried");
                     shared.metrics.delivery(source, "retried");
                     let at = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-                    inbox::retry_at(&shared.db, &d.id, at, &error).await
+                    Attempted::Retry {
+                        id: d.id.clone(),
+                        next_attempt_at_ms: at,
+                        last_error: error,
+                    }
                 }
             }
         }
     };
+    // Recorded with the outcomes of the attempts that end alongside (group commit).
+    let written = shared.outcome_writer.write(record).await;
     if let Err(e) = written {
         // The claim's lease runs out and the delivery is tried again: at least once.
         tracing::warn!(error = %e, "could not record the delivery's outcome");

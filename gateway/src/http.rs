@@ -240,23 +240,24 @@ async fn accept(
     for b in digest {
         let _ = write!(body_sha256, "{b:02x}");
     }
-    let stored = inbox::insert(
-        &shared.db,
-        &NewDelivery {
+    // Committed together with the deliveries that arrive alongside (group commit); the
+    // answer waits for that commit.
+    let stored = shared
+        .inbox_writer
+        .write(NewDelivery {
             source: source.name,
-            delivery_id,
-            body_sha256: &body_sha256,
-            event,
-            action: &action.chars().take(64).collect::<String>(),
+            delivery_id: delivery_id.to_owned(),
+            body_sha256,
+            event: event.to_owned(),
+            action: action.chars().take(64).collect(),
             state,
-            reason: &reason,
+            reason: reason.clone(),
             command,
-            ordering_key,
-            body: text,
+            ordering_key: ordering_key.to_owned(),
+            body: text.to_owned(),
             now_ms: now_ms(),
-        },
-    )
-    .await?;
+        })
+        .await?;
 
     Ok(match stored {
         Stored::New { id } => {

@@ -40,17 +40,17 @@ impl State {
 
 /// A verified delivery, about to be stored.
 #[derive(Debug, Clone)]
-pub struct NewDelivery<'a> {
+pub struct NewDelivery {
     pub source: &'static str,
-    pub delivery_id: &'a str,
-    pub body_sha256: &'a str,
-    pub event: &'a str,
-    pub action: &'a str,
+    pub delivery_id: String,
+    pub body_sha256: String,
+    pub event: String,
+    pub action: String,
     pub state: State,
-    pub reason: &'a str,
+    pub reason: String,
     pub command: Option<String>,
-    pub ordering_key: &'a str,
-    pub body: &'a str,
+    pub ordering_key: String,
+    pub body: String,
     pub now_ms: i64,
 }
 
@@ -68,51 +68,97 @@ pub enum Stored {
 }
 
 /// Stores a delivery unless it is already there. The row is committed when this returns.
-pub async fn insert(db: &Db, d: &NewDelivery<'_>) -> Result<Stored, sqlx::Error> {
-    let id = uuid::Uuid::now_v7().to_string();
-    let finished = if d.state == State::Pending {
-        0
-    } else {
-        d.now_ms
-    };
-    let done = sqlx::query(
+pub async fn insert(db: &Db, d: &NewDelivery) -> Result<Stored, sqlx::Error> {
+    let mut stored = insert_many(db, std::slice::from_ref(d)).await?;
+    Ok(stored.remove(0))
+}
+
+/// Deliveries written in one statement at most (17 binds each).
+pub const MAX_BATCH: usize = 64;
+
+/// Stores each delivery unless it is already there, in ONE statement (one commit);
+/// returns what happened to each, in order. Of two deliveries in one call that are the
+/// same (delivery id or body), the first is stored and the second is its duplicate.
+pub async fn insert_many(db: &Db, batch: &[NewDelivery]) -> Result<Vec<Stored>, sqlx::Error> {
+    const COLS: usize = 17;
+    let ids: Vec<String> = batch
+        .iter()
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    let sql = format!(
         "INSERT INTO webhook_inbox (id, source, delivery_id, body_sha256, event, action, state, \
          reason, command, ordering_key, work_item, body, attempts, next_attempt_at_ms, \
-         last_error, received_at_ms, finished_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', $11, 0, $12, '', $12, $13) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&id)
-    .bind(d.source)
-    .bind(d.delivery_id)
-    .bind(d.body_sha256)
-    .bind(d.event)
-    .bind(d.action)
-    .bind(d.state.as_str())
-    .bind(d.reason)
-    .bind(d.command.as_deref())
-    .bind(d.ordering_key)
-    .bind(d.body)
-    .bind(d.now_ms)
-    .bind(finished)
-    .execute(&db.pool)
-    .await?;
-    if done.rows_affected() == 1 {
-        return Ok(Stored::New { id });
+         last_error, received_at_ms, finished_at_ms) VALUES {} \
+         ON CONFLICT DO NOTHING RETURNING id",
+        db.backend.values_rows(batch.len(), COLS)
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (id, d) in ids.iter().zip(batch) {
+        let finished = if d.state == State::Pending {
+            0
+        } else {
+            d.now_ms
+        };
+        q = q
+            .bind(id.as_str())
+            .bind(d.source)
+            .bind(d.delivery_id.as_str())
+            .bind(d.body_sha256.as_str())
+            .bind(d.event.as_str())
+            .bind(d.action.as_str())
+            .bind(d.state.as_str())
+            .bind(d.reason.as_str())
+            .bind(d.command.as_deref())
+            .bind(d.ordering_key.as_str())
+            .bind("")
+            .bind(d.body.as_str())
+            .bind(0_i64)
+            .bind(d.now_ms)
+            .bind("")
+            .bind(d.now_ms)
+            .bind(finished);
     }
-    let row = sqlx::query(
-        "SELECT id, state FROM webhook_inbox \
-         WHERE source = $1 AND (delivery_id = $2 OR body_sha256 = $3) ORDER BY id LIMIT 1",
-    )
-    .bind(d.source)
-    .bind(d.delivery_id)
-    .bind(d.body_sha256)
-    .fetch_one(&db.pool)
-    .await?;
-    Ok(Stored::Duplicate {
-        id: row.try_get("id")?,
-        state: State::parse(&row.try_get::<String, _>("state")?),
-    })
+    let rows = q.fetch_all(&db.pool).await?;
+    let inserted: std::collections::HashSet<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()?;
+    let mut out = Vec::with_capacity(batch.len());
+    for (id, d) in ids.into_iter().zip(batch) {
+        if inserted.contains(&id) {
+            out.push(Stored::New { id });
+            continue;
+        }
+        // A redelivery: rare, so one more statement is fine.
+        let row = sqlx::query(
+            "SELECT id, state FROM webhook_inbox \
+             WHERE source = $1 AND (delivery_id = $2 OR body_sha256 = $3) ORDER BY id LIMIT 1",
+        )
+        .bind(d.source)
+        .bind(d.delivery_id.as_str())
+        .bind(d.body_sha256.as_str())
+        .fetch_one(&db.pool)
+        .await?;
+        out.push(Stored::Duplicate {
+            id: row.try_get("id")?,
+            state: State::parse(&row.try_get::<String, _>("state")?),
+        });
+    }
+    Ok(out)
+}
+
+/// The group commit of the webhook handlers: the deliveries that arrive together are
+/// written by one statement ([`insert_many`]) and each sender's 2xx waits for its commit.
+#[derive(Debug)]
+pub struct InboxWriter(pub Db);
+
+impl orchestrator_kit::group_commit::BatchWrite for InboxWriter {
+    type Item = NewDelivery;
+    type Output = Stored;
+
+    async fn write(&self, batch: &[NewDelivery]) -> Result<Vec<Stored>, sqlx::Error> {
+        insert_many(&self.0, batch).await
+    }
 }
 
 /// A pending delivery claimed for one attempt.
@@ -168,49 +214,108 @@ pub async fn claim_due(
         .collect()
 }
 
-/// Ends a pending delivery as applied, ignored or dead, with the work item key it
-/// concerns when one is known ('' otherwise).
-pub async fn finish(
-    db: &Db,
-    id: &str,
-    state: State,
-    reason: &str,
-    last_error: &str,
-    now_ms: i64,
-    work_item: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE webhook_inbox SET state = $1, reason = $2, last_error = $3, finished_at_ms = $4, \
-         work_item = $5 WHERE id = $6 AND state = 'pending'",
-    )
-    .bind(state.as_str())
-    .bind(reason)
-    .bind(last_error)
-    .bind(now_ms)
-    .bind(work_item)
-    .bind(id)
-    .execute(&db.pool)
-    .await?;
-    Ok(())
+/// What one attempt leaves in the inbox. Both change only a delivery that is still
+/// pending, so recording an outcome twice changes nothing the second time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempted {
+    /// Ends the delivery as applied, ignored or dead, with the work item key it concerns
+    /// when one is known ('' otherwise).
+    Finished {
+        id: String,
+        state: State,
+        reason: String,
+        last_error: String,
+        at_ms: i64,
+        work_item: String,
+    },
+    /// Puts the delivery back in line for another attempt at `next_attempt_at_ms`.
+    Retry {
+        id: String,
+        next_attempt_at_ms: i64,
+        last_error: String,
+    },
 }
 
-/// Puts a delivery back in line for another attempt at `next_attempt_at_ms`.
-pub async fn retry_at(
-    db: &Db,
-    id: &str,
-    next_attempt_at_ms: i64,
-    last_error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE webhook_inbox SET next_attempt_at_ms = $1, last_error = $2 \
-         WHERE id = $3 AND state = 'pending'",
-    )
-    .bind(next_attempt_at_ms)
-    .bind(last_error)
-    .bind(id)
-    .execute(&db.pool)
-    .await?;
-    Ok(())
+/// Records attempts' outcomes, at most one statement for the finished ones and one for
+/// the retried ones (`UPDATE ... FROM (VALUES ...)`, whose columns are `column1`, ... on
+/// both backends).
+pub async fn record_many(db: &Db, outcomes: &[Attempted]) -> Result<Vec<()>, sqlx::Error> {
+    let finished: Vec<&Attempted> = outcomes
+        .iter()
+        .filter(|o| matches!(o, Attempted::Finished { .. }))
+        .collect();
+    let retried: Vec<&Attempted> = outcomes
+        .iter()
+        .filter(|o| matches!(o, Attempted::Retry { .. }))
+        .collect();
+    if !finished.is_empty() {
+        let sql = format!(
+            "UPDATE webhook_inbox SET state = v.column2, reason = v.column3, \
+             last_error = v.column4, finished_at_ms = v.column5, work_item = v.column6 \
+             FROM (VALUES {}) AS v \
+             WHERE webhook_inbox.id = v.column1 AND webhook_inbox.state = 'pending'",
+            db.backend.values_rows(finished.len(), 6)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for o in finished {
+            if let Attempted::Finished {
+                id,
+                state,
+                reason,
+                last_error,
+                at_ms,
+                work_item,
+            } = o
+            {
+                q = q
+                    .bind(id.as_str())
+                    .bind(state.as_str())
+                    .bind(reason.as_str())
+                    .bind(last_error.as_str())
+                    .bind(*at_ms)
+                    .bind(work_item.as_str());
+            }
+        }
+        q.execute(&db.pool).await?;
+    }
+    if !retried.is_empty() {
+        let sql = format!(
+            "UPDATE webhook_inbox SET next_attempt_at_ms = v.column2, last_error = v.column3 \
+             FROM (VALUES {}) AS v \
+             WHERE webhook_inbox.id = v.column1 AND webhook_inbox.state = 'pending'",
+            db.backend.values_rows(retried.len(), 3)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for o in retried {
+            if let Attempted::Retry {
+                id,
+                next_attempt_at_ms,
+                last_error,
+            } = o
+            {
+                q = q
+                    .bind(id.as_str())
+                    .bind(*next_attempt_at_ms)
+                    .bind(last_error.as_str());
+            }
+        }
+        q.execute(&db.pool).await?;
+    }
+    Ok(vec![(); outcomes.len()])
+}
+
+/// The group commit of the dispatcher: the outcomes of the attempts that end together are
+/// recorded by [`record_many`].
+#[derive(Debug)]
+pub struct OutcomeWriter(pub Db);
+
+impl orchestrator_kit::group_commit::BatchWrite for OutcomeWriter {
+    type Item = Attempted;
+    type Output = ();
+
+    async fn write(&self, outcomes: &[Attempted]) -> Result<Vec<()>, sqlx::Error> {
+        record_many(&self.0, outcomes).await
+    }
 }
 
 /// Deliveries by state, and the oldest pending one.

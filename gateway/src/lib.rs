@@ -27,6 +27,7 @@ use std::sync::Arc;
 use axum::Router;
 use orchestrator_kit::Db;
 use orchestrator_kit::clients::Clients;
+use orchestrator_kit::group_commit::GroupWriter;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
@@ -40,6 +41,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// What the handlers and the dispatcher share.
 pub(crate) struct Shared {
     pub(crate) db: Db,
+    /// Stores the verified deliveries, those that arrive together in one statement.
+    pub(crate) inbox_writer: GroupWriter<inbox::InboxWriter>,
+    /// Records the dispatcher's outcomes, those that end together in one statement.
+    pub(crate) outcome_writer: GroupWriter<inbox::OutcomeWriter>,
     pub(crate) config: GatewayConfig,
     pub(crate) clients: Clients,
     pub(crate) metrics: metrics::Metrics,
@@ -56,10 +61,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Builds the gateway; must be called inside a tokio runtime (it starts the inbox's
+    /// writer tasks, which end with the last clone).
     pub fn new(db: Db, config: GatewayConfig, clients: Clients) -> Self {
         let limiter = Arc::new(Semaphore::new(config.max_concurrent_requests));
         Gateway {
             shared: Arc::new(Shared {
+                inbox_writer: GroupWriter::spawn(inbox::InboxWriter(db.clone()), inbox::MAX_BATCH),
+                outcome_writer: GroupWriter::spawn(
+                    inbox::OutcomeWriter(db.clone()),
+                    inbox::MAX_BATCH,
+                ),
                 db,
                 config,
                 clients,

@@ -50,6 +50,7 @@ pub fn test_config() -> GatewayConfig {
         poll_interval: Duration::from_millis(10),
         batch: 16,
         claim_lease: Duration::from_secs(5),
+        linger: Duration::ZERO,
     };
     c
 }
@@ -713,7 +714,153 @@ async fn an_unreachable_stage_engine_is_retried(storage: TestStorage) {
     assert!(d.last_error.starts_with("Unavailable"), "{d:?}");
 }
 
+fn new_delivery(delivery_id: &str, body: &str) -> inbox::NewDelivery {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(body.as_bytes());
+    inbox::NewDelivery {
+        source: "plane",
+        delivery_id: delivery_id.to_owned(),
+        body_sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        event: "issue".to_owned(),
+        action: "created".to_owned(),
+        state: inbox::State::Pending,
+        reason: String::new(),
+        command: Some(
+            r#"{"rpc":"OnPrMerged","repo":"a/b","branch":"x","pr_number":1,"merge_sha":""}"#
+                .to_owned(),
+        ),
+        ordering_key: format!("plane:{delivery_id}"),
+        body: body.to_owned(),
+        now_ms: 1_000,
+    }
+}
+
+/// Deliveries written together in one statement are each stored once, a duplicate within
+/// the same statement included; outcomes recorded together change only pending rows.
+async fn a_batch_stores_each_delivery_once_and_records_outcomes_together(storage: TestStorage) {
+    let gw = gateway(&storage, test_config(), &closed_port_url().await).await;
+    let db = gw.db();
+    let batch = [
+        new_delivery("a", r#"{"n":1}"#),
+        new_delivery("a", r#"{"n":2}"#),
+        new_delivery("c", r#"{"n":1}"#),
+        new_delivery("d", r#"{"n":4}"#),
+    ];
+    let stored = inbox::insert_many(db, &batch).await.expect("insert");
+    let inbox::Stored::New { id: a } = &stored[0] else {
+        panic!("{stored:?}");
+    };
+    let dup = inbox::Stored::Duplicate {
+        id: a.clone(),
+        state: inbox::State::Pending,
+    };
+    assert_eq!(stored[1], dup, "same delivery id in the same batch");
+    assert_eq!(stored[2], dup, "same body in the same batch");
+    let inbox::Stored::New { id: d } = &stored[3] else {
+        panic!("{stored:?}");
+    };
+    assert_eq!(total_rows(&gw).await, 2);
+    // Again, alone: a duplicate.
+    assert_eq!(
+        inbox::insert(db, &batch[3]).await.expect("again"),
+        inbox::Stored::Duplicate {
+            id: d.clone(),
+            state: inbox::State::Pending
+        }
+    );
+
+    let outcomes = [
+        inbox::Attempted::Finished {
+            id: a.clone(),
+            state: inbox::State::Applied,
+            reason: "done".into(),
+            last_error: String::new(),
+            at_ms: 2_000,
+            work_item: "PROJ-1".into(),
+        },
+        inbox::Attempted::Retry {
+            id: d.clone(),
+            next_attempt_at_ms: 9_000,
+            last_error: "Unavailable: down".into(),
+        },
+    ];
+    inbox::record_many(db, &outcomes).await.expect("record");
+    // A late outcome for a finished delivery changes nothing.
+    inbox::record_many(
+        db,
+        &[inbox::Attempted::Finished {
+            id: a.clone(),
+            state: inbox::State::Dead,
+            reason: "late".into(),
+            last_error: "late".into(),
+            at_ms: 3_000,
+            work_item: String::new(),
+        }],
+    )
+    .await
+    .expect("record");
+    let a_row = inbox::get(db, "plane", "a").await.expect("get").expect("a");
+    assert_eq!(
+        (
+            a_row.state,
+            a_row.reason.as_str(),
+            a_row.work_item.as_str(),
+            a_row.finished_at_ms
+        ),
+        ("applied", "done", "PROJ-1", 2_000)
+    );
+    let d_row = inbox::get(db, "plane", "d").await.expect("get").expect("d");
+    assert_eq!(
+        (
+            d_row.state,
+            d_row.next_attempt_at_ms,
+            d_row.last_error.as_str()
+        ),
+        ("pending", 9_000, "Unavailable: down")
+    );
+}
+
+/// Many senders at once (their deliveries share statements): every new delivery is 202
+/// and stored once, every repeat is a duplicate of it.
+async fn concurrent_deliveries_are_each_stored_once(storage: TestStorage) {
+    let gw = gateway(&storage, test_config(), &closed_port_url().await).await;
+    let template: Value =
+        serde_json::from_slice(&wire_body("plane-webhook-issue-created.json")).expect("json");
+    let mut sends = Vec::new();
+    for i in 0..120_u32 {
+        // 40 distinct issues, each delivered three times: twice under the same id, once
+        // resent under a new one.
+        let n = i % 40;
+        let mut body = template.clone();
+        body["data"]["id"] = Value::from(format!("00000000-0000-4000-8000-{n:012}"));
+        let body = serde_json::to_vec(&body).expect("json");
+        let delivery = if i < 80 {
+            format!("c-{n}")
+        } else {
+            format!("c-{n}-resent")
+        };
+        let gw = gw.clone();
+        sends.push(tokio::spawn(async move {
+            send(&gw, hook("plane", "issue", "", &delivery, &body, Sig::Good)).await
+        }));
+    }
+    let mut accepted = 0;
+    let mut duplicates = 0;
+    for s in sends {
+        let (status, v) = s.await.expect("join");
+        match (status, v["status"].as_str()) {
+            (StatusCode::ACCEPTED, Some("accepted")) => accepted += 1,
+            (StatusCode::OK, Some("duplicate")) => duplicates += 1,
+            other => panic!("{other:?}: {v}"),
+        }
+    }
+    assert_eq!((accepted, duplicates), (40, 80));
+    assert_eq!(total_rows(&gw).await, 40);
+}
+
 on_both_backends!(
+    a_batch_stores_each_delivery_once_and_records_outcomes_together,
+    concurrent_deliveries_are_each_stored_once,
     every_sample_signed_is_stored_once_and_a_redelivery_changes_nothing,
     mis_signed_and_unsigned_deliveries_are_refused_and_nothing_is_stored,
     deliveries_made_while_stage_engine_is_down_are_applied_exactly_once_when_it_is_back,
