@@ -256,7 +256,10 @@ async fn in_the_stack_a_signed_delivery_reaches_stage_engine_and_is_never_lost(
         assert!(q[part].is_object(), "{part}: {q}");
     }
     let errors = plane.errors.lock().expect("lock").clone();
-    assert!(errors.is_empty(), "requests off the Plane contract: {errors:#?}");
+    assert!(
+        errors.is_empty(),
+        "requests off the Plane contract: {errors:#?}"
+    );
 }
 
 on_both_backends!(in_the_stack_a_signed_delivery_reaches_stage_engine_and_is_never_lost);
