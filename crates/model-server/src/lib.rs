@@ -7,7 +7,9 @@
 //! - `POST /v1/messages` answers a streamed (SSE) turn. Each turn of the agent loop writes
 //!   ONE file of the stage's artifacts with a `tool_use` block of the `Write` tool; once
 //!   every file was written (as many `tool_result` blocks in the conversation as files),
-//!   it answers text with `end_turn`;
+//!   it answers text with `end_turn`. In `deploy` the first turn is a `Bash` tool use of
+//!   `git rev-parse HEAD`, and `deploy.md` carries the commit it answered as
+//!   `deployed_sha:` (the CLI needs `--allowedTools 'Bash(git rev-parse:*)'` for it);
 //! - which files: the work item key and the stage are read from the conversation
 //!   (`work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`, as the launcher's
 //!   prompt carries them), the checkout from the CLI's system prompt
@@ -284,9 +286,14 @@ pub enum Turn {
         file_path: String,
         content: String,
     },
+    /// `tool_use` of `Bash` running `command`, `stop_reason: tool_use`.
+    Bash { id: String, command: String },
     /// Text, `stop_reason: end_turn`.
     Text(String),
 }
+
+/// What the deployer runs first in `deploy`: the commit it deploys, for `deployed_sha:`.
+pub const HEAD_COMMAND: &str = "git rev-parse HEAD";
 
 /// A file the model writes: path relative to the checkout, and content.
 pub type Artifact = (String, String);
@@ -446,6 +453,34 @@ pub fn working_directory(texts: &[String]) -> Option<String> {
     None
 }
 
+/// The first full commit id (40 hex digits) in a `tool_result` of the conversation.
+fn commit_in_tool_results(request: &Value) -> Option<String> {
+    let msgs = request["messages"].as_array()?;
+    let mut texts = Vec::new();
+    for b in msgs
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|b| b["type"] == "tool_result")
+    {
+        match &b["content"] {
+            Value::String(s) => texts.push(s.clone()),
+            Value::Array(inner) => texts.extend(
+                inner
+                    .iter()
+                    .filter_map(|i| i["text"].as_str().map(str::to_owned)),
+            ),
+            _ => {}
+        }
+    }
+    texts.iter().find_map(|t| {
+        t.split(|c: char| !c.is_ascii_hexdigit())
+            .find(|w| w.len() == 40)
+            .map(str::to_owned)
+    })
+}
+
 fn tool_results(request: &Value) -> usize {
     request["messages"]
         .as_array()
@@ -493,10 +528,25 @@ pub fn decide_with(
         return Turn::Text(format!("{stage} of {key} looks done to me."));
     }
     let done = tool_results(request);
-    // The verdict is written on the run's first turn: that is where the run decides.
-    let negative = done == 0 && has_verdict(&stage) && rejects(&key, &stage);
-    let files = artifacts_with(&key, &stage, negative);
-    match files.get(done) {
+    // In `deploy` the deployer first asks git which commit it deploys (`deployed_sha:`,
+    // which PostDeploy.Arm needs), as a real model would with the Bash tool.
+    let asks_head = stage == "deploy";
+    if asks_head && done == 0 {
+        return Turn::Bash {
+            id: "toolu_scripted_head".to_owned(),
+            command: HEAD_COMMAND.to_owned(),
+        };
+    }
+    let written = done - usize::from(asks_head);
+    // The verdict is written on the run's first writing turn: that is where the run decides.
+    let negative = written == 0 && has_verdict(&stage) && rejects(&key, &stage);
+    let mut files = artifacts_with(&key, &stage, negative);
+    if asks_head && let Some(sha) = commit_in_tool_results(request) {
+        for (_, content) in &mut files {
+            *content = content.replacen("---\n", &format!("---\ndeployed_sha: {sha}\n"), 1);
+        }
+    }
+    match files.get(written) {
         Some((path, content)) => {
             let file_path = match working_directory(&texts) {
                 Some(dir) => format!("{}/{path}", dir.trim_end_matches('/')),
@@ -518,6 +568,7 @@ pub fn decide_with(
 fn usage(turn: &Turn) -> (Value, u64) {
     let out = match turn {
         Turn::Write { content, .. } => 40 + content.len() as u64 / 4,
+        Turn::Bash { command, .. } => 30 + command.len() as u64 / 4,
         Turn::Text(t) => 10 + t.len() as u64 / 4,
     };
     (
@@ -529,6 +580,27 @@ fn usage(turn: &Turn) -> (Value, u64) {
         }),
         out,
     )
+}
+
+/// A tool-use turn as (id, tool name, input); `None` for text.
+fn tool_use(turn: &Turn) -> Option<(&str, &'static str, Value)> {
+    match turn {
+        Turn::Write {
+            id,
+            file_path,
+            content,
+        } => Some((
+            id,
+            "Write",
+            json!({"file_path": file_path, "content": content}),
+        )),
+        Turn::Bash { id, command } => Some((
+            id,
+            "Bash",
+            json!({"command": command, "description": "The commit being deployed"}),
+        )),
+        Turn::Text(_) => None,
+    }
 }
 
 fn event(name: &str, data: &Value) -> String {
@@ -545,18 +617,14 @@ pub fn sse(turn: &Turn) -> String {
             "content": [], "stop_reason": null, "stop_sequence": null, "usage": start_usage
         }}),
     );
-    let stop_reason = match turn {
-        Turn::Write {
-            id,
-            file_path,
-            content,
-        } => {
+    let stop_reason = match tool_use(turn) {
+        Some((id, name, input)) => {
             s += &event(
                 "content_block_start",
                 &json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "tool_use", "id": id, "name": "Write", "input": {}}}),
+                    "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
             );
-            let input = json!({"file_path": file_path, "content": content}).to_string();
+            let input = input.to_string();
             // Streamed in pieces, as the API does: the client must join them.
             let cut = input
                 .char_indices()
@@ -572,7 +640,11 @@ pub fn sse(turn: &Turn) -> String {
             }
             "tool_use"
         }
-        Turn::Text(text) => {
+        None => {
+            let text = match turn {
+                Turn::Text(t) => t.as_str(),
+                _ => "",
+            };
             s += &event(
                 "content_block_start",
                 &json!({"type": "content_block_start", "index": 0,
@@ -604,17 +676,13 @@ pub fn sse(turn: &Turn) -> String {
 pub fn message_json(turn: &Turn) -> Value {
     let (mut usage, out) = usage(turn);
     usage["output_tokens"] = json!(out);
-    let (content, stop) = match turn {
-        Turn::Write {
-            id,
-            file_path,
-            content,
-        } => (
-            json!([{"type": "tool_use", "id": id, "name": "Write",
-                "input": {"file_path": file_path, "content": content}}]),
+    let (content, stop) = match (tool_use(turn), turn) {
+        (Some((id, name, input)), _) => (
+            json!([{"type": "tool_use", "id": id, "name": name, "input": input}]),
             "tool_use",
         ),
-        Turn::Text(t) => (json!([{"type": "text", "text": t}]), "end_turn"),
+        (None, Turn::Text(t)) => (json!([{"type": "text", "text": t}]), "end_turn"),
+        (None, _) => (json!([]), "end_turn"),
     };
     json!({"id": "msg_scripted", "type": "message", "role": "assistant", "model": MODEL,
         "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage})

@@ -276,3 +276,53 @@ async fn over_http_it_answers_hello_404_streams_turns_and_fails_on_demand() {
     assert_eq!(server.control.failures_answered(), 3);
     assert_eq!(server.control.turns_answered(), 3);
 }
+
+#[test]
+fn in_deploy_the_model_asks_git_for_the_head_then_writes_it_as_deployed_sha() {
+    let prompt = "work_item: ORCH-3\nstage: deploy";
+    let first = decide(Scenario::WriteArtifacts, &request(prompt, 0));
+    assert_eq!(
+        first,
+        Turn::Bash {
+            id: "toolu_scripted_head".into(),
+            command: HEAD_COMMAND.into()
+        }
+    );
+    let ev = events(&sse(&first));
+    assert_eq!(ev[1].1["content_block"]["name"], "Bash");
+    let joined: String = ev[2..4]
+        .iter()
+        .map(|(_, d)| d["delta"]["partial_json"].as_str().expect("partial_json"))
+        .collect();
+    let input: Value = serde_json::from_str(&joined).expect("input");
+    assert_eq!(input["command"], HEAD_COMMAND);
+
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let mut r = request(prompt, 0);
+    let msgs = r["messages"].as_array_mut().expect("messages");
+    msgs.push(json!({"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_scripted_head", "name": "Bash", "input": {"command": HEAD_COMMAND}}]}));
+    msgs.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_scripted_head", "content": format!("{sha}\n")}]}));
+    match decide(Scenario::WriteArtifacts, &r) {
+        Turn::Write {
+            file_path, content, ..
+        } => {
+            assert_eq!(file_path, "/srv/co/docs/work-items/ORCH-3/deploy.md");
+            assert!(
+                content.starts_with(&format!(
+                    "---\ndeployed_sha: {sha}\nwork_item: ORCH-3\ndeploy_status: SUCCESS\n"
+                )),
+                "{content}"
+            );
+        }
+        t => panic!("{t:?}"),
+    }
+    // Both tool results in: the turn ends.
+    let mut r2 = r.clone();
+    let msgs = r2["messages"].as_array_mut().expect("messages");
+    msgs.push(json!({"role": "assistant", "content": [{"type": "tool_use", "id": "t9", "name": "Write", "input": {}}]}));
+    msgs.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t9", "content": "File created successfully"}]}));
+    assert!(matches!(
+        decide(Scenario::WriteArtifacts, &r2),
+        Turn::Text(_)
+    ));
+}
