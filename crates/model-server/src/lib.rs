@@ -10,10 +10,11 @@
 //!   it answers text with `end_turn`. In `deploy` the first turn is a `Bash` tool use of
 //!   `git rev-parse HEAD`, and `deploy.md` carries the commit it answered as
 //!   `deployed_sha:` (the CLI needs `--allowedTools 'Bash(git rev-parse:*)'` for it);
-//! - which files: the work item key and the stage are read from the conversation
-//!   (`work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`, as the launcher's
-//!   prompt carries them), the checkout from the CLI's system prompt
-//!   (`Primary working directory: ...`) so the `Write` paths are absolute;
+//! - which files: the work item key and the stage are read from the conversation: the
+//!   launcher's task lines (`- Work item: KEY — title`, `- Stage: STAGE`), else
+//!   `work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`; the checkout from the
+//!   CLI's system prompt (`Primary working directory: ...`) so the `Write` paths are
+//!   absolute;
 //! - on demand ([`Control`]) it answers 429 (with `retry-after`), 529, 401 or the spend
 //!   limit instead, for the storm tests;
 //! - the [`Scenario::LazyUntilStopHook`] scenario first ends its turn WITHOUT writing,
@@ -516,8 +517,10 @@ pub fn decide_with(
     }
     let texts = texts(request);
     let all = texts.join("\n");
-    let key = field(&all, "work_item");
-    let stage = field(&all, "stage");
+    // The launcher's task lines first (`- Work item: KEY — title`, `- Stage: STAGE`): the
+    // role prompt before them holds placeholders and headings such as `Your stage: ...`.
+    let key = field(&all, "- Work item").or_else(|| field(&all, "work_item"));
+    let stage = field(&all, "- Stage").or_else(|| field(&all, "stage"));
     let (Some(key), Some(stage)) = (key, stage) else {
         return Turn::Text(
             "The scripted model found no `work_item:` and `stage:` in the prompt; nothing written."

@@ -326,3 +326,16 @@ fn in_deploy_the_model_asks_git_for_the_head_then_writes_it_as_deployed_sha() {
         Turn::Text(_)
     ));
 }
+
+#[test]
+fn the_launchers_prompt_names_the_work_item_and_the_stage() {
+    // A role prompt (placeholders, another stage named in a heading), then the launcher's
+    // task lines, as services/launcher/src/run.rs writes them.
+    let prompt = "You are the deployer.\n- `work_item: <KEY>` is REQUIRED.\n## Your stage: deploy-staging\n\n---\n\n# Your task\n\n- Work item: ORCH-12 — Speed up start-up\n- Stage: review\n- Repository: acme/app (branch `orch/ORCH-12`, base `main`); you are in its checkout.\n";
+    match decide(Scenario::WriteArtifacts, &request(prompt, 0)) {
+        Turn::Write { file_path, .. } => {
+            assert_eq!(file_path, "/srv/co/docs/work-items/ORCH-12/review.md")
+        }
+        t => panic!("{t:?}"),
+    }
+}
