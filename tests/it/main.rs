@@ -5,6 +5,7 @@ mod common;
 
 mod auth;
 mod deploy;
+mod e2e;
 mod gateway;
 mod item;
 mod launcher;
