@@ -11,6 +11,7 @@ mod launcher;
 mod merge_gate;
 mod post_deploy;
 mod process;
+mod qg_hook;
 mod real_cli;
 mod scripted_agent;
 mod stage_engine;

@@ -815,7 +815,9 @@ pub fn claude_cli_or_skip(test: &str) -> Option<std::path::PathBuf> {
                 std::env::var_os("ORCH_REQUIRE_CLAUDE_CLI").is_none(),
                 "{test}: ORCH_REQUIRE_CLAUDE_CLI is set but {why}"
             );
-            eprintln!("SKIPPED {test}: {why}");
+            // Straight to stderr, past the test harness's capture: a skip is never silent.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
             None
         }
     }
