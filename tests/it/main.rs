@@ -13,6 +13,7 @@ mod merge_gate;
 mod post_deploy;
 mod process;
 mod procs;
+mod qg_hook;
 mod real_cli;
 mod scripted_agent;
 mod stage_engine;
