@@ -28,7 +28,7 @@ use orchestrator_proto::stage_engine::v1::{
 };
 use orchestrator_proto::usage_ledger::v1::WorkItemSummaryRequest;
 use orchestrator_testkit::TestStorage;
-use orchestrator_testkit::procs::ProcStack;
+use orchestrator_testkit::procs::{ProcStack, launcher_name};
 use serde_json::Value;
 
 const REPO: &str = "acme/app";
@@ -725,4 +725,197 @@ async fn a_rate_limit_storm_backs_off_and_opens_the_breaker() {
     assert!(analyst.attempt >= 3, "{analyst:?}");
     e.plane.check();
     e.gitea.check();
+}
+
+/// Runs `grpcurl -plaintext <flags> <addr> <rest>`; returns stdout, or fails with stderr.
+fn grpcurl(flags: &[&str], addr: &str, rest: &[&str]) -> String {
+    let out = std::process::Command::new("grpcurl")
+        .arg("-plaintext")
+        .args(flags)
+        .arg(addr)
+        .args(rest)
+        .output()
+        .expect("grpcurl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "grpcurl {flags:?} {addr} {rest:?}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The real grpcurl against every service of a running multi-process stack (through
+/// server reflection, no .proto file): `list`, `describe` of the service, and one read RPC
+/// each, whose JSON shows what the stack holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grpcurl_lists_describes_and_reads_every_service() {
+    const TEST: &str = "e2e::grpcurl_lists_describes_and_reads_every_service";
+    if std::process::Command::new("grpcurl")
+        .arg("-version")
+        .output()
+        .is_err()
+    {
+        orchestrator_testkit::skip(TEST, "grpcurl is not on PATH (scripts/test installs it)");
+        return;
+    }
+    let Some(storage) = TestStorage::postgres(TEST).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agents = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/agents");
+    let agents = agents.display().to_string();
+    let targets =
+        serde_json::json!({ REPO: { "health_url": "http://127.0.0.1:9/healthz" } }).to_string();
+    let gitea = FakeGitea::start(&dir.path().join("gitea")).await;
+    gitea.add_user("orchestrator", Some(GITEA_TOKEN));
+    gitea.create_repo(REPO).await;
+    let (mut stack, clients) = crate::procs::start(
+        &storage,
+        dir.path(),
+        1,
+        &[
+            ("GITEA_BASE_URL", &gitea.url),
+            ("GITEA_TOKEN", GITEA_TOKEN),
+            // The analyst "runs" for a while: the queue has something to show.
+            ("ORCH_AGENT_COMMAND", "sleep 120"),
+            ("ORCH_LAUNCHER_GIT", "false"),
+            ("ORCH_QG_HOOK_ENABLED", "false"),
+            ("ORCH_AGENTS_DIR", &agents),
+            ("ORCH_LAUNCHER_POLL_MS", "100"),
+            ("ORCH_OUTBOX_POLL_MS", "100"),
+            ("ORCH_POST_DEPLOY_REPOS", REPO),
+            ("ORCH_POST_DEPLOY_TARGETS_JSON", &targets),
+        ],
+    )
+    .await;
+    // Something to read in every service.
+    clients
+        .stage_engine
+        .clone()
+        .create_work_item(CreateWorkItemRequest {
+            tracker_issue_id: "GRPC-1".into(),
+            key: "GRPC-1".into(),
+            title: "Read me with grpcurl".into(),
+            repo: REPO.into(),
+            ..CreateWorkItemRequest::default()
+        })
+        .await
+        .expect("create");
+    clients
+        .merge_gate
+        .clone()
+        .acquire_lease(AcquireLeaseRequest {
+            repo: REPO.into(),
+            holder_job_id: "grpcurl-test".into(),
+            instance_id: "e2e".into(),
+            pid: i64::from(std::process::id()),
+            ttl_s: 600,
+        })
+        .await
+        .expect("lease");
+    clients
+        .post_deploy
+        .clone()
+        .arm(orchestrator_proto::post_deploy::v1::ArmRequest {
+            work_item: "GRPC-1".into(),
+            repo: REPO.into(),
+            deployed_sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            previous_sha: String::new(),
+        })
+        .await
+        .expect("arm");
+    let start = Instant::now();
+    loop {
+        let snap = clients
+            .launcher
+            .clone()
+            .queue_snapshot(QueueSnapshotRequest {})
+            .await
+            .expect("snapshot")
+            .into_inner();
+        if snap.llm_running == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < STEP,
+            "the analyst never started: {snap:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let reads: [(ServiceName, &str, &str); 6] = [
+        (ServiceName::StageEngine, "ListWorkItems", "{}"),
+        (ServiceName::Launcher, "QueueSnapshot", "{}"),
+        (ServiceName::Reaper, "Snapshot", "{}"),
+        (ServiceName::MergeGate, "ListLeases", "{}"),
+        (
+            ServiceName::PostDeploy,
+            "ListWatches",
+            r#"{"state":"watching"}"#,
+        ),
+        (
+            ServiceName::UsageLedger,
+            "WorkItemSummary",
+            r#"{"work_item":"GRPC-1"}"#,
+        ),
+    ];
+    for (service, rpc, request) in reads {
+        let name = if service == ServiceName::Launcher {
+            launcher_name(0)
+        } else {
+            service.as_str().to_owned()
+        };
+        let addr = stack.addr(&name).to_string();
+        let grpc = service.grpc_name().expect("a gRPC service");
+        let listed = grpcurl(&[], &addr, &["list"]);
+        assert_eq!(
+            listed.lines().collect::<Vec<_>>(),
+            ["grpc.health.v1.Health", grpc],
+            "{service}"
+        );
+        let described = grpcurl(&[], &addr, &["describe", grpc]);
+        assert!(
+            described.starts_with(&format!("{grpc} is a service:"))
+                && described.contains(&format!("rpc {rpc} (")),
+            "{service}: {described}"
+        );
+        let out = grpcurl(&["-d", request], &addr, &[&format!("{grpc}/{rpc}")]);
+        let json: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{service} {rpc} printed no JSON ({e}): {out}"));
+        match service {
+            ServiceName::StageEngine => {
+                assert_eq!(json["workItems"][0]["key"], "GRPC-1", "{json}");
+                assert_eq!(json["workItems"][0]["stage"], "analysis", "{json}");
+            }
+            ServiceName::Launcher => {
+                assert_eq!(json["llmRunning"], 1, "{json}");
+                assert_eq!(json["running"][0]["job"]["workItem"], "GRPC-1", "{json}");
+                assert_eq!(json["running"][0]["job"]["status"], "RUNNING", "{json}");
+                assert_eq!(json["breaker"]["state"], "closed", "{json}");
+            }
+            ServiceName::Reaper => {
+                assert_eq!(json["enabled"], true, "{json}");
+                assert_eq!(json["intervalS"], 30, "{json}");
+            }
+            ServiceName::MergeGate => {
+                assert_eq!(json["leases"][0]["repo"], REPO, "{json}");
+                assert_eq!(json["leases"][0]["holderJobId"], "grpcurl-test", "{json}");
+            }
+            ServiceName::PostDeploy => {
+                assert_eq!(json["watches"][0]["workItem"], "GRPC-1", "{json}");
+                assert_eq!(json["watches"][0]["state"], "watching", "{json}");
+            }
+            ServiceName::UsageLedger => {
+                assert_eq!(json["workItem"], "GRPC-1", "{json}");
+                assert!(
+                    json["text"].as_str().is_some_and(|t| t.contains("GRPC-1")),
+                    "{json}"
+                );
+            }
+            ServiceName::Gateway => unreachable!("not a gRPC service"),
+        }
+    }
+    // SIGTERM: the launcher stops the running agent and hands its job back.
+    stack.stop_all(Duration::from_secs(10));
 }
