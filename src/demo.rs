@@ -607,6 +607,15 @@ impl<'a> Timeline<'a> {
     /// at the human gate. Returns the work item and its jobs as they were.
     async fn step(&mut self) -> Result<(WorkItem, Vec<Job>), DemoError> {
         let mut se = self.clients.stage_engine.clone();
+        // The item first: whatever state it is in, the transition that put it there is
+        // in the list read next, so the gate and the end wait for it to be shown.
+        let item = se
+            .get_work_item(GetWorkItemRequest {
+                key: KEY.to_owned(),
+            })
+            .await
+            .map_err(rpc("GetWorkItem"))?
+            .into_inner();
         let transitions = se
             .list_transitions(ListTransitionsRequest {
                 work_item: KEY.to_owned(),
@@ -631,14 +640,6 @@ impl<'a> Timeline<'a> {
         }
         self.release(false);
 
-        // Read after the transitions: a stage that changed since is seen on the next look.
-        let item = se
-            .get_work_item(GetWorkItemRequest {
-                key: KEY.to_owned(),
-            })
-            .await
-            .map_err(rpc("GetWorkItem"))?
-            .into_inner();
         // Once the analyst's run and its gate are on screen: the human reads, then approves.
         if item.status == "awaiting_approval" && !self.approved && self.held.is_empty() {
             self.approve().await?;
