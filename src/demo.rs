@@ -576,7 +576,12 @@ impl<'a> Timeline<'a> {
         stack: &tokio::task::JoinHandle<Result<(), String>>,
     ) -> Result<Finished, DemoError> {
         loop {
-            let (item, jobs) = self.step().await?;
+            let (item, jobs) = match self.step().await {
+                Ok(look) => look,
+                // A signal stops the stack too: its RPCs failing then is not the news.
+                Err(_) if stop.is_cancelled() => return Err(DemoError::Interrupted),
+                Err(e) => return Err(e),
+            };
             if let Some(end) = self.ended(&item, jobs)? {
                 return Ok(end);
             }
