@@ -98,7 +98,7 @@ const DEPLOY_FINALIZER: &str = launcher::reserved::RESERVED[0];
 const POLL: Duration = Duration::from_millis(100);
 /// How long a transition caused by an agent waits for that agent's run line (the launcher
 /// calls `AdvanceStage` just before it ends the job) before it is shown anyway.
-const HOLD_FOR_RUN: Duration = Duration::from_secs(3);
+const HOLD_FOR_RUN: Duration = Duration::from_secs(10);
 /// How long the stack may take to drain when the demo ends.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 
@@ -645,8 +645,11 @@ impl<'a> Timeline<'a> {
         }
         self.release(false);
 
-        // Once the analyst's run and its gate are on screen: the human reads, then approves.
-        if item.status == "awaiting_approval" && !self.approved && self.held.is_empty() {
+        // Once the analyst's run has ended and it and its gate are on screen: the human
+        // reads, then approves.
+        let running = jobs.iter().any(|j| j.status() == JobStatus::Running);
+        if item.status == "awaiting_approval" && !self.approved && !running && self.held.is_empty()
+        {
             self.approve().await?;
         }
         Ok((item, jobs))
