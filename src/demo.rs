@@ -235,10 +235,14 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
         addrs.len(),
         data_dir.display()
     );
-    if !reject.is_empty() {
+    for stage in &reject {
+        let agent = stage
+            .parse::<stage_engine::pipeline::Stage>()
+            .ok()
+            .and_then(stage_engine::pipeline::get_agent_for_stage)
+            .unwrap_or("agent");
         println!(
-            "  rejects     the {} agent says no on its first run (rollbacks allowed: {})",
-            reject.join(", "),
+            "  rejects     the {agent} says no on its first {stage} run (rollbacks allowed: {})",
             args.max_rollbacks
         );
     }
