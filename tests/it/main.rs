@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod demo;
 mod deploy;
 mod e2e;
 mod gateway;

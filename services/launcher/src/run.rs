@@ -519,12 +519,14 @@ impl Supervisor {
     fn prompt_text(&self, job: &JobRow, ctx: &Ctx, role_prompt: &str) -> String {
         let mut p = role_prompt.trim_end().to_owned();
         p.push_str("\n\n---\n\n# Your task\n\n");
-        p.push_str(&format!("- Work item: {}", ctx.key));
+        // `work_item:` and `stage:` as the artifacts' frontmatter spells them: the stand-ins
+        // for a model (examples/agents/scripted-agent.py, crates/model-server) read them here.
+        p.push_str(&format!("- work_item: {}", ctx.key));
         if !ctx.title.is_empty() {
             p.push_str(&format!(" — {}", ctx.title));
         }
         p.push_str(&format!(
-            "\n- Stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
+            "\n- stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
             job.stage,
             ctx.repo,
             ctx.branch,
