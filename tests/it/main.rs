@@ -4,7 +4,9 @@
 mod common;
 
 mod auth;
+mod demo;
 mod deploy;
+mod e2e;
 mod gateway;
 mod item;
 mod launcher;
@@ -12,6 +14,8 @@ mod merge_gate;
 mod plane;
 mod post_deploy;
 mod process;
+mod procs;
+mod qg_hook;
 mod real_cli;
 mod scripted_agent;
 mod stage_engine;

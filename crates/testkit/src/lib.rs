@@ -7,8 +7,11 @@
 //!   PostgreSQL's binaries are missing, the PostgreSQL half prints `SKIPPED <name>: <why>`
 //!   on the terminal — never a silent pass — and fails instead when `ORCH_REQUIRE_POSTGRES`
 //!   is set (CI sets it).
+//! - [`procs::ProcStack`]: the stack as separate `orchestrator serve` processes (SQLite or
+//!   PostgreSQL, N launcher replicas), killed and restarted by name.
 
 mod pg;
+pub mod procs;
 
 use std::io::Write;
 
