@@ -276,6 +276,15 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The 1-, 5- and 15-minute load averages: figures mean little without them on a machine
+/// shared with other work.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 async fn queue(addr: SocketAddr) -> anyhow::Result<serde_json::Value> {
     Ok(reqwest::get(format!("http://{addr}/queue"))
         .await?
@@ -338,9 +347,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     println!(
-        "gateway pid {pid} on {addr}, SQLite in {}, {} connections",
+        "gateway pid {pid} on {addr}, SQLite in {}, {} connections; {} cpus, load average {}",
         dir.path().display(),
-        args.connections
+        args.connections,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average()
     );
     // Warm-up: connections, the SQLite page cache.
     let warm = open_loop(&load, 500, 1, args.connections.min(8)).await;
@@ -397,6 +408,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(kib) = peak_rss_kib(pid) {
         println!("gateway peak RSS: {:.1} MiB", kib as f64 / 1024.0);
     }
+    println!("load average after: {}", load_average());
     let _ = child.start_kill();
     let _ = child.wait().await;
     stop.cancel();
