@@ -1166,7 +1166,13 @@ async fn a_flood_waits_for_a_slot_and_gets_503_after_the_timeout_without_reading
     let storage = TestStorage::sqlite();
     let mut config = test_config();
     config.max_concurrent_requests = 1;
-    config.request_timeout = Duration::from_millis(300);
+    // Timeline (T = the request timeout, arrivals STEP apart): A holds the slot and gets
+    // 408 at T; B, queued since STEP, takes it then (STEP before its own wait times out)
+    // and gets 408 at 2T; C, queued since 2 STEP behind B, times out at 2 STEP + T with
+    // 503 (T - 2 STEP before B lets go). Both margins are STEP = T/3: wide enough for a
+    // loaded machine's late timers, which made a 50 ms margin flaky.
+    const STEP: Duration = Duration::from_millis(800);
+    config.request_timeout = STEP * 3;
     let gw = gateway(&storage, config, &closed_port_url().await).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -1183,7 +1189,7 @@ async fn a_flood_waits_for_a_slot_and_gets_503_after_the_timeout_without_reading
         let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
         s.write_all(head).await.expect("write");
         slow.push(s);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(STEP).await;
     }
     // ...so a third request waits past its timeout and is turned away with 503; the slow
     // senders get 408. Nothing waited without bound and no body was buffered but theirs.
