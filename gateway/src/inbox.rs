@@ -1,6 +1,6 @@
 //! The `webhook_inbox` table: every statement the gateway runs.
 
-use orchestrator_kit::{Backend, Db};
+use orchestrator_kit::Db;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -73,47 +73,26 @@ pub async fn insert(db: &Db, d: &NewDelivery) -> Result<Stored, sqlx::Error> {
     Ok(stored.remove(0))
 }
 
-/// Deliveries written in one statement at most (19 binds each).
+/// Deliveries written in one statement at most (17 binds each).
 pub const MAX_BATCH: usize = 64;
 
-/// Stores each delivery unless it is already there, in ONE query (one commit);
+/// Stores each delivery unless it is already there, in ONE statement (one commit);
 /// returns what happened to each, in order. Of two deliveries in one call that are the
 /// same (delivery id or body), the first is stored and the second is its duplicate.
-///
-/// The body goes to `webhook_inbox_bodies` first, the row after it: on PostgreSQL in one
-/// statement (a data-modifying CTE), on SQLite as two statements of one query inside one
-/// transaction. Either way both commit together or neither does, so a gateway killed
-/// midway leaves no body without its row (nothing would ever prune it).
 pub async fn insert_many(db: &Db, batch: &[NewDelivery]) -> Result<Vec<Stored>, sqlx::Error> {
-    const BODY_COLS: usize = 3;
-    const COLS: usize = 16;
+    const COLS: usize = 17;
     let ids: Vec<String> = batch
         .iter()
         .map(|_| uuid::Uuid::now_v7().to_string())
         .collect();
-    let bodies = format!(
-        "INSERT INTO webhook_inbox_bodies (source, body_sha256, body) VALUES {} \
-         ON CONFLICT DO NOTHING",
-        db.backend.values_rows(batch.len(), BODY_COLS)
-    );
-    let rows = format!(
+    let sql = format!(
         "INSERT INTO webhook_inbox (id, source, delivery_id, body_sha256, event, action, state, \
-         reason, command, ordering_key, work_item, attempts, next_attempt_at_ms, last_error, \
-         received_at_ms, finished_at_ms) VALUES {} ON CONFLICT DO NOTHING RETURNING id",
-        db.backend
-            .values_rows_from(batch.len() * BODY_COLS + 1, batch.len(), COLS)
+         reason, command, ordering_key, work_item, body, attempts, next_attempt_at_ms, \
+         last_error, received_at_ms, finished_at_ms) VALUES {} \
+         ON CONFLICT DO NOTHING RETURNING id",
+        db.backend.values_rows(batch.len(), COLS)
     );
-    let sql = match db.backend {
-        Backend::Postgres => format!("WITH bodies AS ({bodies}) {rows}"),
-        Backend::Sqlite => format!("{bodies}; {rows}"),
-    };
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-    for d in batch {
-        q = q
-            .bind(d.source)
-            .bind(d.body_sha256.as_str())
-            .bind(d.body.as_str());
-    }
     for (id, d) in ids.iter().zip(batch) {
         let finished = if d.state == State::Pending {
             0
@@ -132,23 +111,14 @@ pub async fn insert_many(db: &Db, batch: &[NewDelivery]) -> Result<Vec<Stored>, 
             .bind(d.command.as_deref())
             .bind(d.ordering_key.as_str())
             .bind("")
+            .bind(d.body.as_str())
             .bind(0_i64)
             .bind(d.now_ms)
             .bind("")
             .bind(d.now_ms)
             .bind(finished);
     }
-    let rows = match db.backend {
-        Backend::Postgres => q.fetch_all(&db.pool).await?,
-        Backend::Sqlite => {
-            let mut tx = db.pool.begin().await?;
-            // sqlx runs the statements in order and yields the rows of both: the first
-            // has none, the second its RETURNING ids.
-            let rows = q.fetch_all(&mut *tx).await?;
-            tx.commit().await?;
-            rows
-        }
-    };
+    let rows = q.fetch_all(&db.pool).await?;
     let inserted: std::collections::HashSet<String> = rows
         .iter()
         .map(|r| r.try_get::<String, _>("id"))
@@ -451,39 +421,14 @@ pub async fn get(
     row.as_ref().map(delivery).transpose()
 }
 
-/// Deletes applied and ignored deliveries finished before `before_ms`, with their bodies;
-/// dead letters and pending ones stay. Returns how many went.
+/// Deletes applied and ignored deliveries finished before `before_ms`; dead letters and
+/// pending ones stay. Returns how many went.
 pub async fn prune(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error> {
-    let mut tx = db.pool.begin().await?;
-    sqlx::query(
-        "DELETE FROM webhook_inbox_bodies WHERE (source, body_sha256) IN ( \
-           SELECT source, body_sha256 FROM webhook_inbox \
-           WHERE state IN ('applied', 'ignored') AND finished_at_ms < $1)",
-    )
-    .bind(before_ms)
-    .execute(&mut *tx)
-    .await?;
     let done = sqlx::query(
         "DELETE FROM webhook_inbox WHERE state IN ('applied', 'ignored') AND finished_at_ms < $1",
     )
     .bind(before_ms)
-    .execute(&mut *tx)
+    .execute(&db.pool)
     .await?;
-    tx.commit().await?;
     Ok(done.rows_affected())
-}
-
-/// The raw body of a stored delivery, as received.
-pub async fn body(db: &Db, source: &str, delivery_id: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query(
-        "SELECT b.body FROM webhook_inbox w JOIN webhook_inbox_bodies b \
-         ON b.source = w.source AND b.body_sha256 = w.body_sha256 \
-         WHERE w.source = $1 AND w.delivery_id = $2",
-    )
-    .bind(source)
-    .bind(delivery_id)
-    .fetch_optional(&db.pool)
-    .await?
-    .map(|r| r.try_get("body"))
-    .transpose()
 }

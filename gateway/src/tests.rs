@@ -13,7 +13,6 @@ use orchestrator_kit::clients::Clients;
 use orchestrator_kit::{Config, Env, ServiceName, db};
 use orchestrator_testkit::{TestStorage, on_both_backends};
 use serde_json::Value;
-use sqlx::Row;
 use tower::ServiceExt;
 
 use crate::config::{DispatchConfig, GatewayConfig};
@@ -821,108 +820,6 @@ async fn a_batch_stores_each_delivery_once_and_records_outcomes_together(storage
     );
 }
 
-/// A body is stored apart from its delivery's row, once, and goes with the row when the
-/// retention prunes it; the bodies of pending deliveries stay.
-async fn bodies_are_kept_apart_and_pruned_with_their_delivery(storage: TestStorage) {
-    let gw = gateway(&storage, test_config(), &closed_port_url().await).await;
-    let db = gw.db();
-    let stored = inbox::insert_many(
-        db,
-        &[
-            new_delivery("old", r#"{"old":true}"#),
-            new_delivery("new", r#"{"new":true}"#),
-            new_delivery("old-resent", r#"{"old":true}"#),
-        ],
-    )
-    .await
-    .expect("insert");
-    let inbox::Stored::New { id: old } = &stored[0] else {
-        panic!("{stored:?}");
-    };
-    assert!(matches!(stored[2], inbox::Stored::Duplicate { .. }));
-    assert_eq!(
-        inbox::body(db, "plane", "old")
-            .await
-            .expect("body")
-            .as_deref(),
-        Some(r#"{"old":true}"#)
-    );
-    let bodies = || async {
-        sqlx::query("SELECT COUNT(*) AS n FROM webhook_inbox_bodies")
-            .fetch_one(&db.pool)
-            .await
-            .expect("count")
-            .try_get::<i64, _>("n")
-            .expect("n")
-    };
-    assert_eq!(bodies().await, 2);
-    inbox::record_many(
-        db,
-        &[inbox::Attempted::Finished {
-            id: old.clone(),
-            state: inbox::State::Applied,
-            reason: "done".into(),
-            last_error: String::new(),
-            at_ms: 5_000,
-            work_item: String::new(),
-        }],
-    )
-    .await
-    .expect("finish");
-    assert_eq!(inbox::prune(db, 6_000).await.expect("prune"), 1);
-    assert!(inbox::get(db, "plane", "old").await.expect("get").is_none());
-    assert_eq!(inbox::body(db, "plane", "old").await.expect("body"), None);
-    assert_eq!(bodies().await, 1, "the pending delivery keeps its body");
-    assert!(
-        inbox::body(db, "plane", "new")
-            .await
-            .expect("body")
-            .is_some()
-    );
-}
-
-/// Migration 0002 moves the bodies of an inbox written before it into their own table.
-async fn the_bodies_of_an_older_inbox_move_to_their_table(storage: TestStorage) {
-    orchestrator_kit::telemetry::init_for_tests();
-    let first = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/migrations/0001_webhook_inbox.sql"
-        ),
-        first.path().join("0001_webhook_inbox.sql"),
-    )
-    .expect("copy");
-    let v1 = sqlx::migrate::Migrator::new(first.path())
-        .await
-        .expect("migrator");
-    let db = db::open(ServiceName::Gateway, &storage.location, &v1)
-        .await
-        .expect("v1");
-    sqlx::query(
-        "INSERT INTO webhook_inbox (id, source, delivery_id, body_sha256, event, action, state, \
-         reason, command, ordering_key, work_item, body, attempts, next_attempt_at_ms, \
-         last_error, received_at_ms, finished_at_ms) VALUES ('i1', 'gitea', 'd1', 'abc', \
-         'push', '', 'ignored', 'not used', NULL, '', '', '{\"ref\":1}', 0, 0, '', 1, 1)",
-    )
-    .execute(&db.pool)
-    .await
-    .expect("a v1 row");
-    crate::MIGRATOR.run(&db.pool).await.expect("0002");
-    assert_eq!(
-        inbox::body(&db, "gitea", "d1")
-            .await
-            .expect("body")
-            .as_deref(),
-        Some(r#"{"ref":1}"#)
-    );
-    let d = inbox::get(&db, "gitea", "d1")
-        .await
-        .expect("get")
-        .expect("row");
-    assert_eq!((d.id.as_str(), d.state), ("i1", "ignored"));
-}
-
 /// Many senders at once (their deliveries share statements): every new delivery is 202
 /// and stored once, every repeat is a duplicate of it.
 async fn concurrent_deliveries_are_each_stored_once(storage: TestStorage) {
@@ -963,8 +860,6 @@ async fn concurrent_deliveries_are_each_stored_once(storage: TestStorage) {
 
 on_both_backends!(
     a_batch_stores_each_delivery_once_and_records_outcomes_together,
-    bodies_are_kept_apart_and_pruned_with_their_delivery,
-    the_bodies_of_an_older_inbox_move_to_their_table,
     concurrent_deliveries_are_each_stored_once,
     every_sample_signed_is_stored_once_and_a_redelivery_changes_nothing,
     mis_signed_and_unsigned_deliveries_are_refused_and_nothing_is_stored,

@@ -34,12 +34,6 @@ impl Backend {
     /// statement for many rows is how group commit ([`crate::group_commit`]) saves round
     /// trips. The rest of such a statement must have no parameters of its own.
     pub fn values_rows(self, rows: usize, cols: usize) -> String {
-        self.values_rows_from(1, rows, cols)
-    }
-
-    /// [`Backend::values_rows`] for a list whose first placeholder is number `first` on
-    /// PostgreSQL (a statement with an earlier list); on SQLite the `?` follow each other.
-    pub fn values_rows_from(self, first: usize, rows: usize, cols: usize) -> String {
         let mut out = String::with_capacity(rows * cols * 6);
         for r in 0..rows {
             out.push_str(if r == 0 { "(" } else { ", (" });
@@ -51,7 +45,7 @@ impl Backend {
                     Backend::Sqlite => out.push('?'),
                     Backend::Postgres => {
                         out.push('$');
-                        out.push_str(&(first + r * cols + c).to_string());
+                        out.push_str(&(r * cols + c + 1).to_string());
                     }
                 }
             }
@@ -264,11 +258,6 @@ mod tests {
             "($1, $2, $3), ($4, $5, $6)"
         );
         assert_eq!(Backend::Sqlite.values_rows(2, 2), "(?, ?), (?, ?)");
-        assert_eq!(
-            Backend::Postgres.values_rows_from(7, 2, 2),
-            "($7, $8), ($9, $10)"
-        );
-        assert_eq!(Backend::Sqlite.values_rows_from(7, 1, 2), "(?, ?)");
         assert_eq!(Backend::Sqlite.values_rows(0, 3), "");
     }
 }
