@@ -268,6 +268,12 @@ fn plane_comment(
     if !html.contains(APPROVAL_MARKER) {
         return ignore("plane comment without :approved:");
     }
+    // Our own posts ask a human for `:approved:` and so hold it: whoever the bot account
+    // is, and whether or not it is listed in ORCH_PLANE_BOT_USERS, they never approve.
+    if str_at(body, &["data", "external_source"]) == Some(orchestrator_kit::COMMENT_EXTERNAL_SOURCE)
+    {
+        return ignore("plane :approved: in a comment the orchestrator posted never approves");
+    }
     // Who wrote it: the activity's actor (UserLite), else the comment's own columns.
     let actor = body.get("activity").and_then(|a| a.get("actor"));
     let names: Vec<&str> = [
@@ -601,6 +607,14 @@ mod tests {
                 "{field}"
             );
         }
+        // A comment the orchestrator posted itself (its :approved: prompt), by an account
+        // nobody listed as a bot: never an approval.
+        let mut b = body.clone();
+        b["data"]["external_source"] = json!("orchestrator");
+        assert!(
+            rpc_or_reason(plane("issue_comment", &b, &triggers()))
+                .starts_with("ignore: plane :approved: in a comment the orchestrator posted"),
+        );
         // Without an activity, the comment's own actor column is the author.
         let mut b = body.clone();
         b["activity"] = Value::Null;

@@ -12,6 +12,11 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod time;
 
+/// The `external_source` of every comment the orchestrator posts on the tracker: the tracker
+/// client stamps it, and the gateway knows its own comments by it (their `:approved:`
+/// prompts must never approve anything).
+pub const COMMENT_EXTERNAL_SOURCE: &str = "orchestrator";
+
 pub use config::{Config, ConfigError, Env, Secret};
 pub use db::{Backend, Db, DbError};
 pub use service::ServiceName;

@@ -12,7 +12,7 @@ use crate::{Comment, CommentPosted, IssueRef, State, Tracker, TrackerError};
 
 /// The `external_source` of every comment we post; with `external_id` it makes a repeated
 /// post answer 409 instead of adding a second comment.
-pub const EXTERNAL_SOURCE: &str = "orchestrator";
+pub const EXTERNAL_SOURCE: &str = orchestrator_kit::COMMENT_EXTERNAL_SOURCE;
 
 /// A Plane workspace.
 #[derive(Debug, Clone)]
