@@ -13,6 +13,7 @@ mod post_deploy;
 mod process;
 mod procs;
 mod real_cli;
+mod replicas;
 mod scripted_agent;
 mod stage_engine;
 mod staging_check;

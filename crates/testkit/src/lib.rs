@@ -18,7 +18,7 @@ use std::io::Write;
 use orchestrator_kit::Env;
 use orchestrator_kit::db::Location;
 
-pub use pg::{PgCluster, cluster};
+pub use pg::{PgCluster, cluster, durable_cluster};
 
 /// Storage for one test: its location, and the variables that point a stack at it.
 pub struct TestStorage {
