@@ -31,9 +31,11 @@ use orchestrator_forge::RepoName;
 use orchestrator_forge::local::LocalForge;
 use orchestrator_kit::clients::{ClientSettings, Clients, LauncherClient, channel};
 use orchestrator_kit::{Config, Env, ServiceName};
-use orchestrator_proto::launcher::v1::{EnqueueRequest, JobStatus, QueueSnapshotRequest};
+use orchestrator_proto::launcher::v1::{
+    EnqueueRequest, JobStatus, ListJobsRequest, QueueSnapshotRequest,
+};
 use orchestrator_proto::stage_engine::v1::{
-    CreateWorkItemRequest, GetWorkItemRequest, ListWorkItemsRequest,
+    CreateWorkItemRequest, GetWorkItemRequest, ListTransitionsRequest, ListWorkItemsRequest,
 };
 use orchestrator_testkit::procs::{ProcStack, ProcStackSpec, launcher_name};
 
@@ -356,15 +358,67 @@ async fn status_of(t: &Target, key: &str) -> anyhow::Result<String> {
         .status)
 }
 
-/// Dispatch latencies on `t`, `samples` approvals one at a time: (202 latency, agent
-/// started latency), in seconds.
-async fn dispatch_on(
-    t: &Target,
-    world: &World,
-    samples: usize,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// One approval's way from the POST to the agent, in seconds from the POST; the middle
+/// steps come from the services' own millisecond stamps.
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    /// The gateway's 202.
+    acked: f64,
+    /// stage-engine committed the move to architecture (its transition's time).
+    approved: f64,
+    /// The launcher stored the architect's job.
+    enqueued: f64,
+    /// The launcher claimed it.
+    claimed: f64,
+    /// The agent process ran its first line.
+    started: f64,
+}
+
+/// The stamps of the architect's run of `key`, relative to `t0`.
+async fn stamps(t: &Target, key: &str, t0: f64) -> anyhow::Result<(f64, f64, f64)> {
+    let transitions = t
+        .clients
+        .stage_engine
+        .clone()
+        .list_transitions(ListTransitionsRequest {
+            work_item: key.into(),
+        })
+        .await?
+        .into_inner()
+        .transitions;
+    let approved = transitions
+        .iter()
+        .filter(|tr| tr.to_stage == "architecture")
+        .map(|tr| tr.at_ms)
+        .min()
+        .context("no transition to architecture")?;
+    let job = t
+        .clients
+        .launcher
+        .clone()
+        .list_jobs(ListJobsRequest {
+            work_item: key.into(),
+            agent: "architect".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .jobs
+        .into_iter()
+        .next()
+        .context("no architect job")?;
+    let rel = |ms: i64| ms as f64 / 1e3 - t0;
+    Ok((
+        rel(approved),
+        rel(job.enqueued_at_ms),
+        rel(job.started_at_ms),
+    ))
+}
+
+/// Dispatch latencies on `t`, `samples` approvals one at a time.
+async fn dispatch_on(t: &Target, world: &World, samples: usize) -> anyhow::Result<Vec<Sample>> {
     let hooks = Webhooks::new(t.gateway)?;
-    let (mut acks, mut starts) = (Vec::new(), Vec::new());
+    let mut out = Vec::new();
     let mut next = 0;
     while next < samples {
         let batch = next..(next + BATCH).min(samples);
@@ -373,12 +427,12 @@ async fn dispatch_on(
             let k = key(n);
             let t0 = now_s();
             let status = hooks.comment(n, &format!("approve-{n}"), true).await?;
-            let acked = now_s();
+            let acked = now_s() - t0;
             ensure!(status == 202, "the approval of {k} was answered {status}");
             let deadline = Instant::now() + Duration::from_secs(60);
             let started = loop {
                 if let Some(at) = world.started_at(&k, "architect") {
-                    break at;
+                    break at - t0;
                 }
                 ensure!(
                     Instant::now() < deadline,
@@ -386,8 +440,6 @@ async fn dispatch_on(
                 );
                 tokio::time::sleep(Duration::from_micros(500)).await;
             };
-            acks.push(acked - t0);
-            starts.push(started - t0);
             // A quiet stack for the next sample: the architect's run is over.
             while status_of(t, &k).await? != "blocked" {
                 ensure!(
@@ -396,10 +448,18 @@ async fn dispatch_on(
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            let (approved, enqueued, claimed) = stamps(t, &k, t0).await?;
+            out.push(Sample {
+                acked,
+                approved,
+                enqueued,
+                claimed,
+                started,
+            });
         }
         next += BATCH;
     }
-    Ok((acks, starts))
+    Ok(out)
 }
 
 fn ms(v: f64) -> String {
@@ -446,19 +506,33 @@ pub async fn dispatch(bin: &Path, args: DispatchArgs) -> anyhow::Result<Vec<Row>
             Target::all_in_one(bin, &world).await?
         };
         let shape = t.shape;
-        let (mut acks, mut starts) = dispatch_on(&t, &world, args.samples).await?;
+        let samples = dispatch_on(&t, &world, args.samples).await?;
         t.stop().await;
-        let started = latency_summary(&mut starts);
-        let acked = latency_summary(&mut acks);
+        let column = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+        let started = latency_summary(&mut column(|s| s.started));
+        let acked = latency_summary(&mut column(|s| s.acked));
+        // Medians of each step (ms stamps of the services; steps can round to 0).
+        let step = |f: fn(&Sample) -> f64| {
+            let mut v = column(f);
+            ms(crate::report::median(&mut v))
+        };
+        let split = format!(
+            "medians: 202 {}; gateway -> Approve committed {}; -> job enqueued {}; -> claimed {}; -> agent's first line {} ms",
+            step(|s| s.acked),
+            step(|s| s.approved - s.acked),
+            step(|s| s.enqueued - s.approved),
+            step(|s| s.claimed - s.enqueued),
+            step(|s| s.started - s.claimed),
+        );
         println!(
-            "dispatch ({shape}, {} approvals one at a time): webhook -> agent started {started}; webhook -> 202 {acked}",
+            "dispatch ({shape}, {} approvals one at a time): webhook -> agent started {started}; webhook -> 202 {acked}; {split}",
             args.samples
         );
         rows.push(Row::new(
             format!("dispatch latency, signed `:approved:` webhook -> architect's process started ({shape})"),
             started,
             format!(
-                "{} approvals one at a time, each on a quiet stack; git checkout of the branch included; the 202 itself: {acked}",
+                "{} approvals one at a time, each on a quiet stack; the gate re-run over the forge and the git checkout of the branch included; the 202: {acked}; {split}",
                 args.samples
             ),
             &command,
