@@ -11,8 +11,8 @@
 //!   VmHWM after it — each service as `orchestrator serve` on PostgreSQL, and the
 //!   all-in-one `orchestrator up` on SQLite.
 //! - `exactly-once`: launcher replicas in their own processes on one PostgreSQL queue,
-//!   thousands of no-op LLM jobs enqueued through all of them; each agent appends a line
-//!   to its job's file, so a job that ran twice shows two lines.
+//!   thousands of no-op LLM jobs enqueued through all of them; the agent records each run
+//!   in its job's file (`orchestrator_testkit::agent`), so a job that ran twice shows it.
 //!
 //! The scale-out stack is `orchestrator_testkit::procs::ProcStack` (every service its own
 //! `serve` process) on the bench's durable PostgreSQL cluster (initdb's defaults); the
@@ -37,6 +37,7 @@ use orchestrator_proto::launcher::v1::{
 use orchestrator_proto::stage_engine::v1::{
     CreateWorkItemRequest, GetWorkItemRequest, ListTransitionsRequest, ListWorkItemsRequest,
 };
+use orchestrator_testkit::agent::{Behaviour, RecordingAgent};
 use orchestrator_testkit::procs::{ProcStack, ProcStackSpec, launcher_name};
 
 use crate::report::{Row, thousands};
@@ -51,10 +52,11 @@ const BATCH: usize = 100;
 /// What every stack of these benches shares: the agent, its prompts, the forge.
 pub struct World {
     dir: tempfile::TempDir,
-    /// `<KEY>-<agent>-<attempt>`: the agent's start time, its first action.
-    started: PathBuf,
-    /// `<job id>`: one line per run of a no-op job.
-    counts: PathBuf,
+    /// The agent: it records every run (`orchestrator_testkit::agent`); its first action
+    /// notes the time. The analyst writes what the analysis gate needs; the others write
+    /// nothing, so an architect's gate fails and (no stage retries) its item parks as
+    /// blocked.
+    agent: RecordingAgent,
     env: Vec<(String, String)>,
 }
 
@@ -63,15 +65,8 @@ impl World {
     pub async fn new(max_concurrency: u32) -> anyhow::Result<World> {
         let dir = tempfile::tempdir()?;
         let root = dir.path();
-        let (started, counts, agents, forge) = (
-            root.join("started"),
-            root.join("counts"),
-            root.join("agents"),
-            root.join("forge"),
-        );
-        for d in [&started, &counts, &agents] {
-            std::fs::create_dir_all(d)?;
-        }
+        let (agents, forge) = (root.join("agents"), root.join("forge"));
+        std::fs::create_dir_all(&agents)?;
         for role in ["analyst", "architect", "noop"] {
             std::fs::write(agents.join(format!("{role}.md")), "Benchmark agent.\n")?;
         }
@@ -79,30 +74,10 @@ impl World {
             .init_repo(&RepoName::parse(REPO).map_err(anyhow::Error::msg)?)
             .await
             .context("the bare repository")?;
-        // Builtins only before the start is written: no fork delays the agent's first
-        // action. The analyst writes what the analysis gate needs; the architect writes
-        // nothing, so its gate fails and (no stage retries) the item parks as blocked.
-        let script = root.join("agent.sh");
-        std::fs::write(
-            &script,
-            format!(
-                r#"case "$ORCH_AGENT" in
-noop) echo "$ORCH_JOB_ATTEMPT $ORCH_PROMPT_FILE" >> "{counts}/$ORCH_JOB_ID" ;;
-*) echo "$EPOCHREALTIME" > "{started}/$ORCH_WORK_ITEM-$ORCH_AGENT-$ORCH_JOB_ATTEMPT" ;;
-esac
-if [ "$ORCH_AGENT" = analyst ]; then
-  mkdir -p "$ORCH_ARTIFACTS_DIR"
-  printf -- '---\nwork_item: %s\n---\n# Analysis\nBenchmark.\n' "$ORCH_WORK_ITEM" > "$ORCH_ARTIFACTS_DIR/analysis.md"
-fi
-echo '{{"type":"result","subtype":"success","is_error":false,"result":"ok","total_cost_usd":0}}'
-"#,
-                counts = counts.display(),
-                started = started.display()
-            ),
-        )?;
+        let agent = RecordingAgent::create(&root.join("agent"), &Behaviour::default())?;
         let s = |p: &Path| p.display().to_string();
         let env = [
-            ("ORCH_AGENT_COMMAND", format!("bash {}", s(&script))),
+            ("ORCH_AGENT_COMMAND", agent.command()),
             ("ORCH_AGENTS_DIR", s(&agents)),
             ("ORCH_FORGE", "local".into()),
             ("ORCH_FORGE_LOCAL_DIR", s(&forge)),
@@ -118,18 +93,12 @@ echo '{{"type":"result","subtype":"success","is_error":false,"result":"ok","tota
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
-        Ok(World {
-            dir,
-            started,
-            counts,
-            env,
-        })
+        Ok(World { dir, agent, env })
     }
 
-    fn started_at(&self, key: &str, agent: &str) -> Option<f64> {
-        std::fs::read_to_string(self.started.join(format!("{key}-{agent}-1")))
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
+    /// Where `ProcStack` keeps its processes' directories.
+    fn stack_dir(&self) -> PathBuf {
+        self.dir.path().join("stack")
     }
 }
 
@@ -149,7 +118,7 @@ impl Target {
     /// with `launchers` launcher replicas.
     pub async fn scale_out(bin: &Path, world: &World, launchers: usize) -> anyhow::Result<Target> {
         let cluster = orchestrator_testkit::durable_cluster().map_err(anyhow::Error::msg)?;
-        let mut spec = ProcStackSpec::new(bin, world.dir.path().join("stack"))
+        let mut spec = ProcStackSpec::new(bin, world.stack_dir())
             .postgres(cluster.fresh_database().await)
             .launchers(launchers);
         for (k, v) in &world.env {
@@ -431,7 +400,7 @@ async fn dispatch_on(t: &Target, world: &World, samples: usize) -> anyhow::Resul
             ensure!(status == 202, "the approval of {k} was answered {status}");
             let deadline = Instant::now() + Duration::from_secs(60);
             let started = loop {
-                if let Some(at) = world.started_at(&k, "architect") {
+                if let Some(at) = world.agent.first_start(&k, "architect") {
                     break at - t0;
                 }
                 ensure!(
@@ -845,28 +814,28 @@ pub async fn exactly_once(bin: &Path, args: ExactlyOnceArgs) -> anyhow::Result<V
     let took = started.elapsed().as_secs_f64();
     t.stop().await;
 
-    // Each run left one line in its job's file: `<attempt> <prompt file>`.
+    // The agent's own record: one run per job, of attempt 1, and where it ran.
     let mut per_replica: BTreeMap<String, usize> = BTreeMap::new();
-    let mut twice = Vec::new();
+    let mut not_once = Vec::new();
     for id in &ids {
-        let text = std::fs::read_to_string(world.counts.join(id)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        if lines.len() != 1 || !lines[0].starts_with("1 ") {
-            twice.push(format!("{id}: {lines:?}"));
-            continue;
+        let runs = world.agent.runs_of(id)?;
+        match runs.as_slice() {
+            [run] if run.attempt == 1 && run.end.is_some() => {
+                let replica = (0..args.replicas)
+                    .map(launcher_name)
+                    .find(|n| run.ran_under(&world.stack_dir().join(n)))
+                    .unwrap_or_else(|| "?".into());
+                *per_replica.entry(replica).or_default() += 1;
+            }
+            _ => not_once.push(format!("{id}: {runs:?}")),
         }
-        let replica = (0..args.replicas)
-            .map(launcher_name)
-            .find(|n| lines[0].contains(&format!("/{n}/")))
-            .unwrap_or_else(|| "?".into());
-        *per_replica.entry(replica).or_default() += 1;
     }
-    if !twice.is_empty() {
+    if !not_once.is_empty() {
         bail!(
             "{} of {} jobs did not run exactly once: {:?}",
-            twice.len(),
+            not_once.len(),
             ids.len(),
-            &twice[..twice.len().min(10)]
+            &not_once[..not_once.len().min(10)]
         );
     }
     ensure!(
@@ -900,7 +869,7 @@ pub async fn exactly_once(bin: &Path, args: ExactlyOnceArgs) -> anyhow::Result<V
             rate
         ),
         format!(
-            "each agent appends a line to its job's file; ORCH_MAX_CONCURRENCY {} across the replicas; jobs/s = N / (first Enqueue -> every job succeeded), enqueued through every replica by 16 callers; every service its own process, durable PostgreSQL",
+            "each agent records its run in its job's file (`orchestrator_testkit::agent`); ORCH_MAX_CONCURRENCY {} across the replicas; jobs/s = N / (first Enqueue -> every job succeeded), enqueued through every replica by 16 callers; every service its own process, durable PostgreSQL",
             args.concurrency
         ),
         format!(

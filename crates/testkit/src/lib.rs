@@ -9,7 +9,10 @@
 //!   is set (CI sets it).
 //! - [`procs::ProcStack`]: the stack as separate `orchestrator serve` processes (SQLite or
 //!   PostgreSQL, N launcher replicas), killed and restarted by name.
+//! - [`agent::RecordingAgent`]: an agent script that records every run it makes (start,
+//!   end, attempt, which replica), to check exactly-once and the cap from the agent's side.
 
+pub mod agent;
 mod pg;
 pub mod procs;
 
