@@ -335,11 +335,23 @@ async fn all(bin: &Path, a: AllArgs) -> Result<()> {
             "--ticks".to_owned(),
             ticks.to_string(),
         ];
-        record("reaper-tick", child_bench(&args, &["reaper tick"]).await);
+        let headlines = [Headline {
+            prefix: "reaper tick",
+            label: "reaper tick with N running jobs (`reaper-tick`)",
+            split: true,
+        }];
+        record(
+            "reaper-tick",
+            child_bench(&args, &args.join(" "), &headlines).await,
+        );
     }
     if !skip("gateway") {
         println!("\n== gateway");
         let sample = scaleout::contracts_dir().join("plane-webhook-issue-created.json");
+        let shown = format!(
+            "gateway --rate {} --seconds {}",
+            a.gateway_rate, a.gateway_seconds
+        );
         let args = [
             "gateway".to_owned(),
             "--rate".to_owned(),
@@ -349,10 +361,24 @@ async fn all(bin: &Path, a: AllArgs) -> Result<()> {
             "--sample".to_owned(),
             sample.display().to_string(),
         ];
-        record(
-            "gateway",
-            child_bench(&args, &["open ", "closed loop", "inbox:"]).await,
-        );
+        let headlines = [
+            Headline {
+                prefix: "open ",
+                label: "webhook ingest, open loop (signed deliveries into the inbox, SQLite)",
+                split: false,
+            },
+            Headline {
+                prefix: "closed loop",
+                label: "webhook ingest, closed loop: the most it takes",
+                split: false,
+            },
+            Headline {
+                prefix: "inbox:",
+                label: "webhook ingest: every delivery stored and applied once",
+                split: false,
+            },
+        ];
+        record("gateway", child_bench(&args, &shown, &headlines).await);
     }
     if !skip("footprint") {
         println!("\n== footprint");
@@ -389,9 +415,20 @@ async fn all(bin: &Path, a: AllArgs) -> Result<()> {
     Ok(())
 }
 
+/// How `child_bench` makes a row of a line the child printed.
+struct Headline {
+    /// The line starts with this.
+    prefix: &'static str,
+    /// The row's figure.
+    label: &'static str,
+    /// `<conditions>: <figure>` (split at the first ": "), or the whole line is the figure.
+    split: bool,
+}
+
 /// Runs `orchestrator-bench <args>` as a child (a benchmark whose owner prints its figures),
-/// echoes its output, and makes a row of each line that starts with one of `headlines`.
-async fn child_bench(args: &[String], headlines: &[&str]) -> Result<Vec<Row>> {
+/// echoes its output, and makes a row of each line that starts with a headline's prefix.
+/// `shown` is the command as the table gives it.
+async fn child_bench(args: &[String], shown: &str, headlines: &[Headline]) -> Result<Vec<Row>> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -401,25 +438,24 @@ async fn child_bench(args: &[String], headlines: &[&str]) -> Result<Vec<Row>> {
         .context("cannot run the benchmark as a child")?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
     let mut rows = Vec::new();
-    let command = args.join(" ");
     while let Some(line) = lines.next_line().await? {
         println!("{line}");
-        let line = line.trim();
-        if headlines.iter().any(|h| line.starts_with(h)) {
-            let (figure, measured) = line.split_once(": ").unwrap_or((args[0].as_str(), line));
-            rows.push(Row::new(
-                format!("{}: {}", args[0], figure.trim()),
-                measured.trim(),
-                "as printed by the benchmark",
-                &command,
-            ));
-        }
+        let Some(h) = headlines.iter().find(|h| line.trim().starts_with(h.prefix)) else {
+            continue;
+        };
+        // Column padding means nothing in a table cell.
+        let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+        let (conditions, measured) = match line.split_once(": ") {
+            Some((c, m)) if h.split => (c.to_owned(), m.to_owned()),
+            _ => ("as printed by the benchmark".to_owned(), line.clone()),
+        };
+        rows.push(Row::new(h.label, measured, conditions, shown));
     }
     let status = child.wait().await?;
-    anyhow::ensure!(status.success(), "`{command}` exited with {status}");
+    anyhow::ensure!(status.success(), "`{shown}` exited with {status}");
     anyhow::ensure!(
         !rows.is_empty(),
-        "`{command}` printed none of the lines {headlines:?}"
+        "`{shown}` printed none of its headline lines"
     );
     Ok(rows)
 }
