@@ -9,8 +9,9 @@ use clap::Subcommand;
 use orchestrator_kit::clients::Clients;
 use orchestrator_kit::time::rfc3339;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, GetWorkItemRequest, ListCommentsRequest,
-    ListTransitionsRequest, ListWorkItemsRequest, WorkItem,
+    AdvanceOutcome, AdvanceStageResponse, ApproveRequest, CreateWorkItemRequest,
+    GetWorkItemRequest, ListCommentsRequest, ListTransitionsRequest, ListWorkItemsRequest,
+    WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::WorkItemSummaryRequest;
 
@@ -379,19 +380,28 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
     Ok(out)
 }
 
-pub async fn approve(clients: &Clients, key: &str, author: &str) -> Result<String, ItemError> {
-    let r = clients
+/// `StageEngine.Approve` as `author`: the human gate's `:approved:`, each call its own
+/// comment. Returns stage-engine's answer (whether the item advanced, and why not).
+pub async fn approve_as(
+    clients: &Clients,
+    key: &str,
+    author: &str,
+) -> Result<AdvanceStageResponse, ItemError> {
+    Ok(clients
         .stage_engine
         .clone()
         .approve(ApproveRequest {
             work_item: key.to_owned(),
             author: author.to_owned(),
-            // Each approval from the command line is its own comment.
             comment_id: format!("cli-{}", orchestrator_kit::time::now_ms()),
         })
         .await
         .map_err(rpc("Approve"))?
-        .into_inner();
+        .into_inner())
+}
+
+pub async fn approve(clients: &Clients, key: &str, author: &str) -> Result<String, ItemError> {
+    let r = approve_as(clients, key, author).await?;
     let item = r.work_item.unwrap_or_default();
     let outcome = AdvanceOutcome::try_from(r.outcome)
         .map(|o| o.as_str_name().to_ascii_lowercase())

@@ -6,6 +6,7 @@
 //! - `orchestrator health <service>` asks a service on this host whether it serves (the
 //!   container healthcheck of deploy/compose.yaml).
 //! - `orchestrator item ...` creates, lists, shows and approves work items (local tracker).
+//! - `orchestrator demo` runs one work item through every stage on a throw-away stack.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +76,10 @@ enum Command {
         #[command(subcommand)]
         command: orchestrator::item::ItemCommand,
     },
+    /// Runs one work item through every stage to done on a throw-away stack (a temp dir,
+    /// SQLite, a sample repository, the scripted agent), printing a live timeline. Needs
+    /// nothing configured and reads neither ./.env nor ORCH_* for its stack.
+    Demo(orchestrator::demo::DemoArgs),
 }
 
 /// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
@@ -104,10 +109,16 @@ fn main() -> ExitCode {
     if let Command::Item { command } = cli.command {
         return item(command);
     }
+    if let Command::Demo(args) = cli.command {
+        return demo(args);
+    }
     let parts: Vec<ServiceName> = match &cli.command {
         Command::Up => ServiceName::ALL.to_vec(),
         // Answered above, before any configuration is read.
-        Command::QgHook { .. } | Command::Health { .. } | Command::Item { .. } => {
+        Command::QgHook { .. }
+        | Command::Health { .. }
+        | Command::Item { .. }
+        | Command::Demo(_) => {
             return ExitCode::FAILURE;
         }
         Command::Serve { service } => match service.parse() {
@@ -279,6 +290,41 @@ fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
             print!("{out}");
             ExitCode::SUCCESS
         }
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs the demo: its own configuration, its logs only when asked for.
+fn demo(args: orchestrator::demo::DemoArgs) -> ExitCode {
+    let log = std::env::var("ORCH_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty());
+    if args.verbose || log.is_some() {
+        telemetry::init(
+            orchestrator_kit::config::LogFormat::Text,
+            log.as_deref().unwrap_or("info"),
+        );
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    let keep = args.keep;
+    let out = runtime.block_on(async {
+        let stop =
+            shutdown::on_signal().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        orchestrator::demo::run(args, stop)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    match out {
+        Ok(()) => ExitCode::SUCCESS,
+        // With --keep the error was said before the stack's banner.
+        Err(_) if keep => ExitCode::FAILURE,
         Err(e) => fail(e),
     }
 }

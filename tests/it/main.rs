@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod demo;
 mod deploy;
 mod gateway;
 mod item;
@@ -12,6 +13,7 @@ mod merge_gate;
 mod post_deploy;
 mod process;
 mod procs;
+mod qg_hook;
 mod real_cli;
 mod replicas;
 mod scripted_agent;

@@ -8,16 +8,19 @@
 //!   ONE file of the stage's artifacts with a `tool_use` block of the `Write` tool; once
 //!   every file was written (as many `tool_result` blocks in the conversation as files),
 //!   it answers text with `end_turn`;
-//! - which files: the work item key and the stage are read from the conversation
-//!   (`work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`, as the launcher's
-//!   prompt carries them), the checkout from the CLI's system prompt
+//! - which files: the work item key and the stage are read from the conversation: the
+//!   launcher's task lines (`- Work item: KEY`, `- Stage: STAGE`) first, else
+//!   `work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`; the checkout from the CLI's system prompt
 //!   (`Primary working directory: ...`) so the `Write` paths are absolute;
 //! - on demand ([`Control`]) it answers 429 (with `retry-after`), 529, 401 or the spend
 //!   limit instead, for the storm tests;
 //! - the [`Scenario::LazyUntilStopHook`] scenario first ends its turn WITHOUT writing,
-//!   and writes only once the conversation holds the Stop hook's feedback.
+//!   and writes only once the conversation holds the Stop hook's feedback;
+//!   [`Scenario::LazyFirstRun`] is lazy in the first run only (a retry writes), and
+//!   [`Scenario::NeverWrites`] never writes at all (runs are told apart by the CLI's
+//!   session id).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -90,6 +93,14 @@ pub enum Scenario {
     /// Ends its first turn without writing anything; writes the artifacts only once the
     /// conversation holds `Stop hook feedback` (the quality gate as the Stop hook).
     LazyUntilStopHook,
+    /// An agent that forgets its artifact once. Every run (CLI session) starts as a real
+    /// agent does, by looking at the checkout (one `Read` of `README.md`): that is the
+    /// context a new launch pays for again. In the FIRST run of a work item's stage it then
+    /// ends its turn without writing, until the Stop hook's feedback arrives; every later
+    /// run (the stage retried) writes the artifacts at once.
+    LazyFirstRun,
+    /// Never writes the artifact: every turn ends with text, whatever the Stop hook says.
+    NeverWrites,
 }
 
 #[derive(Debug, Default)]
@@ -107,6 +118,10 @@ struct Inner {
     requests: u32,
     failures_answered: u32,
     turns_answered: u32,
+    /// (work item, stage) -> the CLI sessions (runs) seen for it, in order.
+    runs: BTreeMap<(String, String), Vec<String>>,
+    /// The distinct `Stop hook feedback` texts received.
+    feedback: Vec<String>,
 }
 
 /// The shared handle a test flips.
@@ -156,6 +171,48 @@ impl Control {
         self.with(|i| {
             i.reject_first.contains(stage) && i.rejected.insert((key.to_owned(), stage.to_owned()))
         })
+    }
+
+    /// Which run of `stage` for `key` the CLI session `session` is (0: the first); a new
+    /// session is remembered.
+    fn run_index(&self, key: &str, stage: &str, session: &str) -> usize {
+        self.with(|i| {
+            let runs = i
+                .runs
+                .entry((key.to_owned(), stage.to_owned()))
+                .or_default();
+            match runs.iter().position(|s| s == session) {
+                Some(n) => n,
+                None => {
+                    runs.push(session.to_owned());
+                    runs.len() - 1
+                }
+            }
+        })
+    }
+
+    /// The runs (CLI sessions) of `stage` for `key` that asked for a turn with tools.
+    pub fn runs(&self, key: &str, stage: &str) -> usize {
+        self.with(|i| {
+            i.runs
+                .get(&(key.to_owned(), stage.to_owned()))
+                .map_or(0, Vec::len)
+        })
+    }
+
+    /// The distinct Stop hook feedback texts the model received, in order.
+    pub fn stop_hook_feedback(&self) -> Vec<String> {
+        self.with(|i| i.feedback.clone())
+    }
+
+    fn saw_feedback(&self, texts: Vec<String>) {
+        self.with(|i| {
+            for t in texts {
+                if !i.feedback.contains(&t) {
+                    i.feedback.push(t);
+                }
+            }
+        });
     }
 
     /// `POST /v1/messages` requests received.
@@ -242,8 +299,10 @@ pub fn router(control: Control) -> Router {
         .with_state(control)
 }
 
-async fn messages(State(control): State<Control>, body: String) -> Response {
+async fn messages(State(control): State<Control>, headers: HeaderMap, body: String) -> Response {
     let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    control.saw_feedback(stop_hook_feedback(&request));
+    let session = session_id(&headers, &request);
     match control.next() {
         Err(f) => {
             let (status, headers, body) = f.response();
@@ -256,7 +315,12 @@ async fn messages(State(control): State<Control>, body: String) -> Response {
             (status, h, axum::Json(body)).into_response()
         }
         Ok(scenario) => {
-            let turn = decide_with(scenario, &request, &mut |k, s| control.rejects(k, s));
+            let turn = decide_in_run(
+                scenario,
+                &request,
+                &mut |k, s| control.rejects(k, s),
+                &mut |k, s| control.run_index(k, s, &session),
+            );
             let sse = if request["stream"].as_bool() == Some(false) {
                 // Not streamed: the whole message as JSON (the CLI streams; kept for curl).
                 return axum::Json(message_json(&turn)).into_response();
@@ -284,6 +348,8 @@ pub enum Turn {
         file_path: String,
         content: String,
     },
+    /// `tool_use` of `Read` of this file, `stop_reason: tool_use`.
+    Read { id: String, file_path: String },
     /// Text, `stop_reason: end_turn`.
     Text(String),
 }
@@ -446,6 +512,42 @@ pub fn working_directory(texts: &[String]) -> Option<String> {
     None
 }
 
+/// The value of the launcher's task line `- <label>: VALUE` (its prompt's "Your task"
+/// section), up to the first space.
+pub fn task_line(text: &str, label: &str) -> Option<String> {
+    let marker = format!("- {label}: ");
+    text.lines().find_map(|l| {
+        let v = l.trim_start().strip_prefix(&marker)?;
+        let v: String = v.chars().take_while(|c| !c.is_whitespace()).collect();
+        (!v.is_empty()).then_some(v)
+    })
+}
+
+/// The CLI session a request belongs to (one per run): the `X-Claude-Code-Session-Id`
+/// header, else `metadata.user_id`'s `session_id` (a JSON string), else "".
+pub fn session_id(headers: &HeaderMap, request: &Value) -> String {
+    if let Some(s) = headers
+        .get("x-claude-code-session-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        return s.to_owned();
+    }
+    request["metadata"]["user_id"]
+        .as_str()
+        .and_then(|u| serde_json::from_str::<Value>(u).ok())
+        .and_then(|u| u["session_id"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The Stop hook's feedback messages in the conversation (the CLI sends them as user text
+/// starting `Stop hook feedback:`).
+fn stop_hook_feedback(request: &Value) -> Vec<String> {
+    texts(request)
+        .into_iter()
+        .filter(|t| t.contains("Stop hook feedback"))
+        .collect()
+}
+
 fn tool_results(request: &Value) -> usize {
     request["messages"]
         .as_array()
@@ -472,6 +574,17 @@ pub fn decide_with(
     request: &Value,
     rejects: &mut dyn FnMut(&str, &str) -> bool,
 ) -> Turn {
+    decide_in_run(scenario, request, rejects, &mut |_, _| 0)
+}
+
+/// [`decide_with`], and `run_index(key, stage)` tells which run of the stage this request
+/// belongs to (0: the first), for [`Scenario::LazyFirstRun`].
+pub fn decide_in_run(
+    scenario: Scenario,
+    request: &Value,
+    rejects: &mut dyn FnMut(&str, &str) -> bool,
+    run_index: &mut dyn FnMut(&str, &str) -> usize,
+) -> Turn {
     // A side request of the CLI (no tools: a title, a summary): plain text.
     let has_write = request["tools"]
         .as_array()
@@ -481,33 +594,53 @@ pub fn decide_with(
     }
     let texts = texts(request);
     let all = texts.join("\n");
-    let key = field(&all, "work_item");
-    let stage = field(&all, "stage");
+    // The launcher's task lines name this run's item and stage; a role prompt may mention
+    // other stages ("Your stages: deploy-staging, deploy").
+    let key = task_line(&all, "Work item").or_else(|| field(&all, "work_item"));
+    let stage = task_line(&all, "Stage").or_else(|| field(&all, "stage"));
     let (Some(key), Some(stage)) = (key, stage) else {
         return Turn::Text(
             "The scripted model found no `work_item:` and `stage:` in the prompt; nothing written."
                 .to_owned(),
         );
     };
-    if scenario == Scenario::LazyUntilStopHook && !all.contains("Stop hook feedback") {
-        return Turn::Text(format!("{stage} of {key} looks done to me."));
+    let feedback = all.contains("Stop hook feedback");
+    let lazy = Turn::Text(format!("{stage} of {key} looks done to me."));
+    let dir = working_directory(&texts);
+    let in_checkout = |path: &str| match &dir {
+        Some(dir) => format!("{}/{path}", dir.trim_end_matches('/')),
+        None => path.to_owned(),
+    };
+    let mut done = tool_results(request);
+    match scenario {
+        Scenario::WriteArtifacts => {}
+        Scenario::LazyUntilStopHook if !feedback => return lazy,
+        Scenario::LazyUntilStopHook => {}
+        Scenario::NeverWrites => return lazy,
+        Scenario::LazyFirstRun => {
+            let first_run = run_index(&key, &stage) == 0;
+            if done == 0 {
+                return Turn::Read {
+                    id: "toolu_scripted_read".to_owned(),
+                    file_path: in_checkout("README.md"),
+                };
+            }
+            if first_run && !feedback {
+                return lazy;
+            }
+            // The Read's result is not a file written.
+            done -= 1;
+        }
     }
-    let done = tool_results(request);
-    // The verdict is written on the run's first turn: that is where the run decides.
+    // The verdict is written on the run's first write: that is where the run decides.
     let negative = done == 0 && has_verdict(&stage) && rejects(&key, &stage);
     let files = artifacts_with(&key, &stage, negative);
     match files.get(done) {
-        Some((path, content)) => {
-            let file_path = match working_directory(&texts) {
-                Some(dir) => format!("{}/{path}", dir.trim_end_matches('/')),
-                None => path.clone(),
-            };
-            Turn::Write {
-                id: format!("toolu_scripted_{done:02}"),
-                file_path,
-                content: content.clone(),
-            }
-        }
+        Some((path, content)) => Turn::Write {
+            id: format!("toolu_scripted_{done:02}"),
+            file_path: in_checkout(path),
+            content: content.clone(),
+        },
         None => Turn::Text(format!(
             "Stage {stage} of {key}: {} file(s) written.",
             files.len()
@@ -515,9 +648,37 @@ pub fn decide_with(
     }
 }
 
+impl Turn {
+    /// A tool call's id, tool name and input; `None` for text.
+    fn tool_use(&self) -> Option<(&str, &'static str, Value)> {
+        match self {
+            Turn::Write {
+                id,
+                file_path,
+                content,
+            } => Some((
+                id,
+                "Write",
+                json!({"file_path": file_path, "content": content}),
+            )),
+            Turn::Read { id, file_path } => Some((id, "Read", json!({"file_path": file_path}))),
+            Turn::Text(_) => None,
+        }
+    }
+
+    /// The text of a text turn ("" for a tool call).
+    fn text(&self) -> &str {
+        match self {
+            Turn::Text(t) => t,
+            _ => "",
+        }
+    }
+}
+
 fn usage(turn: &Turn) -> (Value, u64) {
     let out = match turn {
         Turn::Write { content, .. } => 40 + content.len() as u64 / 4,
+        Turn::Read { file_path, .. } => 20 + file_path.len() as u64 / 4,
         Turn::Text(t) => 10 + t.len() as u64 / 4,
     };
     (
@@ -545,18 +706,14 @@ pub fn sse(turn: &Turn) -> String {
             "content": [], "stop_reason": null, "stop_sequence": null, "usage": start_usage
         }}),
     );
-    let stop_reason = match turn {
-        Turn::Write {
-            id,
-            file_path,
-            content,
-        } => {
+    let stop_reason = match turn.tool_use() {
+        Some((id, name, input)) => {
             s += &event(
                 "content_block_start",
                 &json!({"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "tool_use", "id": id, "name": "Write", "input": {}}}),
+                    "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
             );
-            let input = json!({"file_path": file_path, "content": content}).to_string();
+            let input = input.to_string();
             // Streamed in pieces, as the API does: the client must join them.
             let cut = input
                 .char_indices()
@@ -572,7 +729,7 @@ pub fn sse(turn: &Turn) -> String {
             }
             "tool_use"
         }
-        Turn::Text(text) => {
+        None => {
             s += &event(
                 "content_block_start",
                 &json!({"type": "content_block_start", "index": 0,
@@ -581,7 +738,7 @@ pub fn sse(turn: &Turn) -> String {
             s += &event(
                 "content_block_delta",
                 &json!({"type": "content_block_delta", "index": 0,
-                    "delta": {"type": "text_delta", "text": text}}),
+                    "delta": {"type": "text_delta", "text": turn.text()}}),
             );
             "end_turn"
         }
@@ -604,17 +761,12 @@ pub fn sse(turn: &Turn) -> String {
 pub fn message_json(turn: &Turn) -> Value {
     let (mut usage, out) = usage(turn);
     usage["output_tokens"] = json!(out);
-    let (content, stop) = match turn {
-        Turn::Write {
-            id,
-            file_path,
-            content,
-        } => (
-            json!([{"type": "tool_use", "id": id, "name": "Write",
-                "input": {"file_path": file_path, "content": content}}]),
+    let (content, stop) = match turn.tool_use() {
+        Some((id, name, input)) => (
+            json!([{"type": "tool_use", "id": id, "name": name, "input": input}]),
             "tool_use",
         ),
-        Turn::Text(t) => (json!([{"type": "text", "text": t}]), "end_turn"),
+        None => (json!([{"type": "text", "text": turn.text()}]), "end_turn"),
     };
     json!({"id": "msg_scripted", "type": "message", "role": "assistant", "model": MODEL,
         "content": content, "stop_reason": stop, "stop_sequence": null, "usage": usage})
@@ -663,7 +815,9 @@ pub fn claude_cli_or_skip(test: &str) -> Option<std::path::PathBuf> {
                 std::env::var_os("ORCH_REQUIRE_CLAUDE_CLI").is_none(),
                 "{test}: ORCH_REQUIRE_CLAUDE_CLI is set but {why}"
             );
-            eprintln!("SKIPPED {test}: {why}");
+            // Straight to stderr, past the test harness's capture: a skip is never silent.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
             None
         }
     }

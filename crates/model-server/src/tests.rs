@@ -276,3 +276,145 @@ async fn over_http_it_answers_hello_404_streams_turns_and_fails_on_demand() {
     assert_eq!(server.control.failures_answered(), 3);
     assert_eq!(server.control.turns_answered(), 3);
 }
+
+/// The launcher's prompt: the role prompt, then its "Your task" lines.
+const LAUNCHER_PROMPT: &str = "You are the deployer.\n## Your stages: deploy-staging, deploy\n\n---\n\n# Your task\n\n- Work item: ORCH-5 — Ship it\n- Stage: deploy\n- Repository: acme/app (branch `orch/ORCH-5`, base `main`); you are in its checkout.\n";
+
+#[test]
+fn the_launchers_task_lines_name_the_item_and_the_stage() {
+    assert_eq!(
+        task_line(LAUNCHER_PROMPT, "Work item").as_deref(),
+        Some("ORCH-5")
+    );
+    assert_eq!(
+        task_line(LAUNCHER_PROMPT, "Stage").as_deref(),
+        Some("deploy")
+    );
+    assert_eq!(task_line("stage: review", "Stage"), None);
+    match decide(Scenario::WriteArtifacts, &request(LAUNCHER_PROMPT, 0)) {
+        Turn::Write { file_path, .. } => {
+            assert_eq!(file_path, "/srv/co/docs/work-items/ORCH-5/deploy.md");
+        }
+        t => panic!("{t:?}"),
+    }
+}
+
+fn with_feedback(mut r: Value) -> Value {
+    r["messages"].as_array_mut().expect("messages").push(json!({"role": "user", "content": [{"type": "text", "text": "Stop hook feedback:\n[orchestrator qg-hook]: QUALITY GATE ..."}]}));
+    r
+}
+
+/// `LazyFirstRun`: every run reads the checkout first; the first run of a stage then ends
+/// its turn without writing until the Stop hook's feedback; a later run writes at once.
+#[test]
+fn the_lazy_first_run_scenario_is_lazy_in_the_first_run_only() {
+    let prompt = "work_item: ORCH-1\nstage: analysis";
+    let run = |run_index: usize, r: &Value| {
+        decide_in_run(Scenario::LazyFirstRun, r, &mut |_, _| false, &mut |k, s| {
+            assert_eq!((k, s), ("ORCH-1", "analysis"));
+            run_index
+        })
+    };
+    for n in [0, 1] {
+        match run(n, &request(prompt, 0)) {
+            Turn::Read { file_path, .. } => assert_eq!(file_path, "/srv/co/README.md"),
+            t => panic!("run {n}: {t:?}"),
+        }
+    }
+    // First run: lazy after the read, writes once the hook has spoken, then ends.
+    assert!(matches!(run(0, &request(prompt, 1)), Turn::Text(_)));
+    match run(0, &with_feedback(request(prompt, 1))) {
+        Turn::Write { file_path, .. } => {
+            assert_eq!(file_path, "/srv/co/docs/work-items/ORCH-1/analysis.md");
+        }
+        t => panic!("{t:?}"),
+    }
+    assert!(matches!(
+        run(0, &with_feedback(request(prompt, 2))),
+        Turn::Text(_)
+    ));
+    // A later run (the stage retried) writes right after its read.
+    assert!(matches!(run(1, &request(prompt, 1)), Turn::Write { .. }));
+    assert!(matches!(run(1, &request(prompt, 2)), Turn::Text(_)));
+}
+
+#[test]
+fn the_never_writes_scenario_ignores_the_stop_hook() {
+    let r = request("work_item: ORCH-1\nstage: review", 0);
+    assert!(matches!(decide(Scenario::NeverWrites, &r), Turn::Text(_)));
+    assert!(matches!(
+        decide(Scenario::NeverWrites, &with_feedback(r)),
+        Turn::Text(_)
+    ));
+}
+
+#[test]
+fn a_read_turn_streams_a_tool_use_of_read() {
+    let turn = Turn::Read {
+        id: "toolu_r".into(),
+        file_path: "/srv/co/README.md".into(),
+    };
+    let ev = events(&sse(&turn));
+    assert_eq!(ev[1].1["content_block"]["name"], "Read");
+    let joined: String = ev[2..4]
+        .iter()
+        .filter_map(|(_, d)| d["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&joined).expect("input"),
+        json!({"file_path": "/srv/co/README.md"})
+    );
+    assert_eq!(ev[5].1["delta"]["stop_reason"], "tool_use");
+    let m = message_json(&turn);
+    assert_eq!(m["content"][0]["input"]["file_path"], "/srv/co/README.md");
+}
+
+#[test]
+fn the_session_comes_from_the_header_else_the_metadata() {
+    let mut r = request("x", 0);
+    r["metadata"] =
+        json!({"user_id": "{\"device_id\":\"d\",\"account_uuid\":\"\",\"session_id\":\"s-1\"}"});
+    assert_eq!(session_id(&HeaderMap::new(), &r), "s-1");
+    let mut h = HeaderMap::new();
+    h.insert("x-claude-code-session-id", HeaderValue::from_static("s-2"));
+    assert_eq!(session_id(&h, &r), "s-2");
+    assert_eq!(session_id(&HeaderMap::new(), &request("x", 0)), "");
+}
+
+/// Over HTTP, runs are told apart by their session: the first is lazy, the second writes;
+/// the feedback the model got is kept for the test to read.
+#[tokio::test]
+async fn over_http_lazy_first_run_counts_runs_by_session() {
+    let server = ModelServer::start().await.expect("starts");
+    server.control.set_scenario(Scenario::LazyFirstRun);
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/messages", server.base_url());
+    let turn = |session: &'static str, body: Value| {
+        let req = http
+            .post(&url)
+            .header("x-claude-code-session-id", session)
+            .json(&body);
+        async move {
+            let ev = events(&req.send().await.expect("post").text().await.expect("body"));
+            ev[1].1["content_block"]["type"]
+                .as_str()
+                .expect("type")
+                .to_owned()
+        }
+    };
+    let prompt = "work_item: ORCH-4\nstage: analysis";
+    assert_eq!(turn("a", request(prompt, 0)).await, "tool_use");
+    assert_eq!(turn("a", request(prompt, 1)).await, "text");
+    assert_eq!(turn("b", request(prompt, 0)).await, "tool_use");
+    assert_eq!(turn("b", request(prompt, 1)).await, "tool_use");
+    assert_eq!(server.control.runs("ORCH-4", "analysis"), 2);
+    assert_eq!(server.control.runs("ORCH-4", "review"), 0);
+    assert!(server.control.stop_hook_feedback().is_empty());
+    assert_eq!(
+        turn("a", with_feedback(request(prompt, 1))).await,
+        "tool_use"
+    );
+    let fb = server.control.stop_hook_feedback();
+    assert_eq!(fb.len(), 1, "{fb:?}");
+    assert!(fb[0].contains("QUALITY GATE"), "{fb:?}");
+}

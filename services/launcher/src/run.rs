@@ -519,12 +519,14 @@ impl Supervisor {
     fn prompt_text(&self, job: &JobRow, ctx: &Ctx, role_prompt: &str) -> String {
         let mut p = role_prompt.trim_end().to_owned();
         p.push_str("\n\n---\n\n# Your task\n\n");
-        p.push_str(&format!("- Work item: {}", ctx.key));
+        // `work_item:` and `stage:` as the artifacts' frontmatter spells them: the stand-ins
+        // for a model (examples/agents/scripted-agent.py, crates/model-server) read them here.
+        p.push_str(&format!("- work_item: {}", ctx.key));
         if !ctx.title.is_empty() {
             p.push_str(&format!(" — {}", ctx.title));
         }
         p.push_str(&format!(
-            "\n- Stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
+            "\n- stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
             job.stage,
             ctx.repo,
             ctx.branch,
@@ -854,31 +856,7 @@ impl Supervisor {
             Ok(t) if !t.is_empty() => t,
             _ => format!("{} done", role_title(&job.agent)),
         };
-        let mut html = format!("<p>{}</p>", html_escape(&line));
-        let mut parts: Vec<String> = Vec::new();
-        if let Some(p) = pr {
-            parts.push(format!(
-                "PR <a href=\"{}\">#{}</a>",
-                html_escape(&p.url),
-                p.number
-            ));
-        }
-        if !links.is_empty() {
-            let l: Vec<String> = links
-                .iter()
-                .map(|(n, u)| format!("<a href=\"{}\">{}</a>", html_escape(u), html_escape(n)))
-                .collect();
-            parts.push(format!("artifacts: {}", l.join(", ")));
-        }
-        if let Some(b) = qg_hook_blocks.filter(|b| *b > 0) {
-            parts.push(format!("the quality-gate hook kept it working {b} time(s)"));
-        }
-        for n in notes {
-            parts.push(html_escape(n));
-        }
-        if !parts.is_empty() {
-            html.push_str(&format!("<p>{}</p>", parts.join(" · ")));
-        }
+        let html = finish_comment_html(&line, pr, links, notes, qg_hook_blocks);
         let key = format!("launcher:{}:{}:finish", job.id, job.attempt);
         self.comment(
             &files.ctx.key,
@@ -968,6 +946,44 @@ impl Supervisor {
     }
 }
 
+/// The finish comment: usage-ledger's line, then the PR, the artifacts the run changed,
+/// how often the quality-gate hook kept the agent working (`QG hook blocked N×`) and the
+/// notes, joined by ` · `.
+fn finish_comment_html(
+    line: &str,
+    pr: Option<&PullRequest>,
+    links: &[(String, String)],
+    notes: &[String],
+    qg_hook_blocks: Option<u32>,
+) -> String {
+    let mut html = format!("<p>{}</p>", html_escape(line));
+    let mut parts: Vec<String> = Vec::new();
+    if let Some(p) = pr {
+        parts.push(format!(
+            "PR <a href=\"{}\">#{}</a>",
+            html_escape(&p.url),
+            p.number
+        ));
+    }
+    if !links.is_empty() {
+        let l: Vec<String> = links
+            .iter()
+            .map(|(n, u)| format!("<a href=\"{}\">{}</a>", html_escape(u), html_escape(n)))
+            .collect();
+        parts.push(format!("artifacts: {}", l.join(", ")));
+    }
+    if let Some(b) = qg_hook_blocks.filter(|b| *b > 0) {
+        parts.push(format!("QG hook blocked {b}×"));
+    }
+    for n in notes {
+        parts.push(html_escape(n));
+    }
+    if !parts.is_empty() {
+        html.push_str(&format!("<p>{}</p>", parts.join(" · ")));
+    }
+    html
+}
+
 fn again(outcome: &'static str, reason: String, after: Duration) -> End {
     End::Again {
         outcome,
@@ -1016,5 +1032,44 @@ mod tests {
         assert_eq!(back.log, f.log);
         assert!(back.lease);
         assert_eq!(back.ctx.dedupe_key, "d");
+    }
+
+    #[test]
+    fn the_finish_comment_shows_the_qg_hook_blocks() {
+        let pr = PullRequest {
+            number: 7,
+            url: "https://git.example/acme/app/pulls/7".into(),
+            head_branch: "orch/ORCH-1".into(),
+            head_sha: "abc".into(),
+            base_branch: "main".into(),
+            state: orchestrator_forge::PrState::Open,
+            merged: false,
+            merge_sha: None,
+        };
+        let links = vec![(
+            "review.md".to_owned(),
+            "https://git.example/acme/app/src/branch/orch/ORCH-1/docs/work-items/ORCH-1/review.md"
+                .to_owned(),
+        )];
+        let html = finish_comment_html(
+            "Reviewer done · 1.2k tokens <in>",
+            Some(&pr),
+            &links,
+            &["no changes to commit".to_owned()],
+            Some(2),
+        );
+        assert_eq!(
+            html,
+            "<p>Reviewer done · 1.2k tokens &lt;in&gt;</p><p>PR <a href=\"https://git.example/acme/app/pulls/7\">#7</a> · artifacts: <a href=\"https://git.example/acme/app/src/branch/orch/ORCH-1/docs/work-items/ORCH-1/review.md\">review.md</a> · QG hook blocked 2× · no changes to commit</p>"
+        );
+        // No block (or no hook): nothing said about it.
+        for blocks in [Some(0), None] {
+            let html = finish_comment_html("Analyst done", None, &[], &[], blocks);
+            assert_eq!(html, "<p>Analyst done</p>", "{blocks:?}");
+        }
+        assert_eq!(
+            finish_comment_html("Analyst done", None, &[], &[], Some(1)),
+            "<p>Analyst done</p><p>QG hook blocked 1×</p>"
+        );
     }
 }

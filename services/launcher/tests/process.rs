@@ -562,7 +562,7 @@ cat {contracts}/real-2.1.328/stop-hook-blocked-then-success.stdout.json"#;
             .find(|c| c.idempotency_key.ends_with(":finish"))
             .expect("finish");
         assert!(
-            finish.html.contains("kept it working 2 time(s)"),
+            finish.html.contains("QG hook blocked 2×"),
             "{}",
             finish.html
         );

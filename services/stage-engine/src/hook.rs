@@ -87,7 +87,7 @@ pub fn run_hook(req: &HookRequest, stdin: &str) -> HookAnswer {
     HookAnswer {
         code: 2,
         stderr: format!(
-            "QUALITY GATE of stage {stage} for {key} is not met yet. Fix this before you stop:\n- {}\nSee docs/artifacts.md for the expected files and fields.",
+            "QUALITY GATE of stage {stage} for {key} is not met yet. Fix this before you stop:\n- {}\nWrite or fix these files in the checkout (the orchestrator commits them), then finish.",
             missing.join("\n- ")
         ),
     }
@@ -221,5 +221,260 @@ mod tests {
         let mut r = req(d.path(), None);
         r.work_item = "../etc-1".into();
         assert_eq!(run_hook(&r, "").code, 1);
+    }
+
+    /// A stage's artifact check in the hook: the file, a passing text, failing texts with
+    /// what the message must say, and the negative verdict (an answer: the agent may stop).
+    struct Row {
+        stage: Stage,
+        check: &'static str,
+        file: &'static str,
+        pass: &'static str,
+        fails: &'static [(&'static str, &'static str)],
+        negative: Option<&'static str>,
+    }
+
+    const DOC_FAILS: &[(&str, &str)] = &[
+        (
+            "no frontmatter\n",
+            "has no frontmatter (expected: a first line ---, work_item: ORCH-7",
+        ),
+        (
+            "---\nwork_item: ORCH-8\n---\nplan\n",
+            "is for work item 'ORCH-8', not ORCH-7 (expected: work_item: ORCH-7)",
+        ),
+        ("---\nauthor: x\n---\nplan\n", "lacks work_item: ORCH-7"),
+        (
+            "---\nwork_item: ORCH-7\n---\n  \n",
+            "has an empty body (expected: text after the frontmatter)",
+        ),
+    ];
+
+    fn rows() -> Vec<Row> {
+        let doc = |stage, check, file| Row {
+            stage,
+            check,
+            file,
+            pass: "---\nwork_item: ORCH-7\n---\nThe plan.\n",
+            fails: DOC_FAILS,
+            negative: None,
+        };
+        vec![
+            doc(Stage::Analysis, "check_analysis", "analysis.md"),
+            doc(Stage::Architecture, "check_architecture", "architecture.md"),
+            // The PR and mergeability checks of development are left to the real gate.
+            doc(
+                Stage::Development,
+                "check_development_notes",
+                "development.md",
+            ),
+            Row {
+                stage: Stage::Review,
+                check: "check_review_verdict",
+                file: "review.md",
+                pass: "---\nwork_item: ORCH-7\nreview_verdict: APPROVED\n---\n",
+                fails: &[
+                    (
+                        "---\nwork_item: ORCH-7\n---\n",
+                        "lacks review_verdict: (expected: review_verdict: APPROVED or CHANGES_REQUESTED)",
+                    ),
+                    (
+                        "---\nwork_item: ORCH-7\nreview_verdict: LGTM\n---\n",
+                        "review_verdict: 'LGTM' is neither APPROVED nor CHANGES_REQUESTED",
+                    ),
+                    (
+                        "---\nwork_item: ORCH-8\nreview_verdict: APPROVED\n---\n",
+                        "is for work item 'ORCH-8'",
+                    ),
+                ],
+                negative: Some("---\nwork_item: ORCH-7\nreview_verdict: CHANGES_REQUESTED\n---\n"),
+            },
+            Row {
+                stage: Stage::Testing,
+                check: "check_test_status",
+                file: "test-report.md",
+                pass: "---\nwork_item: ORCH-7\ntest_status: passed\n---\n",
+                fails: &[
+                    (
+                        "---\nwork_item: ORCH-7\n---\n",
+                        "lacks test_status: (expected: test_status: PASSED or FAILED)",
+                    ),
+                    (
+                        "---\nwork_item: ORCH-7\ntest_status: GREEN\n---\n",
+                        "test_status: 'GREEN' is neither PASSED nor FAILED",
+                    ),
+                ],
+                negative: Some("---\nwork_item: ORCH-7\ntest_status: FAILED\n---\n"),
+            },
+            Row {
+                stage: Stage::DeployStaging,
+                check: "check_staging_status",
+                file: "staging.md",
+                pass: "---\nwork_item: ORCH-7\nstaging_status: SUCCESS\n---\n",
+                fails: &[
+                    (
+                        "---\nwork_item: ORCH-7\n---\n",
+                        "lacks staging_status: (expected: staging_status: SUCCESS or FAILED)",
+                    ),
+                    (
+                        "---\nwork_item: ORCH-7\nstaging_status: OK\n---\n",
+                        "staging_status: 'OK' is neither SUCCESS nor FAILED",
+                    ),
+                ],
+                negative: Some("---\nwork_item: ORCH-7\nstaging_status: FAILED\n---\n"),
+            },
+            Row {
+                stage: Stage::Deploy,
+                check: "check_deploy_status",
+                file: "deploy.md",
+                pass: "---\nwork_item: ORCH-7\ndeploy_status: SUCCESS\ndeployed_sha: abc\n---\n",
+                fails: &[
+                    (
+                        "---\nwork_item: ORCH-7\n---\n",
+                        "lacks deploy_status: (expected: deploy_status: SUCCESS or FAILED)",
+                    ),
+                    (
+                        "---\nwork_item: ORCH-7\ndeploy_status: DONE\n---\n",
+                        "deploy_status: 'DONE' is neither SUCCESS nor FAILED",
+                    ),
+                ],
+                negative: Some("---\nwork_item: ORCH-7\ndeploy_status: FAILED\n---\n"),
+            },
+        ]
+    }
+
+    /// Every stage's checks through the hook: exit 2 with the check, the file and what is
+    /// expected while the artifact is missing or wrong; exit 0 and silence once it passes;
+    /// exit 0 on a negative verdict.
+    #[test]
+    fn every_stage_blocks_with_what_is_missing_and_passes_once_it_is_there() {
+        let rows = rows();
+        for stage in Stage::ALL {
+            let expected = checks_for(stage)
+                .filter(|c| matches!(c.input, Input::Artifact(_)))
+                .count();
+            let covered = rows.iter().filter(|r| r.stage == stage).count();
+            assert_eq!(covered, expected, "{stage}: a row per artifact check");
+        }
+        for r in &rows {
+            let d = tempfile::tempdir().expect("tempdir");
+            let mut q = req(d.path(), None);
+            q.stage = r.stage.as_str().into();
+            let path = format!("docs/work-items/ORCH-7/{}", r.file);
+            let a = run_hook(&q, "");
+            assert_eq!(a.code, 2, "{}: {}", r.stage, a.stderr);
+            let expect_missing = format!(
+                "{}: {path} is missing (expected: a first line ---, work_item: ORCH-7",
+                r.check
+            );
+            assert!(
+                a.stderr.contains(&expect_missing),
+                "{}: {}",
+                r.stage,
+                a.stderr
+            );
+            assert!(
+                a.stderr.starts_with(&format!(
+                    "QUALITY GATE of stage {} for ORCH-7 is not met yet",
+                    r.stage
+                )),
+                "{}",
+                a.stderr
+            );
+            for (text, why) in r.fails {
+                write(d.path(), r.file, text);
+                let a = run_hook(&q, "");
+                assert_eq!(a.code, 2, "{}: {text:?}: {}", r.stage, a.stderr);
+                assert!(
+                    a.stderr.contains(r.check)
+                        && a.stderr.contains(&path)
+                        && a.stderr.contains(why),
+                    "{}: {text:?}: want {why:?} in {}",
+                    r.stage,
+                    a.stderr
+                );
+            }
+            write(d.path(), r.file, r.pass);
+            assert_eq!(
+                run_hook(&q, ""),
+                HookAnswer {
+                    code: 0,
+                    stderr: String::new()
+                },
+                "{}",
+                r.stage
+            );
+            if let Some(text) = r.negative {
+                write(d.path(), r.file, text);
+                assert_eq!(
+                    run_hook(&q, "").code,
+                    0,
+                    "{}: a negative verdict is an answer",
+                    r.stage
+                );
+            }
+        }
+        // `done` has no checks: nothing to keep the agent for.
+        let d = tempfile::tempdir().expect("tempdir");
+        let mut q = req(d.path(), None);
+        q.stage = "done".into();
+        assert_eq!(run_hook(&q, "").code, 0);
+    }
+
+    /// Exactly `max_blocks` blocks per run (counted in the state file), then exit 0 with
+    /// what still fails; the count does not grow after that.
+    #[test]
+    fn the_hook_blocks_exactly_max_blocks_times_then_lets_the_agent_stop() {
+        for max in [0u32, 1, 3] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let state = d.path().join("state").join("blocks");
+            std::fs::create_dir_all(state.parent().expect("parent")).expect("mkdir");
+            let co = d.path().join("checkout");
+            let mut q = req(&co, Some(state.clone()));
+            q.max_blocks = max;
+            q.stage = "analysis".into();
+            let codes: Vec<u8> = (0..max + 3).map(|_| run_hook(&q, "").code).collect();
+            let mut want = vec![2u8; max as usize];
+            want.extend([0, 0, 0]);
+            assert_eq!(codes, want, "max {max}");
+            assert_eq!(read_count(&state), max, "max {max}");
+            let last = run_hook(&q, "");
+            assert!(
+                last.stderr.contains(&format!("after {max} blocks"))
+                    && last.stderr.contains("analysis.md is missing"),
+                "{}",
+                last.stderr
+            );
+        }
+        // Without a state file nothing is counted: every call blocks.
+        let d = tempfile::tempdir().expect("tempdir");
+        let codes: Vec<u8> = (0..5)
+            .map(|_| run_hook(&req(d.path(), None), "").code)
+            .collect();
+        assert_eq!(codes, vec![2; 5]);
+    }
+
+    /// The hook's own trouble is exit 1 (non-blocking: the real gate decides), naming it.
+    #[test]
+    fn an_unreadable_artifact_or_an_unwritable_state_file_is_exit_1() {
+        let d = tempfile::tempdir().expect("tempdir");
+        // A directory where the artifact should be.
+        std::fs::create_dir_all(d.path().join("docs/work-items/ORCH-7/review.md")).expect("mkdir");
+        let a = run_hook(&req(d.path(), None), "");
+        assert_eq!(a.code, 1, "{}", a.stderr);
+        assert!(
+            a.stderr.starts_with("qg-hook: cannot read") && a.stderr.contains("review.md"),
+            "{}",
+            a.stderr
+        );
+        let d = tempfile::tempdir().expect("tempdir");
+        let state = d.path().join("no-such-dir/blocks");
+        let a = run_hook(&req(d.path(), Some(state)), "");
+        assert_eq!(a.code, 1, "{}", a.stderr);
+        assert!(
+            a.stderr.contains("cannot write") && a.stderr.contains("no-such-dir"),
+            "{}",
+            a.stderr
+        );
     }
 }

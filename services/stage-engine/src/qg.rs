@@ -205,24 +205,28 @@ pub fn frontmatter(text: &str) -> Option<(BTreeMap<String, String>, &str)> {
 }
 
 /// The artifact `name`, checked to exist, to carry frontmatter naming this work item.
+/// `expected` says what the file must hold, for the message when it is missing.
 fn artifact<'a>(
     inputs: &'a Inputs,
     name: &str,
+    expected: &str,
 ) -> Result<(BTreeMap<String, String>, &'a str), CheckOutcome> {
     let path = format!("{}/{name}", artifacts_dir(&inputs.key));
     let Some(Some(text)) = inputs.artifacts.get(name) else {
-        return Err(CheckOutcome::Fail(format!("{path} is missing")));
+        return Err(CheckOutcome::Fail(format!(
+            "{path} is missing (expected: {expected})"
+        )));
     };
     let Some((fields, body)) = frontmatter(text) else {
         return Err(CheckOutcome::Fail(format!(
-            "{path} has no frontmatter (--- lines at the top)"
+            "{path} has no frontmatter (expected: {expected})"
         )));
     };
     match fields.get("work_item") {
         Some(k) if k == &inputs.key => Ok((fields, body)),
         Some(k) => Err(CheckOutcome::Fail(format!(
-            "{path} is for work item '{k}', not {}",
-            inputs.key
+            "{path} is for work item '{k}', not {} (expected: work_item: {})",
+            inputs.key, inputs.key
         ))),
         None => Err(CheckOutcome::Fail(format!(
             "{path} lacks work_item: {}",
@@ -231,12 +235,18 @@ fn artifact<'a>(
     }
 }
 
+/// What a frontmatter block holding `lines` looks like, for the messages.
+fn shape(key: &str, lines: &str) -> String {
+    format!("a first line ---, work_item: {key}{lines}, a line ---")
+}
+
 /// A document artifact: present, for this work item, with a non-empty body.
 fn document(inputs: &Inputs, name: &str) -> CheckOutcome {
-    match artifact(inputs, name) {
+    let expected = format!("{}, then a non-empty body", shape(&inputs.key, ""));
+    match artifact(inputs, name, &expected) {
         Err(o) => o,
         Ok((_, body)) if body.trim().is_empty() => CheckOutcome::Fail(format!(
-            "{}/{name} has an empty body",
+            "{}/{name} has an empty body (expected: text after the frontmatter)",
             artifacts_dir(&inputs.key)
         )),
         Ok(_) => CheckOutcome::Pass,
@@ -245,7 +255,8 @@ fn document(inputs: &Inputs, name: &str) -> CheckOutcome {
 
 /// A verdict artifact: `field` is `pass` (pass), `negative` (rollback) or anything else.
 fn verdict(inputs: &Inputs, name: &str, field: &str, pass: &str, negative: &str) -> CheckOutcome {
-    let (fields, _) = match artifact(inputs, name) {
+    let expected = shape(&inputs.key, &format!(", {field}: {pass} or {negative}"));
+    let (fields, _) = match artifact(inputs, name, &expected) {
         Ok(f) => f,
         Err(o) => return o,
     };
@@ -256,7 +267,9 @@ fn verdict(inputs: &Inputs, name: &str, field: &str, pass: &str, negative: &str)
         Some(v) => CheckOutcome::Fail(format!(
             "{path}: {field}: '{v}' is neither {pass} nor {negative}"
         )),
-        None => CheckOutcome::Fail(format!("{path} lacks {field}:")),
+        None => CheckOutcome::Fail(format!(
+            "{path} lacks {field}: (expected: {field}: {pass} or {negative})"
+        )),
     }
 }
 

@@ -100,6 +100,22 @@ fn usage_part(
     s
 }
 
+/// The usage of one run, e.g. `45.2k in (38.0k cached) / 12.1k out · $0.21`, or
+/// `usage unknown` (with the cost when known): the finish comment without its role, for
+/// whoever shows runs one by one (`orchestrator demo`'s timeline).
+pub fn run_usage(u: Usage, cost_usd: Option<f64>) -> String {
+    let full = u.input_tokens.unwrap_or(0)
+        + u.cache_read_tokens.unwrap_or(0)
+        + u.cache_creation_tokens.unwrap_or(0);
+    usage_part(
+        full,
+        u.cache_read_tokens.unwrap_or(0),
+        u.output_tokens.unwrap_or(0),
+        u.is_known(),
+        cost_usd,
+    )
+}
+
 /// The finish comment of one run, e.g. `Developer done · 45.2k in (38.0k cached) / 12.1k out · $0.21`.
 pub fn finish_line(run: &RunRecord) -> String {
     let verb = if run.is_error == Some(true) {
@@ -107,20 +123,10 @@ pub fn finish_line(run: &RunRecord) -> String {
     } else {
         "done"
     };
-    let u: Usage = run.usage;
-    let full = u.input_tokens.unwrap_or(0)
-        + u.cache_read_tokens.unwrap_or(0)
-        + u.cache_creation_tokens.unwrap_or(0);
     format!(
         "{} {verb} · {}",
         role(&run.agent),
-        usage_part(
-            full,
-            u.cache_read_tokens.unwrap_or(0),
-            u.output_tokens.unwrap_or(0),
-            u.is_known(),
-            run.total_cost_usd
-        )
+        run_usage(run.usage, run.total_cost_usd)
     )
 }
 
