@@ -6,6 +6,7 @@ mod common;
 mod auth;
 mod demo;
 mod deploy;
+mod e2e;
 mod gateway;
 mod item;
 mod launcher;

@@ -17,7 +17,7 @@ use orchestrator_forge::local::LocalForge;
 use orchestrator_forge::{Forge, RepoName};
 use orchestrator_git::{Git, MergeTree};
 use orchestrator_proto::launcher::v1::launcher_server::{Launcher, LauncherServer};
-use orchestrator_proto::launcher::v1::{EnqueueRequest, EnqueueResponse, Job, JobStatus};
+use orchestrator_proto::launcher::v1::{EnqueueRequest, EnqueueResponse, Job, JobKind, JobStatus};
 use orchestrator_proto::merge_gate::v1::merge_gate_server::{MergeGate, MergeGateServer};
 use orchestrator_proto::merge_gate::v1::{
     CheckBranchMergeableRequest, CheckBranchMergeableResponse, Mergeability,
@@ -671,7 +671,7 @@ async fn create(stack: &Stack, project: &str, issue: &str) {
 /// The checks every walk ends with: the right jobs once each, the right transitions, every
 /// side effect delivered once, Arm once.
 async fn check_the_end(
-    s: &Setup,
+    s: &mut Setup,
     walk: &Walk,
 ) -> Vec<orchestrator_proto::stage_engine::v1::OutboxEntry> {
     let got: Vec<(&str, &str)> = walk
@@ -742,7 +742,20 @@ async fn check_the_end(
         ),
         (1, 1, 1)
     );
-    // Redelivered enqueues (if any) made no second job: the script saw each job once.
+    // Once armed, the watch's monitor was enqueued (a reserved job, after the first tick's
+    // wait); redelivered enqueues (if any) made no second job: the script saw each job once.
+    let monitor = s
+        .jobs
+        .try_recv()
+        .expect("the post-deploy-monitor was enqueued");
+    assert_eq!(
+        (
+            monitor.agent.as_str(),
+            monitor.kind(),
+            monitor.work_item.as_str()
+        ),
+        ("post-deploy-monitor", JobKind::Reserved, KEY)
+    );
     assert!(s.jobs.is_empty());
     let arms = s.peers.arms.lock().expect("lock").clone();
     assert_eq!(arms.len(), 1);
@@ -793,7 +806,7 @@ async fn walk_from_analysis_to_done(storage: TestStorage) {
     let mut s = setup(storage, &[]).await;
     create(&s.stack, "", KEY).await;
     let walk = walk(&s.stack, &mut s.jobs, &s.bare, &s.forge, |_, _, _| {}).await;
-    let entries = check_the_end(&s, &walk).await;
+    let entries = check_the_end(&mut s, &walk).await;
     let comments = comments(&s.stack).await;
     assert_eq!(
         comments.len(),
@@ -851,7 +864,7 @@ async fn walk_with_plane_down_for_a_while(storage: TestStorage) {
         *p.answered_503.lock().expect("lock") > 0,
         "Plane was never down"
     );
-    let entries = check_the_end(&s, &walk).await;
+    let entries = check_the_end(&mut s, &walk).await;
     let errors = p.errors.lock().expect("lock").clone();
     assert!(errors.is_empty(), "{errors:#?}");
     // Every comment entry reached Plane exactly once, keyed by its outbox id, in order.

@@ -7,7 +7,9 @@
 //! - `POST /v1/messages` answers a streamed (SSE) turn. Each turn of the agent loop writes
 //!   ONE file of the stage's artifacts with a `tool_use` block of the `Write` tool; once
 //!   every file was written (as many `tool_result` blocks in the conversation as files),
-//!   it answers text with `end_turn`;
+//!   it answers text with `end_turn`. In `deploy` the first turn is a `Bash` tool use of
+//!   `git rev-parse HEAD`, and `deploy.md` carries the commit it answered as
+//!   `deployed_sha:` (the CLI needs `--allowedTools 'Bash(git rev-parse:*)'` for it);
 //! - which files: the work item key and the stage are read from the conversation: the
 //!   launcher's task lines (`- Work item: KEY`, `- Stage: STAGE`) first, else
 //!   `work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`; the checkout from the CLI's system prompt
@@ -350,9 +352,14 @@ pub enum Turn {
     },
     /// `tool_use` of `Read` of this file, `stop_reason: tool_use`.
     Read { id: String, file_path: String },
+    /// `tool_use` of `Bash` running `command`, `stop_reason: tool_use`.
+    Bash { id: String, command: String },
     /// Text, `stop_reason: end_turn`.
     Text(String),
 }
+
+/// What the deployer runs first in `deploy`: the commit it deploys, for `deployed_sha:`.
+pub const HEAD_COMMAND: &str = "git rev-parse HEAD";
 
 /// A file the model writes: path relative to the checkout, and content.
 pub type Artifact = (String, String);
@@ -548,6 +555,34 @@ fn stop_hook_feedback(request: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The first full commit id (40 hex digits) in a `tool_result` of the conversation.
+fn commit_in_tool_results(request: &Value) -> Option<String> {
+    let msgs = request["messages"].as_array()?;
+    let mut texts = Vec::new();
+    for b in msgs
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|b| b["type"] == "tool_result")
+    {
+        match &b["content"] {
+            Value::String(s) => texts.push(s.clone()),
+            Value::Array(inner) => texts.extend(
+                inner
+                    .iter()
+                    .filter_map(|i| i["text"].as_str().map(str::to_owned)),
+            ),
+            _ => {}
+        }
+    }
+    texts.iter().find_map(|t| {
+        t.split(|c: char| !c.is_ascii_hexdigit())
+            .find(|w| w.len() == 40)
+            .map(str::to_owned)
+    })
+}
+
 fn tool_results(request: &Value) -> usize {
     request["messages"]
         .as_array()
@@ -632,9 +667,27 @@ pub fn decide_in_run(
             done -= 1;
         }
     }
+    // In `deploy` the deployer first asks git which commit it deploys (`deployed_sha:`,
+    // which PostDeploy.Arm needs), as a real model would with the Bash tool.
+    let asks_head = stage == "deploy";
+    if asks_head {
+        if done == 0 {
+            return Turn::Bash {
+                id: "toolu_scripted_head".to_owned(),
+                command: HEAD_COMMAND.to_owned(),
+            };
+        }
+        // The Bash result is not a file written.
+        done -= 1;
+    }
     // The verdict is written on the run's first write: that is where the run decides.
     let negative = done == 0 && has_verdict(&stage) && rejects(&key, &stage);
-    let files = artifacts_with(&key, &stage, negative);
+    let mut files = artifacts_with(&key, &stage, negative);
+    if asks_head && let Some(sha) = commit_in_tool_results(request) {
+        for (_, content) in &mut files {
+            *content = content.replacen("---\n", &format!("---\ndeployed_sha: {sha}\n"), 1);
+        }
+    }
     match files.get(done) {
         Some((path, content)) => Turn::Write {
             id: format!("toolu_scripted_{done:02}"),
@@ -662,6 +715,11 @@ impl Turn {
                 json!({"file_path": file_path, "content": content}),
             )),
             Turn::Read { id, file_path } => Some((id, "Read", json!({"file_path": file_path}))),
+            Turn::Bash { id, command } => Some((
+                id,
+                "Bash",
+                json!({"command": command, "description": "The commit being deployed"}),
+            )),
             Turn::Text(_) => None,
         }
     }
@@ -679,6 +737,7 @@ fn usage(turn: &Turn) -> (Value, u64) {
     let out = match turn {
         Turn::Write { content, .. } => 40 + content.len() as u64 / 4,
         Turn::Read { file_path, .. } => 20 + file_path.len() as u64 / 4,
+        Turn::Bash { command, .. } => 30 + command.len() as u64 / 4,
         Turn::Text(t) => 10 + t.len() as u64 / 4,
     };
     (

@@ -291,7 +291,12 @@ fn the_launchers_task_lines_name_the_item_and_the_stage() {
         Some("deploy")
     );
     assert_eq!(task_line("stage: review", "Stage"), None);
-    match decide(Scenario::WriteArtifacts, &request(LAUNCHER_PROMPT, 0)) {
+    // In deploy the first turn asks git for the deployed commit; the file comes next.
+    assert!(matches!(
+        decide(Scenario::WriteArtifacts, &request(LAUNCHER_PROMPT, 0)),
+        Turn::Bash { .. }
+    ));
+    match decide(Scenario::WriteArtifacts, &request(LAUNCHER_PROMPT, 1)) {
         Turn::Write { file_path, .. } => {
             assert_eq!(file_path, "/srv/co/docs/work-items/ORCH-5/deploy.md");
         }
@@ -417,4 +422,54 @@ async fn over_http_lazy_first_run_counts_runs_by_session() {
     let fb = server.control.stop_hook_feedback();
     assert_eq!(fb.len(), 1, "{fb:?}");
     assert!(fb[0].contains("QUALITY GATE"), "{fb:?}");
+}
+
+#[test]
+fn in_deploy_the_model_asks_git_for_the_head_then_writes_it_as_deployed_sha() {
+    let prompt = "work_item: ORCH-3\nstage: deploy";
+    let first = decide(Scenario::WriteArtifacts, &request(prompt, 0));
+    assert_eq!(
+        first,
+        Turn::Bash {
+            id: "toolu_scripted_head".into(),
+            command: HEAD_COMMAND.into()
+        }
+    );
+    let ev = events(&sse(&first));
+    assert_eq!(ev[1].1["content_block"]["name"], "Bash");
+    let joined: String = ev[2..4]
+        .iter()
+        .map(|(_, d)| d["delta"]["partial_json"].as_str().expect("partial_json"))
+        .collect();
+    let input: Value = serde_json::from_str(&joined).expect("input");
+    assert_eq!(input["command"], HEAD_COMMAND);
+
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let mut r = request(prompt, 0);
+    let msgs = r["messages"].as_array_mut().expect("messages");
+    msgs.push(json!({"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_scripted_head", "name": "Bash", "input": {"command": HEAD_COMMAND}}]}));
+    msgs.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_scripted_head", "content": format!("{sha}\n")}]}));
+    match decide(Scenario::WriteArtifacts, &r) {
+        Turn::Write {
+            file_path, content, ..
+        } => {
+            assert_eq!(file_path, "/srv/co/docs/work-items/ORCH-3/deploy.md");
+            assert!(
+                content.starts_with(&format!(
+                    "---\ndeployed_sha: {sha}\nwork_item: ORCH-3\ndeploy_status: SUCCESS\n"
+                )),
+                "{content}"
+            );
+        }
+        t => panic!("{t:?}"),
+    }
+    // Both tool results in: the turn ends.
+    let mut r2 = r.clone();
+    let msgs = r2["messages"].as_array_mut().expect("messages");
+    msgs.push(json!({"role": "assistant", "content": [{"type": "tool_use", "id": "t9", "name": "Write", "input": {}}]}));
+    msgs.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t9", "content": "File created successfully"}]}));
+    assert!(matches!(
+        decide(Scenario::WriteArtifacts, &r2),
+        Turn::Text(_)
+    ));
 }

@@ -177,3 +177,49 @@ async fn the_real_cli_writes_the_code_change_and_the_notes_in_development() {
     // Two Write turns, then the closing text.
     assert_eq!(r.num_turns, Some(3), "{r:?}");
 }
+
+#[tokio::test]
+async fn in_deploy_the_real_cli_runs_git_through_bash_and_writes_the_deployed_sha() {
+    let Some(bin) =
+        cli_or_skip("in_deploy_the_real_cli_runs_git_through_bash_and_writes_the_deployed_sha")
+    else {
+        return;
+    };
+    let server = ModelServer::start().await.expect("server");
+    let co = checkout();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args(args)
+            .current_dir(co.path())
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "sample"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    let out = run_cli(
+        &bin,
+        &server,
+        co.path(),
+        "deploy",
+        &["--allowedTools", "Bash(git rev-parse:*)"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", describe(&out));
+    let deploy =
+        std::fs::read_to_string(co.path().join(format!("docs/work-items/{KEY}/deploy.md")))
+            .unwrap_or_else(|e| panic!("deploy.md: {e}\n{}", describe(&out)));
+    assert!(
+        deploy.contains(&format!("deployed_sha: {head}\n")),
+        "{deploy}\n{}",
+        describe(&out)
+    );
+    let r = orchestrator_agent_output::parse_result(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no result: {}", describe(&out)));
+    assert_eq!(r.permission_denials, 0, "{r:?}");
+    // Bash, Write, then the closing text.
+    assert_eq!(r.num_turns, Some(3), "{r:?}");
+}

@@ -24,6 +24,9 @@ use crate::config::OutboxConfig;
 use crate::peers::{self, Peers};
 use crate::store;
 
+/// The launcher's reserved job that ticks a post-deploy watch until it is over.
+pub const POST_DEPLOY_MONITOR: &str = "post-deploy-monitor";
+
 /// A side effect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -42,7 +45,8 @@ pub enum Effect {
         dedupe_key: String,
         payload_json: String,
     },
-    /// `PostDeploy.Arm` after `deploy -> done`. `previous_sha` (what production ran
+    /// `PostDeploy.Arm` after `deploy -> done`, then (when armed) `Launcher.Enqueue` of the
+    /// [`POST_DEPLOY_MONITOR`] that ticks the watch. `previous_sha` (what production ran
     /// before) may be empty: entries written before it existed lack it.
     ArmWatch {
         repo: String,
@@ -471,12 +475,34 @@ impl Dispatcher {
                     .peers
                     .arm(ArmRequest {
                         work_item: entry.work_item.clone(),
-                        repo,
+                        repo: repo.clone(),
                         deployed_sha,
                         previous_sha,
                     })
                     .await?;
-                Ok(serde_json::json!({"armed": resp.armed, "created": resp.created, "reason": resp.reason}).to_string())
+                // The watch is ticked by the launcher's reserved post-deploy-monitor job,
+                // first after `next_tick_in_s`. Idempotent with Arm: a redelivered entry
+                // arms the same watch and enqueues under the same dedupe key.
+                let mut monitor = String::new();
+                if resp.armed {
+                    let first = i64::from(resp.next_tick_in_s).saturating_mul(1000);
+                    let queued = self
+                        .peers
+                        .enqueue(EnqueueRequest {
+                            work_item: entry.work_item.clone(),
+                            repo: repo.clone(),
+                            agent: POST_DEPLOY_MONITOR.to_owned(),
+                            stage: "done".to_owned(),
+                            kind: JobKind::Reserved as i32,
+                            payload_json: "{}".to_owned(),
+                            dedupe_key: format!("{POST_DEPLOY_MONITOR}:{}", entry.id),
+                            not_before_ms: now_ms().saturating_add(first),
+                            max_attempts: 0,
+                        })
+                        .await?;
+                    monitor = queued.job.map(|j| j.id).unwrap_or_default();
+                }
+                Ok(serde_json::json!({"armed": resp.armed, "created": resp.created, "reason": resp.reason, "monitor_job_id": monitor}).to_string())
             }
         }
     }

@@ -475,6 +475,31 @@ async fn bug_8_and_deploy_to_done(storage: TestStorage) {
         ]
     );
     assert_eq!(*h.armed.lock().expect("lock"), 1);
+    // Armed: the launcher's reserved monitor ticks the watch from now on.
+    let monitor = h
+        .enqueued
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("enqueued");
+    assert_eq!(
+        (
+            monitor.agent.as_str(),
+            monitor.kind(),
+            monitor.stage.as_str()
+        ),
+        (
+            crate::outbox::POST_DEPLOY_MONITOR,
+            orchestrator_proto::launcher::v1::JobKind::Reserved,
+            "done"
+        )
+    );
+    assert!(
+        monitor.dedupe_key.starts_with("post-deploy-monitor:"),
+        "{}",
+        monitor.dedupe_key
+    );
     let local = orchestrator_tracker::local::LocalTracker::new(h.svc.engine().db.clone());
     assert_eq!(
         local.state_of("issue-7").await.expect("state").as_deref(),
