@@ -44,8 +44,14 @@ async fn three_launcher_replicas_share_the_cap_and_run_each_job_once() {
     std::fs::create_dir_all(root.join("agents")).expect("agents");
     std::fs::write(root.join("agents/noop.md"), "Do nothing.\n").expect("prompt");
     // Long enough runs for the replicas to compete for the slots.
-    let agent = RecordingAgent::create(&root.join("agent"), &Behaviour { run_seconds: 0.4 })
-        .expect("agent");
+    let agent = RecordingAgent::create(
+        &root.join("agent"),
+        &Behaviour {
+            run_seconds: 0.4,
+            ..Behaviour::default()
+        },
+    )
+    .expect("agent");
     let command = agent.command();
     let agents = root.join("agents").display().to_string();
     let cap = CAP.to_string();

@@ -22,6 +22,11 @@ use std::path::{Path, PathBuf};
 pub struct Behaviour {
     /// Seconds each run lasts before it ends (a `sleep`, so it forks: after the start).
     pub run_seconds: f64,
+    /// The real agent to run after the start record (e.g. the scripted agent), given the
+    /// script's arguments: its output and exit code are the run's, and `end` is recorded
+    /// whatever its exit code. `None`: the built-in success (and an analyst's
+    /// `analysis.md`).
+    pub then: Option<String>,
 }
 
 /// The script and what it recorded.
@@ -63,6 +68,24 @@ impl RecordingAgent {
             String::new()
         };
         let r = root.display();
+        let run = match &behaviour.then {
+            Some(command) => format!(
+                r#"{command} "$@"
+rc=$?
+echo "end $EPOCHREALTIME" >> "{r}/jobs/$ORCH_JOB_ID"
+exit $rc
+"#
+            ),
+            None => format!(
+                r#"if [ "$ORCH_AGENT" = analyst ]; then
+  mkdir -p "$ORCH_ARTIFACTS_DIR"
+  printf -- '---\nwork_item: %s\n---\n# Analysis\nRecorded agent.\n' "$ORCH_WORK_ITEM" > "$ORCH_ARTIFACTS_DIR/analysis.md"
+fi
+echo "end $EPOCHREALTIME" >> "{r}/jobs/$ORCH_JOB_ID"
+echo '{{"type":"result","subtype":"success","is_error":false,"result":"ok","total_cost_usd":0}}'
+"#
+            ),
+        };
         let script = root.join("agent.sh");
         std::fs::write(
             &script,
@@ -70,13 +93,7 @@ impl RecordingAgent {
                 r#"t=$EPOCHREALTIME
 echo "$t" >> "{r}/first/$ORCH_WORK_ITEM.$ORCH_AGENT"
 echo "start $t $ORCH_JOB_ATTEMPT $ORCH_WORK_ITEM $ORCH_AGENT $ORCH_PROMPT_FILE" >> "{r}/jobs/$ORCH_JOB_ID"
-{sleep}if [ "$ORCH_AGENT" = analyst ]; then
-  mkdir -p "$ORCH_ARTIFACTS_DIR"
-  printf -- '---\nwork_item: %s\n---\n# Analysis\nRecorded agent.\n' "$ORCH_WORK_ITEM" > "$ORCH_ARTIFACTS_DIR/analysis.md"
-fi
-echo "end $EPOCHREALTIME" >> "{r}/jobs/$ORCH_JOB_ID"
-echo '{{"type":"result","subtype":"success","is_error":false,"result":"ok","total_cost_usd":0}}'
-"#
+{sleep}{run}"#
             ),
         )?;
         Ok(RecordingAgent {
@@ -255,5 +272,34 @@ mod tests {
         assert!(agent.runs_of("job-2").expect("none").is_empty());
         assert_eq!(agent.first_start("W-7", "analyst"), Some(runs[0].start));
         assert!(checkout.join("docs/work-items/W-7/analysis.md").is_file());
+    }
+
+    #[test]
+    fn the_script_runs_the_agent_it_wraps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = RecordingAgent::create(
+            dir.path(),
+            &Behaviour {
+                then: Some(r#"sh -c 'printf "ran %s" "$ORCH_AGENT"; exit 3' agent"#.into()),
+                ..Behaviour::default()
+            },
+        )
+        .expect("create");
+        let out = std::process::Command::new("bash")
+            .arg(dir.path().join("agent.sh"))
+            .current_dir(dir.path())
+            .env("ORCH_JOB_ID", "job-9")
+            .env("ORCH_JOB_ATTEMPT", "4")
+            .env("ORCH_WORK_ITEM", "W-9")
+            .env("ORCH_AGENT", "tester")
+            .env("ORCH_PROMPT_FILE", "/w/p.md")
+            .output()
+            .expect("bash runs");
+        // The wrapped agent's output and exit code are the run's; the end is recorded.
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ran tester");
+        let runs = agent.runs_of("job-9").expect("runs");
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].attempt, runs[0].end.is_some()), (4, true));
     }
 }
