@@ -389,6 +389,7 @@ async fn work_items_survive_random_kills() {
     let mut items: Vec<Item> = Vec::new();
     let mut senders = Senders::default();
     let mut longest_run_ms: i64 = 0;
+    let mut last_progress = Instant::now();
     let deadline = began + size.timeout;
     let settled = loop {
         let kills = kills_done.load(Ordering::SeqCst);
@@ -519,6 +520,18 @@ async fn work_items_survive_random_kills() {
             longest_run_ms = longest_run_ms.max(now - r.get::<i64, _>(0));
         }
 
+        if last_progress.elapsed() > Duration::from_secs(30) {
+            last_progress = Instant::now();
+            let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+            for (_, status) in states.values() {
+                *by_status.entry(status.as_str()).or_default() += 1;
+            }
+            eprintln!(
+                "fault suite: {:.0?} in: {kills} kills, {} items created, by status {by_status:?}",
+                began.elapsed(),
+                items.len()
+            );
+        }
         let finished = items.len() == size.items
             && items.iter().all(|i| {
                 states
@@ -739,6 +752,7 @@ async fn work_items_survive_random_kills() {
         .collect();
     check(
         applied_twice.is_empty()
+            && senders.duplicate_answers.keys().all(|a| a == "duplicate")
             && dones.values().all(|n| *n == 1)
             && accepted.values().sum::<i64>() <= comments_posted as i64,
         format!(
