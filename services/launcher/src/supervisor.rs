@@ -464,7 +464,8 @@ impl Supervisor {
             .await;
     }
 
-    /// Posts a comment through stage-engine (its outbox retries it); never fatal.
+    /// Posts a comment through stage-engine (its outbox retries it), waiting a while for a
+    /// restarting stage-engine (AddComment is idempotent on `key`); never fatal.
     pub(crate) async fn comment(&self, work_item: &str, html: &str, author: &str, key: &str) {
         let req = orchestrator_proto::stage_engine::v1::AddCommentRequest {
             work_item: work_item.to_owned(),
@@ -472,7 +473,12 @@ impl Supervisor {
             author: author.to_owned(),
             idempotency_key: key.to_owned(),
         };
-        if let Err(e) = self.inner.peers.add_comment(req).await {
+        let posted = self
+            .retry_peer(work_item, "add_comment", || {
+                self.inner.peers.add_comment(req.clone())
+            })
+            .await;
+        if let Err(e) = posted {
             tracing::warn!(work_item, code = ?e.code(), error = e.message(), "cannot post a comment");
         }
     }
