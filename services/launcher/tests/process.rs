@@ -141,8 +141,14 @@ sleep 300"#;
     .await;
     let job = h.enqueue("developer", "development", "").await;
     h.wait_for(&job.id, SECS, is(Status::Running)).await;
-    let child_file = h.root.join("child.pid");
-    eventually(SECS, "the child started", || child_file.exists()).await;
+    // The background child can write its pid before the leader writes its own.
+    let written = |f: &str| {
+        std::fs::read_to_string(h.root.join(f)).is_ok_and(|t| t.trim().parse::<i32>().is_ok())
+    };
+    eventually(SECS, "the leader and the child started", || {
+        written("child.pid") && written("leader.pid")
+    })
+    .await;
     let read_pid = |f: &str| -> i32 {
         std::fs::read_to_string(h.root.join(f))
             .expect("pid")
