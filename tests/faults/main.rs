@@ -1,7 +1,7 @@
 //! The fault-injection suite (issue #8): work items through the stack as separate
 //! `orchestrator serve` processes on PostgreSQL (three launcher replicas), the scripted agent
-//! (`examples/agents/scripted-agent.py`, no model) wrapped by the recording agent so that
-//! every run leaves its own record, the fake Plane and Gitea of `crates/fakes` sending signed
+//! (`examples/agents/scripted-agent.py`, no model, each run held 0.5 s so that kills find
+//! agents mid-run) wrapped by the recording agent so that every run leaves its own record, the fake Plane and Gitea of `crates/fakes` sending signed
 //! webhooks to the gateway — while random processes (any service, a launcher replica, the
 //! gateway) are SIGKILLed at random moments and restarted after a short random delay.
 //!
@@ -307,7 +307,8 @@ async fn work_items_survive_random_kills() {
                 "python3 {}",
                 examples.join("scripted-agent.py").display()
             )),
-            ..Behaviour::default()
+            // Runs last a while, so that kills find agents mid-run.
+            run_seconds: 0.5,
         },
     )
     .expect("agent");
@@ -650,6 +651,32 @@ async fn work_items_survive_random_kills() {
         format!(
             "every recorded run is a claimed attempt of a launcher job ({} jobs): unknown {unknown:?}",
             claimed.len()
+        ),
+    );
+
+    // No effect of a finished run lost to a peer's restart: its usage and its finish
+    // comment, for the final attempt of every LLM job that succeeded.
+    let lost: Vec<(String, String, i64, bool, bool)> = sqlx::query(
+        "SELECT j.id, j.agent, j.attempt,
+                EXISTS (SELECT 1 FROM usage_ledger.agent_runs u
+                         WHERE u.job_id = j.id AND u.attempt = j.attempt),
+                EXISTS (SELECT 1 FROM stage_engine.outbox o
+                         WHERE o.idempotency_key = 'launcher:' || j.id || ':' || j.attempt || ':finish')
+           FROM launcher.jobs j WHERE j.kind = 'llm' AND j.status = 'succeeded'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("usage and comments")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .filter(|(_, _, _, usage, comment)| !usage || !comment)
+    .collect();
+    check(
+        lost.is_empty(),
+        format!(
+            "succeeded runs whose usage or finish comment is missing: {} {:?}",
+            lost.len(),
+            lost.iter().take(5).collect::<Vec<_>>()
         ),
     );
 
