@@ -11,7 +11,9 @@
 //!
 //! Times are `$EPOCHREALTIME` (seconds since the epoch, microseconds), taken before any
 //! fork. It prints a successful CLI result; an `analyst` also writes `analysis.md` into
-//! `$ORCH_ARTIFACTS_DIR`, enough for the analysis gate.
+//! `$ORCH_ARTIFACTS_DIR`, enough for the analysis gate. With [`Behaviour::then`] it runs a
+//! real agent instead (the fault suite wraps the scripted agent this way) and records
+//! around it.
 
 use std::collections::BTreeMap;
 use std::io;
