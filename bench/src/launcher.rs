@@ -5,9 +5,12 @@
 //!
 //! - latency: `--latency-jobs` sequential enqueues, each timed from the Enqueue call to the
 //!   moment the agent process runs its first line (`$EPOCHREALTIME`, the same clock);
-//! - throughput: `--jobs` no-op jobs enqueued first, then the dispatcher started; jobs/s is
-//!   N / (start -> every job succeeded), each job checked to have run exactly once; once
-//!   with LLM jobs (a process each), once with reserved jobs (an RPC answered at once).
+//! - throughput: `--jobs` no-op jobs enqueued first (on PostgreSQL then `ANALYZE` and
+//!   `CHECKPOINT`, as graphile-worker's side in `pg-queue`), then the dispatcher started;
+//!   jobs/s is N / (first task start -> every job ended), each job checked to have run
+//!   exactly once; once with LLM jobs (a process each; "first task start" is the
+//!   dispatcher's start), once with reserved jobs (an RPC answered at once; the first
+//!   `Tick`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 struct NoopPeers {
     ended: std::sync::atomic::AtomicUsize,
+    /// When the first reserved job's task (its `Tick`) ran.
+    first_tick: std::sync::OnceLock<Instant>,
 }
 
 impl NoopPeers {
@@ -93,6 +98,7 @@ impl Peers for NoopPeers {
         Ok(FinalizeMergeResponse::default())
     }
     async fn tick(&self, _: &str) -> Result<TickResponse, tonic::Status> {
+        self.first_tick.get_or_init(Instant::now);
         self.end();
         Ok(TickResponse {
             done: true,
@@ -239,7 +245,9 @@ async fn latency(postgres: &Option<String>, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn throughput(
+/// No-op jobs per second: `n` jobs of `agent` (`noop`: an LLM job, a process each;
+/// `post-deploy-monitor`: a reserved job) enqueued first, then run under `concurrency`.
+pub(crate) async fn throughput(
     postgres: &Option<String>,
     n: usize,
     concurrency: u32,
@@ -250,6 +258,11 @@ async fn throughput(
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         ids.push(l.svc.enqueue_job(request(i, agent)).await?.0.id);
+    }
+    if l.db.backend == db::Backend::Postgres {
+        // Fresh statistics and no checkpoint due mid-run, as on graphile-worker's side.
+        sqlx::query("ANALYZE").execute(&l.db.pool).await?;
+        sqlx::query("CHECKPOINT").execute(&l.db.pool).await?;
     }
     let started = Instant::now();
     l.svc.supervisor().start(l.stop.clone());
@@ -277,7 +290,13 @@ async fn throughput(
         anyhow::ensure!(Instant::now() < deadline, "not done: {counts:?}");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let took = started.elapsed();
+    let took = l
+        .peers
+        .first_tick
+        .get()
+        .copied()
+        .unwrap_or(started)
+        .elapsed();
     // Exactly once: every job succeeded at its first attempt (and an LLM job's agent ran).
     for id in &ids {
         let j = store::get(&l.db, id).await?.context("job")?;

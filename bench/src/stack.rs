@@ -28,6 +28,11 @@ fn free_port() -> Result<u16> {
 impl Stack {
     /// Execs the binary on free ports; returns at once (measure readiness separately).
     pub async fn start(bin: &Path) -> Result<Stack> {
+        Stack::start_with(bin, &[]).await
+    }
+
+    /// As `start`, with extra variables (the agent command, the forge...).
+    pub async fn start_with(bin: &Path, env: &[(String, String)]) -> Result<Stack> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(bin);
         cmd.arg("up")
@@ -36,6 +41,7 @@ impl Stack {
             .env("ORCH_LOG", "warn")
             .env_remove("ORCH_DATABASE_URL")
             .env_remove("ORCH_INTERNAL_TOKEN")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -58,6 +64,16 @@ impl Stack {
 
     pub fn url(&self, part: ServiceName) -> String {
         format!("http://{}", self.addrs[&part])
+    }
+
+    /// Where `part` listens.
+    pub fn addr(&self, part: ServiceName) -> &str {
+        &self.addrs[&part]
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Polls every gRPC service's health and the gateway's /healthz until all answer.
@@ -154,34 +170,4 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-/// Cores and CPU model, for the record.
-pub fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-                    / 1024
-                    / 1024
-            })
-        })
-        .unwrap_or(0);
-    format!("{cores} cores, {cpu}, {mem} GiB")
 }

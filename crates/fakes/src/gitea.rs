@@ -95,6 +95,8 @@ pub struct GiteaData {
     /// Merge requests received, and merges performed.
     pub merge_requests: u32,
     pub merges_done: u32,
+    /// Every merge performed, in order: (`owner/name`, PR number, who merged it).
+    pub merge_log: Vec<(String, u64, String)>,
     /// Every REST request: `METHOD path login` (`-` without a known token).
     pub requests: Vec<String>,
     /// Every git request: `service login` (`git-upload-pack`, `git-receive-pack`).
@@ -1075,6 +1077,8 @@ async fn merged(inner: &Inner, full: &str, number: u64, login: &str) -> Option<O
     {
         let mut d = inner.lock();
         d.merges_done += 1;
+        d.merge_log
+            .push((full.to_owned(), number, login.to_owned()));
         if let Some(meta) = d.pulls.get_mut(&(full.to_owned(), number)) {
             let now = now_ms();
             meta.merged_at_ms = Some(now);

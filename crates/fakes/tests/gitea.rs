@@ -163,6 +163,10 @@ async fn the_forge_client_opens_reads_and_merges_pull_requests() {
         }
     );
     assert_eq!(gitea.with(|d| (d.merge_requests, d.merges_done)), (3, 1));
+    assert_eq!(
+        gitea.with(|d| d.merge_log.clone()),
+        [(REPO.to_owned(), 1, "orchestrator".to_owned())]
+    );
 
     // Webhooks: opened, then closed with merged: true, signed over the bytes sent.
     let got = hook.wait_for(2).await;

@@ -9,7 +9,10 @@
 //!   is set (CI sets it).
 //! - [`procs::ProcStack`]: the stack as separate `orchestrator serve` processes (SQLite or
 //!   PostgreSQL, N launcher replicas), killed and restarted by name.
+//! - [`agent::RecordingAgent`]: an agent script that records every run it makes (start,
+//!   end, attempt, which replica), to check exactly-once and the cap from the agent's side.
 
+pub mod agent;
 mod pg;
 pub mod procs;
 
@@ -18,7 +21,7 @@ use std::io::Write;
 use orchestrator_kit::Env;
 use orchestrator_kit::db::Location;
 
-pub use pg::{PgCluster, cluster};
+pub use pg::{PgCluster, cluster, durable_cluster};
 
 /// Storage for one test: its location, and the variables that point a stack at it.
 pub struct TestStorage {

@@ -1,4 +1,5 @@
-//! A throwaway PostgreSQL cluster for tests: one per test process, started on first use.
+//! Throwaway PostgreSQL clusters, one of each kind per process, started on first use: the
+//! tests' fast one (durability off) and the benchmarks' durable one (initdb's defaults).
 
 // Spawning the server needs `pre_exec` (to tie its life to ours) and `geteuid`.
 #![allow(unsafe_code)]
@@ -21,12 +22,30 @@ const PG_USER: &str = "orch-pg";
 pub struct PgCluster {
     pub port: u16,
     pub data_dir: PathBuf,
+    /// Whether commits are flushed to disk (`fsync`, `synchronous_commit` and
+    /// `full_page_writes` at initdb's defaults).
+    pub durable: bool,
 }
 
-/// Returns the process's cluster, starting it on first use; `Err` says why there is none.
+/// Returns the process's test cluster, starting it on first use; `Err` says why there is
+/// none. Durability is off (`fsync=off`, `synchronous_commit=off`,
+/// `full_page_writes=off`): a test's data dies with it anyway.
 pub fn cluster() -> Result<&'static PgCluster, String> {
     static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
-    CLUSTER.get_or_init(start).as_ref().map_err(Clone::clone)
+    CLUSTER
+        .get_or_init(|| start(false))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Returns the process's durable cluster (initdb's defaults: every commit flushed), for
+/// benchmarks whose figures must compare with a production-like PostgreSQL.
+pub fn durable_cluster() -> Result<&'static PgCluster, String> {
+    static CLUSTER: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| start(true))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 impl PgCluster {
@@ -137,9 +156,11 @@ fn server_identity() -> Result<Option<(u32, u32)>, String> {
 fn remove_stale_dirs(base: &Path) {
     for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
         let name = entry.file_name();
+        // `orch-pg-<pid>` or `orch-pg-<pid>-durable`.
         let Some(pid) = name
             .to_str()
             .and_then(|n| n.strip_prefix("orch-pg-"))
+            .and_then(|p| p.split('-').next())
             .and_then(|p| p.parse::<i32>().ok())
         else {
             continue;
@@ -151,7 +172,7 @@ fn remove_stale_dirs(base: &Path) {
     }
 }
 
-fn start() -> Result<PgCluster, String> {
+fn start(durable: bool) -> Result<PgCluster, String> {
     let initdb = find_bin("initdb").ok_or("initdb is not on PATH nor under /usr/lib/postgresql")?;
     let postgres =
         find_bin("postgres").ok_or("postgres is not on PATH nor under /usr/lib/postgresql")?;
@@ -159,7 +180,8 @@ fn start() -> Result<PgCluster, String> {
 
     let base = std::env::temp_dir();
     remove_stale_dirs(&base);
-    let root = base.join(format!("orch-pg-{}", std::process::id()));
+    let suffix = if durable { "-durable" } else { "" };
+    let root = base.join(format!("orch-pg-{}{suffix}", std::process::id()));
     let data_dir = root.join("data");
     let sock_dir = root.join("sock");
     for d in [&root, &sock_dir] {
@@ -206,16 +228,19 @@ fn start() -> Result<PgCluster, String> {
             "-k",
         ])
         .arg(&sock_dir)
-        // A throwaway cluster: durability buys nothing here.
-        .args([
+        .args(["-c", "max_connections=300"]);
+    if !durable {
+        // A test's cluster: durability buys nothing here.
+        server.args([
             "-c",
             "fsync=off",
             "-c",
             "synchronous_commit=off",
             "-c",
             "full_page_writes=off",
-        ])
-        .args(["-c", "max_connections=300"])
+        ]);
+    }
+    server
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(
@@ -263,5 +288,9 @@ fn start() -> Result<PgCluster, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(PgCluster { port, data_dir })
+    Ok(PgCluster {
+        port,
+        data_dir,
+        durable,
+    })
 }

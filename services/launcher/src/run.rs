@@ -640,18 +640,21 @@ impl Supervisor {
     async fn finalize(&self, job: &JobRow, files: &RunFiles, exit: RunExit, timeout: Duration) {
         let tail = read_tail(&files.log);
         let result = parse_result(&tail);
-        if let Err(e) = self
-            .inner
-            .peers
-            .record_run(RecordRunRequest {
-                job_id: job.id.clone(),
-                attempt: job.attempt,
-                work_item: files.ctx.key.clone(),
-                agent: job.agent.clone(),
-                output: tail.clone(),
+        let usage = RecordRunRequest {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            work_item: files.ctx.key.clone(),
+            agent: job.agent.clone(),
+            output: tail.clone(),
+        };
+        // Retried while usage-ledger restarts (RecordRun is idempotent on the job and
+        // attempt): a run's usage lost here is missing from the item's summary for good.
+        let recorded = self
+            .retry_peer(&job.id, "record_run", || {
+                self.inner.peers.record_run(usage.clone())
             })
-            .await
-        {
+            .await;
+        if let Err(e) = recorded {
             // Never fatal: the run's outcome does not depend on its accounting.
             tracing::warn!(job_id = job.id, code = ?e.code(), error = e.message(), "cannot record the run's usage");
         }
@@ -880,26 +883,42 @@ impl Supervisor {
             attempt: job.attempt,
             dedupe_key: ctx.dedupe_key.clone(),
         };
+        self.retry_peer(&job.id, "advance_stage", || {
+            self.inner.peers.advance_stage(req.clone())
+        })
+        .await
+        .map_err(|s| {
+            tracing::warn!(job_id = job.id, code = ?s.code(), error = s.message(), "advance_stage failed");
+            format!("advance_stage failed ({:?}): {}", s.code(), s.message())
+        })
+    }
+
+    /// Calls a peer about `subject` (a job, a work item), again while the answer is
+    /// transient (the peer is down or restarting): six tries, 250 ms doubling (about 8 s in
+    /// all), fewer once the launcher stops. Returns the last answer.
+    pub(crate) async fn retry_peer<T, F, Fut>(
+        &self,
+        subject: &str,
+        rpc: &str,
+        mut call: F,
+    ) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let mut wait = Duration::from_millis(250);
-        for tries in 1.. {
-            match self.inner.peers.advance_stage(req.clone()).await {
-                Ok(r) => return Ok(r),
+        let mut tries = 1;
+        loop {
+            match call().await {
                 Err(s) if is_transient(&s) && tries < 6 && !self.inner.stopped.is_cancelled() => {
-                    tracing::info!(job_id = job.id, code = ?s.code(), "stage-engine unavailable for advance_stage; retrying");
+                    tracing::info!(subject, rpc, code = ?s.code(), "peer unavailable; retrying");
                     tokio::time::sleep(wait).await;
                     wait *= 2;
+                    tries += 1;
                 }
-                Err(s) => {
-                    tracing::warn!(job_id = job.id, code = ?s.code(), error = s.message(), "advance_stage failed");
-                    return Err(format!(
-                        "advance_stage failed ({:?}): {}",
-                        s.code(),
-                        s.message()
-                    ));
-                }
+                answer => return answer,
             }
         }
-        Err("advance_stage was not attempted".to_owned())
     }
 
     /// After the deployer's verdict completed the item: the deploy-finalizer merges the PR,

@@ -350,8 +350,11 @@ impl Supervisor {
         }
     }
 
-    /// Starts the task of a claimed run.
-    fn launch(&self, job: JobRow) {
+    /// Tracks a run handled here — claimed, or left running by this launcher's previous
+    /// life and being reconciled — until the guard drops: meanwhile its handle makes
+    /// `ProbeProcesses` answer ALIVE and the heartbeat loop refresh its job, so that the
+    /// reaper does not race this launcher's own finalize; shutdown waits for it.
+    fn track(&self, job: &JobRow) -> (RunHandle, RunGuard) {
         let (tx, rx) = watch::channel(false);
         let handle = RunHandle {
             attempt: job.attempt,
@@ -368,13 +371,6 @@ impl Supervisor {
         if let Ok(mut runs) = self.inner.runs.lock() {
             runs.insert(job.id.clone(), handle.clone());
         }
-        tracing::info!(
-            job_id = job.id,
-            attempt = job.attempt,
-            agent = job.agent,
-            work_item = job.work_item,
-            "job claimed"
-        );
         let guard = RunGuard {
             sup: self.clone(),
             id: job.id.clone(),
@@ -382,6 +378,19 @@ impl Supervisor {
             kind: job.kind,
             ended: tx,
         };
+        (handle, guard)
+    }
+
+    /// Starts the task of a claimed run.
+    fn launch(&self, job: JobRow) {
+        let (handle, guard) = self.track(&job);
+        tracing::info!(
+            job_id = job.id,
+            attempt = job.attempt,
+            agent = job.agent,
+            work_item = job.work_item,
+            "job claimed"
+        );
         let me = self.clone();
         tokio::spawn(async move {
             let _guard = guard;
@@ -464,7 +473,8 @@ impl Supervisor {
             .await;
     }
 
-    /// Posts a comment through stage-engine (its outbox retries it); never fatal.
+    /// Posts a comment through stage-engine (its outbox retries it), waiting a while for a
+    /// restarting stage-engine (AddComment is idempotent on `key`); never fatal.
     pub(crate) async fn comment(&self, work_item: &str, html: &str, author: &str, key: &str) {
         let req = orchestrator_proto::stage_engine::v1::AddCommentRequest {
             work_item: work_item.to_owned(),
@@ -472,7 +482,12 @@ impl Supervisor {
             author: author.to_owned(),
             idempotency_key: key.to_owned(),
         };
-        if let Err(e) = self.inner.peers.add_comment(req).await {
+        let posted = self
+            .retry_peer(work_item, "add_comment", || {
+                self.inner.peers.add_comment(req.clone())
+            })
+            .await;
+        if let Err(e) = posted {
             tracing::warn!(work_item, code = ?e.code(), error = e.message(), "cannot post a comment");
         }
     }
@@ -560,9 +575,13 @@ impl Supervisor {
                 continue;
             }
             tracing::info!(job_id = job.id, attempt = job.attempt, pid = ?job.pid, "reconciling a job left running by this launcher's previous life");
+            let (_, guard) = self.track(&job);
             let me2 = self.clone();
             // One slow kill must not hold up the others, nor the dispatcher.
-            tokio::spawn(async move { me2.reconcile_one(job).await });
+            tokio::spawn(async move {
+                let _guard = guard;
+                me2.reconcile_one(job).await;
+            });
         }
     }
 

@@ -464,3 +464,40 @@ async fn a_deploy_holds_the_merge_lease_and_hands_over_to_the_finalizer() {
     })
     .await;
 }
+
+/// A run's usage and its finish comment outlive a restart of usage-ledger and
+/// stage-engine: RecordRun (idempotent on the job and attempt) and AddComment (idempotent
+/// on its key) are tried again while they answer UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_and_the_finish_comment_wait_for_restarting_peers() {
+    let h = H::start(
+        TestStorage::sqlite(),
+        &prints("success-with-write-tool", 0),
+        &[("ORCH_LAUNCHER_GIT", "false")],
+    )
+    .await;
+    h.peers.with(|s| {
+        s.record_run_unavailable = 2;
+        s.add_comment_unavailable = 2;
+    });
+    let job = h.enqueue("developer", "development", "").await;
+    h.wait_for(&job.id, SECS, |j| j.status == Status::Succeeded)
+        .await;
+    h.peers.with(|s| {
+        assert_eq!(s.record_run_calls, 3);
+        assert_eq!(s.record_runs.len(), 1);
+        assert_eq!(
+            (s.record_runs[0].job_id.as_str(), s.record_runs[0].attempt),
+            (job.id.as_str(), 1)
+        );
+        let finish = format!("launcher:{}:1:finish", job.id);
+        assert!(
+            s.comments.iter().any(|c| c.idempotency_key == finish),
+            "no finish comment: {:?}",
+            s.comments
+                .iter()
+                .map(|c| &c.idempotency_key)
+                .collect::<Vec<_>>()
+        );
+    });
+}

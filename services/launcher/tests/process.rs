@@ -141,8 +141,14 @@ sleep 300"#;
     .await;
     let job = h.enqueue("developer", "development", "").await;
     h.wait_for(&job.id, SECS, is(Status::Running)).await;
-    let child_file = h.root.join("child.pid");
-    eventually(SECS, "the child started", || child_file.exists()).await;
+    // The background child can write its pid before the leader writes its own.
+    let written = |f: &str| {
+        std::fs::read_to_string(h.root.join(f)).is_ok_and(|t| t.trim().parse::<i32>().is_ok())
+    };
+    eventually(SECS, "the leader and the child started", || {
+        written("child.pid") && written("leader.pid")
+    })
+    .await;
     let read_pid = |f: &str| -> i32 {
         std::fs::read_to_string(h.root.join(f))
             .expect("pid")
@@ -567,4 +573,122 @@ cat {contracts}/real-2.1.328/stop-hook-blocked-then-success.stdout.json"#;
             finish.html
         );
     });
+}
+
+/// While a restarted launcher reconciles a run of its previous life (here: killing an
+/// agent that ignores SIGTERM, for the kill grace), `ProbeProcesses` answers ALIVE for it,
+/// so that the reaper's dead-pid streak does not race the launcher's own finalize.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_being_reconciled_is_alive_for_the_reaper() {
+    use orchestrator_proto::launcher::v1::{Liveness, ProbeProcessesRequest};
+    use tonic::Request;
+
+    let storage = std::sync::Arc::new(TestStorage::sqlite());
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let db = orchestrator_kit::db::open(
+        orchestrator_kit::ServiceName::Launcher,
+        &storage.location,
+        &launcher::MIGRATOR,
+    )
+    .await
+    .expect("db");
+    let now = orchestrator_kit::time::now_ms();
+    let (job, _) = store::enqueue(
+        &db,
+        &store::NewJob {
+            id: launcher::new_job_id(),
+            work_item: KEY.into(),
+            repo: REPO.into(),
+            agent: "developer".into(),
+            stage: "development".into(),
+            kind: store::Kind::Llm,
+            payload_json: "{}".into(),
+            dedupe_key: None,
+            max_attempts: 3,
+            not_before_ms: now,
+            now_ms: now,
+        },
+    )
+    .await
+    .expect("enqueue");
+    let filter = ClaimFilter {
+        llm: true,
+        reserved: false,
+        max_concurrency: 5,
+    };
+    let a = store::claim(&db, "it", now, filter)
+        .await
+        .expect("claim")
+        .expect("a");
+    assert_eq!(a.id, job.id);
+    // The previous life's agent, alive and deaf to SIGTERM; killed when the test ends,
+    // however it ends.
+    struct Orphan(std::process::Child);
+    impl Drop for Orphan {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut orphan = Orphan({
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sh")
+            .args(["-c", "trap '' TERM; while :; do sleep 0.1; done"])
+            .process_group(0)
+            .spawn()
+            .expect("orphan")
+    });
+    let orphan_pid = orphan.0.id() as i32;
+    store::stamp_pid(&db, &a.id, a.attempt, "it", i64::from(orphan_pid), now)
+        .await
+        .expect("stamp");
+    drop(db);
+
+    let h = H::start_on(
+        storage,
+        dir,
+        "it",
+        "cat {contracts}/real-2.1.328/success-with-write-tool.stdout.json",
+        &[
+            ("ORCH_LAUNCHER_GIT", "false"),
+            ("ORCH_AGENT_KILL_GRACE_SECONDS", "3"),
+        ],
+    )
+    .await;
+    // Within the kill grace the orphan still lives, and the launcher handles its run.
+    let start = Instant::now();
+    let alive = loop {
+        let probes = h
+            .svc
+            .probe_processes(Request::new(ProbeProcessesRequest::default()))
+            .await
+            .expect("probe")
+            .into_inner()
+            .probes;
+        let mine = probes
+            .iter()
+            .find(|p| p.job_id == a.id && p.attempt == a.attempt);
+        if mine.is_some_and(|p| p.liveness == Liveness::Alive as i32) {
+            break true;
+        }
+        if start.elapsed() > Duration::from_millis(2500) {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        alive,
+        "the run being reconciled was never ALIVE for the reaper"
+    );
+    assert!(process_alive(orphan_pid), "probed within the kill grace");
+    // Then the reconciliation ends the run and it runs again.
+    let j = h.wait_done(&a.id, SECS).await;
+    assert_eq!(
+        (j.status, j.attempt, j.failures),
+        (Status::Succeeded, 2, 1),
+        "{j:#?}"
+    );
+    // Killed by the reconciliation (reaped here: it is this test's child).
+    let _ = orphan.0.wait();
+    assert!(!process_alive(orphan_pid));
 }

@@ -37,6 +37,11 @@ pub const REPO: &str = "acme/app";
 #[derive(Default)]
 pub struct FakeState {
     pub record_runs: Vec<RecordRunRequest>,
+    /// RecordRun answers UNAVAILABLE this many times first (usage-ledger restarting).
+    pub record_run_unavailable: u32,
+    pub record_run_calls: u32,
+    /// AddComment answers UNAVAILABLE this many times first (stage-engine restarting).
+    pub add_comment_unavailable: u32,
     pub comments: Vec<AddCommentRequest>,
     pub advances: Vec<AdvanceStageRequest>,
     pub spent_usd: f64,
@@ -63,8 +68,15 @@ impl FakePeers {
 #[async_trait]
 impl Peers for FakePeers {
     async fn record_run(&self, request: RecordRunRequest) -> Result<(), Status> {
-        self.with(|s| s.record_runs.push(request));
-        Ok(())
+        self.with(|s| {
+            s.record_run_calls += 1;
+            if s.record_run_unavailable > 0 {
+                s.record_run_unavailable -= 1;
+                return Err(Status::unavailable("tcp connect error"));
+            }
+            s.record_runs.push(request);
+            Ok(())
+        })
     }
 
     async fn finish_comment(&self, _job_id: &str, _attempt: u32) -> Result<String, Status> {
@@ -80,8 +92,14 @@ impl Peers for FakePeers {
     }
 
     async fn add_comment(&self, request: AddCommentRequest) -> Result<(), Status> {
-        self.with(|s| s.comments.push(request));
-        Ok(())
+        self.with(|s| {
+            if s.add_comment_unavailable > 0 {
+                s.add_comment_unavailable -= 1;
+                return Err(Status::unavailable("tcp connect error"));
+            }
+            s.comments.push(request);
+            Ok(())
+        })
     }
 
     async fn advance_stage(

@@ -1,0 +1,900 @@
+//! The fault-injection suite (issue #8): work items through the stack as separate
+//! `orchestrator serve` processes on PostgreSQL (three launcher replicas), the scripted agent
+//! (`examples/agents/scripted-agent.py`, no model, each run held 0.5 s so that kills find
+//! agents mid-run) wrapped by the recording agent so that every run leaves its own record, the fake Plane and Gitea of `crates/fakes` sending signed
+//! webhooks to the gateway — while random processes (any service, a launcher replica, the
+//! gateway) are SIGKILLed at random moments and restarted after a short random delay.
+//!
+//! A human's `:approved:` comment goes through the real path: the fake Plane posts the signed
+//! `issue_comment` webhook to the gateway, which applies `Approve`. A sender whose delivery
+//! found the gateway down (a connection error or a 5xx) sends it again, as Plane does on a
+//! connection error; a seeded share of accepted deliveries is sent twice on purpose.
+//!
+//! Afterwards it checks, and prints: every work item reached `done` or `blocked`; no job
+//! attempt ran twice (the agents' own records: one run per (job, attempt)); no PR merged
+//! twice (the fake Gitea's merge log) and every done item's change on `main`; no webhook
+//! delivery applied twice (the gateway's inbox and stage-engine's effects: one accepted
+//! approval and one `architecture` transition per approving comment, one `done` per item);
+//! no job left running beyond the reaper's bound; no dead letter (inbox `dead`, outbox
+//! `failed`) and no failed job that no kill explains.
+//!
+//! Sizes and seed (docs/testing.md): `ORCH_FAULT_ITEMS` (5), `ORCH_FAULT_KILLS` (10),
+//! `ORCH_FAULT_SEED` (random, printed), `ORCH_FAULT_KILL_GAP_MS` (1500, the mean gap between
+//! kills), `ORCH_FAULT_TIMEOUT_S` (600). Full size:
+//! `ORCH_FAULT_ITEMS=50 ORCH_FAULT_KILLS=200 cargo test --test faults -- --nocapture`.
+//! Without PostgreSQL's binaries it says `SKIPPED` (a failure under `ORCH_REQUIRE_POSTGRES`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use orchestrator_fakes::Hook;
+use orchestrator_fakes::gitea::FakeGitea;
+use orchestrator_fakes::plane::{FakePlane, NewIssue, User};
+use orchestrator_kit::clients::Clients;
+use orchestrator_kit::db::Location;
+use orchestrator_kit::{Config, Env, ServiceName};
+use orchestrator_proto::stage_engine::v1::CreateWorkItemRequest;
+use orchestrator_testkit::TestStorage;
+use orchestrator_testkit::agent::{Behaviour, RecordingAgent};
+use orchestrator_testkit::procs::{ProcStack, ProcStackSpec};
+use sqlx::Row;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+const TEST: &str = "faults::work_items_survive_random_kills";
+const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
+const REPOS: [&str; 3] = ["acme/app", "acme/api", "acme/web"];
+const PLANE_SECRET: &str = "plane_wh_faults0123456789abcdef";
+const GITEA_SECRET: &str = "gitea-webhook-secret-faults";
+const GITEA_TOKEN: &str = "gitea-token-orchestrator";
+const SERVICE_TOKEN: &str = "plane_api_orchestrator";
+const LAUNCHERS: usize = 3;
+
+/// The test-speed settings every process gets; printed with the figures.
+const SETTINGS: [(&str, &str); 27] = [
+    ("ORCH_MAX_CONCURRENCY", "4"),
+    ("ORCH_MAX_ATTEMPTS", "5"),
+    ("ORCH_AGENT_TIMEOUT_SECONDS", "45"),
+    ("ORCH_AGENT_KILL_GRACE_SECONDS", "2"),
+    ("ORCH_LAUNCHER_POLL_MS", "200"),
+    ("ORCH_LAUNCHER_HEARTBEAT_MS", "500"),
+    ("ORCH_LAUNCHER_INSTANCE_STALE_MS", "3000"),
+    ("ORCH_REAPER_INTERVAL_S", "1"),
+    ("ORCH_REAPER_DEAD_TICKS", "2"),
+    ("ORCH_REAPER_MAX_RUNNING_S", "60"),
+    ("ORCH_MERGE_LEASE_TTL_S", "20"),
+    ("ORCH_LEASE_RETRY_S", "1"),
+    ("ORCH_MERGE_RETRY_AFTER_S", "1"),
+    ("ORCH_BACKOFF_BASE_S", "1"),
+    ("ORCH_BACKOFF_MAX_S", "2"),
+    ("ORCH_OUTBOX_POLL_MS", "100"),
+    ("ORCH_OUTBOX_BACKOFF_BASE_MS", "100"),
+    ("ORCH_OUTBOX_BACKOFF_MAX_MS", "1000"),
+    ("ORCH_GATEWAY_DISPATCH_POLL_MS", "100"),
+    ("ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", "100"),
+    ("ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", "1000"),
+    ("ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS", "3000"),
+    ("ORCH_POST_DEPLOY_WINDOW_S", "3"),
+    ("ORCH_POST_DEPLOY_TICK_S", "1"),
+    ("ORCH_QG_HOOK_ENABLED", "false"),
+    ("ORCH_RPC_CONNECT_TIMEOUT_MS", "1000"),
+    ("ORCH_RPC_TIMEOUT_MS", "5000"),
+];
+
+/// A job may run no longer than the reaper's backstop plus the ticks it takes to see it.
+fn running_bound() -> Duration {
+    let get = |k: &str| -> u64 {
+        SETTINGS
+            .iter()
+            .find(|(n, _)| *n == k)
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or_else(|| panic!("{k} is set in SETTINGS"))
+    };
+    Duration::from_secs(
+        get("ORCH_REAPER_MAX_RUNNING_S")
+            + (get("ORCH_REAPER_DEAD_TICKS") + 1) * get("ORCH_REAPER_INTERVAL_S"),
+    )
+}
+
+/// The suite's own knobs, from the environment (a bad value names its variable).
+#[derive(Debug, Clone)]
+struct Size {
+    seed: u64,
+    items: usize,
+    kills: usize,
+    kill_gap: Duration,
+    timeout: Duration,
+}
+
+fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid number")),
+        _ => default,
+    }
+}
+
+impl Size {
+    fn from_env() -> Size {
+        let random = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7);
+        let size = Size {
+            seed: var("ORCH_FAULT_SEED", random),
+            items: var("ORCH_FAULT_ITEMS", 5usize),
+            kills: var("ORCH_FAULT_KILLS", 10usize),
+            kill_gap: Duration::from_millis(var("ORCH_FAULT_KILL_GAP_MS", 1500u64)),
+            timeout: Duration::from_secs(var("ORCH_FAULT_TIMEOUT_S", 600u64)),
+        };
+        assert!(size.items >= 1, "ORCH_FAULT_ITEMS must be at least 1");
+        size
+    }
+}
+
+/// SplitMix64: a small seeded generator, so that a seed replays the same choices.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// Uniform in `[lo, hi)` milliseconds.
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi.saturating_sub(lo).max(1)))
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A production that answers `GET /healthz` 200, for the post-deploy watches.
+async fn healthy_production() -> String {
+    let app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/healthz")
+}
+
+/// What the killer did.
+#[derive(Debug, Default)]
+struct Kills {
+    by_process: BTreeMap<String, usize>,
+    down_ms_total: u128,
+}
+
+/// SIGKILLs a random process after a random gap, restarts it after a random delay, until
+/// `target` kills or `stop`. Returns the stack (for its logs) and what it did.
+async fn killer(
+    mut stack: ProcStack,
+    mut rng: Rng,
+    target: usize,
+    gap: Duration,
+    done: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) -> (ProcStack, Kills) {
+    let mut kills = Kills::default();
+    let names = stack.names();
+    let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(1500);
+    while done.load(Ordering::SeqCst) < target && !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(rng.millis(gap_ms / 2, gap_ms * 3 / 2 + 1)).await;
+        let victim = &names[usize::try_from(rng.below(names.len() as u64)).unwrap_or(0)];
+        stack.kill(victim);
+        let down = rng.millis(100, 2000);
+        tokio::time::sleep(down).await;
+        if let Err(e) = stack.restart(victim).await {
+            panic!("{victim} did not come back after its kill: {e}");
+        }
+        *kills.by_process.entry(victim.clone()).or_default() += 1;
+        kills.down_ms_total += down.as_millis();
+        done.fetch_add(1, Ordering::SeqCst);
+    }
+    (stack, kills)
+}
+
+/// One work item the suite created.
+#[derive(Debug)]
+struct Item {
+    key: String,
+    issue_id: String,
+    repo: String,
+    created: bool,
+    /// The approving comments posted, and when the last one was.
+    approvals: Vec<String>,
+    last_approval: Option<Instant>,
+}
+
+/// The webhooks a sender owes again, and what the suite did about deliveries.
+#[derive(Debug, Default)]
+struct Senders {
+    plane_seen: usize,
+    gitea_seen: usize,
+    /// (source, delivery) owed again after a connection error or a 5xx.
+    owed: Vec<(&'static str, orchestrator_fakes::Delivery)>,
+    resent_after_failure: usize,
+    duplicates_sent: usize,
+    /// The gateway's answers to the deliberate duplicates: status -> count.
+    duplicate_answers: BTreeMap<String, usize>,
+}
+
+fn failed(d: &orchestrator_fakes::Delivery) -> bool {
+    d.status.is_none_or(|s| s >= 500)
+}
+
+/// Counts rows of `sql` (one BIGINT column).
+async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query(sql)
+        .fetch_one(pool)
+        .await
+        .map(|r| r.get::<i64, _>(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn work_items_survive_random_kills() {
+    let size = Size::from_env();
+    let Some(storage) = TestStorage::postgres(TEST).await else {
+        return;
+    };
+    let Location::Postgres(url) = &storage.location else {
+        unreachable!("a PostgreSQL storage")
+    };
+    let url = url.expose().to_owned();
+    let began = Instant::now();
+    eprintln!(
+        "fault suite: seed {} (ORCH_FAULT_SEED={} replays it), {} work items, {} kills, mean gap {:?}, {} launcher replicas",
+        size.seed, size.seed, size.items, size.kills, size.kill_gap, LAUNCHERS
+    );
+    let mut rng = Rng(size.seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // ---- The fakes.
+    let plane = FakePlane::start("acme").await;
+    plane.add_user("orchestrator", Some(SERVICE_TOKEN));
+    let mut bots = vec!["orchestrator".to_owned()];
+    let mut env: Vec<(String, String)> = Vec::new();
+    for role in orchestrator_tracker::ROLES {
+        let name = format!("orchestrator-{role}");
+        let token = format!("plane_bot_{role}");
+        plane.add_user(&name, Some(&token));
+        bots.push(name);
+        env.push((
+            format!("PLANE_BOT_TOKEN_{}", role.to_ascii_uppercase()),
+            token,
+        ));
+    }
+    let ada: User = plane.add_user("ada", None);
+    let project = plane.add_project("ORCH", "Orchestrator");
+    let gitea = FakeGitea::start(&dir.path().join("gitea")).await;
+    gitea.add_user("acme", None);
+    gitea.add_user("orchestrator", Some(GITEA_TOKEN));
+    for repo in REPOS {
+        gitea.create_repo(repo).await;
+        gitea
+            .commit(repo, "main", &[("README.md", "# app\n")], "initial")
+            .await;
+    }
+    let health = healthy_production().await;
+    let targets: serde_json::Map<String, serde_json::Value> = REPOS
+        .iter()
+        .map(|r| ((*r).to_owned(), serde_json::json!({ "health_url": health })))
+        .collect();
+
+    // ---- The agent: the scripted agent, every run recorded by the recording agent.
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/agents");
+    let agent = RecordingAgent::create(
+        &dir.path().join("agent"),
+        &Behaviour {
+            then: Some(format!(
+                "python3 {}",
+                examples.join("scripted-agent.py").display()
+            )),
+            // Runs last a while, so that kills find agents mid-run.
+            run_seconds: 0.5,
+        },
+    )
+    .expect("agent");
+
+    // ---- The stack.
+    let pairs: Vec<(&str, String)> = vec![
+        ("PLANE_BASE_URL", plane.url.clone()),
+        ("PLANE_WORKSPACE_SLUG", "acme".into()),
+        ("PLANE_API_TOKEN", SERVICE_TOKEN.into()),
+        ("PLANE_WEBHOOK_SECRET", PLANE_SECRET.into()),
+        ("ORCH_PLANE_DEFAULT_REPO", REPOS[0].into()),
+        ("ORCH_PLANE_BOT_USERS", bots.join(",")),
+        ("GITEA_BASE_URL", gitea.url.clone()),
+        ("GITEA_TOKEN", GITEA_TOKEN.into()),
+        ("GITEA_WEBHOOK_SECRET", GITEA_SECRET.into()),
+        ("ORCH_AGENT_COMMAND", agent.command()),
+        ("ORCH_AGENTS_DIR", examples.display().to_string()),
+        ("ORCH_POST_DEPLOY_REPOS", REPOS.join(",")),
+        (
+            "ORCH_POST_DEPLOY_TARGETS_JSON",
+            serde_json::Value::Object(targets).to_string(),
+        ),
+    ];
+    env.extend(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    env.extend(
+        SETTINGS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    let mut spec = ProcStackSpec::new(BIN, dir.path().join("stack"))
+        .launchers(LAUNCHERS)
+        .postgres(&url);
+    for (k, v) in &env {
+        spec = spec.var(k, v);
+    }
+    let stack = ProcStack::start(spec).await.expect("the stack starts");
+    let log_paths = stack.log_paths();
+    let config = Config::from_env(Env::from_pairs(stack.client_env())).expect("client config");
+    let clients = Clients::from_config(&config).expect("clients");
+    let gateway = stack.url(ServiceName::Gateway);
+    plane.set_webhook(Some(Hook {
+        url: format!("{gateway}/webhooks/plane"),
+        secret: Some(PLANE_SECRET.into()),
+    }));
+    gitea.set_webhook(Some(Hook {
+        url: format!("{gateway}/webhooks/gitea"),
+        secret: Some(GITEA_SECRET.into()),
+    }));
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .expect("the test's own connection");
+    eprintln!(
+        "fault suite: the stack is up ({} processes) after {:?}; test-speed settings: {}",
+        log_paths.len(),
+        began.elapsed(),
+        SETTINGS
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+
+    // ---- The killer runs beside the driver.
+    let kills_done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = tokio::spawn(killer(
+        stack,
+        Rng(rng.next()),
+        size.kills,
+        size.kill_gap,
+        kills_done.clone(),
+        stop.clone(),
+    ));
+
+    // ---- The driver: creates the items spread over the kills, approves as a human through
+    // the webhook, resends what a sender owes, watches how long jobs run.
+    let mut items: Vec<Item> = Vec::new();
+    let mut senders = Senders::default();
+    let mut longest_run_ms: i64 = 0;
+    let mut last_progress = Instant::now();
+    let deadline = began + size.timeout;
+    let settled = loop {
+        let kills = kills_done.load(Ordering::SeqCst);
+        // Item i arrives once i/items of the kills are done: items arrive all along.
+        while items.len() < size.items && items.len() * size.kills.max(1) <= kills * size.items {
+            let n = items.len();
+            let (issue, _) = plane
+                .create_issue(
+                    &project.id,
+                    &NewIssue {
+                        name: format!("Fault item {}", n + 1),
+                        ..NewIssue::default()
+                    },
+                    &ada,
+                )
+                .await;
+            items.push(Item {
+                key: plane.key(&issue.id),
+                issue_id: issue.id,
+                repo: REPOS[n % REPOS.len()].to_owned(),
+                created: false,
+                approvals: Vec::new(),
+                last_approval: None,
+            });
+        }
+        // CreateWorkItem as the gateway makes it for a Plane issue (the Plane webhook cannot
+        // create it until #7's key derivation is on main): retried while stage-engine is down.
+        for item in items.iter_mut().filter(|i| !i.created) {
+            let r = clients
+                .stage_engine
+                .clone()
+                .create_work_item(CreateWorkItemRequest {
+                    tracker_issue_id: item.issue_id.clone(),
+                    tracker_project_id: project.id.clone(),
+                    key: item.key.clone(),
+                    title: format!("Fault item {}", item.key),
+                    description: String::new(),
+                    repo: item.repo.clone(),
+                    branch: String::new(),
+                })
+                .await;
+            item.created = r.is_ok();
+        }
+
+        // The items as stage-engine's database has them.
+        let states: BTreeMap<String, (String, String)> =
+            sqlx::query("SELECT key, stage, status FROM stage_engine.work_items")
+                .fetch_all(&pool)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r.get(0), (r.get(1), r.get(2))))
+                .collect();
+        // A human approves what waits (again when an earlier approval was applied but the
+        // item waits anew).
+        for item in items.iter_mut() {
+            let waiting = states
+                .get(&item.key)
+                .is_some_and(|(_, status)| status == "awaiting_approval");
+            let due = item
+                .last_approval
+                .is_none_or(|t| t.elapsed() > Duration::from_secs(30));
+            if waiting && due {
+                let (comment, _) = plane
+                    .comment(&item.issue_id, "<p>Looks right. :approved:</p>", &ada)
+                    .await;
+                item.approvals.push(comment.id);
+                item.last_approval = Some(Instant::now());
+            }
+        }
+        // Senders: what failed is sent again; a seeded share of what succeeded is sent twice.
+        let plane_new: Vec<_> = plane.deliveries().split_off(senders.plane_seen);
+        senders.plane_seen += plane_new.len();
+        let gitea_new: Vec<_> = gitea.deliveries().split_off(senders.gitea_seen);
+        senders.gitea_seen += gitea_new.len();
+        let mut dups = Vec::new();
+        for (source, d) in plane_new
+            .into_iter()
+            .map(|d| ("plane", d))
+            .chain(gitea_new.into_iter().map(|d| ("gitea", d)))
+        {
+            if d.what.ends_with("(redelivered)") {
+                continue;
+            }
+            if failed(&d) {
+                senders.owed.push((source, d));
+            } else if rng.chance(25) {
+                dups.push((source, d));
+            }
+        }
+        let owed = std::mem::take(&mut senders.owed);
+        for (source, d) in owed {
+            let again = match source {
+                "plane" => plane.redeliver(&d).await,
+                _ => gitea.redeliver(&d).await,
+            };
+            if failed(&again) {
+                senders.owed.push((source, d));
+            } else {
+                senders.resent_after_failure += 1;
+            }
+        }
+        for (source, d) in dups {
+            let again = match source {
+                "plane" => plane.redeliver(&d).await,
+                _ => gitea.redeliver(&d).await,
+            };
+            if failed(&again) {
+                // The gateway went down in between: owed like any failed send.
+                senders.owed.push((source, d));
+            } else {
+                senders.duplicates_sent += 1;
+                let answer: serde_json::Value =
+                    serde_json::from_str(&again.answer).unwrap_or_default();
+                *senders
+                    .duplicate_answers
+                    .entry(answer["status"].as_str().unwrap_or("?").to_owned())
+                    .or_default() += 1;
+            }
+        }
+        // How long the running jobs have been running.
+        let now = orchestrator_kit::time::now_ms();
+        for r in sqlx::query("SELECT started_at_ms FROM launcher.jobs WHERE status = 'running'")
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default()
+        {
+            longest_run_ms = longest_run_ms.max(now - r.get::<i64, _>(0));
+        }
+
+        if last_progress.elapsed() > Duration::from_secs(30) {
+            last_progress = Instant::now();
+            let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+            for (_, status) in states.values() {
+                *by_status.entry(status.as_str()).or_default() += 1;
+            }
+            eprintln!(
+                "fault suite: {:.0?} in: {kills} kills, {} items created, by status {by_status:?}",
+                began.elapsed(),
+                items.len()
+            );
+        }
+        let finished = items.len() == size.items
+            && items.iter().all(|i| {
+                states
+                    .get(&i.key)
+                    .is_some_and(|(_, s)| s == "done" || s == "blocked")
+            });
+        if finished {
+            stop.store(true, Ordering::SeqCst);
+        }
+        // Settled: every item finished, the killer done, nothing left to deliver or run.
+        if finished && killer.is_finished() && senders.owed.is_empty() {
+            let busy = count(
+                &pool,
+                "SELECT (SELECT COUNT(*) FROM launcher.jobs WHERE status IN ('queued', 'running'))
+                      + (SELECT COUNT(*) FROM gateway.webhook_inbox WHERE state = 'pending')
+                      + (SELECT COUNT(*) FROM stage_engine.outbox WHERE state IN ('pending', 'delivering'))",
+            )
+            .await;
+            if busy == 0 {
+                break true;
+            }
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    let (stack, kills) = killer.await.expect("the killer");
+    let wall = began.elapsed();
+
+    // ================= The figures =================
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    let mut check = |ok: bool, line: String| {
+        report.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+        if !ok {
+            failures.push(line);
+        }
+    };
+    check(
+        settled,
+        format!("settled within {:?} (wall time {:.1?})", size.timeout, wall),
+    );
+    check(
+        kills.by_process.values().sum::<usize>() == size.kills,
+        format!(
+            "kills: {} of {} (SIGKILL, restarted after 0.1-2 s; down {:.1} s in all): {:?}",
+            kills.by_process.values().sum::<usize>(),
+            size.kills,
+            kills.down_ms_total as f64 / 1000.0,
+            kills.by_process
+        ),
+    );
+
+    // Work items.
+    let rows =
+        sqlx::query("SELECT key, stage, status, rollback_count FROM stage_engine.work_items")
+            .fetch_all(&pool)
+            .await
+            .expect("work items");
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    let mut status_of: BTreeMap<String, String> = BTreeMap::new();
+    for r in &rows {
+        let (key, status): (String, String) = (r.get(0), r.get(2));
+        *by_status.entry(status.clone()).or_default() += 1;
+        status_of.insert(key, status);
+    }
+    let done = by_status.get("done").copied().unwrap_or(0);
+    let blocked = by_status.get("blocked").copied().unwrap_or(0);
+    check(
+        rows.len() == size.items && done + blocked == size.items,
+        format!(
+            "work items: {} of {}: done {done}, blocked {blocked}, by status {by_status:?}",
+            rows.len(),
+            size.items
+        ),
+    );
+
+    // Agent runs: one per (job, attempt).
+    let runs = agent.runs().expect("the agent's records");
+    let mut per_attempt: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    let mut unfinished = 0;
+    for run in runs.values().flatten() {
+        *per_attempt
+            .entry((run.job_id.clone(), run.attempt))
+            .or_default() += 1;
+        unfinished += usize::from(run.end.is_none());
+    }
+    let twice: Vec<_> = per_attempt.iter().filter(|(_, n)| **n > 1).collect();
+    check(
+        twice.is_empty(),
+        format!(
+            "agent runs: {} in {} jobs, {} never reached their end (killed); (job, attempt) run twice: {} {:?}",
+            per_attempt.values().sum::<usize>(),
+            runs.len(),
+            unfinished,
+            twice.len(),
+            twice.iter().take(5).collect::<Vec<_>>()
+        ),
+    );
+    // The launcher agrees: no job's record holds an attempt it never claimed.
+    let claimed: BTreeMap<String, i64> = sqlx::query("SELECT id, attempt FROM launcher.jobs")
+        .fetch_all(&pool)
+        .await
+        .expect("jobs")
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let unknown: Vec<_> = per_attempt
+        .keys()
+        .filter(|(job, attempt)| claimed.get(job).is_none_or(|a| i64::from(*attempt) > *a))
+        .collect();
+    check(
+        unknown.is_empty(),
+        format!(
+            "every recorded run is a claimed attempt of a launcher job ({} jobs): unknown {unknown:?}",
+            claimed.len()
+        ),
+    );
+
+    // No effect of a finished run lost to a peer's restart: its usage and its finish
+    // comment, for the final attempt of every LLM job that succeeded.
+    let lost: Vec<(String, String, i64, bool, bool)> = sqlx::query(
+        "SELECT j.id, j.agent, j.attempt,
+                EXISTS (SELECT 1 FROM usage_ledger.agent_runs u
+                         WHERE u.job_id = j.id AND u.attempt = j.attempt),
+                EXISTS (SELECT 1 FROM stage_engine.outbox o
+                         WHERE o.idempotency_key = 'launcher:' || j.id || ':' || j.attempt || ':finish')
+           FROM launcher.jobs j WHERE j.kind = 'llm' AND j.status = 'succeeded'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("usage and comments")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+    .filter(|(_, _, _, usage, comment)| !usage || !comment)
+    .collect();
+    check(
+        lost.is_empty(),
+        format!(
+            "succeeded runs whose usage or finish comment is missing: {} {:?}",
+            lost.len(),
+            lost.iter().take(5).collect::<Vec<_>>()
+        ),
+    );
+
+    // Merges.
+    let (merge_log, merge_requests) = gitea.with(|d| (d.merge_log.clone(), d.merge_requests));
+    let mut per_pr: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for (repo, number, _) in &merge_log {
+        *per_pr.entry((repo.clone(), *number)).or_default() += 1;
+    }
+    let prs_opened: usize = gitea.with(|d| d.pulls.len());
+    check(
+        per_pr.values().all(|n| *n == 1),
+        format!(
+            "PRs: {prs_opened} opened, {} merges ({merge_requests} merge requests), PRs merged twice: {}",
+            merge_log.len(),
+            per_pr.values().filter(|n| **n > 1).count()
+        ),
+    );
+    let mut merged_per_item: BTreeMap<String, usize> = BTreeMap::new();
+    for item in &items {
+        let branch = format!("orch/{}", item.key);
+        let mut merged = 0;
+        for ((repo, number), _) in per_pr.iter().filter(|((r, _), _)| *r == item.repo) {
+            if gitea
+                .pr(repo, *number)
+                .await
+                .is_some_and(|pr| pr.head_branch == branch)
+            {
+                merged += 1;
+            }
+        }
+        merged_per_item.insert(item.key.clone(), merged);
+    }
+    let mut missing_on_main = Vec::new();
+    for item in items
+        .iter()
+        .filter(|i| status_of.get(&i.key).is_some_and(|s| s == "done"))
+    {
+        let module = item.key.to_lowercase().replace('-', "_");
+        if gitea
+            .file(&item.repo, "main", &format!("scripted/{module}.py"))
+            .await
+            .is_none()
+        {
+            missing_on_main.push(item.key.clone());
+        }
+    }
+    check(
+        merged_per_item.values().all(|n| *n <= 1) && missing_on_main.is_empty(),
+        format!(
+            "each item's branch merged at most once ({} items merged once); done items whose change is not on main: {missing_on_main:?}",
+            merged_per_item.values().filter(|n| **n == 1).count()
+        ),
+    );
+
+    // Webhooks: the inbox, and stage-engine's effects of each.
+    let inbox: BTreeMap<String, i64> =
+        sqlx::query("SELECT state, COUNT(*) FROM gateway.webhook_inbox GROUP BY state")
+            .fetch_all(&pool)
+            .await
+            .expect("inbox")
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    // Each approving comment: accepted at most once, and at most one transition out of the
+    // human gate per accepted approval.
+    let accepted: BTreeMap<String, i64> = sqlx::query(
+        "SELECT work_item, COUNT(*) FROM stage_engine.approvals WHERE accepted <> 0 GROUP BY work_item",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("approvals")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let gates_passed: BTreeMap<String, i64> = sqlx::query(
+        "SELECT work_item, COUNT(*) FROM stage_engine.stage_transitions
+          WHERE from_status = 'awaiting_approval' AND to_stage = 'architecture' GROUP BY work_item",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("transitions")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let dones: BTreeMap<String, i64> = sqlx::query(
+        "SELECT work_item, COUNT(*) FROM stage_engine.stage_transitions WHERE to_stage = 'done' GROUP BY work_item",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("transitions")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let comments_posted: usize = items.iter().map(|i| i.approvals.len()).sum();
+    let applied_twice: Vec<&String> = gates_passed
+        .iter()
+        .filter(|(k, n)| **n > accepted.get(*k).copied().unwrap_or(0))
+        .map(|(k, _)| k)
+        .collect();
+    check(
+        applied_twice.is_empty()
+            && senders.duplicate_answers.keys().all(|a| a == "duplicate")
+            && dones.values().all(|n| *n == 1)
+            && accepted.values().sum::<i64>() <= comments_posted as i64,
+        format!(
+            "webhooks: Plane sent {} (approving comments {comments_posted}), Gitea sent {}; resent after a failure {}, duplicates sent on purpose {} (answered {:?}); inbox {inbox:?}; approvals accepted {}, gates passed {}, items through the gate more often than approved: {applied_twice:?}; items done twice: {}",
+            senders.plane_seen,
+            senders.gitea_seen,
+            senders.resent_after_failure,
+            senders.duplicates_sent,
+            senders.duplicate_answers,
+            accepted.values().sum::<i64>(),
+            gates_passed.values().sum::<i64>(),
+            dones.values().filter(|n| **n > 1).count()
+        ),
+    );
+
+    // Jobs left running, and the longest run seen.
+    let running = count(
+        &pool,
+        "SELECT COUNT(*) FROM launcher.jobs WHERE status = 'running'",
+    )
+    .await;
+    let bound = running_bound();
+    check(
+        running == 0 && longest_run_ms <= i64::try_from(bound.as_millis()).unwrap_or(i64::MAX),
+        format!(
+            "jobs running at the end: {running}; the longest a job was seen running: {:.1} s (the reaper's bound: {bound:?})",
+            longest_run_ms as f64 / 1000.0
+        ),
+    );
+
+    // Dead letters.
+    let dead_inbox = inbox.get("dead").copied().unwrap_or(0);
+    let failed_outbox = count(
+        &pool,
+        "SELECT COUNT(*) FROM stage_engine.outbox WHERE state = 'failed'",
+    )
+    .await;
+    let failed_jobs: Vec<(String, String, String, String)> = sqlx::query(
+        "SELECT work_item, agent, outcome, reason FROM launcher.jobs WHERE status = 'failed' ORDER BY work_item",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("failed jobs")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect();
+    let job_outcomes: BTreeMap<String, i64> = sqlx::query(
+        "SELECT status || '/' || outcome, COUNT(*) FROM launcher.jobs GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("outcomes")
+    .into_iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    check(
+        dead_inbox == 0 && failed_outbox == 0 && failed_jobs.is_empty(),
+        format!(
+            "dead letters: inbox dead {dead_inbox}, outbox failed {failed_outbox}, failed jobs {} {:?}; jobs by status/outcome {job_outcomes:?}",
+            failed_jobs.len(),
+            failed_jobs.iter().take(5).collect::<Vec<_>>()
+        ),
+    );
+    plane.check();
+    gitea.check();
+
+    eprintln!("fault suite figures (seed {}):", size.seed);
+    for line in &report {
+        eprintln!("  {line}");
+    }
+    if !failures.is_empty() {
+        let mut diag = String::new();
+        for item in &items {
+            if status_of.get(&item.key).is_some_and(|s| s == "done") {
+                continue;
+            }
+            diag.push_str(&format!(
+                "item {} ({}): {:?}, approvals posted {}\n",
+                item.key,
+                item.repo,
+                status_of.get(&item.key),
+                item.approvals.len()
+            ));
+            for r in sqlx::query(
+                "SELECT agent, stage, status, attempt, outcome, reason FROM launcher.jobs WHERE work_item = $1 ORDER BY enqueued_at_ms",
+            )
+            .bind(&item.key)
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default()
+            {
+                let reason: String = r.get(5);
+                diag.push_str(&format!(
+                    "  job {} {} {} attempt {} {}: {}\n",
+                    r.get::<String, _>(0),
+                    r.get::<String, _>(1),
+                    r.get::<String, _>(2),
+                    r.get::<i64, _>(3),
+                    r.get::<String, _>(4),
+                    reason.chars().take(200).collect::<String>()
+                ));
+            }
+        }
+        for (name, path) in stack.log_paths() {
+            diag.push_str(&format!("--- log of {name}: {}\n", path.display()));
+        }
+        // Keep the directory for a look at the logs.
+        let kept = dir.keep();
+        panic!(
+            "fault suite (seed {}): {} invariant(s) failed:\n{}\n{diag}\nlogs kept under {}",
+            size.seed,
+            failures.len(),
+            failures.join("\n"),
+            kept.display()
+        );
+    }
+    drop(stack);
+}
