@@ -416,16 +416,23 @@ async fn work_items_survive_random_kills() {
                 last_approval: None,
             });
         }
-        // CreateWorkItem as the gateway makes it for a Plane issue (the Plane webhook cannot
-        // create it until #7's key derivation is on main): retried while stage-engine is down.
+        // CreateWorkItem as the gateway makes it for a Plane issue (the project and the
+        // sequence id; stage-engine derives the key through Plane): retried while
+        // stage-engine is down.
         for item in items.iter_mut().filter(|i| !i.created) {
+            let sequence_id = item
+                .key
+                .rsplit_once('-')
+                .and_then(|(_, n)| n.parse().ok())
+                .expect("a Plane key ends in its sequence id");
             let r = clients
                 .stage_engine
                 .clone()
                 .create_work_item(CreateWorkItemRequest {
                     tracker_issue_id: item.issue_id.clone(),
                     tracker_project_id: project.id.clone(),
-                    key: item.key.clone(),
+                    tracker_sequence_id: sequence_id,
+                    key: String::new(),
                     title: format!("Fault item {}", item.key),
                     description: String::new(),
                     repo: item.repo.clone(),
