@@ -123,6 +123,9 @@ impl LauncherService {
             command = ?config.agent_command.first(),
             "launcher configured"
         );
+        if let Some(f) = config.failpoint {
+            tracing::warn!(failpoint = ?f, "ORCH_TEST_FAILPOINT is set: this launcher will kill itself on purpose (fault tests only)");
+        }
         LauncherService {
             sup: Supervisor::new(db, config, peers, workspace, agent_env),
         }
