@@ -12,6 +12,7 @@ mod merge_gate;
 mod post_deploy;
 mod process;
 mod real_cli;
+mod reaper_faults;
 mod scripted_agent;
 mod stage_engine;
 mod staging_check;
