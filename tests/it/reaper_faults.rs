@@ -30,6 +30,7 @@ use orchestrator_forge::{Forge, RepoName};
 use orchestrator_kit::clients::Clients;
 use orchestrator_kit::{Config, Env};
 use orchestrator_proto::launcher::v1::{EnqueueRequest, Job, JobStatus, ListJobsRequest};
+use orchestrator_proto::merge_gate::v1::AcquireLeaseRequest;
 use orchestrator_proto::reaper::v1::SnapshotRequest;
 use orchestrator_proto::stage_engine::v1::{
     CreateWorkItemRequest, GetWorkItemRequest, ListTransitionsRequest,
@@ -71,7 +72,7 @@ async fn on_postgres_a_sigkilled_replica_s_job_is_freed_by_the_reaper_and_the_ne
     else {
         return;
     };
-    let w = World::start(storage, &["acme/a", "acme/b"], SLEEPER).await;
+    let w = World::start(storage, &["acme/a", "acme/b", "acme/c", "acme/d"], SLEEPER).await;
     let no_git = [("ORCH_LAUNCHER_GIT", "false")];
     let mut a = w.launcher("replica-a", &no_git).await;
     w.service.route_to(&[&a]);
@@ -92,8 +93,31 @@ async fn on_postgres_a_sigkilled_replica_s_job_is_freed_by_the_reaper_and_the_ne
     let b = w.launcher("replica-b", &poll).await;
     w.service.route_to(&[&a, &b]);
 
-    // Both alive: the ticks change nothing, and the live holder's lease stays.
+    // Two leases taken by hand (holders the launcher does not know: only their TTL
+    // judges them): one of a second, one of an hour.
+    for (repo, holder, ttl_s) in [("acme/c", "ops-short", 1), ("acme/d", "ops-long", 3600)] {
+        let taken = w
+            .clients
+            .merge_gate
+            .clone()
+            .acquire_lease(AcquireLeaseRequest {
+                repo: repo.into(),
+                holder_job_id: holder.into(),
+                instance_id: "an-operator".into(),
+                pid: 0,
+                ttl_s,
+            })
+            .await
+            .expect("lease")
+            .into_inner();
+        assert!(taken.acquired, "{taken:?}");
+    }
+
+    // Both replicas alive: the ticks flip nothing; the lease past its TTL goes, the fresh
+    // ones (the live holder's, the hour-long one) stay.
     a_few_ticks().await;
+    w.wait_lease("acme/c", None, Duration::from_secs(10)).await;
+    assert_eq!(w.lease_holder("acme/d").await.as_deref(), Some("ops-long"));
     let s = w.snapshot().await;
     assert!(s.ticks >= 2, "{s:?}");
     assert_eq!(
@@ -103,7 +127,7 @@ async fn on_postgres_a_sigkilled_replica_s_job_is_freed_by_the_reaper_and_the_ne
             s.flips_backstop,
             s.leases_reclaimed
         ),
-        (0, 0, 0, 0),
+        (0, 0, 0, 1),
         "{s:?}"
     );
     assert_eq!(
@@ -170,8 +194,9 @@ async fn on_postgres_a_sigkilled_replica_s_job_is_freed_by_the_reaper_and_the_ne
         (1, 0, 0),
         "{after:?}"
     );
-    assert!(before.leases_reclaimed >= 1, "{before:?}");
-    assert_eq!(after.leases_reclaimed, before.leases_reclaimed);
+    assert_eq!(before.leases_reclaimed, 2, "{before:?}");
+    assert_eq!(after.leases_reclaimed, 2, "{after:?}");
+    assert_eq!(w.lease_holder("acme/d").await.as_deref(), Some("ops-long"));
     assert_eq!(w.job(&job1.id).await.expect("job1").status, QUEUED);
     drop(b);
 }
