@@ -1,7 +1,7 @@
 //! The reaper against the REAL launcher: the real `ReaperService` (its SQLite storage, its
-//! gRPC clients) asks a real `LauncherService` — its store, its `ListRunning`,
-//! `ProbeProcesses` and `FlipTerminal`, served the way `orchestrator up` serves it — and a
-//! real merge-gate for the leases.
+//! gRPC clients) asks a real `LauncherService` — its store, its `ProbeProcesses`, `GetJob`
+//! and `FlipTerminal`, served the way `orchestrator up` serves it — and a real merge-gate
+//! for the leases.
 //!
 //! - `reaper-tick`: the time of one tick with N running jobs in the launcher's own table
 //!   (SQLite, or PostgreSQL with `--postgres`), spread over four launcher instances that
@@ -283,31 +283,39 @@ pub async fn tick(jobs: usize, dead: usize, ticks: usize, postgres: Option<Strin
     }
     let mut sorted = ms.clone();
     sorted.sort_by(f64::total_cmp);
-    // The share of the two lists alone: the launcher answering and gRPC carrying them.
-    let lists = GrpcPeers::new(peers);
-    let mut rpc_ms = Vec::new();
+    // The share of the one list the tick asks for: the launcher answering ProbeProcesses
+    // and gRPC carrying it. And, for comparison, ListRunning (the whole jobs), which the
+    // tick no longer asks for.
+    let probes = GrpcPeers::new(peers.clone());
+    let (mut probe_ms, mut list_ms) = (Vec::new(), Vec::new());
     for _ in 0..ticks {
         let started = Instant::now();
-        let (running, probes) = tokio::join!(
-            reaper::Peers::list_running(&lists),
-            reaper::Peers::probe_processes(&lists)
-        );
-        anyhow::ensure!(running?.len() == jobs, "ListRunning");
-        let probes = probes?;
-        let probed_dead = probes
+        let all = reaper::Peers::probe_processes(&probes).await?;
+        probe_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let probed_dead = all
             .iter()
             .filter(|p| p.liveness() != orchestrator_proto::launcher::v1::Liveness::Alive)
             .count();
         anyhow::ensure!(
-            probes.len() == jobs && probed_dead == dead,
+            all.len() == jobs && probed_dead == dead,
             "ProbeProcesses: {} probes, {probed_dead} not alive",
-            probes.len()
+            all.len()
         );
-        rpc_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        let started = Instant::now();
+        let listed = peers
+            .launcher
+            .clone()
+            .max_decoding_message_size(256 * 1024 * 1024)
+            .list_running(orchestrator_proto::launcher::v1::ListRunningRequest {})
+            .await?
+            .into_inner()
+            .jobs;
+        list_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(listed.len() == jobs, "ListRunning");
     }
     stop.cancel();
     println!(
-        "reaper tick against the real launcher, {jobs} running jobs ({dead} probed dead), launcher on {}, {ticks} ticks: {}; p90 {:.1} ms; of which ListRunning + ProbeProcesses alone: {} (filling the table took {fill_s:.1} s)",
+        "reaper tick against the real launcher, {jobs} running jobs ({dead} probed dead), launcher on {}, {ticks} ticks: {}; p90 {:.1} ms; of which ProbeProcesses alone: {}; for comparison ListRunning (not asked by the tick): {} (filling the table took {fill_s:.1} s)",
         if postgres.is_some() {
             "PostgreSQL"
         } else {
@@ -315,7 +323,8 @@ pub async fn tick(jobs: usize, dead: usize, ticks: usize, postgres: Option<Strin
         },
         median_range(&mut ms, "ms"),
         percentile(&sorted, 0.90),
-        median_range(&mut rpc_ms, "ms"),
+        median_range(&mut probe_ms, "ms"),
+        median_range(&mut list_ms, "ms"),
     );
     Ok(())
 }

@@ -239,7 +239,7 @@ impl LauncherService {
         let me = &self.sup.config().instance_id;
         let instances = store::instances(self.sup.db()).await?;
         let mut out = Vec::new();
-        for job in store::running(self.sup.db()).await? {
+        for job in store::running_runs(self.sup.db()).await? {
             if !ids.is_empty() && !ids.contains(&job.id) {
                 continue;
             }

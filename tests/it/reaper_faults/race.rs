@@ -1,7 +1,7 @@
 //! The reaper's flip racing the launcher's own finalize of the same run — exactly one wins,
 //! over 1,000 runs — through the real code on both sides: the real `LauncherService` with its
 //! dispatcher running real agent processes, served over gRPC on loopback, and the real
-//! `ReaperService` calling its `ListRunning`, `ProbeProcesses` and `FlipTerminal`. The flip
+//! `ReaperService` calling its `ProbeProcesses`, `GetJob` and `FlipTerminal`. The flip
 //! is the backstop's (a job running longer than `max_running`, here zero, so every tick
 //! flips every job it finds running): the race is the one where an agent exits while the
 //! reaper flips it. The launcher's end of a run (`end_run`) and `FlipTerminal` both go
