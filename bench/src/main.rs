@@ -76,7 +76,7 @@ enum What {
     /// The gateway under test (started by `gateway`; not meant to be run by hand).
     #[command(hide = true)]
     GatewayServer(gateway::ServerArgs),
-    /// One reaper tick with N running jobs (fake launcher in this process; no binary needed).
+    /// One reaper tick with N running jobs in the real launcher (in this process; no binary needed).
     ReaperTick {
         #[arg(long, default_value_t = 10_000)]
         jobs: usize,
@@ -85,15 +85,28 @@ enum What {
         dead: usize,
         #[arg(long, default_value_t = 30)]
         ticks: usize,
+        /// The launcher on PostgreSQL: a postgres:// URL, or `throwaway`; default SQLite.
+        #[arg(long)]
+        postgres: Option<String>,
     },
-    /// SIGKILL of a real process -> its job flipped, with the reaper loop running (no binary needed).
+    /// SIGKILL of a launcher replica (the release binary) mid-job -> the job flipped by the
+    /// reaper through a surviving replica, on PostgreSQL. Defaults: the test settings.
     ReaperZombie {
         #[arg(long, default_value_t = 1)]
         interval_s: u64,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 2)]
         dead_ticks: u32,
+        /// The killed replica's ORCH_LAUNCHER_HEARTBEAT_MS.
+        #[arg(long, default_value_t = 200)]
+        heartbeat_ms: u64,
+        /// The survivor's ORCH_LAUNCHER_INSTANCE_STALE_MS.
+        #[arg(long, default_value_t = 1500)]
+        stale_ms: u64,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// A postgres:// URL, or `throwaway` (a cluster from the machine's binaries).
+        #[arg(long, default_value = "throwaway")]
+        postgres: String,
     },
     /// The launcher over its real storage with real agent processes (no git, no gRPC):
     /// enqueue -> agent started latency, and no-op job throughput.
@@ -205,6 +218,7 @@ fn main() -> Result<()> {
             | What::Dispatch(_)
             | What::Footprint(_)
             | What::ExactlyOnce(_)
+            | What::ReaperZombie { .. }
             | What::All(_)
     );
     anyhow::ensure!(
@@ -228,16 +242,32 @@ fn main() -> Result<()> {
             println!("binary: {}", bin.display());
         }
         let rows = match cli.what {
-            What::ReaperTick { jobs, dead, ticks } => {
-                reaper::tick(jobs, dead, ticks).await?;
+            What::ReaperTick {
+                jobs,
+                dead,
+                ticks,
+                postgres,
+            } => {
+                reaper::tick(jobs, dead, ticks, postgres).await?;
                 Vec::new()
             }
             What::ReaperZombie {
                 interval_s,
                 dead_ticks,
+                heartbeat_ms,
+                stale_ms,
                 runs,
+                postgres,
             } => {
-                reaper::zombie(interval_s, dead_ticks, runs).await?;
+                let args = reaper::ZombieArgs {
+                    interval_s,
+                    dead_ticks,
+                    heartbeat_ms,
+                    stale_ms,
+                    runs,
+                    postgres,
+                };
+                reaper::zombie(&bin, args).await?;
                 Vec::new()
             }
             What::Startup { runs } => startup(&bin, runs).await?,

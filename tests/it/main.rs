@@ -17,6 +17,7 @@ mod process;
 mod procs;
 mod qg_hook;
 mod real_cli;
+mod reaper_faults;
 mod replicas;
 mod scripted_agent;
 mod stage_engine;

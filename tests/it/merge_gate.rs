@@ -1,7 +1,7 @@
 //! merge-gate and the reaper in the whole stack, configured from the environment as an
 //! operator does it: mergeability and a merge on a local bare repository, leases over gRPC,
-//! and the reaper reclaiming a stale lease through merge-gate (with the launcher still
-//! answering UNIMPLEMENTED until issue #4 lands).
+//! and the reaper reclaiming a stale lease through merge-gate. The same parts under faults,
+//! with the launcher as a real process, are in `reaper_faults`.
 
 use std::time::{Duration, Instant};
 

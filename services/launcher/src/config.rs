@@ -103,6 +103,45 @@ pub struct LauncherConfig {
     /// `ORCH_LEASE_RETRY_S`: how long a deploy job waits when another holds the lease.
     pub lease_retry: Duration,
     pub forge: ForgeConfig,
+    /// `ORCH_TEST_FAILPOINT`: where the launcher kills itself, for the fault tests only;
+    /// `None` (unset) in every real deployment.
+    pub failpoint: Option<Failpoint>,
+}
+
+/// A point in a run where a fault test makes the launcher die by SIGKILL — a real signal,
+/// so the test sees what a crash at that point leaves behind. Inert unless
+/// `ORCH_TEST_FAILPOINT` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// `launcher.before_finalize`: right after the agent's exit code is recorded, before
+    /// anything of the finalize (usage, classification, delivery, the job's end).
+    BeforeFinalize,
+}
+
+impl Failpoint {
+    /// Every failpoint, by the name `ORCH_TEST_FAILPOINT` takes.
+    pub const ALL: [(&'static str, Failpoint); 1] =
+        [("launcher.before_finalize", Failpoint::BeforeFinalize)];
+
+    fn from_env(env: &Env) -> Result<Option<Failpoint>, ConfigError> {
+        let Some(raw) = env.get("ORCH_TEST_FAILPOINT") else {
+            return Ok(None);
+        };
+        let raw = raw.trim();
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == raw)
+            .map(|(_, f)| Some(*f))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "ORCH_TEST_FAILPOINT",
+                    format!(
+                        "unknown failpoint '{raw}' (known: {})",
+                        Self::ALL.map(|(n, _)| n).join(", ")
+                    ),
+                )
+            })
+    }
 }
 
 fn seconds(env: &Env, name: &str, default: f64) -> Result<Duration, ConfigError> {
@@ -243,6 +282,7 @@ impl LauncherConfig {
             deploy_lease: env.bool("ORCH_DEPLOY_LEASE_ENABLED", true)?,
             lease_retry: seconds(env, "ORCH_LEASE_RETRY_S", 10.0)?,
             forge: ForgeConfig::from_env(env)?,
+            failpoint: Failpoint::from_env(env)?,
         })
     }
 
@@ -374,6 +414,23 @@ mod tests {
         assert!(c.agent_command.contains(&"json".to_owned()));
         assert!(c.workdir.ends_with("var/work"));
         assert!(c.instance_id.starts_with(&c.host));
+        assert_eq!(c.failpoint, None, "no failpoint unless a test sets one");
+    }
+
+    #[test]
+    fn the_failpoint_is_read_by_its_name() {
+        let c = LauncherConfig::from_env(&Env::from_pairs([(
+            "ORCH_TEST_FAILPOINT",
+            "launcher.before_finalize",
+        )]))
+        .expect("config");
+        assert_eq!(c.failpoint, Some(Failpoint::BeforeFinalize));
+        let err = LauncherConfig::from_env(&Env::from_pairs([("ORCH_TEST_FAILPOINT", "x")]))
+            .expect_err("unknown");
+        assert!(
+            err.to_string().contains("launcher.before_finalize"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -409,6 +466,7 @@ mod tests {
             ("ORCH_MAX_ATTEMPTS", "0"),
             ("ORCH_LAUNCHER_POLL_MS", "0"),
             ("ORCH_QG_HOOK_ENABLED", "maybe"),
+            ("ORCH_TEST_FAILPOINT", "launcher.somewhere"),
         ] {
             let err = LauncherConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
             assert_eq!(err.var, var, "{value}");

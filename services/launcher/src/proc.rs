@@ -70,6 +70,18 @@ pub fn process_alive(pid: i32) -> bool {
     rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// Kills this process with SIGKILL: no destructor, no flush, no graceful anything — what
+/// the OOM killer or `kill -9` does. Only the fault tests' failpoint calls it.
+pub fn sigkill_self() -> ! {
+    // SAFETY: getpid and kill take and return integers; no memory is touched. A signal
+    // sent to our own pid is delivered before kill returns.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    // Unreachable once the signal is delivered; abort is the next closest thing.
+    std::process::abort()
+}
+
 /// This machine's host name (`localhost` when it cannot be read).
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::agent::{self, Ended, Launch};
 use crate::classify::{Evidence, RunExit, Verdict, classify};
-use crate::config::shell_quote;
+use crate::config::{Failpoint, shell_quote};
 use crate::peers::is_transient;
 use crate::rules::End;
 use crate::store::{self, JobRow, Kind, NewJob};
@@ -314,6 +314,14 @@ impl Supervisor {
             }
         };
         let _ = store::stamp_exit(self.db(), &job.id, job.attempt, exit.code.unwrap_or(-1)).await;
+        if self.config().failpoint == Some(Failpoint::BeforeFinalize) {
+            tracing::warn!(
+                job_id = job.id,
+                attempt = job.attempt,
+                "ORCH_TEST_FAILPOINT=launcher.before_finalize: the launcher kills itself (SIGKILL)"
+            );
+            crate::proc::sigkill_self();
+        }
         self.finalize(&job, &files, exit, timeout).await;
     }
 

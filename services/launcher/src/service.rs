@@ -123,6 +123,9 @@ impl LauncherService {
             command = ?config.agent_command.first(),
             "launcher configured"
         );
+        if let Some(f) = config.failpoint {
+            tracing::warn!(failpoint = ?f, "ORCH_TEST_FAILPOINT is set: this launcher will kill itself on purpose (fault tests only)");
+        }
         LauncherService {
             sup: Supervisor::new(db, config, peers, workspace, agent_env),
         }
@@ -236,7 +239,7 @@ impl LauncherService {
         let me = &self.sup.config().instance_id;
         let instances = store::instances(self.sup.db()).await?;
         let mut out = Vec::new();
-        for job in store::running(self.sup.db()).await? {
+        for job in store::running_runs(self.sup.db()).await? {
             if !ids.is_empty() && !ids.contains(&job.id) {
                 continue;
             }

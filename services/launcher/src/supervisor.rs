@@ -448,11 +448,12 @@ impl Supervisor {
                     reason = row.reason,
                     "run ended"
                 );
+                // A slot is free (and a requeued job claimable): claim now. The run's own
+                // task wakes the dispatcher when it ends, but an end written for a run of
+                // another instance (a flip, a cancel) or of a previous life has no task here.
+                self.wake();
                 if row.status == Status::Failed {
                     self.comment_failure(row).await;
-                }
-                if row.status == Status::Queued {
-                    self.wake();
                 }
             }
         }

@@ -235,13 +235,16 @@ fi"#;
     loop {
         let s = h.snapshot().await;
         let state = s.breaker.expect("breaker").state;
-        if state == "half_open" && s.llm_running == 1 {
-            let queued = s
-                .counts
+        let count = |status: i32| {
+            s.counts
                 .iter()
-                .find(|c| c.status == 1)
-                .map_or(0, |c| c.count);
-            assert_eq!(queued, 1, "the other LLM job waits for the probe");
+                .find(|c| c.status == status)
+                .map_or(0, |c| c.count)
+        };
+        // The in-memory running count moves just before the row is written running: wait
+        // for the table to show the probe too (the snapshot is not one transaction).
+        if state == "half_open" && s.llm_running == 1 && count(2) == 1 {
+            assert_eq!(count(1), 1, "the other LLM job waits for the probe");
             break;
         }
         assert!(

@@ -347,11 +347,84 @@ async fn cancel_kills_a_running_job_and_drops_a_queued_one(storage: TestStorage)
     assert!(!c.cancelled);
 }
 
+/// A run of another instance (a dead replica's, say) flipped failed here frees the LLM
+/// slot: the next queued job starts at once, not at the next fallback poll.
+async fn a_slot_freed_by_a_flip_starts_the_next_job_at_once(storage: TestStorage) {
+    let h = H::start(
+        storage,
+        "sleep 300",
+        &[
+            ("ORCH_LAUNCHER_GIT", "false"),
+            ("ORCH_LAUNCHER_POLL_MS", "120000"),
+        ],
+    )
+    .await;
+    // A job of replica "gone": due only in an hour, so that this instance's dispatcher
+    // leaves it alone, and claimed by "gone" as of then.
+    let later = orchestrator_kit::time::now_ms() + 3_600_000;
+    let (gone, _) = launcher::store::enqueue(
+        &h.db,
+        &launcher::store::NewJob {
+            id: launcher::new_job_id(),
+            work_item: "ORCH-1".into(),
+            repo: REPO.into(),
+            agent: "developer".into(),
+            stage: "development".into(),
+            kind: launcher::store::Kind::Llm,
+            payload_json: "{}".into(),
+            dedupe_key: None,
+            max_attempts: 1,
+            not_before_ms: later,
+            now_ms: later,
+        },
+    )
+    .await
+    .expect("enqueue");
+    let filter = launcher::store::ClaimFilter {
+        llm: true,
+        reserved: false,
+        max_concurrency: 1,
+    };
+    let claimed = launcher::store::claim(&h.db, "gone", later, filter)
+        .await
+        .expect("claim")
+        .expect("claimed by gone");
+    assert_eq!(claimed.id, gone.id);
+    let next = h
+        .enqueue_for("ORCH-2", "developer", "development", "")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.job(&next.id).await.status,
+        Status::Queued,
+        "the slot is taken"
+    );
+    let r = h
+        .svc
+        .flip_terminal(Request::new(FlipTerminalRequest {
+            job_id: gone.id.clone(),
+            attempt: claimed.attempt,
+            outcome: JobStatus::Failed as i32,
+            reason: "reaper: its launcher instance was gone".into(),
+            exit_code: None,
+            kill_process_group: false,
+        }))
+        .await
+        .expect("flip")
+        .into_inner();
+    assert!(r.flipped);
+    let started = h
+        .wait_for(&next.id, SECS, |j| j.status == Status::Running)
+        .await;
+    assert_eq!(started.instance_id, "test-instance");
+}
+
 on_both_backends!(
     enqueue_is_idempotent_and_validated,
     llm_jobs_are_capped_and_run_oldest_first,
     a_flip_with_the_wrong_attempt_changes_nothing,
     cancel_kills_a_running_job_and_drops_a_queued_one,
+    a_slot_freed_by_a_flip_starts_the_next_job_at_once,
 );
 
 /// Several launcher instances share one PostgreSQL queue; thousands of no-op jobs (LLM and

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use orchestrator_kit::clients::Clients;
 use orchestrator_proto::launcher::v1::{
-    FlipTerminalRequest, FlipTerminalResponse, Job, ListRunningRequest, ProbeProcessesRequest,
+    FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, ProbeProcessesRequest,
     ProcessProbe,
 };
 use orchestrator_proto::merge_gate::v1::{ReclaimStaleLeasesRequest, ReclaimStaleLeasesResponse};
@@ -15,10 +15,10 @@ use tonic::Status;
 /// What the reaper needs from the launcher, stage-engine and merge-gate.
 #[async_trait]
 pub trait Peers: Send + Sync + 'static {
-    /// `Launcher.ListRunning`.
-    async fn list_running(&self) -> Result<Vec<Job>, Status>;
-    /// `Launcher.ProbeProcesses` for every running job.
+    /// `Launcher.ProbeProcesses` for every running job: each tick's one look at them.
     async fn probe_processes(&self) -> Result<Vec<ProcessProbe>, Status>;
+    /// `Launcher.GetJob`: the whole job, for one the tick acts on.
+    async fn get_job(&self, job_id: &str) -> Result<Job, Status>;
     /// `Launcher.FlipTerminal` (guarded by job id and attempt).
     async fn flip_terminal(
         &self,
@@ -36,8 +36,8 @@ pub trait Peers: Send + Sync + 'static {
     ) -> Result<ReclaimStaleLeasesResponse, Status>;
 }
 
-/// Lists of every running job can be large (10,000 jobs are a few MB): well above tonic's
-/// 4 MB default.
+/// The probes of every running job can be large (10,000 jobs are about 1 MB): room above
+/// tonic's 4 MB default.
 const MAX_LIST_BYTES: usize = 256 * 1024 * 1024;
 
 /// The peers over gRPC.
@@ -54,18 +54,6 @@ impl GrpcPeers {
 
 #[async_trait]
 impl Peers for GrpcPeers {
-    async fn list_running(&self) -> Result<Vec<Job>, Status> {
-        Ok(self
-            .clients
-            .launcher
-            .clone()
-            .max_decoding_message_size(MAX_LIST_BYTES)
-            .list_running(ListRunningRequest {})
-            .await?
-            .into_inner()
-            .jobs)
-    }
-
     async fn probe_processes(&self) -> Result<Vec<ProcessProbe>, Status> {
         Ok(self
             .clients
@@ -76,6 +64,18 @@ impl Peers for GrpcPeers {
             .await?
             .into_inner()
             .probes)
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Job, Status> {
+        Ok(self
+            .clients
+            .launcher
+            .clone()
+            .get_job(GetJobRequest {
+                job_id: job_id.to_owned(),
+            })
+            .await?
+            .into_inner())
     }
 
     async fn flip_terminal(

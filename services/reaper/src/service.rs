@@ -50,6 +50,14 @@ enum Tier {
 }
 
 impl Tier {
+    fn of(action: Action) -> Tier {
+        match action {
+            Action::ExitCode { .. } => Tier::ExitCode,
+            Action::Backstop { .. } => Tier::Backstop,
+            Action::Nothing | Action::FlipDeadPid { .. } => Tier::DeadPid,
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Tier::DeadPid => "dead_pid",
@@ -224,21 +232,21 @@ impl ReaperService {
     ) -> Result<(), String> {
         let inner = &self.inner;
         let c = &inner.config;
-        // Both lists at once: with thousands of running jobs each is a few MB on the wire.
-        let (jobs, probes) =
-            tokio::join!(inner.peers.list_running(), inner.peers.probe_processes());
-        let jobs =
-            jobs.map_err(|s| format!("launcher ListRunning: {:?}: {}", s.code(), s.message()))?;
-        let probes = probes
+        // One look at every running job: the launcher's probes carry what the tiers need
+        // (attempt, start, liveness, exit code). The whole job is fetched only for the few
+        // acted on: with thousands running, the full list costs the launcher several times
+        // the probes (docs/benchmarks/reaper.md).
+        let probes = inner
+            .peers
+            .probe_processes()
+            .await
             .map_err(|s| format!("launcher ProbeProcesses: {:?}: {}", s.code(), s.message()))?;
-        rec.jobs_seen = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
+        rec.jobs_seen = u32::try_from(probes.len()).unwrap_or(u32::MAX);
         for p in &probes {
             if p.liveness() == Liveness::InstanceGone && !p.instance_id.is_empty() {
                 dead_instances.insert(p.instance_id.clone());
             }
         }
-        let probes: HashMap<&str, &ProcessProbe> =
-            probes.iter().map(|p| (p.job_id.as_str(), p)).collect();
         let previous: HashMap<(String, u32), Streak> = store::load_streaks(&inner.db)
             .await
             .map_err(|e| format!("cannot read the streaks: {e}"))?
@@ -255,33 +263,24 @@ impl ReaperService {
         let mut deletes = Vec::new();
         let mut running = HashSet::new();
         let mut actions = Vec::new();
-        for job in jobs {
-            if job.id.trim().is_empty() || job.attempt == 0 {
+        for probe in probes {
+            if probe.job_id.trim().is_empty() || probe.attempt == 0 {
                 let e = format!(
                     "a running job without an id or attempt ({:?}, attempt {}): skipped",
-                    job.id, job.attempt
+                    probe.job_id, probe.attempt
                 );
-                tracing::warn!(job_id = %job.id, attempt = job.attempt, "running job without an id or attempt: skipped");
+                tracing::warn!(job_id = %probe.job_id, attempt = probe.attempt, "running job without an id or attempt: skipped");
                 errors.push(e);
                 continue;
             }
-            let key = (job.id.clone(), job.attempt);
+            let key = (probe.job_id.clone(), probe.attempt);
             running.insert(key.clone());
-            // A probe of another attempt says nothing about this one.
-            let probe = probes
-                .get(job.id.as_str())
-                .copied()
-                .filter(|p| p.attempt == job.attempt);
             let seen = Seen {
-                job_id: &job.id,
-                attempt: job.attempt,
-                started_at_ms: if job.started_at_ms > 0 {
-                    job.started_at_ms
-                } else {
-                    probe.map_or(0, |p| p.started_at_ms)
-                },
-                liveness: probe.map(ProcessProbe::liveness),
-                exit_code: probe.and_then(|p| p.exit_code).or(job.exit_code),
+                job_id: &probe.job_id,
+                attempt: probe.attempt,
+                started_at_ms: probe.started_at_ms,
+                liveness: Some(probe.liveness()),
+                exit_code: probe.exit_code,
             };
             let prev = previous.get(&key);
             let d = decide(&seen, prev, now, &rules);
@@ -296,7 +295,7 @@ impl ReaperService {
                     .as_ref()
                     .map(|s| s.liveness.clone())
                     .unwrap_or_default();
-                actions.push((job, d.action, liveness));
+                actions.push((probe, d.action, liveness));
             }
         }
         deletes.extend(previous.keys().filter(|k| !running.contains(*k)).cloned());
@@ -308,15 +307,15 @@ impl ReaperService {
 
         let limit = Arc::new(tokio::sync::Semaphore::new(c.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
-        for (job, action, liveness) in actions {
+        for (probe, action, liveness) in actions {
             let service = self.clone();
             let limit = Arc::clone(&limit);
             tasks.spawn(async move {
                 let _slot = limit.acquire_owned().await;
-                let id = job.id.clone();
-                let attempt = job.attempt;
+                let id = probe.job_id.clone();
+                let attempt = probe.attempt;
                 service
-                    .act(job, action, &liveness)
+                    .act(&probe, action, &liveness)
                     .await
                     .map_err(|e| (id, attempt, e))
             });
@@ -352,8 +351,28 @@ impl ReaperService {
     }
 
     /// Acts on one job; its only mutating call is the launcher's guarded `FlipTerminal`.
-    async fn act(&self, job: Job, action: Action, liveness: &str) -> Result<Acted, String> {
+    async fn act(
+        &self,
+        probe: &ProcessProbe,
+        action: Action,
+        liveness: &str,
+    ) -> Result<Acted, String> {
         let c = &self.inner.config;
+        let job = self
+            .inner
+            .peers
+            .get_job(&probe.job_id)
+            .await
+            .map_err(|s| format!("launcher GetJob: {:?}: {}", s.code(), s.message()))?;
+        if job.status() != JobStatus::Running || job.attempt != probe.attempt {
+            // Ended (or run again) since the probe: someone else finished that attempt.
+            tracing::info!(job_id = %job.id, attempt = probe.attempt, "job already finished by someone else: nothing flipped");
+            return Ok(Acted {
+                key: (probe.job_id.clone(), probe.attempt),
+                tier: Tier::of(action),
+                flipped: false,
+            });
+        }
         let (tier, outcome, reason, exit_code, kill) = match action {
             Action::Nothing => {
                 return Err("nothing to do".to_owned());

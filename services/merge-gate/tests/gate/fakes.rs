@@ -448,7 +448,12 @@ pub fn gate_over_gitea(
     mirror_dir: &std::path::Path,
     liveness: Arc<dyn merge_gate::HolderLiveness>,
 ) -> MergeGateService {
-    let config = config(
+    gate_with(db, gitea_config(gitea, mirror_dir), liveness)
+}
+
+/// merge-gate's configuration over the fake Gitea.
+pub fn gitea_config(gitea: &FakeGitea, mirror_dir: &std::path::Path) -> MergeGateConfig {
+    config(
         mirror_dir,
         &[
             ("ORCH_FORGE", "gitea"),
@@ -456,7 +461,15 @@ pub fn gate_over_gitea(
             ("GITEA_TOKEN", TOKEN),
             ("ORCH_FORGE_TIMEOUT_MS", "5000"),
         ],
-    );
+    )
+}
+
+/// A gate with `config` (as changed by the test), with `liveness` as the judge of holders.
+pub fn gate_with(
+    db: Db,
+    config: MergeGateConfig,
+    liveness: Arc<dyn merge_gate::HolderLiveness>,
+) -> MergeGateService {
     let forge = orchestrator_forge::build(&config.forge).expect("forge");
     MergeGateService::from_parts(db, config, forge, liveness)
 }

@@ -15,7 +15,7 @@ use orchestrator_proto::merge_gate::v1::{
 use orchestrator_testkit::{TestStorage, on_both_backends};
 use tonic::{Code, Request, Status};
 
-use crate::fakes::{FakeGitea, Faults, gate_over_gitea, open_db};
+use crate::fakes::{FakeGitea, Faults, gate_over_gitea, gate_with, gitea_config, open_db};
 
 const REPO: &str = "acme/app";
 const HEAD: &str = "d555a5dd07f4d0148a58d4686ec381502ae6a2d4";
@@ -106,6 +106,63 @@ async fn ten_concurrent_calls_merge_once(storage: TestStorage) {
     assert_eq!(row.attempts, 1);
     assert_eq!(&row.merge_sha, sha);
     assert_eq!(row.tested_head_sha, HEAD);
+    gitea.check();
+}
+
+/// The same ten calls when the replicas' claims on the PR lapse mid-merge (a merge-gate
+/// judged crashed while its merge was still on its way): more than one merge request then
+/// reaches Gitea, and Gitea's own answer for an already merged PR (405, empty message) is
+/// read as "already merged" — still exactly one merge.
+async fn ten_concurrent_calls_merge_once_even_when_the_claims_lapse(storage: TestStorage) {
+    let db = open_db(&storage).await;
+    let gitea = FakeGitea::start(&[REPO]).await;
+    gitea.add_pr(REPO, 7, HEAD);
+    gitea.with(|s| s.merge_delay = Duration::from_millis(1000));
+    let mirrors = tempfile::tempdir().expect("tempdir");
+    let mut config = gitea_config(&gitea, mirrors.path());
+    config.claim_ttl = Duration::from_millis(20);
+    let gates = [
+        gate_with(db.clone(), config.clone(), Arc::new(TtlOnly)),
+        gate_with(db.clone(), config, Arc::new(TtlOnly)),
+    ];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        tasks.spawn(drive(gates[i % 2].clone(), 7));
+    }
+    let answers = tasks.join_all().await;
+    let count = |o: FinalizeOutcome| answers.iter().filter(|r| r.outcome() == o).count();
+    assert_eq!(
+        (
+            count(FinalizeOutcome::Merged),
+            count(FinalizeOutcome::AlreadyMerged)
+        ),
+        (1, 9),
+        "{answers:#?}"
+    );
+    gitea.with(|s| {
+        assert_eq!(s.merges_done, 1, "merged once");
+        assert!(
+            s.merge_requests >= 2,
+            "the lapsed claims let a second merge request through, answered 405: {} requests",
+            s.merge_requests
+        );
+    });
+    let sha = &answers
+        .iter()
+        .find(|r| r.outcome() == FinalizeOutcome::Merged)
+        .expect("merged")
+        .merge_sha;
+    assert!(
+        answers
+            .iter()
+            .all(|r| r.merge_sha.is_empty() || &r.merge_sha == sha),
+        "{answers:#?}"
+    );
+    let row = store::get_merge(&db, REPO, 7)
+        .await
+        .expect("row")
+        .expect("recorded");
+    assert_eq!(row.state, MergeState::Merged);
     gitea.check();
 }
 
@@ -310,6 +367,7 @@ async fn bad_input_and_the_lease(storage: TestStorage) {
 
 on_both_backends!(
     ten_concurrent_calls_merge_once,
+    ten_concurrent_calls_merge_once_even_when_the_claims_lapse,
     refusals_and_recoveries,
     bad_input_and_the_lease
 );

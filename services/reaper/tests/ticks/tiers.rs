@@ -338,7 +338,7 @@ async fn a_bad_job_is_skipped(storage: TestStorage) {
     assert_eq!(r.flips_dead_pid, 1, "{r:?}");
     assert_eq!(w.launcher.job("bad").await.status, "failed");
 
-    // A launcher that cannot list its jobs: the tick fails as a whole, streaks stand still.
+    // A launcher that cannot probe its jobs: the tick fails as a whole, streaks stand still.
     w.launcher.insert(&NewJob::llm("later")).await;
     w.launcher.set("later", Liveness::Dead, None);
     let reaper = w.reaper(rules(2));
@@ -346,10 +346,33 @@ async fn a_bad_job_is_skipped(storage: TestStorage) {
     w.launcher.with(|p| p.down = true);
     let r = reaper.tick_at(t0 + 3 * I).await;
     assert_eq!((r.errors, r.flips_dead_pid), (1, 0), "{r:?}");
-    assert!(r.error.contains("ListRunning"), "{r:?}");
+    assert!(r.error.contains("ProbeProcesses"), "{r:?}");
     assert_eq!(snapshot(&reaper).await.dead_streaks[0].ticks, 1);
     w.launcher.with(|p| p.down = false);
     assert_eq!(reaper.tick_at(t0 + 4 * I).await.flips_dead_pid, 1);
+}
+
+/// The launcher finishes a job right after the probe found it dead: the reaper, reading the
+/// whole job before it acts, sees that and flips nothing (a lost flip, not an error).
+async fn a_job_finished_after_the_probe_is_left_alone(storage: TestStorage) {
+    let w = World::new(storage).await;
+    w.launcher.insert(&NewJob::llm("finishing")).await;
+    w.launcher.set("finishing", Liveness::Dead, Some(0));
+    w.launcher
+        .with(|p| p.finish_after_probe.insert("finishing".into()));
+    let reaper = w.reaper(rules(1));
+    let r = reaper.tick_at(now_ms()).await;
+    assert_eq!(
+        (r.jobs_seen, r.flips_exit_code, r.flips_lost, r.errors),
+        (1, 0, 1, 0),
+        "{r:?}"
+    );
+    assert!(w.launcher.flips.lock().expect("lock").is_empty());
+    assert!(
+        w.stage.advanced.lock().expect("lock").is_empty(),
+        "nothing advanced for a job the launcher finished itself"
+    );
+    assert_eq!(w.launcher.job("finishing").await.finished_by, "launcher");
 }
 
 async fn lease_reclaim_switch(storage: TestStorage) {
@@ -385,5 +408,6 @@ on_both_backends!(
     exit_code_known_but_still_running,
     backstop,
     a_bad_job_is_skipped,
+    a_job_finished_after_the_probe_is_left_alone,
     lease_reclaim_switch,
 );

@@ -14,8 +14,8 @@ use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{Config, Db, Env, ServiceName};
 use orchestrator_proto::launcher::v1::launcher_server::{Launcher, LauncherServer};
 use orchestrator_proto::launcher::v1::{
-    FlipTerminalRequest, FlipTerminalResponse, Job, JobKind, JobStatus, ListRunningRequest,
-    ListRunningResponse, Liveness, ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe,
+    FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, JobKind, JobStatus, Liveness,
+    ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe,
 };
 use orchestrator_proto::merge_gate::v1::merge_gate_server::{MergeGate, MergeGateServer};
 use orchestrator_proto::merge_gate::v1::{
@@ -81,7 +81,9 @@ pub struct Probes {
     pub set: HashMap<String, (Liveness, Option<i32>)>,
     /// Jobs whose FlipTerminal fails (INTERNAL).
     pub flip_fails: HashSet<String>,
-    /// ListRunning fails (UNAVAILABLE).
+    /// Jobs the launcher finishes itself right after it probed them.
+    pub finish_after_probe: HashSet<String>,
+    /// ProbeProcesses fails (UNAVAILABLE).
     pub down: bool,
 }
 
@@ -237,50 +239,84 @@ impl FakeLauncher {
 
 #[tonic::async_trait]
 impl Launcher for FakeLauncher {
-    async fn list_running(
-        &self,
-        _request: Request<ListRunningRequest>,
-    ) -> Result<Response<ListRunningResponse>, Status> {
-        if self.probes.lock().expect("lock").down {
-            return Err(Status::unavailable("launcher down"));
-        }
-        let jobs = self.running().await.into_iter().map(|(j, _)| j).collect();
-        Ok(Response::new(ListRunningResponse { jobs }))
-    }
-
     async fn probe_processes(
         &self,
         _request: Request<ProbeProcessesRequest>,
     ) -> Result<Response<ProbeProcessesResponse>, Status> {
+        if self.probes.lock().expect("lock").down {
+            return Err(Status::unavailable("launcher down"));
+        }
         let running = self.running().await;
-        let probes = self.probes.lock().expect("lock");
-        let out = running
-            .into_iter()
-            .filter_map(|(j, pid)| {
-                let (liveness, exit_code) = if pid > 0 {
-                    (
-                        if pid_alive(pid) {
-                            Liveness::Alive
-                        } else {
-                            Liveness::Dead
-                        },
-                        None,
-                    )
-                } else {
-                    *probes.set.get(&j.id)?
-                };
-                Some(ProcessProbe {
-                    job_id: j.id.clone(),
-                    attempt: j.attempt,
-                    instance_id: j.instance_id.clone(),
-                    pid: j.pid,
-                    liveness: liveness as i32,
-                    exit_code,
-                    started_at_ms: j.started_at_ms,
+        let (out, finishing) = {
+            let probes = self.probes.lock().expect("lock");
+            let out: Vec<ProcessProbe> = running
+                .into_iter()
+                .filter_map(|(j, pid)| {
+                    let (liveness, exit_code) = if pid > 0 {
+                        (
+                            if pid_alive(pid) {
+                                Liveness::Alive
+                            } else {
+                                Liveness::Dead
+                            },
+                            None,
+                        )
+                    } else {
+                        *probes.set.get(&j.id)?
+                    };
+                    Some(ProcessProbe {
+                        job_id: j.id.clone(),
+                        attempt: j.attempt,
+                        instance_id: j.instance_id.clone(),
+                        pid: j.pid,
+                        liveness: liveness as i32,
+                        exit_code,
+                        started_at_ms: j.started_at_ms,
+                    })
                 })
-            })
-            .collect();
+                .collect();
+            let finishing: Vec<String> = probes.finish_after_probe.iter().cloned().collect();
+            (out, finishing)
+        };
+        for id in finishing {
+            self.finalize(&id, 1).await;
+        }
         Ok(Response::new(ProbeProcessesResponse { probes: out }))
+    }
+
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().job_id;
+        let r = sqlx::query(
+            "SELECT id, attempt, status, kind, work_item, agent, payload_json, started_at_ms, \
+               instance_id, pid FROM jobs WHERE id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&self.db.pool)
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let pid: i64 = r.get("pid");
+        Ok(Response::new(Job {
+            id: r.get("id"),
+            attempt: u32::try_from(r.get::<i64, _>("attempt")).unwrap_or_default(),
+            status: match r.get::<String, _>("status").as_str() {
+                "running" => JobStatus::Running,
+                "succeeded" => JobStatus::Succeeded,
+                _ => JobStatus::Failed,
+            } as i32,
+            kind: if r.get::<String, _>("kind") == "reserved" {
+                JobKind::Reserved
+            } else {
+                JobKind::Llm
+            } as i32,
+            work_item: r.get("work_item"),
+            agent: r.get("agent"),
+            payload_json: r.get("payload_json"),
+            started_at_ms: r.get("started_at_ms"),
+            instance_id: r.get("instance_id"),
+            pid: (pid > 0).then_some(pid),
+            ..Job::default()
+        }))
     }
 
     async fn flip_terminal(
