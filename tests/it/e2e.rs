@@ -436,7 +436,9 @@ async fn a_plane_issue_walks_to_done_through_every_process() {
         "the analyst's artifact is on the branch in Gitea"
     );
     // The stream bot asked for :approved: on Plane; its own comment came back to the
-    // gateway as a webhook and was ignored there.
+    // gateway as a webhook and was ignored there: it carries the orchestrator's
+    // `external_source` (which the fake Plane echoes, as Plane does), whatever the bot
+    // list holds. A listed bot account's own `:approved:` is ignored too (gateway tests).
     let asked = e
         .wait(
             "the stream bot's approval request to come back",
@@ -458,7 +460,7 @@ async fn a_plane_issue_walks_to_done_through_every_process() {
     assert!(
         ignored["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("bot account")),
+            .is_some_and(|r| r.contains("a comment the orchestrator posted")),
         "{ignored}"
     );
     // A bot the gateway does not know: forwarded, refused by stage-engine.
