@@ -124,7 +124,24 @@ pub fn launcher_name(i: usize) -> String {
 impl ProcStack {
     /// Starts every process and waits until each has printed `ready`. The first launcher
     /// starts (and migrates the queue) before the other replicas.
+    ///
+    /// The ports are found free and then released for the process to bind: another test
+    /// can take one in between. A stack that loses that race is torn down and started
+    /// again on new ports (three tries), rather than failing the test.
     pub async fn start(spec: ProcStackSpec) -> Result<ProcStack, String> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::start_once(spec.clone()).await {
+                Err(e) if tries < 3 && e.contains("Address already in use") => {
+                    eprintln!("a port was taken before its process bound it; starting again: {e}");
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn start_once(spec: ProcStackSpec) -> Result<ProcStack, String> {
         let logs = spec.dir.join("logs");
         std::fs::create_dir_all(&logs)
             .map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
