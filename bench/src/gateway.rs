@@ -72,9 +72,12 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<()> {
         ("ORCH_PLANE_DEFAULT_REPO", "acme/app"),
         ("ORCH_PLANE_BOT_USERS", "stream-bot"),
     ]);
-    // The gateway's own knobs pass through, to compare settings.
+    // The gateway's own knobs (every `ORCH_GATEWAY_*` in .env.example) pass through, to
+    // compare settings.
     for (k, v) in std::env::vars() {
-        if k.starts_with("ORCH_GATEWAY_") {
+        if k.strip_prefix("ORCH_")
+            .is_some_and(|r| r.starts_with("GATEWAY_"))
+        {
             env = env.with(k, v);
         }
     }
