@@ -310,38 +310,25 @@ impl FakeGitea {
 
     /// Sends `delivery`'s bytes again under a new delivery id (Gitea's "redeliver").
     pub async fn redeliver(&self, delivery: &Delivery) -> Delivery {
-        let id = uuid::Uuid::now_v7().to_string();
-        let headers = delivery
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                if k.to_ascii_lowercase().ends_with("-delivery") {
-                    (k.clone(), id.clone())
-                } else {
-                    (k.clone(), v.clone())
-                }
-            })
-            .collect();
-        let url = self
-            .inner
+        let url = self.hook_url();
+        // Gitea sends its id in X-Gitea-Delivery, X-Gogs-Delivery and X-GitHub-Delivery.
+        webhook::redeliver(
+            &self.inner.http,
+            &self.inner.deliveries,
+            url,
+            delivery,
+            |k| k.to_ascii_lowercase().ends_with("-delivery"),
+        )
+        .await
+    }
+
+    fn hook_url(&self) -> String {
+        self.inner
             .lock()
             .hook
             .as_ref()
             .map(|h| h.url.clone())
-            .expect("a webhook is configured");
-        webhook::send(
-            &self.inner.http,
-            &self.inner.deliveries,
-            Outgoing {
-                url,
-                id,
-                event: delivery.event.clone(),
-                what: format!("{} (redelivered)", delivery.what),
-                headers,
-                body: delivery.body.clone(),
-            },
-        )
-        .await
+            .expect("a webhook is configured")
     }
 
     /// Every webhook sent so far, in order.

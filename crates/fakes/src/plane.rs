@@ -620,18 +620,6 @@ impl FakePlane {
     /// Sends `delivery`'s bytes again, with its signature, under a new `X-Plane-Delivery`
     /// (Plane gives every send attempt a new one).
     pub async fn redeliver(&self, delivery: &Delivery) -> Delivery {
-        let id = uuid::Uuid::now_v7().to_string();
-        let headers = delivery
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                if k.eq_ignore_ascii_case("x-plane-delivery") {
-                    (k.clone(), id.clone())
-                } else {
-                    (k.clone(), v.clone())
-                }
-            })
-            .collect();
         let url = self
             .inner
             .lock()
@@ -639,17 +627,12 @@ impl FakePlane {
             .as_ref()
             .map(|h| h.url.clone())
             .expect("a webhook is configured");
-        webhook::send(
+        webhook::redeliver(
             &self.inner.http,
             &self.inner.deliveries,
-            Outgoing {
-                url,
-                id,
-                event: delivery.event.clone(),
-                what: format!("{} (redelivered)", delivery.what),
-                headers,
-                body: delivery.body.clone(),
-            },
+            url,
+            delivery,
+            |k| k.eq_ignore_ascii_case("x-plane-delivery"),
         )
         .await
     }

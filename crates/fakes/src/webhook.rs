@@ -105,6 +105,38 @@ pub struct Outgoing {
     pub body: Vec<u8>,
 }
 
+/// Sends `delivery`'s bytes again, with its signature, under a new delivery id in the
+/// headers that `is_id_header` names: both forges give every redelivery a new id.
+pub async fn redeliver(
+    http: &reqwest::Client,
+    log: &Deliveries,
+    url: String,
+    delivery: &Delivery,
+    is_id_header: impl Fn(&str) -> bool,
+) -> Delivery {
+    let id = uuid::Uuid::now_v7().to_string();
+    let headers = delivery
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            if is_id_header(k) {
+                (k.clone(), id.clone())
+            } else {
+                (k.clone(), v.clone())
+            }
+        })
+        .collect();
+    let out = Outgoing {
+        url,
+        id,
+        event: delivery.event.clone(),
+        what: format!("{} (redelivered)", delivery.what),
+        headers,
+        body: delivery.body.clone(),
+    };
+    send(http, log, out).await
+}
+
 /// POSTs the webhook and records the attempt. Neither sender retries on an HTTP status
 /// (Plane counts any answer as sent, Gitea does not retry by itself).
 pub async fn send(http: &reqwest::Client, log: &Deliveries, out: Outgoing) -> Delivery {
