@@ -51,7 +51,7 @@ pub struct Args {
     /// The Plane issue-created sample (`shared/contracts/plane-webhook-issue-created.json`).
     #[arg(
         long,
-        default_value = "../shared/contracts/plane-webhook-issue-created.json"
+        default_value = "tests/contracts/plane-webhook-issue-created.json"
     )]
     sample: PathBuf,
 }

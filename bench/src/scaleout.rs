@@ -219,12 +219,7 @@ fn key(n: usize) -> String {
 
 /// `shared/contracts`, beside the repository (or `ORCH_CONTRACTS_DIR`).
 pub fn contracts_dir() -> PathBuf {
-    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/contracts")
-        });
-    std::fs::canonicalize(&dir).unwrap_or(dir)
+    orchestrator_testkit::contracts_dir()
 }
 
 /// Signed Plane `issue_comment` deliveries, built from the contract's sample.

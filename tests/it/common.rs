@@ -55,15 +55,7 @@ pub async fn start(storage: TestStorage, extra: &[(&str, &str)]) -> Stack {
 
 /// `shared/contracts`, beside the repository (or `ORCH_CONTRACTS_DIR`).
 pub fn contracts_dir() -> PathBuf {
-    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/contracts"));
-    assert!(
-        dir.is_dir(),
-        "the external contracts are missing at {} (set ORCH_CONTRACTS_DIR)",
-        dir.display()
-    );
-    dir
+    orchestrator_testkit::contracts_dir()
 }
 
 /// A plain channel to `url`, with no token.

@@ -10,17 +10,7 @@ use hmac::{Hmac, KeyInit, Mac};
 
 /// `shared/contracts`: `ORCH_CONTRACTS_DIR`, else beside the repository.
 pub fn contracts_dir() -> PathBuf {
-    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/contracts")
-        });
-    assert!(
-        dir.is_dir(),
-        "the external contracts are missing at {} (set ORCH_CONTRACTS_DIR)",
-        dir.display()
-    );
-    dir
+    orchestrator_testkit::contracts_dir()
 }
 
 /// The text of contract sample `name`.

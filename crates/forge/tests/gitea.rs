@@ -19,17 +19,7 @@ use orchestrator_kit::Secret;
 use serde_json::{Value, json};
 
 fn contracts_dir() -> PathBuf {
-    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/contracts")
-        });
-    assert!(
-        dir.is_dir(),
-        "contracts missing at {} (set ORCH_CONTRACTS_DIR)",
-        dir.display()
-    );
-    dir
+    orchestrator_testkit::contracts_dir()
 }
 
 /// The captured pull request object of a contract sample, changed by `edit`.

@@ -23,6 +23,24 @@ use orchestrator_kit::db::Location;
 
 pub use pg::{PgCluster, cluster, durable_cluster};
 
+/// The external contracts the tests read (webhook samples, API specs, the CLI's outputs):
+/// `tests/contracts/` in this repository, copied from the design folder with their sources
+/// named in its README, so that a plain clone runs its tests. `ORCH_CONTRACTS_DIR`
+/// overrides it (to try a newer capture).
+pub fn contracts_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/contracts")
+        });
+    assert!(
+        dir.is_dir(),
+        "the external contracts are missing at {} (set ORCH_CONTRACTS_DIR)",
+        dir.display()
+    );
+    dir
+}
+
 /// Storage for one test: its location, and the variables that point a stack at it.
 pub struct TestStorage {
     pub location: Location,

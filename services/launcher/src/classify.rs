@@ -332,17 +332,7 @@ mod tests {
     const NOW: i64 = 1_700_000_000_000;
 
     fn contracts() -> PathBuf {
-        let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/contracts")
-            });
-        assert!(
-            dir.join("claude-cli").is_dir(),
-            "the external contracts are missing at {} (set ORCH_CONTRACTS_DIR)",
-            dir.display()
-        );
-        dir.join("claude-cli")
+        orchestrator_testkit::contracts_dir().join("claude-cli")
     }
 
     /// The exact bytes a sample says the CLI printed.

@@ -176,18 +176,7 @@ impl Peers for FakePeers {
 
 /// `shared/contracts/claude-cli`, beside the repository (or `ORCH_CONTRACTS_DIR`).
 pub fn contracts() -> PathBuf {
-    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/contracts")
-        });
-    let cli = dir.join("claude-cli");
-    assert!(
-        cli.is_dir(),
-        "the external contracts are missing at {} (set ORCH_CONTRACTS_DIR)",
-        dir.display()
-    );
-    cli
+    orchestrator_testkit::contracts_dir().join("claude-cli")
 }
 
 /// A launcher over fresh storage, with its own work dir, prompts and local forge.

@@ -27,17 +27,7 @@ use tonic::{Request, Response, Status};
 pub const TOKEN: &str = "gitea-secret";
 
 pub fn contracts_dir() -> PathBuf {
-    let dir = std::env::var_os("ORCH_CONTRACTS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/contracts")
-        });
-    assert!(
-        dir.is_dir(),
-        "contracts missing at {} (set ORCH_CONTRACTS_DIR)",
-        dir.display()
-    );
-    dir
+    orchestrator_testkit::contracts_dir()
 }
 
 fn sample(name: &str) -> Value {
