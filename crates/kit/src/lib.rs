@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod group_commit;
 pub mod grpc;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -125,6 +125,9 @@ pub fn to_proto(i: &WorkItemRow) -> WorkItem {
         latest_job_id: i.latest_job_id.clone(),
         stage_retries: i.stage_retries,
         expected_dedupe_key: i.expected_dedupe_key.clone(),
+        description: i.description.clone(),
+        // Filled once stage-engine records why an item is blocked or cancelled.
+        status_reason: String::new(),
     }
 }
 
