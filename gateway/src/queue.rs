@@ -253,6 +253,7 @@ mod tests {
                 state: "closed".into(),
                 ..BreakerState::default()
             }),
+            ..QueueSnapshotResponse::default()
         };
         let v = launcher_json(&s);
         assert_eq!(v["counts"]["QUEUED"], 3);

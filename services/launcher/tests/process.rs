@@ -96,6 +96,7 @@ cat {{contracts}}/real-2.1.328/success-with-write-tool.stdout.json"#
         .expect("pr")
         .expect("a PR");
     // Usage recorded, finish comment under the agent's bot, then AdvanceStage.
+    h.outbox_drained().await;
     h.peers.with(|s| {
         assert_eq!(s.record_runs.len(), 1);
         assert!(
@@ -561,6 +562,7 @@ cat {contracts}/real-2.1.328/stop-hook-blocked-then-success.stdout.json"#;
         "{args}"
     );
     assert!(!args.contains("--bare"));
+    h.outbox_drained().await;
     h.peers.with(|s| {
         let finish = s
             .comments
