@@ -20,6 +20,7 @@ mod real_cli;
 mod reaper_faults;
 mod replicas;
 mod scripted_agent;
+mod seams;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;

@@ -375,10 +375,10 @@ pub trait Deliver: Send + Sync + 'static {
 /// How an outbox is delivered.
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
-    /// `<prefix>_POLL_MS`: how often due entries are looked for when nothing wakes the
+    /// `<prefix>POLL_MS`: how often due entries are looked for when nothing wakes the
     /// dispatcher (a state change wakes it at once).
     pub poll: Duration,
-    /// `<prefix>_BACKOFF_BASE_MS` / `<prefix>_BACKOFF_MAX_MS`: a failed delivery waits
+    /// `<prefix>BACKOFF_BASE_MS` / `<prefix>BACKOFF_MAX_MS`: a failed delivery waits
     /// `min(base * 2^(attempts-1), max)`, with jitter ([`Backoff`]).
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -400,11 +400,12 @@ pub struct Defaults {
 }
 
 impl OutboxConfig {
-    /// Reads `<prefix>_POLL_MS`, `<prefix>_BACKOFF_BASE_MS` and `<prefix>_BACKOFF_MAX_MS`
+    /// Reads `<prefix>POLL_MS`, `<prefix>BACKOFF_BASE_MS` and `<prefix>BACKOFF_MAX_MS`
+    /// (`prefix` ends with `_`, e.g. `ORCH_OUTBOX_`)
     /// (max_attempts 0, a 120 s claim, batches of 32); a bad value fails naming it.
     pub fn from_env(env: &Env, prefix: &str, d: Defaults) -> Result<Self, ConfigError> {
         let ms = |suffix: &str, default: u64| -> Result<(String, Duration), ConfigError> {
-            let name = format!("{prefix}_{suffix}");
+            let name = format!("{prefix}{suffix}");
             let v = env.parse(&name, default)?;
             Ok((name, Duration::from_millis(v)))
         };
@@ -607,7 +608,7 @@ mod tests {
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
             )
         };
-        let c = OutboxConfig::from_env(&env(&[]), "ORCH_X_OUTBOX", d).expect("defaults");
+        let c = OutboxConfig::from_env(&env(&[]), "ORCH_X_OUTBOX_", d).expect("defaults");
         assert_eq!(
             (c.poll, c.backoff_base, c.backoff_max, c.max_attempts),
             (
@@ -635,7 +636,7 @@ mod tests {
                 "ORCH_X_OUTBOX_POLL_MS",
             ),
         ] {
-            let e = OutboxConfig::from_env(&env(&pairs), "ORCH_X_OUTBOX", d).expect_err("bad");
+            let e = OutboxConfig::from_env(&env(&pairs), "ORCH_X_OUTBOX_", d).expect_err("bad");
             assert!(e.to_string().contains(culprit), "{e}");
         }
     }

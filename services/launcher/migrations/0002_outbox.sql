@@ -7,7 +7,7 @@ CREATE TABLE outbox (
     id TEXT PRIMARY KEY,
     -- The work item: entries of one work item and channel go out in order.
     work_item TEXT NOT NULL,
-    -- usage_ledger | stage_engine
+    -- run: a run's effects go out in the order they were written
     channel TEXT NOT NULL,
     -- record_run | finish_comment | comment | advance_stage | report_job_failed
     kind TEXT NOT NULL,

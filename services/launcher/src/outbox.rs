@@ -4,11 +4,13 @@
 //! as the peer is down — across restarts of either side. The job's own status never waits
 //! for a peer: what the run came to is decided here; its effects follow.
 //!
-//! Two channels per work item, each delivered in order:
-//! - `usage`: `UsageLedger.RecordRun`, then the finish comment (usage-ledger's line for the
-//!   run, which needs the recorded run, posted through `StageEngine.AddComment`);
-//! - `stage`: the launcher's other comments, `StageEngine.AdvanceStage` (a success) and
-//!   `StageEngine.ReportJobFailed` (a job failed for good).
+//! One channel per work item, delivered in order: `UsageLedger.RecordRun`, then the finish
+//! comment (usage-ledger's line for the run, which needs the recorded run, posted through
+//! `StageEngine.AddComment`), then `StageEngine.AdvanceStage` (a success) or
+//! `StageEngine.ReportJobFailed` (a job failed for good). The order matters: the item's
+//! usage summary (posted when it reaches done) must see the run that advanced it, and the
+//! finish comment comes before what stage-engine says about the next stage. The
+//! launcher's other comments (the analyst's start, a spent budget) go the same way.
 //!
 //! Every receiver dedupes: RecordRun on (job, attempt), AddComment on its idempotency key,
 //! AdvanceStage and ReportJobFailed on (job, attempt), the deploy-finalizer's enqueue on
@@ -104,10 +106,10 @@ impl Effect {
     /// Effects of one work item and channel are delivered in order.
     pub fn channel(&self) -> &'static str {
         match self {
-            Effect::RecordRun { .. } | Effect::FinishComment { .. } => "usage",
+            Effect::RecordRun { .. } | Effect::FinishComment { .. } => "run",
             Effect::Comment { .. }
             | Effect::AdvanceStage { .. }
-            | Effect::ReportJobFailed { .. } => "stage",
+            | Effect::ReportJobFailed { .. } => "run",
         }
     }
 
@@ -370,7 +372,7 @@ mod tests {
                     output: "{}".into(),
                 },
                 "record_run",
-                "usage",
+                "run",
                 "record_run:j:2",
             ),
             (
@@ -381,7 +383,7 @@ mod tests {
                     rest_html: String::new(),
                 },
                 "finish_comment",
-                "usage",
+                "run",
                 "finish_comment:j:2",
             ),
             (
@@ -391,7 +393,7 @@ mod tests {
                     idempotency_key: "launcher:j:start".into(),
                 },
                 "comment",
-                "stage",
+                "run",
                 "launcher:j:start",
             ),
             (
@@ -403,7 +405,7 @@ mod tests {
                     finalizer: Some(f),
                 },
                 "advance_stage",
-                "stage",
+                "run",
                 "advance_stage:j:2",
             ),
             (
@@ -416,7 +418,7 @@ mod tests {
                     reason: "missing prompt".into(),
                 },
                 "report_job_failed",
-                "stage",
+                "run",
                 "report_job_failed:j:2",
             ),
         ] {

@@ -110,6 +110,7 @@ async fn the_transient_budget_runs_out() {
         "{}",
         j.reason
     );
+    h.outbox_drained().await;
     h.peers.with(|s| assert_eq!(s.record_runs.len(), 3));
 }
 
@@ -321,6 +322,7 @@ cat {contracts}/real-2.1.328/success-with-write-tool.stdout.json"#;
     assert_eq!(j.outcome, "budget_blocked");
     assert!(j.reason.contains("$1.50 of $1.00"), "{}", j.reason);
     assert!(!h.root.join("args").exists(), "the agent was not launched");
+    h.outbox_drained().await;
     h.peers.with(|s| {
         assert!(
             s.comments

@@ -185,6 +185,7 @@ sleep 300"#;
         "{log}"
     );
     // A timeout is permanent: its failure is on the tracker.
+    h.outbox_drained().await;
     h.peers.with(|s| {
         assert!(
             s.comments
@@ -356,6 +357,7 @@ esac"#;
     // The queue went on.
     assert_eq!(h.wait_done(&good.id, SECS).await.status, Status::Succeeded);
     // Each failure is on the tracker with its reason.
+    h.outbox_drained().await;
     h.peers.with(|s| {
         for (_, _, reason) in cases {
             assert!(
@@ -402,6 +404,7 @@ esac"#;
         "{}",
         done.reason
     );
+    h3.outbox_drained().await;
     h3.peers.with(|s| {
         assert!(
             s.comments

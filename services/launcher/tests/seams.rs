@@ -210,7 +210,7 @@ async fn a_permanent_answer_dead_letters_the_entry_visibly(storage: TestStorage)
         "{}",
         failed[0].last_error
     );
-    // The other channel went on: usage and the finish comment.
+    // What came before it went out: the usage and the finish comment.
     h.peers.with(|s| {
         assert_eq!(s.record_runs.len(), 1);
         assert_eq!(finish_comments(s, &job.id), 1);

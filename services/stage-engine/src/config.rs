@@ -33,7 +33,7 @@ impl StageEngineConfig {
         let forge = ForgeConfig::from_env(env)?;
         let mut outbox = OutboxConfig::from_env(
             env,
-            "ORCH_OUTBOX",
+            "ORCH_OUTBOX_",
             outbox::Defaults {
                 poll_ms: 1_000,
                 backoff_base_ms: 1_000,
