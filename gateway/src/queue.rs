@@ -178,6 +178,8 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
             "consecutive_transient": b.consecutive_transient,
             "open_until_ms": b.open_until_ms,
         })),
+        // The launcher's outbox: the end of runs waiting for a peer, and dead letters.
+        "outbox": {"pending": s.outbox_pending, "failed": s.outbox_failed},
     })
 }
 
@@ -253,7 +255,8 @@ mod tests {
                 state: "closed".into(),
                 ..BreakerState::default()
             }),
-            ..QueueSnapshotResponse::default()
+            outbox_pending: 2,
+            outbox_failed: 1,
         };
         let v = launcher_json(&s);
         assert_eq!(v["counts"]["QUEUED"], 3);
@@ -262,5 +265,7 @@ mod tests {
         assert_eq!(v["running"][0]["kind"], "LLM");
         assert_eq!(v["running"][0]["age_ms"], 1500);
         assert_eq!(v["breaker"]["state"], "closed");
+        assert_eq!(v["outbox"]["pending"], 2);
+        assert_eq!(v["outbox"]["failed"], 1);
     }
 }

@@ -53,7 +53,7 @@ const SERVICE_TOKEN: &str = "plane_api_orchestrator";
 const LAUNCHERS: usize = 3;
 
 /// The test-speed settings every process gets; printed with the figures.
-const SETTINGS: [(&str, &str); 27] = [
+const SETTINGS: [(&str, &str); 30] = [
     ("ORCH_MAX_CONCURRENCY", "4"),
     ("ORCH_MAX_ATTEMPTS", "5"),
     ("ORCH_AGENT_TIMEOUT_SECONDS", "45"),
