@@ -440,6 +440,13 @@ impl OutboxConfig {
     }
 }
 
+/// What one pass of a dispatcher did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pass {
+    attempted: usize,
+    delivered: usize,
+}
+
 /// Delivers one outbox through `D`.
 pub struct Dispatcher<D> {
     pub outbox: Outbox,
@@ -470,10 +477,14 @@ impl<D: Deliver> Dispatcher<D> {
         tracing::info!(outbox, "outbox dispatcher started");
         loop {
             loop {
-                match self.deliver_due().await {
-                    // A full batch: more may be due at once. Anything less: all due entries
-                    // were attempted (failures wait out their backoff), so wait for a wake-up.
-                    Ok(n) if n >= self.config.batch as usize && !shutdown.is_cancelled() => {}
+                match self.pass().await {
+                    // A full batch: more may be due at once. A delivery: the next entry of
+                    // its channel is due now (without this, a chain of k ordered entries
+                    // would take k - 1 poll intervals). Otherwise every due entry was
+                    // attempted (failures wait out their backoff): wait for a wake-up.
+                    Ok(p)
+                        if (p.attempted >= self.config.batch as usize || p.delivered > 0)
+                            && !shutdown.is_cancelled() => {}
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(outbox, error = %e, "outbox pass failed");
@@ -493,32 +504,43 @@ impl<D: Deliver> Dispatcher<D> {
     /// Delivers the entries that are due (one per work item and channel, the oldest), all
     /// at once; returns how many were attempted.
     pub async fn deliver_due(&self) -> Result<usize, sqlx::Error> {
+        Ok(self.pass().await?.attempted)
+    }
+
+    async fn pass(&self) -> Result<Pass, sqlx::Error> {
         let now = now_ms();
         let entries = self.outbox.due(&self.db, now, self.config.batch).await?;
         let mut tasks = tokio::task::JoinSet::new();
-        let mut attempted = 0;
+        let mut pass = Pass::default();
         for entry in entries {
             let until =
                 now_ms() + i64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(i64::MAX);
             if !self.outbox.claim(&self.db, &entry.id, now, until).await? {
                 continue;
             }
-            attempted += 1;
+            pass.attempted += 1;
             let this = self.clone();
             tasks.spawn(async move { this.deliver_and_record(entry).await });
         }
         while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = joined {
-                tracing::error!(outbox = self.outbox.table(), error = %e, "an outbox delivery panicked");
+            match joined {
+                Ok(true) => pass.delivered += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(outbox = self.outbox.table(), error = %e, "an outbox delivery panicked");
+                }
             }
         }
-        Ok(attempted)
+        Ok(pass)
     }
 
-    async fn deliver_and_record(&self, entry: Entry) {
+    /// Delivers one claimed entry and records how it went; true when it was delivered.
+    async fn deliver_and_record(&self, entry: Entry) -> bool {
         let outbox = self.outbox.table();
         let attempts = entry.attempts + 1;
-        let recorded = match self.deliver.deliver(&entry).await {
+        let result = self.deliver.deliver(&entry).await;
+        let delivered = result.is_ok();
+        let recorded = match result {
             Ok(result_json) => {
                 tracing::debug!(
                     outbox,
@@ -570,7 +592,9 @@ impl<D: Deliver> Dispatcher<D> {
         if let Err(e) = recorded {
             // The claim lapses and the entry is delivered again: every receiver is idempotent.
             tracing::error!(outbox, id = entry.id, error = %e, "cannot record an outbox delivery");
+            return false;
         }
+        delivered
     }
 }
 

@@ -288,15 +288,22 @@ impl LauncherConfig {
             deploy_lease: env.bool("ORCH_DEPLOY_LEASE_ENABLED", true)?,
             lease_retry: seconds(env, "ORCH_LEASE_RETRY_S", 10.0)?,
             forge: ForgeConfig::from_env(env)?,
-            outbox: OutboxConfig::from_env(
-                env,
-                "ORCH_LAUNCHER_OUTBOX_",
-                outbox::Defaults {
-                    poll_ms: 1_000,
-                    backoff_base_ms: 500,
-                    backoff_max_ms: 30_000,
-                },
-            )?,
+            outbox: OutboxConfig {
+                // A delivery is at most two RPCs (FinishComment, then AddComment) of
+                // ORCH_RPC_TIMEOUT_MS (10 s by default) each: a claim of a launcher killed
+                // mid-delivery lapses after this, and its run's later effects go on (the
+                // kit's default of 120 s would hold them up that long).
+                claim_ttl: Duration::from_secs(30),
+                ..OutboxConfig::from_env(
+                    env,
+                    "ORCH_LAUNCHER_OUTBOX_",
+                    outbox::Defaults {
+                        poll_ms: 1_000,
+                        backoff_base_ms: 500,
+                        backoff_max_ms: 30_000,
+                    },
+                )?
+            },
             failpoint: Failpoint::from_env(env)?,
         })
     }

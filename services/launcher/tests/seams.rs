@@ -278,6 +278,40 @@ async fn a_flip_advances_or_reports_like_the_run_would(storage: TestStorage) {
     });
 }
 
+/// A run's effects go out in the order they were written, each as soon as the one before
+/// it is delivered: the fallback poll (an hour here) is never what moves the chain on.
+async fn a_run_s_effects_go_out_in_order_without_waiting_for_the_poll(storage: TestStorage) {
+    let h = H::start(
+        storage,
+        SUCCESS,
+        &[
+            ("ORCH_LAUNCHER_GIT", "false"),
+            ("ORCH_LAUNCHER_OUTBOX_POLL_MS", "3600000"),
+        ],
+    )
+    .await;
+    let job = h.enqueue("analyst", "analysis", "").await;
+    assert_eq!(h.wait_done(&job.id, SECS).await.status, Status::Succeeded);
+    h.outbox_drained().await;
+    // The analyst's start comment is written while it runs, by another task: its place
+    // before the end is not the point here.
+    let calls: Vec<String> = h.peers.with(|s| {
+        s.calls
+            .iter()
+            .filter(|c| !c.ends_with(":start"))
+            .cloned()
+            .collect()
+    });
+    assert_eq!(
+        calls,
+        [
+            "record_run".to_owned(),
+            format!("add_comment:launcher:{}:1:finish", job.id),
+            "advance_stage".to_owned(),
+        ]
+    );
+}
+
 on_both_backends!(
     a_run_that_ends_while_its_peers_are_down_is_delivered_when_they_come_back,
     a_restarted_launcher_delivers_what_its_previous_life_left,
@@ -285,4 +319,5 @@ on_both_backends!(
     a_missing_prompt_is_reported,
     a_permanent_answer_dead_letters_the_entry_visibly,
     a_flip_advances_or_reports_like_the_run_would,
+    a_run_s_effects_go_out_in_order_without_waiting_for_the_poll,
 );

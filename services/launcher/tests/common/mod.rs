@@ -46,6 +46,9 @@ pub struct FakeState {
     pub comments: Vec<AddCommentRequest>,
     pub advances: Vec<AdvanceStageRequest>,
     pub failures_reported: Vec<ReportJobFailedRequest>,
+    /// The calls that succeeded, in order: record_run, add_comment:<key>, advance_stage,
+    /// report_job_failed.
+    pub calls: Vec<String>,
     /// usage-ledger answers UNAVAILABLE to everything (RecordRun, FinishComment) while set.
     pub usage_ledger_down: bool,
     /// stage-engine answers UNAVAILABLE to everything (AddComment, AdvanceStage,
@@ -104,6 +107,7 @@ impl Peers for FakePeers {
                 s.record_run_unavailable -= 1;
                 return Err(Status::unavailable("tcp connect error"));
             }
+            s.calls.push("record_run".to_owned());
             s.record_runs.push(request);
             Ok(())
         })
@@ -129,6 +133,8 @@ impl Peers for FakePeers {
                 s.add_comment_unavailable -= 1;
                 return Err(Status::unavailable("tcp connect error"));
             }
+            s.calls
+                .push(format!("add_comment:{}", request.idempotency_key));
             s.comments.push(request);
             Ok(())
         })
@@ -143,6 +149,7 @@ impl Peers for FakePeers {
             if let Some(code) = s.advance_refusal {
                 return Err(Status::new(code, "refused"));
             }
+            s.calls.push("advance_stage".to_owned());
             s.advances.push(request);
             Ok(s.advance_outcome.unwrap_or(AdvanceOutcome::Advanced))
         })?;
@@ -158,6 +165,7 @@ impl Peers for FakePeers {
     ) -> Result<AdvanceStageResponse, Status> {
         self.with(|s| {
             s.stage_engine()?;
+            s.calls.push("report_job_failed".to_owned());
             s.failures_reported.push(request);
             Ok(AdvanceStageResponse {
                 outcome: AdvanceOutcome::Blocked as i32,
