@@ -558,7 +558,8 @@ async fn work_items_survive_random_kills() {
                 &pool,
                 "SELECT (SELECT COUNT(*) FROM launcher.jobs WHERE status IN ('queued', 'running'))
                       + (SELECT COUNT(*) FROM gateway.webhook_inbox WHERE state = 'pending')
-                      + (SELECT COUNT(*) FROM stage_engine.outbox WHERE state IN ('pending', 'delivering'))",
+                      + (SELECT COUNT(*) FROM stage_engine.outbox WHERE state IN ('pending', 'delivering'))
+                      + (SELECT COUNT(*) FROM launcher.outbox WHERE state IN ('pending', 'delivering'))",
             )
             .await;
             if busy == 0 {
@@ -824,7 +825,8 @@ async fn work_items_survive_random_kills() {
     let dead_inbox = inbox.get("dead").copied().unwrap_or(0);
     let failed_outbox = count(
         &pool,
-        "SELECT COUNT(*) FROM stage_engine.outbox WHERE state = 'failed'",
+        "SELECT (SELECT COUNT(*) FROM stage_engine.outbox WHERE state = 'failed')
+              + (SELECT COUNT(*) FROM launcher.outbox WHERE state = 'failed')",
     )
     .await;
     let failed_jobs: Vec<(String, String, String, String)> = sqlx::query(
