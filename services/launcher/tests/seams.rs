@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{FakeState, H, KEY, eventually};
+use common::{FakePeers, FakeState, H, KEY, eventually};
 use launcher::outbox::OUTBOX;
 use launcher::store::Status;
 use orchestrator_proto::launcher::v1::launcher_server::Launcher;
@@ -109,8 +109,19 @@ async fn a_restarted_launcher_delivers_what_its_previous_life_left(storage: Test
     first.shutdown.cancel();
     first.svc.supervisor().stopped().cancelled().await;
     drop(first);
-    // A new life over the same storage; the peers are back.
-    let second = H::start_on(storage, dir, "test-instance", "", &vars).await;
+    // A new life over the same storage, the peers still down; then they come back.
+    let peers = Arc::new(FakePeers::default());
+    peers.with(|s| {
+        s.usage_ledger_down = true;
+        s.stage_engine_down = true;
+    });
+    let second = H::start_with(storage, dir, "test-instance", "", &vars, peers).await;
+    refused(&second, 10).await;
+    second.peers.with(|s| {
+        assert!(s.record_runs.is_empty() && s.advances.is_empty());
+        s.usage_ledger_down = false;
+        s.stage_engine_down = false;
+    });
     second.outbox_drained().await;
     second.peers.with(|s| {
         assert_eq!(s.record_runs.len(), 1);

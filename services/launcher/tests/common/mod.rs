@@ -314,6 +314,19 @@ impl H {
         script: &str,
         vars: &[(&str, &str)],
     ) -> H {
+        let peers = Arc::new(FakePeers::default());
+        Self::start_with(storage, dir, instance, script, vars, peers).await
+    }
+
+    /// [`Self::start_on`] with peers set up beforehand (e.g. down from the start).
+    pub async fn start_with(
+        storage: Arc<TestStorage>,
+        dir: Arc<tempfile::TempDir>,
+        instance: &str,
+        script: &str,
+        vars: &[(&str, &str)],
+        peers: Arc<FakePeers>,
+    ) -> H {
         orchestrator_kit::telemetry::init_for_tests();
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("agents")).expect("agents dir");
@@ -352,7 +365,6 @@ impl H {
         )
         .await
         .expect("storage");
-        let peers = Arc::new(FakePeers::default());
         let svc = LauncherService::from_parts(
             db.clone(),
             config,
