@@ -278,3 +278,190 @@ async fn launcher_effects_pending(engine: &Engine, key: &str) -> Result<bool, En
     .await?;
     Ok(row.try_get::<i64, _>("n")? > 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::Stage;
+
+    const NOW: i64 = 10_000_000;
+    const STALL: Duration = Duration::from_secs(600);
+
+    fn item(status: Status, idle_s: i64) -> WorkItemRow {
+        WorkItemRow {
+            key: "ORCH-1".into(),
+            tracker_issue_id: "i-1".into(),
+            tracker_project_id: String::new(),
+            title: String::new(),
+            description: String::new(),
+            repo: "acme/app".into(),
+            branch: "orch/ORCH-1".into(),
+            stage: Stage::Development,
+            status,
+            rollback_count: 0,
+            stage_retries: 0,
+            expected_agent: "developer".into(),
+            expected_dedupe_key: "ORCH-1/t-2/developer".into(),
+            latest_job_id: "job-2".into(),
+            status_reason: String::new(),
+            version: 3,
+            created_at_ms: 0,
+            updated_at_ms: NOW - idle_s * 1000,
+        }
+    }
+
+    fn job(id: &str, dedupe: &str, status: JobStatus, finished_s_ago: Option<i64>) -> Job {
+        Job {
+            id: id.into(),
+            dedupe_key: dedupe.into(),
+            status: status as i32,
+            finished_at_ms: finished_s_ago.map_or(0, |s| NOW - s * 1000),
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn the_latest_job_is_the_one_of_the_expected_enqueue() {
+        let i = item(Status::Active, 700);
+        let jobs = vec![
+            job("job-1", "ORCH-1/t-1/developer", JobStatus::Succeeded, None),
+            job("job-2", "ORCH-1/t-2/developer", JobStatus::Failed, None),
+        ];
+        assert_eq!(latest_job(&i, &jobs).map(|j| j.id.as_str()), Some("job-2"));
+        // Before the Enqueue answer is recorded: found by its dedupe key.
+        let mut unrecorded = i.clone();
+        unrecorded.latest_job_id = String::new();
+        assert_eq!(
+            latest_job(&unrecorded, &jobs).map(|j| j.id.as_str()),
+            Some("job-2")
+        );
+        // Only older jobs: none is the latest.
+        assert_eq!(latest_job(&i, &jobs[..1]), None);
+    }
+
+    /// Every row: the item's status and idle time, its outbox, its latest job.
+    #[test]
+    fn the_verdict_table() {
+        use JobStatus::*;
+        use StallReason::*;
+        let d = "ORCH-1/t-2/developer";
+        let rows: Vec<(Status, i64, bool, Option<Job>, Verdict)> = vec![
+            // Not active: never the watchdog's business.
+            (
+                Status::Blocked,
+                9_999,
+                false,
+                None,
+                Verdict::Wait("not active"),
+            ),
+            (
+                Status::AwaitingApproval,
+                9_999,
+                false,
+                None,
+                Verdict::Wait("not active"),
+            ),
+            (
+                Status::Done,
+                9_999,
+                false,
+                None,
+                Verdict::Wait("not active"),
+            ),
+            (
+                Status::Cancelled,
+                9_999,
+                false,
+                None,
+                Verdict::Wait("not active"),
+            ),
+            // Active but moved recently (599 s < 600 s).
+            (
+                Status::Active,
+                599,
+                false,
+                None,
+                Verdict::Wait("changed recently"),
+            ),
+            // Its job ended recently, though the item is old: the launcher may be applying it.
+            (
+                Status::Active,
+                9_999,
+                false,
+                Some(job("job-2", d, Succeeded, Some(10))),
+                Verdict::Wait("changed recently"),
+            ),
+            // The outbox still holds its enqueue: the outbox is on it.
+            (
+                Status::Active,
+                9_999,
+                true,
+                None,
+                Verdict::Wait("its enqueue is still in the outbox"),
+            ),
+            // A job that is queued or running: the launcher is on it (a long run is fine).
+            (
+                Status::Active,
+                9_999,
+                false,
+                Some(job("job-2", d, Queued, None)),
+                Verdict::Wait("its job is queued or running"),
+            ),
+            (
+                Status::Active,
+                9_999,
+                false,
+                Some(job("job-2", d, Running, None)),
+                Verdict::Wait("its job is queued or running"),
+            ),
+            // Stalled: the job's end was lost, or the enqueue was.
+            (
+                Status::Active,
+                600,
+                false,
+                Some(job("job-2", d, Succeeded, Some(700))),
+                Verdict::Fire(LatestJobSucceeded),
+            ),
+            (
+                Status::Active,
+                9_999,
+                false,
+                Some(job("job-2", d, Failed, Some(601))),
+                Verdict::Fire(LatestJobFailed),
+            ),
+            (
+                Status::Active,
+                9_999,
+                false,
+                Some(job("job-2", d, Cancelled, None)),
+                Verdict::Fire(LatestJobCancelled),
+            ),
+            (Status::Active, 600, false, None, Verdict::Fire(NoJob)),
+        ];
+        for (status, idle, pending, latest, want) in rows {
+            let got = verdict(&item(status, idle), NOW, STALL, pending, latest.as_ref());
+            assert_eq!(
+                got, want,
+                "{status} idle {idle}s pending {pending} job {latest:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn firings_are_counted_per_reason() {
+        let s = WatchdogStats::default();
+        s.record(StallReason::NoJob);
+        s.record(StallReason::NoJob);
+        s.record(StallReason::LatestJobFailed);
+        let got: Vec<(&str, u64)> = s.firings().iter().map(|(r, n)| (r.as_str(), *n)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("latest_job_succeeded", 0),
+                ("latest_job_failed", 1),
+                ("latest_job_cancelled", 0),
+                ("no_job", 2)
+            ]
+        );
+    }
+}
