@@ -12,7 +12,7 @@
 //!
 //! Delivery to stage-engine is at least once: a gateway killed after a call succeeded and
 //! before it recorded that success calls again after a restart. The calls are idempotent on
-//! their own keys (CreateWorkItem on the tracker issue id, Approve on the comment id,
+//! their own keys (CreateWorkItem on the tracker issue id, Approve and Retry on the comment id,
 //! OnPrMerged on the PR and merge sha), so a repeat changes nothing.
 
 use std::sync::Arc;

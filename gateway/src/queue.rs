@@ -65,7 +65,8 @@ pub(crate) async fn stage_engine_snapshot(shared: &Shared) -> Result<StageEngine
         .clone()
         .snapshot(StageEngineSnapshotRequest {})
         .await;
-    record(shared, "Snapshot", &res, started);
+    // Qualified: the reaper's `Snapshot` has the same name.
+    record(shared, "StageEngine.Snapshot", &res, started);
     res.map(tonic::Response::into_inner).map_err(error_json)
 }
 
