@@ -412,17 +412,24 @@ pub async fn count_by_status(db: &Db) -> Result<Vec<(Status, u64)>, sqlx::Error>
     Ok(counts)
 }
 
-/// Active work items not changed since `before_ms`: the stall watchdog's candidates.
+/// Active work items not changed since `before_ms`, oldest first, after `cursor` (the
+/// `(updated_at_ms, key)` of the last one of the previous page): the stall watchdog's
+/// candidates, a page at a time.
 pub async fn active_since(
     db: &Db,
     before_ms: i64,
+    cursor: Option<(i64, &str)>,
     limit: u32,
 ) -> Result<Vec<WorkItemRow>, sqlx::Error> {
+    let (after_ms, after_key) = cursor.unwrap_or((i64::MIN, ""));
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {ITEM_COLUMNS} FROM work_items WHERE status = 'active' AND updated_at_ms <= $1 \
-         ORDER BY updated_at_ms, key LIMIT $2"
+         AND (updated_at_ms > $2 OR (updated_at_ms = $2 AND key > $3)) \
+         ORDER BY updated_at_ms, key LIMIT $4"
     )))
     .bind(before_ms)
+    .bind(after_ms)
+    .bind(after_key)
     .bind(i64::from(limit))
     .fetch_all(&db.pool)
     .await?;

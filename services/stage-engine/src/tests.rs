@@ -1416,6 +1416,38 @@ async fn the_watchdog_repairs_what_a_seam_lost(storage: TestStorage) {
     h.deliver_of("ORCH-12").await;
     h.lost.lock().expect("lock").push(job_of("ORCH-12"));
 
+    // The candidates come a page at a time, every one once, the oldest first (items that
+    // changed in the same millisecond included).
+    sqlx::query("UPDATE work_items SET updated_at_ms = 1000 WHERE key IN ('ORCH-8', 'ORCH-9')")
+        .execute(&db.pool)
+        .await
+        .expect("same millisecond");
+    let before = orchestrator_kit::time::now_ms() - 600_000;
+    let all: Vec<String> = crate::store::active_since(db, before, None, 100)
+        .await
+        .expect("all")
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(&all[..2], ["ORCH-8", "ORCH-9"]);
+    let mut paged = Vec::new();
+    let mut cursor: Option<(i64, String)> = None;
+    loop {
+        let page = crate::store::active_since(
+            db,
+            before,
+            cursor.as_ref().map(|(t, k)| (*t, k.as_str())),
+            2,
+        )
+        .await
+        .expect("page");
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.updated_at_ms, last.key.clone()));
+        paged.extend(page.into_iter().map(|i| i.key));
+    }
+    assert_eq!(paged, all);
+
     let mut fired = h.svc.engine().stall_watchdog().tick().await.expect("tick");
     fired.sort_by(|a, b| a.0.cmp(&b.0));
     use crate::watchdog::StallReason;

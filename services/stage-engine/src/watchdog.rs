@@ -135,8 +135,8 @@ pub struct Watchdog {
     pub(crate) engine: Engine,
 }
 
-/// Items judged per tick at most (the oldest first); the rest wait for the next tick.
-const BATCH: u32 = 100;
+/// Candidates read per page (the oldest first); a tick reads every page.
+const PAGE: u32 = 100;
 
 impl Watchdog {
     /// Runs until `shutdown`: one tick every check interval.
@@ -166,13 +166,29 @@ impl Watchdog {
         let stall = self.engine.config.watchdog.stall;
         let before = now.saturating_sub(i64::try_from(stall.as_millis()).unwrap_or(i64::MAX));
         let mut fired = Vec::new();
-        for item in store::active_since(&self.engine.db, before, BATCH).await? {
-            match self.check(&item, now).await {
-                Ok(Some(reason)) => fired.push((item.key.clone(), reason)),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(work_item = item.key, error = %e, "stall check failed; the next tick tries again");
+        let mut cursor: Option<(i64, String)> = None;
+        loop {
+            let page = store::active_since(
+                &self.engine.db,
+                before,
+                cursor.as_ref().map(|(t, k)| (*t, k.as_str())),
+                PAGE,
+            )
+            .await?;
+            for item in &page {
+                match self.check(item, now).await {
+                    Ok(Some(reason)) => fired.push((item.key.clone(), reason)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(work_item = item.key, error = %e, "stall check failed; the next tick tries again");
+                    }
                 }
+            }
+            match page.last() {
+                Some(last) if page.len() == PAGE as usize => {
+                    cursor = Some((last.updated_at_ms, last.key.clone()));
+                }
+                _ => break,
             }
         }
         Ok(fired)
