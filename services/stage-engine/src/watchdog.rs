@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::launcher::v1::{Job, JobStatus};
-use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Engine, JobRef};
 use crate::error::EngineError;
+use crate::outbox;
 use crate::park::FailedJob;
 use crate::pipeline::{Status, Trigger};
 use crate::store::{self, WorkItemRow};
@@ -285,14 +285,13 @@ fn job_ref(job: &Job) -> JobRef {
 /// Whether an effect of the item's launcher channel (an enqueue, a cancel) waits in the
 /// outbox: then the outbox is on it, and the item is not stalled.
 async fn launcher_effects_pending(engine: &Engine, key: &str) -> Result<bool, EngineError> {
-    let row = sqlx::query(
-        "SELECT COUNT(*) AS n FROM outbox WHERE work_item = $1 AND channel = 'launcher' \
-         AND state IN ('pending', 'delivering')",
-    )
-    .bind(key)
-    .fetch_one(&engine.db.pool)
-    .await?;
-    Ok(row.try_get::<i64, _>("n")? > 0)
+    for state in ["pending", "delivering"] {
+        let entries = outbox::list(&engine.db, key, state, 1000).await?;
+        if entries.iter().any(|e| e.channel == "launcher") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
