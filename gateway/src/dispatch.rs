@@ -12,7 +12,7 @@
 //!
 //! Delivery to stage-engine is at least once: a gateway killed after a call succeeded and
 //! before it recorded that success calls again after a restart. The calls are idempotent on
-//! their own keys (CreateWorkItem on the tracker issue id, Approve on the comment id,
+//! their own keys (CreateWorkItem on the tracker issue id, Approve and Retry on the comment id,
 //! OnPrMerged on the PR and merge sha), so a repeat changes nothing.
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest,
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest, RetryRequest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -326,6 +326,39 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 // An approval on an issue that never became a work item: nothing to do.
                 Err(s) if s.code() == Code::NotFound => {
                     Outcome::Ignored(format!("no work item for plane issue {tracker_issue_id}"))
+                }
+                Err(s) => failed(s),
+            }
+        }
+        Command::Retry {
+            tracker_issue_id,
+            author,
+            comment_id,
+        } => {
+            let req = RetryRequest {
+                work_item: String::new(),
+                author: author.clone(),
+                comment_id: comment_id.clone(),
+                tracker_issue_id: tracker_issue_id.clone(),
+            };
+            let started = Instant::now();
+            let res = se.retry(req).await;
+            observe(shared, "Retry", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let key = r.work_item.map(|w| w.key).unwrap_or_default();
+                    Outcome::Applied {
+                        reason: format!("retry {key}: {}", outcome_name(r.outcome)),
+                        work_item: key,
+                    }
+                }
+                Err(s) if s.code() == Code::NotFound => {
+                    Outcome::Ignored(format!("no work item for plane issue {tracker_issue_id}"))
+                }
+                // A :retry: on an item that is not blocked asks for nothing: not a failure.
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    Outcome::Ignored(format!("retry refused: {}", s.message()))
                 }
                 Err(s) => failed(s),
             }

@@ -19,6 +19,7 @@ mod qg_hook;
 mod real_cli;
 mod reaper_faults;
 mod replicas;
+mod retry_cancel;
 mod scripted_agent;
 mod stage_engine;
 mod staging_check;

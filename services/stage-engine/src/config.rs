@@ -27,6 +27,16 @@ pub struct OutboxConfig {
     pub batch: u32,
 }
 
+/// The stall watchdog's timing.
+#[derive(Debug, Clone)]
+pub struct WatchdogConfig {
+    /// `ORCH_STALL_S`: an active item with no queued or running job for this long is
+    /// decided again from its latest job.
+    pub stall: Duration,
+    /// `ORCH_STALL_CHECK_INTERVAL_S`: how often the watchdog looks.
+    pub interval: Duration,
+}
+
 /// stage-engine's settings.
 #[derive(Debug, Clone)]
 pub struct StageEngineConfig {
@@ -39,6 +49,7 @@ pub struct StageEngineConfig {
     /// `ORCH_ARM_POST_DEPLOY`: arm the post-deploy watch on `deploy -> done`.
     pub arm_post_deploy: bool,
     pub outbox: OutboxConfig,
+    pub watchdog: WatchdogConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
 }
@@ -77,6 +88,18 @@ impl StageEngineConfig {
                 "must be at least ORCH_OUTBOX_BACKOFF_BASE_MS",
             ));
         }
+        let watchdog = WatchdogConfig {
+            stall: Duration::from_secs(env.parse("ORCH_STALL_S", 600u64)?),
+            interval: Duration::from_secs(env.parse("ORCH_STALL_CHECK_INTERVAL_S", 30u64)?),
+        };
+        for (var, value) in [
+            ("ORCH_STALL_S", watchdog.stall),
+            ("ORCH_STALL_CHECK_INTERVAL_S", watchdog.interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(var, "must be at least 1"));
+            }
+        }
         Ok(StageEngineConfig {
             limits: Limits {
                 max_rollbacks: env.parse("ORCH_MAX_ROLLBACKS", 3u32)?,
@@ -92,6 +115,7 @@ impl StageEngineConfig {
                 .collect(),
             arm_post_deploy: env.bool("ORCH_ARM_POST_DEPLOY", true)?,
             outbox,
+            watchdog,
             tracker: TrackerConfig::from_env(env)?,
             forge,
         })
@@ -116,6 +140,8 @@ mod tests {
         assert_eq!(c.base_branch, "main");
         assert!(c.arm_post_deploy);
         assert_eq!(c.outbox.max_attempts, 0);
+        assert_eq!(c.watchdog.stall, Duration::from_secs(600));
+        assert_eq!(c.watchdog.interval, Duration::from_secs(30));
         assert_eq!(c.tracker.kind, orchestrator_tracker::TrackerKind::Local);
         assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);
     }
@@ -147,6 +173,8 @@ mod tests {
             "ORCH_OUTBOX_POLL_MS",
             "ORCH_OUTBOX_MAX_ATTEMPTS",
             "ORCH_ARM_POST_DEPLOY",
+            "ORCH_STALL_S",
+            "ORCH_STALL_CHECK_INTERVAL_S",
         ] {
             let err =
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);
@@ -156,6 +184,8 @@ mod tests {
             ("ORCH_OUTBOX_POLL_MS", "0"),
             ("ORCH_OUTBOX_BACKOFF_BASE_MS", "0"),
             ("ORCH_OUTBOX_BACKOFF_MAX_MS", "10"),
+            ("ORCH_STALL_S", "0"),
+            ("ORCH_STALL_CHECK_INTERVAL_S", "0"),
         ] {
             let err = StageEngineConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
             assert_eq!(err.var, var);

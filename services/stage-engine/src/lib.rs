@@ -5,14 +5,17 @@
 //! - [`qg`]: the `QG_CHECKS` registry over the work item's artifacts, PR and mergeability;
 //! - [`engine`]: `create_work_item` and the ONE `advance_stage`, behind `AdvanceStage`,
 //!   `Approve` and `OnPrMerged`;
-//! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, post-deploy
-//!   Arm) written with the state change and delivered with retries.
+//! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, job cancels,
+//!   post-deploy Arm) written with the state change and delivered with retries;
+//! - [`park`]: a failed job parks its item `blocked`; `retry` and `cancel`;
+//! - [`watchdog`]: the stall watchdog, the backstop for a lost job end or enqueue.
 
 pub mod config;
 pub mod engine;
 mod error;
 pub mod hook;
 pub mod outbox;
+pub mod park;
 pub mod peers;
 pub mod pipeline;
 pub mod qg;
@@ -20,6 +23,7 @@ mod service;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod watchdog;
 
 pub use config::StageEngineConfig;
 pub use error::EngineError;
