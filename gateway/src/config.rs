@@ -3,9 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use orchestrator_kit::retry::Backoff;
 use orchestrator_kit::{ConfigError, Env, Secret};
-
-use crate::validate;
 
 /// Everything the gateway reads from the environment. Tests build it with
 /// [`GatewayConfig::from_env`] over their own [`Env`], or adjust the fields directly.
@@ -71,10 +70,9 @@ pub struct DispatchConfig {
     /// `ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS`: attempts on a retryable error before the
     /// delivery becomes a dead letter.
     pub max_attempts: u32,
-    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS`: the first retry's delay; it doubles.
-    pub backoff_base: Duration,
-    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS`: the longest delay between two attempts.
-    pub backoff_max: Duration,
+    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS` (the first retry's delay; it doubles) and
+    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS` (the longest delay between two attempts).
+    pub backoff: Backoff,
     /// `ORCH_GATEWAY_DISPATCH_POLL_MS`: how often the dispatcher looks for due retries (a
     /// new delivery wakes it at once).
     pub poll_interval: Duration,
@@ -97,26 +95,12 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
             max_attempts: 20,
-            backoff_base: Duration::from_millis(1_000),
-            backoff_max: Duration::from_millis(300_000),
+            backoff: Backoff::new(Duration::from_millis(1_000), Duration::from_millis(300_000)),
             poll_interval: Duration::from_millis(500),
             batch: 32,
             claim_lease: Duration::from_secs(15),
             linger: Duration::from_millis(10),
         }
-    }
-}
-
-impl DispatchConfig {
-    /// The delay after the `attempt`-th failure: `min(base * 2^(attempt-1), max)`.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1).min(30))
-            .unwrap_or(u32::MAX);
-        self.backoff_base
-            .checked_mul(factor)
-            .unwrap_or(self.backoff_max)
-            .min(self.backoff_max)
     }
 }
 
@@ -148,8 +132,10 @@ impl GatewayConfig {
         let defaults = DispatchConfig::default();
         let dispatch = DispatchConfig {
             max_attempts,
-            backoff_base: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", 1_000)?,
-            backoff_max: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", 300_000)?,
+            backoff: Backoff::new(
+                ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", 1_000)?,
+                ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", 300_000)?,
+            ),
             poll_interval: ms(env, "ORCH_GATEWAY_DISPATCH_POLL_MS", 500)?
                 .max(Duration::from_millis(10)),
             claim_lease: ms(env, "ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS", 15_000)?
@@ -274,8 +260,8 @@ fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
 
 fn checked_repo(var: &str, repo: &str) -> Result<String, ConfigError> {
     let repo = repo.trim();
-    validate::repo(repo)
-        .map(|()| repo.to_owned())
+    orchestrator_git::validate_repo(repo)
+        .map(|r| r.to_string())
         .map_err(|why| ConfigError::new(var, format!("invalid repository '{repo}': {why}")))
 }
 
@@ -361,17 +347,5 @@ mod tests {
                 "{name} is missing from .env.example"
             );
         }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let d = DispatchConfig {
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(1_000),
-            ..DispatchConfig::default()
-        };
-        let got: Vec<u128> = (1..=6).map(|a| d.backoff(a).as_millis()).collect();
-        assert_eq!(got, [100, 200, 400, 800, 1_000, 1_000]);
-        assert_eq!(d.backoff(u32::MAX), Duration::from_millis(1_000));
     }
 }
