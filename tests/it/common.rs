@@ -37,7 +37,17 @@ pub fn env_for(storage: &TestStorage, extra: &[(&str, &str)]) -> Env {
 /// Starts every part in this process.
 pub async fn start(storage: TestStorage, extra: &[(&str, &str)]) -> Stack {
     orchestrator_kit::telemetry::init_for_tests();
-    let config = Config::from_env(env_for(&storage, extra)).expect("test config");
+    let env = env_for(&storage, extra);
+    // The repository the tests' work items name, with its base branch: stage-engine
+    // refuses a work item for a repository the forge does not have.
+    let forge = orchestrator_forge::ForgeConfig::from_env(&env).expect("forge config");
+    if forge.kind == orchestrator_forge::ForgeKind::Local {
+        orchestrator_forge::local::LocalForge::new(forge.local_dir.clone(), forge.base_branch)
+            .init_repo(&orchestrator_forge::RepoName::parse("acme/app").expect("repo"))
+            .await
+            .expect("init acme/app in the local forge");
+    }
+    let config = Config::from_env(env).expect("test config");
     let shutdown = CancellationToken::new();
     let node = Node::start(config, &ServiceName::ALL, shutdown.clone())
         .await

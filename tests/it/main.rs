@@ -5,6 +5,7 @@ mod common;
 
 mod auth;
 mod demo;
+mod door;
 mod deploy;
 mod e2e;
 mod gateway;

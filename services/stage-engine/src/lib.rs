@@ -9,6 +9,7 @@
 //!   Arm) written with the state change and delivered with retries.
 
 pub mod config;
+mod door;
 pub mod engine;
 mod error;
 pub mod hook;
