@@ -1,6 +1,5 @@
 //! The gateway's section of the configuration, read once at start-up.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use orchestrator_kit::retry::Backoff;
@@ -45,24 +44,7 @@ pub struct Triggers {
     pub bot_users: Vec<String>,
 }
 
-/// Which repository a Plane project's work items go to.
-#[derive(Debug, Clone, Default)]
-pub struct RepoMap {
-    /// `ORCH_PLANE_PROJECT_REPOS`: `<project id>=<owner/name>` pairs, comma-separated.
-    pub by_project: BTreeMap<String, String>,
-    /// `ORCH_PLANE_DEFAULT_REPO`: for projects not in the map.
-    pub default: Option<String>,
-}
-
-impl RepoMap {
-    /// Returns the repository of a Plane project, if one is configured.
-    pub fn repo_for(&self, project_id: &str) -> Option<&str> {
-        self.by_project
-            .get(project_id)
-            .or(self.default.as_ref())
-            .map(String::as_str)
-    }
-}
+pub use orchestrator_tracker::intake::RepoMap;
 
 /// How the dispatcher retries.
 #[derive(Debug, Clone)]
@@ -152,32 +134,8 @@ impl GatewayConfig {
             ));
         }
 
-        let default_repo = env
-            .get("ORCH_PLANE_DEFAULT_REPO")
-            .map(|r| checked_repo("ORCH_PLANE_DEFAULT_REPO", r))
-            .transpose()?;
-        let mut by_project = BTreeMap::new();
-        if let Some(raw) = env.get("ORCH_PLANE_PROJECT_REPOS") {
-            for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let Some((project, repo)) = pair.split_once('=') else {
-                    return Err(ConfigError::new(
-                        "ORCH_PLANE_PROJECT_REPOS",
-                        format!("invalid pair '{pair}': expected <project id>=<owner/name>"),
-                    ));
-                };
-                let project = project.trim();
-                if project.is_empty() {
-                    return Err(ConfigError::new(
-                        "ORCH_PLANE_PROJECT_REPOS",
-                        format!("invalid pair '{pair}': empty project id"),
-                    ));
-                }
-                by_project.insert(
-                    project.to_owned(),
-                    checked_repo("ORCH_PLANE_PROJECT_REPOS", repo)?,
-                );
-            }
-        }
+        // The trigger and the repositories are shared with stage-engine's reconciliation.
+        let intake = orchestrator_tracker::intake::Intake::from_env(env)?;
 
         Ok(GatewayConfig {
             plane_secret: env.secret("PLANE_WEBHOOK_SECRET"),
@@ -189,16 +147,8 @@ impl GatewayConfig {
             retention_days: Some(env.parse("ORCH_GATEWAY_INBOX_RETENTION_DAYS", 30u32)?)
                 .filter(|d| *d > 0),
             triggers: Triggers {
-                state: env
-                    .get("ORCH_PLANE_TRIGGER_STATE")
-                    .map(|s| s.trim().to_owned()),
-                label: Some(
-                    env.get("ORCH_PLANE_TRIGGER_LABEL")
-                        .unwrap_or("orchestrator")
-                        .trim()
-                        .to_owned(),
-                )
-                .filter(|l| l != "-"),
+                state: intake.trigger_state,
+                label: intake.trigger_label,
                 bot_users: env
                     .get("ORCH_PLANE_BOT_USERS")
                     .unwrap_or_default()
@@ -208,10 +158,7 @@ impl GatewayConfig {
                     .map(str::to_owned)
                     .collect(),
             },
-            repos: RepoMap {
-                by_project,
-                default: default_repo,
-            },
+            repos: intake.repos,
             dispatch,
         })
     }
@@ -256,13 +203,6 @@ impl GatewayConfig {
 
 fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(env.parse(name, default)?))
-}
-
-fn checked_repo(var: &str, repo: &str) -> Result<String, ConfigError> {
-    let repo = repo.trim();
-    orchestrator_git::validate_repo(repo)
-        .map(|r| r.to_string())
-        .map_err(|why| ConfigError::new(var, format!("invalid repository '{repo}': {why}")))
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ mod common;
 
 mod auth;
 mod demo;
-mod door;
 mod deploy;
+mod door;
 mod e2e;
 mod gateway;
 mod item;

@@ -7,6 +7,7 @@ use orchestrator_kit::{ConfigError, Env};
 use orchestrator_tracker::TrackerConfig;
 
 use crate::pipeline::Limits;
+use crate::reconcile::ReconcileConfig;
 
 /// How the outbox is delivered.
 #[derive(Debug, Clone)]
@@ -39,6 +40,7 @@ pub struct StageEngineConfig {
     /// `ORCH_ARM_POST_DEPLOY`: arm the post-deploy watch on `deploy -> done`.
     pub arm_post_deploy: bool,
     pub outbox: OutboxConfig,
+    pub reconcile: ReconcileConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
 }
@@ -92,6 +94,13 @@ impl StageEngineConfig {
                 .collect(),
             arm_post_deploy: env.bool("ORCH_ARM_POST_DEPLOY", true)?,
             outbox,
+            reconcile: ReconcileConfig {
+                interval: Some(Duration::from_secs(
+                    env.parse("ORCH_RECONCILE_INTERVAL_S", 300u64)?,
+                ))
+                .filter(|d| !d.is_zero()),
+                intake: orchestrator_tracker::intake::Intake::from_env(env)?,
+            },
             tracker: TrackerConfig::from_env(env)?,
             forge,
         })
@@ -116,6 +125,11 @@ mod tests {
         assert_eq!(c.base_branch, "main");
         assert!(c.arm_post_deploy);
         assert_eq!(c.outbox.max_attempts, 0);
+        assert_eq!(c.reconcile.interval, Some(Duration::from_secs(300)));
+        let off =
+            StageEngineConfig::from_env(&Env::from_pairs([("ORCH_RECONCILE_INTERVAL_S", "0")]))
+                .expect("config");
+        assert_eq!(off.reconcile.interval, None);
         assert_eq!(c.tracker.kind, orchestrator_tracker::TrackerKind::Local);
         assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);
     }
@@ -147,6 +161,7 @@ mod tests {
             "ORCH_OUTBOX_POLL_MS",
             "ORCH_OUTBOX_MAX_ATTEMPTS",
             "ORCH_ARM_POST_DEPLOY",
+            "ORCH_RECONCILE_INTERVAL_S",
         ] {
             let err =
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);

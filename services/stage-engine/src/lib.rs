@@ -6,7 +6,9 @@
 //! - [`engine`]: `create_work_item` and the ONE `advance_stage`, behind `AdvanceStage`,
 //!   `Approve` and `OnPrMerged`;
 //! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, post-deploy
-//!   Arm) written with the state change and delivered with retries.
+//!   Arm) written with the state change and delivered with retries;
+//! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
+//!   without a work item, deleted or closed issues, merges nobody reported).
 
 pub mod config;
 mod door;
@@ -17,6 +19,7 @@ pub mod outbox;
 pub mod peers;
 pub mod pipeline;
 pub mod qg;
+pub mod reconcile;
 mod service;
 pub mod store;
 #[cfg(test)]

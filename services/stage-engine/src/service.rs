@@ -47,6 +47,10 @@ impl StageEngineService {
         let config = StageEngineConfig::from_env(env)?;
         let forge = orchestrator_forge::build(&config.forge)?;
         let service = Self::from_parts(db, config, forge, Arc::new(GrpcPeers::new(clients)), None)?;
+        tokio::spawn(crate::reconcile::run(
+            service.engine.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(service.engine.dispatcher().run(shutdown));
         Ok(service)
     }
