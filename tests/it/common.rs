@@ -16,6 +16,13 @@ pub struct Stack {
     _storage: TestStorage,
 }
 
+impl Stack {
+    /// Where the stack's services keep their tables (tests that set a row up directly).
+    pub fn storage_location(&self) -> orchestrator_kit::db::Location {
+        self._storage.location.clone()
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();

@@ -19,6 +19,7 @@ mod procs;
 mod qg_hook;
 mod real_cli;
 mod reaper_faults;
+mod reconcile;
 mod replicas;
 mod scripted_agent;
 mod stage_engine;
