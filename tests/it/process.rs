@@ -14,6 +14,10 @@ pub(crate) fn orchestrator(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .env("ORCH_DATA_DIR", dir.join("var"))
+        .env(
+            "ORCH_AGENTS_DIR",
+            orchestrator_testkit::examples_agents_dir(),
+        )
         .env_remove("ORCH_DATABASE_URL")
         .env_remove("ORCH_INTERNAL_TOKEN");
     for part in ServiceName::ALL {
