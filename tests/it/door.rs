@@ -147,3 +147,34 @@ async fn an_agent_command_not_on_path_shows_in_the_queue_until_it_appears() {
     assert_eq!(before, "not found");
     assert_eq!(after, "found");
 }
+
+#[test]
+fn up_prints_where_a_relative_agents_dir_resolved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prompts = dir.path().join("prompts");
+    std::fs::create_dir_all(&prompts).expect("prompts");
+    for role in launcher::run::ROLES {
+        std::fs::write(prompts.join(format!("{role}.md")), "You are it.\n").expect("prompt");
+    }
+    let mut up = orchestrator(dir.path())
+        .arg("up")
+        .env("ORCH_AGENTS_DIR", "prompts")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("up starts");
+    let stdout = up.stdout.take().expect("stdout");
+    let mut lines = Vec::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.expect("line");
+        let ready = line.starts_with("ready");
+        lines.push(line);
+        if ready {
+            break;
+        }
+    }
+    let _ = up.kill();
+    let _ = up.wait();
+    let want = format!("agents        prompts from {}", prompts.display());
+    assert!(lines.contains(&want), "{lines:#?}");
+}
