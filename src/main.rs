@@ -170,6 +170,16 @@ async fn run(config: Config, parts: Vec<ServiceName>) -> ExitCode {
     } else {
         format!("sqlite in {}", node.config.data_dir.display())
     };
+    if parts.contains(&ServiceName::Launcher)
+        && let Ok(launcher) = launcher::LauncherConfig::from_env(&node.config.env)
+    {
+        // Resolved where `up` was started: the first thing to check when prompts go missing.
+        println!(
+            "{:<13} prompts from {}",
+            "agents",
+            launcher.agents_dir.display()
+        );
+    }
     println!("ready ({} part(s), storage: {backend})", node.addrs.len());
 
     let waited = tokio::spawn(node.wait());

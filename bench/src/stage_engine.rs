@@ -35,6 +35,9 @@ impl Forge for StaticForge {
     async fn repo_exists(&self, _: &RepoName) -> Result<bool, ForgeError> {
         Ok(true)
     }
+    async fn branch_exists(&self, _: &RepoName, _: &str) -> Result<bool, ForgeError> {
+        Ok(true)
+    }
     async fn ensure_pr(
         &self,
         _: &RepoName,

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::launcher::v1::{
-    Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse,
+    AgentCommand, Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse,
 };
 use orchestrator_proto::post_deploy::v1::{ListWatchesRequest, Watch};
 use orchestrator_proto::reaper::v1::{ReaperSnapshot, SnapshotRequest};
@@ -193,6 +193,11 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
         }).collect::<Vec<_>>(),
         "llm_running": s.llm_running,
         "max_concurrency": s.max_concurrency,
+        "agent_command": match s.agent_command() {
+            AgentCommand::Found => "found",
+            AgentCommand::NotFound => "not found",
+            AgentCommand::Unspecified => "unknown",
+        },
         "breaker": s.breaker.as_ref().map(|b| json!({
             "state": b.state,
             "consecutive_transient": b.consecutive_transient,
@@ -288,6 +293,7 @@ mod tests {
                 state: "closed".into(),
                 ..BreakerState::default()
             }),
+            agent_command: AgentCommand::Unspecified as i32,
         };
         let v = launcher_json(&s);
         assert_eq!(v["counts"]["QUEUED"], 3);
@@ -296,6 +302,12 @@ mod tests {
         assert_eq!(v["running"][0]["kind"], "LLM");
         assert_eq!(v["running"][0]["age_ms"], 1500);
         assert_eq!(v["breaker"]["state"], "closed");
+        assert_eq!(v["agent_command"], "unknown");
+        let missing = QueueSnapshotResponse {
+            agent_command: AgentCommand::NotFound as i32,
+            ..s
+        };
+        assert_eq!(launcher_json(&missing)["agent_command"], "not found");
     }
 
     #[test]

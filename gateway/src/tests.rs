@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, StatusCode};
 use orchestrator_kit::clients::Clients;
+use orchestrator_kit::retry::Backoff;
 use orchestrator_kit::{Config, Env, ServiceName, db};
 use orchestrator_testkit::{TestStorage, on_both_backends};
 use serde_json::Value;
@@ -45,8 +46,7 @@ pub fn test_config() -> GatewayConfig {
     .expect("config");
     c.dispatch = DispatchConfig {
         max_attempts: 50,
-        backoff_base: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(50),
+        backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
         poll_interval: Duration::from_millis(10),
         batch: 16,
         claim_lease: Duration::from_secs(5),

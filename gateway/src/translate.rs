@@ -380,10 +380,12 @@ pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
     }
     let repo = str_at(body, &["repository", "full_name"])
         .ok_or_else(|| bad("repository.full_name is required"))?;
-    validate::repo(repo).map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    orchestrator_git::validate_repo(repo)
+        .map_err(|why| bad(format!("repository.full_name: {why}")))?;
     let branch =
         str_at(pr, &["head", "ref"]).ok_or_else(|| bad("pull_request.head.ref is required"))?;
-    validate::branch(branch).map_err(|why| bad(format!("pull_request.head.ref: {why}")))?;
+    orchestrator_git::validate_branch(branch)
+        .map_err(|why| bad(format!("pull_request.head.ref: {why}")))?;
     if let Some(head_repo) = str_at(pr, &["head", "repo", "full_name"])
         && head_repo != repo
     {
@@ -799,7 +801,7 @@ mod tests {
                 "gitea",
                 "pull_request",
                 json!({"action": "closed", "pull_request": {"merged": true, "head": {"ref": "--upload-pack=x"}}, "repository": {"full_name": "a/b"}}),
-                "pull_request.head.ref: starts with '-'",
+                "pull_request.head.ref: branch '--upload-pack=x' is not valid: it starts with '-'",
             ),
             (
                 "gitea",
@@ -832,6 +834,60 @@ mod tests {
             rpc_or_reason(gitea("pull_request", &body))
                 .starts_with("ignore: gitea pull request from another")
         );
+    }
+
+    #[test]
+    fn the_gateway_refuses_exactly_what_the_git_layer_refuses() {
+        // A delivery accepted here and refused by git ends as a dead letter (the gateway
+        // once took branches up to 255 characters, git up to 200).
+        let long = |n: usize| "b".repeat(n);
+        let branches = [
+            "main".to_owned(),
+            "orch/ORCH-1".to_owned(),
+            long(200),
+            long(201),
+            long(255),
+            "a/-b".to_owned(),
+            "a..b".to_owned(),
+            "a.lock".to_owned(),
+            "x/.hidden".to_owned(),
+            "-f".to_owned(),
+        ];
+        let repos = [
+            "acme/app",
+            "acme/app.git",
+            "acme/a..b",
+            "-a/b",
+            "a/b/c",
+            "ac:me/app",
+        ];
+        let base = parse("gitea-webhook-pull_request-closed-merged.json");
+        for branch in &branches {
+            let mut body = base.clone();
+            body["pull_request"]["head"]["ref"] = json!(branch);
+            let git = orchestrator_git::validate_branch(branch).is_ok();
+            let gateway = gitea("pull_request", &body).is_ok();
+            assert_eq!(
+                gateway,
+                git,
+                "branch of {} chars: {branch:.20}",
+                branch.len()
+            );
+        }
+        for repo in repos {
+            let mut body = base.clone();
+            body["repository"]["full_name"] = json!(repo);
+            body["pull_request"]["head"]["repo"]["full_name"] = json!(repo);
+            let git = orchestrator_git::validate_repo(repo).is_ok();
+            let gateway = gitea("pull_request", &body).is_ok();
+            assert_eq!(gateway, git, "repo {repo}");
+        }
+        let e = {
+            let mut body = base.clone();
+            body["pull_request"]["head"]["ref"] = json!(long(201));
+            gitea("pull_request", &body).expect_err("too long")
+        };
+        assert!(e.0.contains("pull_request.head.ref"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod classify;
 pub mod config;
 mod error;
 pub mod peers;
+mod preflight;
 pub mod proc;
 pub mod reserved;
 pub mod rules;

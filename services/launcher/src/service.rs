@@ -11,9 +11,9 @@ use orchestrator_kit::clients::Clients;
 use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{ConfigError, Db, Env};
 use orchestrator_proto::launcher::v1::{
-    BreakerState, CancelJobRequest, CancelJobResponse, EnqueueRequest, EnqueueResponse,
-    FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, JobKind, JobStatus,
-    LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
+    AgentCommand, BreakerState, CancelJobRequest, CancelJobResponse, EnqueueRequest,
+    EnqueueResponse, FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, JobKind,
+    JobStatus, LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
     ListJobsResponse, ListRunningRequest, ListRunningResponse, Liveness, LogChunk,
     ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe, QueueSnapshotRequest,
     QueueSnapshotResponse, RunningJob, StatusCount, TailLogRequest, launcher_server::Launcher,
@@ -93,6 +93,7 @@ impl LauncherService {
         shutdown: CancellationToken,
     ) -> Result<Self, ConfigError> {
         let config = LauncherConfig::from_env(env)?;
+        config.check_at_start()?;
         let forge = orchestrator_forge::build(&config.forge)?;
         let agent_env = AgentEnv::from_env(env, &config.env_passthrough);
         let svc = Self::from_parts(
@@ -491,6 +492,13 @@ impl Launcher for LauncherService {
         let counts = store::counts(db).await.map_err(LauncherError::from)?;
         let running = store::running(db).await.map_err(LauncherError::from)?;
         let breaker = store::breaker(db).await.map_err(LauncherError::from)?;
+        let config = self.sup.config().clone();
+        let agent_command =
+            match tokio::task::spawn_blocking(move || config.agent_command_found()).await {
+                Ok(Some(_)) => AgentCommand::Found,
+                Ok(None) => AgentCommand::NotFound,
+                Err(_) => AgentCommand::Unspecified,
+            };
         let now = now_ms();
         Ok(Response::new(QueueSnapshotResponse {
             counts: JobState::ALL
@@ -509,6 +517,7 @@ impl Launcher for LauncherService {
                     age_ms: now - j.started_at_ms,
                 })
                 .collect(),
+            agent_command: agent_command as i32,
             max_concurrency: self.sup.config().max_concurrency,
             breaker: Some(BreakerState {
                 state: breaker.state,

@@ -7,6 +7,7 @@ use orchestrator_kit::{ConfigError, Env};
 use orchestrator_tracker::TrackerConfig;
 
 use crate::pipeline::Limits;
+use crate::reconcile::ReconcileConfig;
 
 /// How the outbox is delivered.
 #[derive(Debug, Clone)]
@@ -50,6 +51,7 @@ pub struct StageEngineConfig {
     pub arm_post_deploy: bool,
     pub outbox: OutboxConfig,
     pub watchdog: WatchdogConfig,
+    pub reconcile: ReconcileConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
 }
@@ -116,6 +118,13 @@ impl StageEngineConfig {
             arm_post_deploy: env.bool("ORCH_ARM_POST_DEPLOY", true)?,
             outbox,
             watchdog,
+            reconcile: ReconcileConfig {
+                interval: Some(Duration::from_secs(
+                    env.parse("ORCH_RECONCILE_INTERVAL_S", 300u64)?,
+                ))
+                .filter(|d| !d.is_zero()),
+                intake: orchestrator_tracker::intake::Intake::from_env(env)?,
+            },
             tracker: TrackerConfig::from_env(env)?,
             forge,
         })
@@ -142,6 +151,11 @@ mod tests {
         assert_eq!(c.outbox.max_attempts, 0);
         assert_eq!(c.watchdog.stall, Duration::from_secs(600));
         assert_eq!(c.watchdog.interval, Duration::from_secs(30));
+        assert_eq!(c.reconcile.interval, Some(Duration::from_secs(300)));
+        let off =
+            StageEngineConfig::from_env(&Env::from_pairs([("ORCH_RECONCILE_INTERVAL_S", "0")]))
+                .expect("config");
+        assert_eq!(off.reconcile.interval, None);
         assert_eq!(c.tracker.kind, orchestrator_tracker::TrackerKind::Local);
         assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);
     }
@@ -175,6 +189,7 @@ mod tests {
             "ORCH_ARM_POST_DEPLOY",
             "ORCH_STALL_S",
             "ORCH_STALL_CHECK_INTERVAL_S",
+            "ORCH_RECONCILE_INTERVAL_S",
         ] {
             let err =
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);

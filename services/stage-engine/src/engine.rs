@@ -190,6 +190,7 @@ impl Engine {
             self.register_local_issue(&existing).await?;
             return Ok((existing, false));
         }
+        self.check_repo_and_base(&repo).await?;
         let key = if derive {
             // The issue's own project, else the configured default (PLANE_PROJECT_ID).
             let of = match req.tracker_project_id.trim() {

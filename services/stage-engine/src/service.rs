@@ -52,6 +52,10 @@ impl StageEngineService {
         let config = StageEngineConfig::from_env(env)?;
         let forge = orchestrator_forge::build(&config.forge)?;
         let service = Self::from_parts(db, config, forge, Arc::new(GrpcPeers::new(clients)), None)?;
+        tokio::spawn(crate::reconcile::run(
+            service.engine.clone(),
+            shutdown.clone(),
+        ));
         tokio::spawn(service.engine.dispatcher().run(shutdown.clone()));
         tokio::spawn(service.engine.stall_watchdog().run(shutdown));
         Ok(service)

@@ -43,6 +43,8 @@ const KEY: &str = "ORCH-7";
 fn forge(files: Files, forge_down: bool) -> MockForge {
     let mut f = MockForge::new();
     f.expect_kind().return_const(ForgeKind::Local);
+    f.expect_repo_exists().returning(|_| Ok(true));
+    f.expect_branch_exists().returning(|_, _| Ok(true));
     f.expect_read_file().returning(move |_, _, path| {
         if forge_down {
             return Err(orchestrator_forge::ForgeError::Unavailable(
