@@ -67,7 +67,7 @@ const OPEN: [Status; 3] = [Status::Active, Status::AwaitingApproval, Status::Blo
 /// whether the item was cancelled (false: it had ended meanwhile).
 async fn cancel(engine: &Engine, item: &WorkItemRow, reason: &str) -> Result<bool, EngineError> {
     let done = engine.cancel(&item.key, "reconcile", reason).await?;
-    Ok(done.outcome == crate::pipeline::Outcome::Cancelled)
+    Ok(done.outcome == Outcome::Cancelled)
 }
 
 /// Runs a pass every `interval` until `shutdown` (the first one after one interval, so a
@@ -422,7 +422,7 @@ mod tests {
         assert_eq!((p.created, p.errors), (0, 0), "{p:?}");
     }
 
-    async fn deleted_or_closed_issues_are_handed_to_cancel(storage: TestStorage) {
+    async fn deleted_or_closed_issues_cancel_their_items(storage: TestStorage) {
         let world = Arc::new(Mutex::new(World::default()));
         world.lock().expect("lock").issues = vec![
             issue("i-1", 1, "backlog", "orchestrator"),
@@ -457,7 +457,18 @@ mod tests {
             ],
             "{p:?}"
         );
-        assert_eq!((p.created, p.errors), (0, 0), "{p:?}");
+        assert_eq!((p.created, p.cancelled, p.errors), (0, 2, 0), "{p:?}");
+        for key in ["PROJ-1", "PROJ-2"] {
+            let item = e.get_item(key).await.expect("item");
+            assert_eq!(item.status, Status::Cancelled, "{key}");
+        }
+        assert_eq!(
+            e.get_item("PROJ-3").await.expect("item").status,
+            Status::Active
+        );
+        // Cancelled items are no longer open: the next pass hands nothing to cancel.
+        let p = pass(&e).await.expect("pass");
+        assert!(p.to_cancel.is_empty() && p.cancelled == 0, "{p:?}");
     }
 
     async fn a_merge_nobody_reported_is_applied_as_the_webhook_would(storage: TestStorage) {
@@ -492,7 +503,7 @@ mod tests {
 
     on_both_backends!(
         a_triggered_issue_without_a_work_item_gets_one_once,
-        deleted_or_closed_issues_are_handed_to_cancel,
+        deleted_or_closed_issues_cancel_their_items,
         a_merge_nobody_reported_is_applied_as_the_webhook_would,
     );
 }
