@@ -1,6 +1,7 @@
 //! `orchestrator item ...`: the local tracker's command line. Thin gRPC clients of a
 //! running stack (the configured `ORCH_*_URL`s): stage-engine for the work items, their
-//! history and comments, and the human approval; usage-ledger for what the agents spent.
+//! history and comments, the human approval, retry and cancel; usage-ledger for what the
+//! agents spent.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -9,9 +10,9 @@ use clap::Subcommand;
 use orchestrator_kit::clients::Clients;
 use orchestrator_kit::time::rfc3339;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, AdvanceStageResponse, ApproveRequest, CreateWorkItemRequest,
+    AdvanceOutcome, AdvanceStageResponse, ApproveRequest, CancelRequest, CreateWorkItemRequest,
     GetWorkItemRequest, ListCommentsRequest, ListTransitionsRequest, ListWorkItemsRequest,
-    WorkItem,
+    RetryRequest, WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::WorkItemSummaryRequest;
 
@@ -36,7 +37,7 @@ pub enum ItemCommand {
     },
     /// Lists work items, newest first.
     List {
-        /// Only this status (e.g. active, awaiting_approval, blocked, done).
+        /// Only this status (active, awaiting_approval, blocked, done, cancelled).
         #[arg(long)]
         status: Option<String>,
         /// Only this stage (e.g. review).
@@ -46,7 +47,7 @@ pub enum ItemCommand {
         #[arg(long)]
         repo: Option<String>,
     },
-    /// Shows one work item: stage, history, comments and usage.
+    /// Shows one work item: stage, status and why, description, history, comments, usage.
     Show {
         /// The work item key.
         key: String,
@@ -59,6 +60,34 @@ pub enum ItemCommand {
         #[arg(long = "as", value_name = "NAME")]
         author: Option<String>,
     },
+    /// Retries a blocked work item: its stage's agent runs again, with a fresh budget
+    /// (the `:retry:` of the tracker).
+    Retry {
+        /// The work item key.
+        key: String,
+        /// Who retries (default: $USER). A bot's name is refused by stage-engine.
+        #[arg(long = "as", value_name = "NAME")]
+        author: Option<String>,
+    },
+    /// Cancels a work item that has not ended, and its queued or running job.
+    Cancel {
+        /// The work item key.
+        key: String,
+        /// Why (recorded on the item and in its comment).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who cancels (default: $USER).
+        #[arg(long = "as", value_name = "NAME")]
+        author: Option<String>,
+    },
+}
+
+/// `--as`, else $USER, else `human`.
+fn author_or_user(author: Option<String>) -> String {
+    author
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "human".to_owned())
 }
 
 /// What went wrong; printed as `error: ...`.
@@ -105,11 +134,21 @@ pub async fn run(clients: &Clients, command: ItemCommand) -> Result<String, Item
         } => list(clients, status, stage, repo).await,
         ItemCommand::Show { key } => show(clients, &key).await,
         ItemCommand::Approve { key, author } => {
-            let author = author
-                .or_else(|| std::env::var("USER").ok())
-                .filter(|a| !a.trim().is_empty())
-                .unwrap_or_else(|| "human".to_owned());
-            approve(clients, &key, &author).await
+            approve(clients, &key, &author_or_user(author)).await
+        }
+        ItemCommand::Retry { key, author } => retry(clients, &key, &author_or_user(author)).await,
+        ItemCommand::Cancel {
+            key,
+            reason,
+            author,
+        } => {
+            cancel(
+                clients,
+                &key,
+                &author_or_user(author),
+                reason.as_deref().unwrap_or(""),
+            )
+            .await
         }
     }
 }
@@ -279,6 +318,9 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
     let _ = writeln!(out, "  repo:      {} (branch {})", item.repo, item.branch);
     let _ = writeln!(out, "  stage:     {}", item.stage);
     let _ = writeln!(out, "  status:    {}", item.status);
+    if !item.status_reason.is_empty() {
+        let _ = writeln!(out, "  reason:    {}", item.status_reason);
+    }
     if !item.expected_agent.is_empty() {
         let _ = writeln!(out, "  agent:     {}", item.expected_agent);
     }
@@ -289,6 +331,12 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
     );
     let _ = writeln!(out, "  created:   {}", rfc3339(item.created_at_ms));
     let _ = writeln!(out, "  updated:   {}", rfc3339(item.updated_at_ms));
+    if !item.description.trim().is_empty() {
+        let _ = writeln!(out, "\nDescription:");
+        for line in item.description.trim_end().lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
 
     let transitions = se
         .list_transitions(ListTransitionsRequest {
@@ -418,6 +466,63 @@ pub async fn approve(clients: &Clients, key: &str, author: &str) -> Result<Strin
         let _ = writeln!(out, "  enqueued: {}", r.enqueued_agent);
     }
     Ok(out)
+}
+
+/// What a Retry or Cancel answered, as printed.
+fn answered(key: &str, verb: &str, author: &str, r: AdvanceStageResponse) -> String {
+    let item = r.work_item.unwrap_or_default();
+    let outcome = AdvanceOutcome::try_from(r.outcome)
+        .map(|o| o.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| r.outcome.to_string());
+    let mut out = format!(
+        "{key} {verb} by {author}: {outcome}; now at {} ({})\n",
+        item.stage, item.status
+    );
+    if !r.reason.is_empty() {
+        let _ = writeln!(out, "  {}", r.reason);
+    }
+    if !r.enqueued_agent.is_empty() {
+        let _ = writeln!(out, "  enqueued: {}", r.enqueued_agent);
+    }
+    out
+}
+
+/// `StageEngine.Retry` as `author`: a blocked item's stage runs again.
+pub async fn retry(clients: &Clients, key: &str, author: &str) -> Result<String, ItemError> {
+    let r = clients
+        .stage_engine
+        .clone()
+        .retry(RetryRequest {
+            work_item: key.to_owned(),
+            author: author.to_owned(),
+            comment_id: format!("cli-retry-{}", orchestrator_kit::time::now_ms()),
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc("Retry"))?
+        .into_inner();
+    Ok(answered(key, "retried", author, r))
+}
+
+/// `StageEngine.Cancel` as `author`: the item ends, and its job with it.
+pub async fn cancel(
+    clients: &Clients,
+    key: &str,
+    author: &str,
+    reason: &str,
+) -> Result<String, ItemError> {
+    let r = clients
+        .stage_engine
+        .clone()
+        .cancel(CancelRequest {
+            work_item: key.to_owned(),
+            author: author.to_owned(),
+            reason: reason.to_owned(),
+        })
+        .await
+        .map_err(rpc("Cancel"))?
+        .into_inner();
+    Ok(answered(key, "cancelled", author, r))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! - `orchestrator staging-check` runs the staging checks and prints the verdict.
 //! - `orchestrator health <service>` asks a service on this host whether it serves (the
 //!   container healthcheck of deploy/compose.yaml).
-//! - `orchestrator item ...` creates, lists, shows and approves work items (local tracker).
+//! - `orchestrator item ...` creates, lists, shows, approves, retries and cancels work items.
 //! - `orchestrator demo` runs one work item through every stage on a throw-away stack.
 
 use std::path::PathBuf;
@@ -71,7 +71,7 @@ enum Command {
         #[arg(long)]
         state_file: Option<std::path::PathBuf>,
     },
-    /// The local tracker: create, list, show and approve work items on a running stack.
+    /// Work items on a running stack: create, list, show, approve, retry and cancel.
     Item {
         #[command(subcommand)]
         command: orchestrator::item::ItemCommand,
@@ -170,6 +170,16 @@ async fn run(config: Config, parts: Vec<ServiceName>) -> ExitCode {
     } else {
         format!("sqlite in {}", node.config.data_dir.display())
     };
+    if parts.contains(&ServiceName::Launcher)
+        && let Ok(launcher) = launcher::LauncherConfig::from_env(&node.config.env)
+    {
+        // Resolved where `up` was started: the first thing to check when prompts go missing.
+        println!(
+            "{:<13} prompts from {}",
+            "agents",
+            launcher.agents_dir.display()
+        );
+    }
     println!("ready ({} part(s), storage: {backend})", node.addrs.len());
 
     let waited = tokio::spawn(node.wait());

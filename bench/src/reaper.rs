@@ -356,7 +356,10 @@ async fn doomed_replica(
 ) -> Result<(tokio::process::Child, String)> {
     let agents = dir.join("agents");
     std::fs::create_dir_all(&agents)?;
-    std::fs::write(agents.join("developer.md"), "You are the developer.\n")?;
+    // The launcher starts only with a prompt for every role.
+    for role in launcher::run::ROLES {
+        std::fs::write(agents.join(format!("{role}.md")), "You are it.\n")?;
+    }
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(["serve", "launcher"])
         .current_dir(dir)

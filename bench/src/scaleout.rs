@@ -67,7 +67,8 @@ impl World {
         let root = dir.path();
         let (agents, forge) = (root.join("agents"), root.join("forge"));
         std::fs::create_dir_all(&agents)?;
-        for role in ["analyst", "architect", "noop"] {
+        // The launcher starts only with a prompt for every role.
+        for role in launcher::run::ROLES.iter().copied().chain(["noop"]) {
             std::fs::write(agents.join(format!("{role}.md")), "Benchmark agent.\n")?;
         }
         LocalForge::new(forge.clone(), "main".into())

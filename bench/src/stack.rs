@@ -39,6 +39,11 @@ impl Stack {
             .current_dir(dir.path())
             .env("ORCH_DATA_DIR", dir.path().join("var"))
             .env("ORCH_LOG", "warn")
+            // Started in a temp dir: the checkout's prompts (the launcher needs every role's).
+            .env(
+                "ORCH_AGENTS_DIR",
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/agents"),
+            )
             .env_remove("ORCH_DATABASE_URL")
             .env_remove("ORCH_INTERNAL_TOKEN")
             .envs(env.iter().map(|(k, v)| (k, v)))

@@ -14,7 +14,9 @@ use orchestrator_forge::{
 };
 use orchestrator_kit::db::{self, Location};
 use orchestrator_kit::{Env, Secret, ServiceName};
-use orchestrator_proto::launcher::v1::{EnqueueRequest, EnqueueResponse, Job};
+use orchestrator_proto::launcher::v1::{
+    CancelJobRequest, CancelJobResponse, EnqueueRequest, EnqueueResponse, Job,
+};
 use orchestrator_proto::post_deploy::v1::{ArmRequest, ArmResponse};
 use stage_engine::engine::{JobRef, NewWorkItem};
 use stage_engine::peers::Peers;
@@ -31,6 +33,9 @@ impl Forge for StaticForge {
         ForgeKind::Local
     }
     async fn repo_exists(&self, _: &RepoName) -> Result<bool, ForgeError> {
+        Ok(true)
+    }
+    async fn branch_exists(&self, _: &RepoName, _: &str) -> Result<bool, ForgeError> {
         Ok(true)
     }
     async fn ensure_pr(
@@ -107,6 +112,12 @@ impl Peers for NoopPeers {
     }
     async fn arm(&self, _: ArmRequest) -> Result<ArmResponse, tonic::Status> {
         Ok(ArmResponse::default())
+    }
+    async fn cancel_job(&self, _: CancelJobRequest) -> Result<CancelJobResponse, tonic::Status> {
+        Ok(CancelJobResponse::default())
+    }
+    async fn jobs_of(&self, _: &str) -> Result<Vec<Job>, tonic::Status> {
+        Ok(Vec::new())
     }
 }
 

@@ -1,11 +1,9 @@
 //! The gateway's section of the configuration, read once at start-up.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
+use orchestrator_kit::retry::Backoff;
 use orchestrator_kit::{ConfigError, Env, Secret};
-
-use crate::validate;
 
 /// Everything the gateway reads from the environment. Tests build it with
 /// [`GatewayConfig::from_env`] over their own [`Env`], or adjust the fields directly.
@@ -46,24 +44,7 @@ pub struct Triggers {
     pub bot_users: Vec<String>,
 }
 
-/// Which repository a Plane project's work items go to.
-#[derive(Debug, Clone, Default)]
-pub struct RepoMap {
-    /// `ORCH_PLANE_PROJECT_REPOS`: `<project id>=<owner/name>` pairs, comma-separated.
-    pub by_project: BTreeMap<String, String>,
-    /// `ORCH_PLANE_DEFAULT_REPO`: for projects not in the map.
-    pub default: Option<String>,
-}
-
-impl RepoMap {
-    /// Returns the repository of a Plane project, if one is configured.
-    pub fn repo_for(&self, project_id: &str) -> Option<&str> {
-        self.by_project
-            .get(project_id)
-            .or(self.default.as_ref())
-            .map(String::as_str)
-    }
-}
+pub use orchestrator_tracker::intake::RepoMap;
 
 /// How the dispatcher retries.
 #[derive(Debug, Clone)]
@@ -71,10 +52,9 @@ pub struct DispatchConfig {
     /// `ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS`: attempts on a retryable error before the
     /// delivery becomes a dead letter.
     pub max_attempts: u32,
-    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS`: the first retry's delay; it doubles.
-    pub backoff_base: Duration,
-    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS`: the longest delay between two attempts.
-    pub backoff_max: Duration,
+    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS` (the first retry's delay; it doubles) and
+    /// `ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS` (the longest delay between two attempts).
+    pub backoff: Backoff,
     /// `ORCH_GATEWAY_DISPATCH_POLL_MS`: how often the dispatcher looks for due retries (a
     /// new delivery wakes it at once).
     pub poll_interval: Duration,
@@ -97,26 +77,12 @@ impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
             max_attempts: 20,
-            backoff_base: Duration::from_millis(1_000),
-            backoff_max: Duration::from_millis(300_000),
+            backoff: Backoff::new(Duration::from_millis(1_000), Duration::from_millis(300_000)),
             poll_interval: Duration::from_millis(500),
             batch: 32,
             claim_lease: Duration::from_secs(15),
             linger: Duration::from_millis(10),
         }
-    }
-}
-
-impl DispatchConfig {
-    /// The delay after the `attempt`-th failure: `min(base * 2^(attempt-1), max)`.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32
-            .checked_shl(attempt.saturating_sub(1).min(30))
-            .unwrap_or(u32::MAX);
-        self.backoff_base
-            .checked_mul(factor)
-            .unwrap_or(self.backoff_max)
-            .min(self.backoff_max)
     }
 }
 
@@ -148,8 +114,10 @@ impl GatewayConfig {
         let defaults = DispatchConfig::default();
         let dispatch = DispatchConfig {
             max_attempts,
-            backoff_base: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", 1_000)?,
-            backoff_max: ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", 300_000)?,
+            backoff: Backoff::new(
+                ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", 1_000)?,
+                ms(env, "ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", 300_000)?,
+            ),
             poll_interval: ms(env, "ORCH_GATEWAY_DISPATCH_POLL_MS", 500)?
                 .max(Duration::from_millis(10)),
             claim_lease: ms(env, "ORCH_GATEWAY_DISPATCH_CLAIM_LEASE_MS", 15_000)?
@@ -166,32 +134,8 @@ impl GatewayConfig {
             ));
         }
 
-        let default_repo = env
-            .get("ORCH_PLANE_DEFAULT_REPO")
-            .map(|r| checked_repo("ORCH_PLANE_DEFAULT_REPO", r))
-            .transpose()?;
-        let mut by_project = BTreeMap::new();
-        if let Some(raw) = env.get("ORCH_PLANE_PROJECT_REPOS") {
-            for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                let Some((project, repo)) = pair.split_once('=') else {
-                    return Err(ConfigError::new(
-                        "ORCH_PLANE_PROJECT_REPOS",
-                        format!("invalid pair '{pair}': expected <project id>=<owner/name>"),
-                    ));
-                };
-                let project = project.trim();
-                if project.is_empty() {
-                    return Err(ConfigError::new(
-                        "ORCH_PLANE_PROJECT_REPOS",
-                        format!("invalid pair '{pair}': empty project id"),
-                    ));
-                }
-                by_project.insert(
-                    project.to_owned(),
-                    checked_repo("ORCH_PLANE_PROJECT_REPOS", repo)?,
-                );
-            }
-        }
+        // The trigger and the repositories are shared with stage-engine's reconciliation.
+        let intake = orchestrator_tracker::intake::Intake::from_env(env)?;
 
         Ok(GatewayConfig {
             plane_secret: env.secret("PLANE_WEBHOOK_SECRET"),
@@ -203,16 +147,8 @@ impl GatewayConfig {
             retention_days: Some(env.parse("ORCH_GATEWAY_INBOX_RETENTION_DAYS", 30u32)?)
                 .filter(|d| *d > 0),
             triggers: Triggers {
-                state: env
-                    .get("ORCH_PLANE_TRIGGER_STATE")
-                    .map(|s| s.trim().to_owned()),
-                label: Some(
-                    env.get("ORCH_PLANE_TRIGGER_LABEL")
-                        .unwrap_or("orchestrator")
-                        .trim()
-                        .to_owned(),
-                )
-                .filter(|l| l != "-"),
+                state: intake.trigger_state,
+                label: intake.trigger_label,
                 bot_users: env
                     .get("ORCH_PLANE_BOT_USERS")
                     .unwrap_or_default()
@@ -222,10 +158,7 @@ impl GatewayConfig {
                     .map(str::to_owned)
                     .collect(),
             },
-            repos: RepoMap {
-                by_project,
-                default: default_repo,
-            },
+            repos: intake.repos,
             dispatch,
         })
     }
@@ -270,13 +203,6 @@ impl GatewayConfig {
 
 fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
     Ok(Duration::from_millis(env.parse(name, default)?))
-}
-
-fn checked_repo(var: &str, repo: &str) -> Result<String, ConfigError> {
-    let repo = repo.trim();
-    validate::repo(repo)
-        .map(|()| repo.to_owned())
-        .map_err(|why| ConfigError::new(var, format!("invalid repository '{repo}': {why}")))
 }
 
 #[cfg(test)]
@@ -361,17 +287,5 @@ mod tests {
                 "{name} is missing from .env.example"
             );
         }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap() {
-        let d = DispatchConfig {
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_millis(1_000),
-            ..DispatchConfig::default()
-        };
-        let got: Vec<u128> = (1..=6).map(|a| d.backoff(a).as_millis()).collect();
-        assert_eq!(got, [100, 200, 400, 800, 1_000, 1_000]);
-        assert_eq!(d.backoff(u32::MAX), Duration::from_millis(1_000));
     }
 }

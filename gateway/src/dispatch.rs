@@ -1,26 +1,22 @@
 //! The dispatcher: applies the inbox's pending deliveries to stage-engine, in arrival order
 //! per work item, with retries and backoff, and a dead-letter state after too many failures.
 //!
-//! Retry rule, by the gRPC code of the failed call:
-//! - retryable (the service is down, busy, not built yet, or failed on its side):
-//!   UNAVAILABLE, UNIMPLEMENTED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, CANCELLED,
-//!   UNKNOWN, INTERNAL -> retried after `min(base * 2^(n-1), max)`, dead after
-//!   `max_attempts` attempts;
-//! - permanent (asking again cannot help): INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
-//!   ALREADY_EXISTS, PERMISSION_DENIED, UNAUTHENTICATED, OUT_OF_RANGE, DATA_LOSS -> dead at
-//!   once.
+//! Retry rule: the project's one (`orchestrator_kit::retry`). A retryable code is retried
+//! after `Backoff::delay(n)` and dead after `max_attempts` attempts; a permanent one (asking
+//! again cannot help) is dead at once.
 //!
 //! Delivery to stage-engine is at least once: a gateway killed after a call succeeded and
 //! before it recorded that success calls again after a restart. The calls are idempotent on
-//! their own keys (CreateWorkItem on the tracker issue id, Approve on the comment id,
+//! their own keys (CreateWorkItem on the tracker issue id, Approve and Retry on the comment id,
 //! OnPrMerged on the PR and merge sha), so a repeat changes nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use orchestrator_kit::retry;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest,
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest, RetryRequest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -29,36 +25,6 @@ use tonic::Code;
 use crate::Shared;
 use crate::inbox::{self, Attempted, Claimed, State};
 use crate::translate::Command;
-
-/// How a failed call is treated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    Retryable,
-    Permanent,
-}
-
-/// The retry rule (see the module's documentation).
-pub fn classify(code: Code) -> Retry {
-    match code {
-        Code::Unavailable
-        | Code::Unimplemented
-        | Code::DeadlineExceeded
-        | Code::ResourceExhausted
-        | Code::Aborted
-        | Code::Cancelled
-        | Code::Unknown
-        | Code::Internal => Retry::Retryable,
-        Code::Ok
-        | Code::InvalidArgument
-        | Code::NotFound
-        | Code::FailedPrecondition
-        | Code::AlreadyExists
-        | Code::PermissionDenied
-        | Code::Unauthenticated
-        | Code::OutOfRange
-        | Code::DataLoss => Retry::Permanent,
-    }
-}
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,29 +177,25 @@ async fn apply_one(shared: &Shared, d: Claimed) {
         Outcome::Failed { code, message } => {
             let error = format!("{code:?}: {message}");
             let max = shared.config.dispatch.max_attempts;
-            match classify(code) {
-                Retry::Permanent => {
-                    tracing::warn!(%error, "permanent error: delivery is a dead letter");
-                    shared.metrics.delivery(source, "dead");
-                    let reason = format!("permanent error {error}");
-                    finished(State::Dead, reason, error, String::new())
-                }
-                Retry::Retryable if attempt >= max => {
-                    tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
-                    shared.metrics.delivery(source, "dead");
-                    let reason = format!("gave up after {attempt} attempts");
-                    finished(State::Dead, reason, error, String::new())
-                }
-                Retry::Retryable => {
-                    let delay = shared.config.dispatch.backoff(attempt);
-                    tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "delivery will be retried");
-                    shared.metrics.delivery(source, "retried");
-                    let at = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
-                    Attempted::Retry {
-                        id: d.id.clone(),
-                        next_attempt_at_ms: at,
-                        last_error: error,
-                    }
+            if !retry::is_retryable(code) {
+                tracing::warn!(%error, "permanent error: delivery is a dead letter");
+                shared.metrics.delivery(source, "dead");
+                let reason = format!("permanent error {error}");
+                finished(State::Dead, reason, error, String::new())
+            } else if attempt >= max {
+                tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
+                shared.metrics.delivery(source, "dead");
+                let reason = format!("gave up after {attempt} attempts");
+                finished(State::Dead, reason, error, String::new())
+            } else {
+                let delay = shared.config.dispatch.backoff.delay(attempt);
+                tracing::info!(%error, retry_in_ms = delay.as_millis() as u64, "delivery will be retried");
+                shared.metrics.delivery(source, "retried");
+                let at = now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
+                Attempted::Retry {
+                    id: d.id.clone(),
+                    next_attempt_at_ms: at,
+                    last_error: error,
                 }
             }
         }
@@ -330,6 +292,39 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 Err(s) => failed(s),
             }
         }
+        Command::Retry {
+            tracker_issue_id,
+            author,
+            comment_id,
+        } => {
+            let req = RetryRequest {
+                work_item: String::new(),
+                author: author.clone(),
+                comment_id: comment_id.clone(),
+                tracker_issue_id: tracker_issue_id.clone(),
+            };
+            let started = Instant::now();
+            let res = se.retry(req).await;
+            observe(shared, "Retry", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let key = r.work_item.map(|w| w.key).unwrap_or_default();
+                    Outcome::Applied {
+                        reason: format!("retry {key}: {}", outcome_name(r.outcome)),
+                        work_item: key,
+                    }
+                }
+                Err(s) if s.code() == Code::NotFound => {
+                    Outcome::Ignored(format!("no work item for plane issue {tracker_issue_id}"))
+                }
+                // A :retry: on an item that is not blocked asks for nothing: not a failure.
+                Err(s) if s.code() == Code::FailedPrecondition => {
+                    Outcome::Ignored(format!("retry refused: {}", s.message()))
+                }
+                Err(s) => failed(s),
+            }
+        }
         Command::OnPrMerged {
             repo,
             branch,
@@ -385,38 +380,4 @@ fn observe<T>(
     shared
         .metrics
         .rpc(rpc, format!("{code:?}"), started.elapsed());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_retry_rule() {
-        use Code::*;
-        for code in [
-            Unavailable,
-            Unimplemented,
-            DeadlineExceeded,
-            ResourceExhausted,
-            Aborted,
-            Cancelled,
-            Unknown,
-            Internal,
-        ] {
-            assert_eq!(classify(code), Retry::Retryable, "{code:?}");
-        }
-        for code in [
-            InvalidArgument,
-            NotFound,
-            FailedPrecondition,
-            AlreadyExists,
-            PermissionDenied,
-            Unauthenticated,
-            OutOfRange,
-            DataLoss,
-        ] {
-            assert_eq!(classify(code), Retry::Permanent, "{code:?}");
-        }
-    }
 }

@@ -331,8 +331,11 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
     let mut out = String::with_capacity(4096);
     shared.metrics.render(&mut out);
 
-    let (counts, launcher) =
-        tokio::join!(inbox::counts(&shared.db), queue::launcher_snapshot(&shared));
+    let (counts, launcher, stage_engine) = tokio::join!(
+        inbox::counts(&shared.db),
+        queue::launcher_snapshot(&shared),
+        queue::stage_engine_snapshot(&shared)
+    );
     out.push_str("# HELP gateway_inbox_deliveries Deliveries in the inbox, by state.\n");
     out.push_str("# TYPE gateway_inbox_deliveries gauge\n");
     match counts {
@@ -378,6 +381,32 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
         }
         Err(_) => 0,
     };
+    let stage_engine_up = match &stage_engine {
+        Ok(s) => {
+            out.push_str("# HELP orchestrator_stall_watchdog_firings_total Stall watchdog firings since stage-engine started, by reason (each means a seam lost a job's end or an enqueue).\n");
+            out.push_str("# TYPE orchestrator_stall_watchdog_firings_total counter\n");
+            for f in &s.stall_watchdog_firings {
+                let _ = writeln!(
+                    out,
+                    "orchestrator_stall_watchdog_firings_total{{reason=\"{}\"}} {}",
+                    escape(&f.reason),
+                    f.count
+                );
+            }
+            out.push_str("# HELP orchestrator_work_items Work items by status (from StageEngine.Snapshot).\n");
+            out.push_str("# TYPE orchestrator_work_items gauge\n");
+            for c in &s.items {
+                let _ = writeln!(
+                    out,
+                    "orchestrator_work_items{{status=\"{}\"}} {}",
+                    escape(&c.status),
+                    c.count
+                );
+            }
+            1
+        }
+        Err(_) => 0,
+    };
     out.push_str(
         "# HELP gateway_upstream_up Whether the last read of a service for /metrics succeeded.\n",
     );
@@ -385,6 +414,10 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
     let _ = writeln!(
         out,
         "gateway_upstream_up{{service=\"launcher\"}} {launcher_up}"
+    );
+    let _ = writeln!(
+        out,
+        "gateway_upstream_up{{service=\"stage-engine\"}} {stage_engine_up}"
     );
     (
         [(

@@ -1,15 +1,19 @@
 //! `GET /queue`: the operator's window. It gathers the launcher's queue, the reaper's
-//! snapshot, the open post-deploy watches and the inbox; a part that cannot be read shows
+//! snapshot, stage-engine's (work items by status, stall watchdog firings), the open
+//! post-deploy watches and the inbox; a part that cannot be read shows
 //! its error in place, and the rest is still served.
 
 use std::time::Instant;
 
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::launcher::v1::{
-    Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse,
+    AgentCommand, Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse,
 };
 use orchestrator_proto::post_deploy::v1::{ListWatchesRequest, Watch};
 use orchestrator_proto::reaper::v1::{ReaperSnapshot, SnapshotRequest};
+use orchestrator_proto::stage_engine::v1::{
+    SnapshotRequest as StageEngineSnapshotRequest, StageEngineSnapshot,
+};
 use serde_json::{Value, json};
 
 use crate::Shared;
@@ -20,9 +24,10 @@ pub const DEAD_LETTERS_SHOWN: u32 = 50;
 
 /// The whole `GET /queue` document.
 pub(crate) async fn snapshot(shared: &Shared) -> Value {
-    let (launcher, reaper, watches, inbox) = tokio::join!(
+    let (launcher, reaper, stage_engine, watches, inbox) = tokio::join!(
         launcher_snapshot(shared),
         reaper_snapshot(shared),
+        stage_engine_snapshot(shared),
         open_watches(shared),
         inbox_part(shared),
     );
@@ -30,6 +35,7 @@ pub(crate) async fn snapshot(shared: &Shared) -> Value {
         "generated_at_ms": now_ms(),
         "launcher": launcher.map(|s| launcher_json(&s)).unwrap_or_else(|e| e),
         "reaper": reaper.map(|s| reaper_json(&s)).unwrap_or_else(|e| e),
+        "stage_engine": stage_engine.map(|s| stage_engine_json(&s)).unwrap_or_else(|e| e),
         "post_deploy": watches
             .map(|w| json!({ "open_watches": w.iter().map(watch_json).collect::<Vec<_>>() }))
             .unwrap_or_else(|e| e),
@@ -47,6 +53,20 @@ pub(crate) async fn launcher_snapshot(shared: &Shared) -> Result<QueueSnapshotRe
         .queue_snapshot(QueueSnapshotRequest {})
         .await;
     record(shared, "QueueSnapshot", &res, started);
+    res.map(tonic::Response::into_inner).map_err(error_json)
+}
+
+/// stage-engine's Snapshot, or the error as JSON.
+pub(crate) async fn stage_engine_snapshot(shared: &Shared) -> Result<StageEngineSnapshot, Value> {
+    let started = Instant::now();
+    let res = shared
+        .clients
+        .stage_engine
+        .clone()
+        .snapshot(StageEngineSnapshotRequest {})
+        .await;
+    // Qualified: the reaper's `Snapshot` has the same name.
+    record(shared, "StageEngine.Snapshot", &res, started);
     res.map(tonic::Response::into_inner).map_err(error_json)
 }
 
@@ -173,6 +193,11 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
         }).collect::<Vec<_>>(),
         "llm_running": s.llm_running,
         "max_concurrency": s.max_concurrency,
+        "agent_command": match s.agent_command() {
+            AgentCommand::Found => "found",
+            AgentCommand::NotFound => "not found",
+            AgentCommand::Unspecified => "unknown",
+        },
         "breaker": s.breaker.as_ref().map(|b| json!({
             "state": b.state,
             "consecutive_transient": b.consecutive_transient,
@@ -181,6 +206,21 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
         // The launcher's outbox: the end of runs waiting for a peer, and dead letters.
         "outbox": {"pending": s.outbox_pending, "failed": s.outbox_failed},
     })
+}
+
+/// stage-engine's snapshot as JSON: work items by status, watchdog firings by reason.
+pub fn stage_engine_json(s: &StageEngineSnapshot) -> Value {
+    let items: serde_json::Map<String, Value> = s
+        .items
+        .iter()
+        .map(|c| (c.status.clone(), json!(c.count)))
+        .collect();
+    let firings: serde_json::Map<String, Value> = s
+        .stall_watchdog_firings
+        .iter()
+        .map(|f| (f.reason.clone(), json!(f.count)))
+        .collect();
+    json!({ "work_items": items, "stall_watchdog_firings": firings })
 }
 
 pub fn reaper_json(s: &ReaperSnapshot) -> Value {
@@ -255,6 +295,7 @@ mod tests {
                 state: "closed".into(),
                 ..BreakerState::default()
             }),
+            agent_command: AgentCommand::Unspecified as i32,
             outbox_pending: 2,
             outbox_failed: 1,
         };
@@ -267,5 +308,28 @@ mod tests {
         assert_eq!(v["breaker"]["state"], "closed");
         assert_eq!(v["outbox"]["pending"], 2);
         assert_eq!(v["outbox"]["failed"], 1);
+        assert_eq!(v["agent_command"], "unknown");
+        let missing = QueueSnapshotResponse {
+            agent_command: AgentCommand::NotFound as i32,
+            ..s
+        };
+        assert_eq!(launcher_json(&missing)["agent_command"], "not found");
+    }
+
+    #[test]
+    fn the_stage_engine_snapshot_reads_by_name() {
+        use orchestrator_proto::stage_engine::v1::{ItemCount, StallFiring};
+        let v = stage_engine_json(&StageEngineSnapshot {
+            items: vec![ItemCount {
+                status: "blocked".into(),
+                count: 2,
+            }],
+            stall_watchdog_firings: vec![StallFiring {
+                reason: "no_job".into(),
+                count: 1,
+            }],
+        });
+        assert_eq!(v["work_items"]["blocked"], 2);
+        assert_eq!(v["stall_watchdog_firings"]["no_job"], 1);
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::body::Body;
 use http::{Request, StatusCode};
 use orchestrator_kit::clients::Clients;
+use orchestrator_kit::retry::Backoff;
 use orchestrator_kit::{Config, Env, ServiceName, db};
 use orchestrator_testkit::{TestStorage, on_both_backends};
 use serde_json::Value;
@@ -45,8 +46,7 @@ pub fn test_config() -> GatewayConfig {
     .expect("config");
     c.dispatch = DispatchConfig {
         max_attempts: 50,
-        backoff_base: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(50),
+        backoff: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),
         poll_interval: Duration::from_millis(10),
         batch: 16,
         claim_lease: Duration::from_secs(5),
@@ -1026,7 +1026,7 @@ async fn queue_shows_each_parts_error_in_place_and_the_inbox() {
     let (status, text) = get_text(&gw, "/queue").await;
     assert_eq!(status, StatusCode::OK);
     let q: Value = serde_json::from_str(&text).expect("json");
-    for part in ["launcher", "reaper", "post_deploy"] {
+    for part in ["launcher", "reaper", "stage_engine", "post_deploy"] {
         assert_eq!(q[part]["error"]["code"], "UNAVAILABLE", "{part}: {q}");
     }
     assert_eq!(q["inbox"]["pending"], 1, "{q}");
@@ -1044,6 +1044,7 @@ async fn queue_shows_each_parts_error_in_place_and_the_inbox() {
         "gateway_webhook_deliveries_total{source=\"plane\",outcome=\"accepted\"} 1\n",
         "gateway_inbox_deliveries{state=\"pending\"} 1\n",
         "gateway_upstream_up{service=\"launcher\"} 0\n",
+        "gateway_upstream_up{service=\"stage-engine\"} 0\n",
         "gateway_rpc_duration_seconds_count{rpc=\"QueueSnapshot\",code=\"Unavailable\"} 1\n",
         "# TYPE gateway_inbox_oldest_pending_age_seconds gauge\n",
     ] {

@@ -8,7 +8,7 @@
 //!   sends one delivery per changed field, so a PATCH of name and state yields one create,
 //!   from the state delivery; `CreateWorkItem` is idempotent on the issue id anyway.
 //! - Plane `issue_comment` created, holding `:approved:`, by an account that is not one of
-//!   `ORCH_PLANE_BOT_USERS` -> `Approve`.
+//!   `ORCH_PLANE_BOT_USERS` -> `Approve`; holding `:retry:` (the same rules) -> `Retry`.
 //! - Gitea `pull_request` `closed` with `merged: true` (from a branch of the same
 //!   repository) -> `OnPrMerged`.
 //! - Any other known event -> ignored. An unknown event or a body that lacks what its event
@@ -41,6 +41,12 @@ pub enum Command {
         author: String,
         comment_id: String,
     },
+    /// A human's `:retry:` on a blocked work item's issue.
+    Retry {
+        tracker_issue_id: String,
+        author: String,
+        comment_id: String,
+    },
     OnPrMerged {
         repo: String,
         branch: String,
@@ -55,6 +61,7 @@ impl Command {
         match self {
             Command::CreateWorkItem { .. } => "CreateWorkItem",
             Command::Approve { .. } => "Approve",
+            Command::Retry { .. } => "Retry",
             Command::OnPrMerged { .. } => "OnPrMerged",
         }
     }
@@ -248,6 +255,9 @@ fn labels_match(labels: Option<&Value>, want: &str) -> bool {
 /// The marker a human writes to pass the gate after analysis.
 pub const APPROVAL_MARKER: &str = ":approved:";
 
+/// The marker a human writes to retry a blocked work item (as `orchestrator item retry`).
+pub const RETRY_MARKER: &str = ":retry:";
+
 fn plane_comment(
     action: &str,
     body: &Value,
@@ -265,14 +275,22 @@ fn plane_comment(
     let comment_id = required_id(body, &["data", "id"])?;
     let issue_id = required_id(body, &["data", "issue"])?;
     let html = str_at(body, &["data", "comment_html"]).unwrap_or_default();
-    if !html.contains(APPROVAL_MARKER) {
-        return ignore("plane comment without :approved:");
-    }
-    // Our own posts ask a human for `:approved:` and so hold it: whoever the bot account
-    // is, and whether or not it is listed in ORCH_PLANE_BOT_USERS, they never approve.
+    // `:retry:` first: on a blocked item it is the explicit ask (`:approved:` there resumes too).
+    let (marker, verb) = if html.contains(RETRY_MARKER) {
+        (RETRY_MARKER, "retries")
+    } else if html.contains(APPROVAL_MARKER) {
+        (APPROVAL_MARKER, "approves")
+    } else {
+        return ignore("plane comment without :approved: or :retry:");
+    };
+    // Our own posts ask a human for `:approved:` or `:retry:` and so hold them: whoever the
+    // bot account is, and whether or not it is listed in ORCH_PLANE_BOT_USERS, they never
+    // approve or retry.
     if str_at(body, &["data", "external_source"]) == Some(orchestrator_kit::COMMENT_EXTERNAL_SOURCE)
     {
-        return ignore("plane :approved: in a comment the orchestrator posted never approves");
+        return ignore(format!(
+            "plane {marker} in a comment the orchestrator posted never {verb}"
+        ));
     }
     // Who wrote it: the activity's actor (UserLite), else the comment's own columns.
     let actor = body.get("activity").and_then(|a| a.get("actor"));
@@ -297,23 +315,36 @@ fn plane_comment(
     .into_iter()
     .flatten()
     .find(|n| !n.is_empty()) else {
-        return ignore("plane :approved: comment without an author");
+        return ignore(format!("plane {marker} comment without an author"));
     };
     if let Some(bot) = names
         .iter()
         .find(|n| triggers.bot_users.iter().any(|b| b.eq_ignore_ascii_case(n)))
     {
         return ignore(format!(
-            "plane :approved: by a bot account ({}) never approves",
+            "plane {marker} by a bot account ({}) never {verb}",
             clip(bot)
         ));
     }
+    let (tracker_issue_id, author, comment_id) = (
+        issue_id.to_owned(),
+        clip(author).to_owned(),
+        comment_id.to_owned(),
+    );
     Ok(Translation::Apply {
         ordering_key: format!("plane:{issue_id}"),
-        command: Command::Approve {
-            tracker_issue_id: issue_id.to_owned(),
-            author: clip(author).to_owned(),
-            comment_id: comment_id.to_owned(),
+        command: if marker == RETRY_MARKER {
+            Command::Retry {
+                tracker_issue_id,
+                author,
+                comment_id,
+            }
+        } else {
+            Command::Approve {
+                tracker_issue_id,
+                author,
+                comment_id,
+            }
         },
     })
 }
@@ -349,10 +380,12 @@ pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
     }
     let repo = str_at(body, &["repository", "full_name"])
         .ok_or_else(|| bad("repository.full_name is required"))?;
-    validate::repo(repo).map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    orchestrator_git::validate_repo(repo)
+        .map_err(|why| bad(format!("repository.full_name: {why}")))?;
     let branch =
         str_at(pr, &["head", "ref"]).ok_or_else(|| bad("pull_request.head.ref is required"))?;
-    validate::branch(branch).map_err(|why| bad(format!("pull_request.head.ref: {why}")))?;
+    orchestrator_git::validate_branch(branch)
+        .map_err(|why| bad(format!("pull_request.head.ref: {why}")))?;
     if let Some(head_repo) = str_at(pr, &["head", "repo", "full_name"])
         && head_repo != repo
     {
@@ -631,6 +664,60 @@ mod tests {
     }
 
     #[test]
+    fn retries_come_from_humans_only() {
+        let mut body = parse("plane-webhook-issue_comment-created.json");
+        body["data"]["comment_html"] = json!("<p>fixed the PATH :retry:</p>");
+        let got = plane("issue_comment", &body, &triggers()).expect("translates");
+        assert_eq!(
+            got,
+            Translation::Apply {
+                ordering_key: "plane:9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
+                command: Command::Retry {
+                    tracker_issue_id: "9b2d7c4a-1e3f-4a5b-8c6d-7e8f9a0b1c2d".into(),
+                    author: "ada".into(),
+                    comment_id: "8f3eac04-e391-4eaf-80a2-93a4b5c6d7e8".into(),
+                }
+            }
+        );
+        // Both markers: the retry is the explicit ask.
+        let mut b = body.clone();
+        b["data"]["comment_html"] = json!("<p>:approved: :retry:</p>");
+        assert_eq!(
+            rpc_or_reason(plane("issue_comment", &b, &triggers())),
+            "Retry"
+        );
+        // A bot, by any of its names; our own post (which names `:retry:` to a human).
+        for (field, value) in [
+            ("display_name", "stream-bot"),
+            ("email", "STREAM-BOT"),
+            ("id", "b0t-1d"),
+        ] {
+            let mut b = body.clone();
+            b["activity"]["actor"][field] = json!(value);
+            assert!(
+                rpc_or_reason(plane("issue_comment", &b, &triggers()))
+                    .starts_with("ignore: plane :retry: by a bot account"),
+                "{field}"
+            );
+        }
+        let mut b = body.clone();
+        b["data"]["external_source"] = json!("orchestrator");
+        assert!(
+            rpc_or_reason(plane("issue_comment", &b, &triggers())).starts_with(
+                "ignore: plane :retry: in a comment the orchestrator posted never retries"
+            ),
+        );
+        let c = Command::Retry {
+            tracker_issue_id: "i".into(),
+            author: "ada".into(),
+            comment_id: "c".into(),
+        };
+        let s = serde_json::to_string(&c).expect("json");
+        assert!(s.starts_with(r#"{"rpc":"Retry""#), "{s}");
+        assert_eq!(serde_json::from_str::<Command>(&s).expect("parse"), c);
+    }
+
+    #[test]
     fn bad_payloads_are_the_senders_mistake() {
         let t = triggers();
         let cases: Vec<(&str, &str, Value, &str)> = vec![
@@ -714,7 +801,7 @@ mod tests {
                 "gitea",
                 "pull_request",
                 json!({"action": "closed", "pull_request": {"merged": true, "head": {"ref": "--upload-pack=x"}}, "repository": {"full_name": "a/b"}}),
-                "pull_request.head.ref: starts with '-'",
+                "pull_request.head.ref: branch '--upload-pack=x' is not valid: it starts with '-'",
             ),
             (
                 "gitea",
@@ -747,6 +834,60 @@ mod tests {
             rpc_or_reason(gitea("pull_request", &body))
                 .starts_with("ignore: gitea pull request from another")
         );
+    }
+
+    #[test]
+    fn the_gateway_refuses_exactly_what_the_git_layer_refuses() {
+        // A delivery accepted here and refused by git ends as a dead letter (the gateway
+        // once took branches up to 255 characters, git up to 200).
+        let long = |n: usize| "b".repeat(n);
+        let branches = [
+            "main".to_owned(),
+            "orch/ORCH-1".to_owned(),
+            long(200),
+            long(201),
+            long(255),
+            "a/-b".to_owned(),
+            "a..b".to_owned(),
+            "a.lock".to_owned(),
+            "x/.hidden".to_owned(),
+            "-f".to_owned(),
+        ];
+        let repos = [
+            "acme/app",
+            "acme/app.git",
+            "acme/a..b",
+            "-a/b",
+            "a/b/c",
+            "ac:me/app",
+        ];
+        let base = parse("gitea-webhook-pull_request-closed-merged.json");
+        for branch in &branches {
+            let mut body = base.clone();
+            body["pull_request"]["head"]["ref"] = json!(branch);
+            let git = orchestrator_git::validate_branch(branch).is_ok();
+            let gateway = gitea("pull_request", &body).is_ok();
+            assert_eq!(
+                gateway,
+                git,
+                "branch of {} chars: {branch:.20}",
+                branch.len()
+            );
+        }
+        for repo in repos {
+            let mut body = base.clone();
+            body["repository"]["full_name"] = json!(repo);
+            body["pull_request"]["head"]["repo"]["full_name"] = json!(repo);
+            let git = orchestrator_git::validate_repo(repo).is_ok();
+            let gateway = gitea("pull_request", &body).is_ok();
+            assert_eq!(gateway, git, "repo {repo}");
+        }
+        let e = {
+            let mut body = base.clone();
+            body["pull_request"]["head"]["ref"] = json!(long(201));
+            gitea("pull_request", &body).expect_err("too long")
+        };
+        assert!(e.0.contains("pull_request.head.ref"), "{e}");
     }
 
     #[test]

@@ -182,6 +182,8 @@ async fn healthy_production() -> String {
 struct Kills {
     by_process: BTreeMap<String, usize>,
     down_ms_total: u128,
+    /// When the last SIGKILL was sent: the tail is measured from here.
+    last_kill: Option<Instant>,
 }
 
 /// SIGKILLs a random process after a random gap, restarts it after a random delay, until
@@ -201,6 +203,7 @@ async fn killer(
         tokio::time::sleep(rng.millis(gap_ms / 2, gap_ms * 3 / 2 + 1)).await;
         let victim = &names[usize::try_from(rng.below(names.len() as u64)).unwrap_or(0)];
         stack.kill(victim);
+        kills.last_kill = Some(Instant::now());
         let down = rng.millis(100, 2000);
         tokio::time::sleep(down).await;
         if let Err(e) = stack.restart(victim).await {
@@ -393,6 +396,8 @@ async fn work_items_survive_random_kills() {
     let mut items: Vec<Item> = Vec::new();
     let mut senders = Senders::default();
     let mut longest_run_ms: i64 = 0;
+    // When each item was first seen done or blocked.
+    let mut ended_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut last_progress = Instant::now();
     let deadline = began + size.timeout;
     let settled = loop {
@@ -454,6 +459,11 @@ async fn work_items_survive_random_kills() {
                 .into_iter()
                 .map(|r| (r.get(0), (r.get(1), r.get(2))))
                 .collect();
+        for (key, (_, status)) in &states {
+            if status == "done" || status == "blocked" {
+                ended_at.entry(key.clone()).or_insert_with(Instant::now);
+            }
+        }
         // A human approves what waits (again when an earlier approval was applied but the
         // item waits anew).
         for item in items.iter_mut() {
@@ -598,6 +608,74 @@ async fn work_items_survive_random_kills() {
             kills.by_process
         ),
     );
+
+    // The tail: from the last kill to the last item's end (an item that needs long after
+    // the faults stop is waiting for something it should not).
+    let last_end = ended_at.iter().max_by_key(|(_, t)| **t);
+    let tail = match (kills.last_kill, last_end) {
+        (Some(k), Some((_, t))) => t.saturating_duration_since(k),
+        _ => Duration::ZERO,
+    };
+    let mut tail_lines: Vec<String> = Vec::new();
+    let tail_key = last_end.map(|(k, _)| k.clone()).unwrap_or_default();
+    tail_lines.push(format!(
+        "info tail: the last item ({tail_key}) ended {:.1} s after the last kill",
+        tail.as_secs_f64()
+    ));
+    if tail > Duration::from_secs(15) {
+        tail_lines.push(format!(
+            "info {tail_key}'s jobs (s relative to the last kill: enqueued, not before, started, finished):"
+        ));
+        let base_ms = orchestrator_kit::time::now_ms()
+            - i64::try_from(kills.last_kill.map_or(0, |k| k.elapsed().as_millis())).unwrap_or(0);
+        for r in sqlx::query(
+            "SELECT agent, stage, status, attempt, outcome, reason, enqueued_at_ms, not_before_ms, started_at_ms, finished_at_ms
+               FROM launcher.jobs WHERE work_item = $1 ORDER BY enqueued_at_ms",
+        )
+        .bind(&tail_key)
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default()
+        {
+            let at = |ms: i64| {
+                if ms == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:+.1}", (ms - base_ms) as f64 / 1000.0)
+                }
+            };
+            let reason: String = r.get(5);
+            tail_lines.push(format!(
+                "info   {} {} {} attempt {} {} [{} {} {} {}]: {}",
+                r.get::<String, _>(0),
+                r.get::<String, _>(1),
+                r.get::<String, _>(2),
+                r.get::<i64, _>(3),
+                r.get::<String, _>(4),
+                at(r.get(6)),
+                at(r.get(7)),
+                at(r.get(8)),
+                at(r.get(9)),
+                reason.chars().take(160).collect::<String>()
+            ));
+        }
+        for r in sqlx::query(
+            "SELECT from_stage, to_stage, cause, at_ms FROM stage_engine.stage_transitions WHERE work_item = $1 ORDER BY at_ms",
+        )
+        .bind(&tail_key)
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default()
+        {
+            tail_lines.push(format!(
+                "info   transition {} -> {} at {:+.1}: {}",
+                r.get::<String, _>(0),
+                r.get::<String, _>(1),
+                (r.get::<i64, _>(3) - base_ms) as f64 / 1000.0,
+                r.get::<String, _>(2).chars().take(120).collect::<String>()
+            ));
+        }
+    }
 
     // Work items.
     let rows =
@@ -859,7 +937,7 @@ async fn work_items_survive_random_kills() {
     gitea.check();
 
     eprintln!("fault suite figures (seed {}):", size.seed);
-    for line in &report {
+    for line in report.iter().chain(&tail_lines) {
         eprintln!("  {line}");
     }
     if !failures.is_empty() {

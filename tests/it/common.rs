@@ -16,6 +16,13 @@ pub struct Stack {
     _storage: TestStorage,
 }
 
+impl Stack {
+    /// Where the stack's services keep their tables (tests that set a row up directly).
+    pub fn storage_location(&self) -> orchestrator_kit::db::Location {
+        self._storage.location.clone()
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();
@@ -37,7 +44,17 @@ pub fn env_for(storage: &TestStorage, extra: &[(&str, &str)]) -> Env {
 /// Starts every part in this process.
 pub async fn start(storage: TestStorage, extra: &[(&str, &str)]) -> Stack {
     orchestrator_kit::telemetry::init_for_tests();
-    let config = Config::from_env(env_for(&storage, extra)).expect("test config");
+    let env = env_for(&storage, extra);
+    // The repository the tests' work items name, with its base branch: stage-engine
+    // refuses a work item for a repository the forge does not have.
+    let forge = orchestrator_forge::ForgeConfig::from_env(&env).expect("forge config");
+    if forge.kind == orchestrator_forge::ForgeKind::Local {
+        orchestrator_forge::local::LocalForge::new(forge.local_dir.clone(), forge.base_branch)
+            .init_repo(&orchestrator_forge::RepoName::parse("acme/app").expect("repo"))
+            .await
+            .expect("init acme/app in the local forge");
+    }
+    let config = Config::from_env(env).expect("test config");
     let shutdown = CancellationToken::new();
     let node = Node::start(config, &ServiceName::ALL, shutdown.clone())
         .await

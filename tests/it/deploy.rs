@@ -708,6 +708,10 @@ fn health_answers_zero_for_a_serving_part_and_one_for_a_silent_port() {
     cmd.arg("up")
         .current_dir(dir.path())
         .env("ORCH_DATA_DIR", dir.path().join("var"))
+        .env(
+            "ORCH_AGENTS_DIR",
+            orchestrator_testkit::examples_agents_dir(),
+        )
         .env_remove("ORCH_DATABASE_URL")
         .env_remove("ORCH_INTERNAL_TOKEN")
         .stdin(Stdio::null())

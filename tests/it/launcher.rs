@@ -33,7 +33,14 @@ async fn the_analyst_runs_end_to_end(storage: TestStorage) {
         .await
         .expect("bare repo");
     std::fs::create_dir_all(root.join("agents")).expect("agents");
-    std::fs::write(root.join("agents/analyst.md"), "You are the analyst.\n").expect("prompt");
+    // The launcher starts only with a prompt for every role.
+    for role in launcher::run::ROLES {
+        std::fs::write(
+            root.join(format!("agents/{role}.md")),
+            format!("You are the {role}.\n"),
+        )
+        .expect("prompt");
+    }
     let sample =
         contracts_dir().join("claude-cli/real-2.1.328/success-with-write-tool.stdout.json");
     let script = root.join("agent.sh");

@@ -71,8 +71,10 @@ async fn plane(
     if let Some(issue) = issue_of(&path, &base, "/comments/")
         && method == Method::POST
     {
-        // Every comment of stage-engine is the stream bot's.
-        if key != "plane_api_stream" {
+        // Every comment is posted under its role's bot token (stage-engine's are the stream
+        // bot's; an agent's job, now that the test repository exists, its role's), never
+        // under the shared token.
+        if !matches!(key.as_str(), "plane_api_stream" | "plane_api_analyst") {
             p.errors
                 .lock()
                 .expect("lock")
@@ -209,6 +211,7 @@ pub fn plane_env(url: &str) -> Vec<(&'static str, String)> {
         ("PLANE_WORKSPACE_SLUG", "acme".to_owned()),
         ("PLANE_API_TOKEN", "plane_api_shared".to_owned()),
         ("PLANE_BOT_TOKEN_STREAM", "plane_api_stream".to_owned()),
+        ("PLANE_BOT_TOKEN_ANALYST", "plane_api_analyst".to_owned()),
         ("ORCH_TRACKER_TIMEOUT_MS", "2000".to_owned()),
     ]
 }

@@ -14,6 +14,10 @@ pub(crate) fn orchestrator(dir: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.current_dir(dir)
         .env("ORCH_DATA_DIR", dir.join("var"))
+        .env(
+            "ORCH_AGENTS_DIR",
+            orchestrator_testkit::examples_agents_dir(),
+        )
         .env_remove("ORCH_DATABASE_URL")
         .env_remove("ORCH_INTERNAL_TOKEN");
     for part in ServiceName::ALL {
@@ -23,13 +27,25 @@ pub(crate) fn orchestrator(dir: &std::path::Path) -> Command {
 }
 
 /// Runs to the end and returns (exit code, stdout, stderr).
-fn run(cmd: &mut Command) -> (i32, String, String) {
+pub(crate) fn run(cmd: &mut Command) -> (i32, String, String) {
     let out = cmd.stdin(Stdio::null()).output().expect("runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Creates `repo` (with a `main` branch) in the local forge that `orchestrator(dir)` uses.
+pub(crate) fn local_forge_repo(dir: &std::path::Path, repo: &str) {
+    let forge = orchestrator_forge::local::LocalForge::new(dir.join("var/forge"), "main".into());
+    let repo = orchestrator_forge::RepoName::parse(repo).expect("repo");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(forge.init_repo(&repo))
+        .expect("init repo");
 }
 
 /// Waits for the "ready" line and returns the printed addresses.
@@ -270,6 +286,7 @@ fn an_unreachable_postgres_is_named_without_its_password() {
 #[test]
 fn item_commands_talk_to_a_running_stack() {
     let dir = tempfile::tempdir().expect("tempdir");
+    local_forge_repo(dir.path(), "acme/app");
     let mut up = orchestrator(dir.path())
         .arg("up")
         .stdout(Stdio::piped())

@@ -552,7 +552,10 @@ async fn a_job_that_never_ends_is_killed_and_flipped_by_the_backstop(storage: Te
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path();
     std::fs::create_dir_all(root.join("agents")).expect("agents");
-    std::fs::write(root.join("agents/developer.md"), "You are the developer.\n").expect("prompt");
+    // The launcher starts only with a prompt for every role.
+    for role in launcher::run::ROLES {
+        std::fs::write(root.join(format!("agents/{role}.md")), "You are it.\n").expect("prompt");
+    }
     // Deaf to SIGTERM, with a child in its group: only SIGKILL to the group ends it.
     std::fs::write(root.join("agent.sh"), "trap '' TERM\nsleep 600 &\nwait\n").expect("script");
     let s = |p: std::path::PathBuf| p.display().to_string();

@@ -908,6 +908,9 @@ async fn rest_api(
             });
             (StatusCode::CREATED, j.to_string(), Vec::new())
         }
+        (Method::GET, ["branches", branch @ ..]) if !branch.is_empty() => {
+            branch_answer(inner, &full, &branch.join("/")).await
+        }
         (Method::GET, ["raw", path @ ..]) if !path.is_empty() => {
             let git_ref = get("ref").unwrap_or_else(|| DEFAULT_BRANCH.to_owned());
             match inner
@@ -940,6 +943,46 @@ async fn rest_api(
         }
         _ => not_found(),
     }
+}
+
+/// `GET /repos/{owner}/{repo}/branches/{branch}`: the swagger's `Branch`, with its head
+/// commit as a `PayloadCommit`; 404 for a branch the repository does not have.
+async fn branch_answer(inner: &Inner, full: &str, branch: &str) -> Answer {
+    let dir = inner.forge.repo_dir(&repo_name(full));
+    let Ok(Some(sha)) = inner
+        .git
+        .rev_parse(&dir, &format!("refs/heads/{branch}"))
+        .await
+    else {
+        return api_error(StatusCode::NOT_FOUND, "branch does not exist");
+    };
+    let log = inner
+        .git
+        .ok(&dir, &["log", "-1", "--format=%an%n%ae%n%cI%n%B", &sha])
+        .await
+        .unwrap_or_default();
+    let mut lines = log.lines();
+    let (name, email, at) = (
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or_default(),
+        lines.next().unwrap_or_default(),
+    );
+    let message: Vec<&str> = lines.collect();
+    let person = json!({"name": name, "email": email, "username": ""});
+    let j = json!({
+        "name": branch,
+        "commit": {
+            "id": sha, "message": message.join("\n").trim_end(),
+            "url": format!("{}/{full}/commit/{sha}", inner.url),
+            "author": person.clone(), "committer": person,
+            "verification": null, "timestamp": at,
+            "added": [], "removed": [], "modified": []
+        },
+        "protected": false, "required_approvals": 0, "enable_status_check": false,
+        "status_check_contexts": [], "user_can_push": true, "user_can_merge": true,
+        "effective_branch_protection_name": ""
+    });
+    (StatusCode::OK, j.to_string(), Vec::new())
 }
 
 fn pr_numbers(inner: &Inner, full: &str) -> Vec<u64> {

@@ -349,6 +349,53 @@ fn issue_json(ws: &str, i: &Issue) -> Json {
     j
 }
 
+/// A work item as the REST API answers it with `?expand=`: `state` becomes a StateLite,
+/// `labels` full Label objects (LabelSerializer), as plane-notes.md says; other keys of
+/// `expand` are not served by the fake and stay ids.
+fn issue_json_expanded(d: &PlaneData, i: &Issue, expand: &str) -> Json {
+    let mut j = issue_json(&d.workspace_id, i);
+    let wanted: Vec<&str> = expand.split(',').map(str::trim).collect();
+    let project = d.project(&i.project);
+    if wanted.contains(&"state") {
+        let state = project
+            .and_then(|p| p.states.iter().find(|s| s.id == i.state))
+            .map_or(Json::Null, state_lite);
+        j.set("state", state);
+    }
+    if wanted.contains(&"labels") {
+        let labels = i
+            .labels
+            .iter()
+            .filter_map(|id| project.and_then(|p| p.labels.iter().find(|l| l.id == *id)))
+            .enumerate()
+            .map(|(n, l)| label_json(&d.workspace_id, &i.project, l, n))
+            .collect();
+        j.set("labels", Json::Array(labels));
+    }
+    j
+}
+
+/// A label as LabelSerializer (`__all__`) answers it.
+fn label_json(ws: &str, project: &str, l: &Label, n: usize) -> Json {
+    object([
+        ("id", Json::from(&l.id)),
+        ("created_at", time(0)),
+        ("updated_at", time(0)),
+        ("deleted_at", Json::Null),
+        ("name", Json::from(&l.name)),
+        ("description", Json::from("")),
+        ("color", Json::from(&l.color)),
+        ("sort_order", Json::from(json!(65535.0 * (n as f64 + 1.0)))),
+        ("external_source", Json::Null),
+        ("external_id", Json::Null),
+        ("created_by", Json::Null),
+        ("updated_by", Json::Null),
+        ("project", Json::from(project)),
+        ("workspace", Json::from(ws)),
+        ("parent", Json::Null),
+    ])
+}
+
 fn fill_issue(j: &mut Json, ws: &str, i: &Issue) {
     j.set("id", &i.id)
         .set("created_at", time(i.created_at_ms))
@@ -1034,13 +1081,25 @@ fn route(
             }
             // Default order: newest first.
             list.sort_by_key(|i| std::cmp::Reverse((i.created_at_ms, i.sequence_id)));
-            let list = list.into_iter().map(|i| issue_json(&ws, i)).collect();
+            let expand = get("expand").unwrap_or_default();
+            let list = list
+                .into_iter()
+                .map(|i| issue_json_expanded(d, i, &expand))
+                .collect();
             plain(answer(StatusCode::OK, paginate(list, query).to_python()))
         }
         (Method::POST, ["projects", pid, kind]) if items(kind) => create_by_api(d, pid, user, body),
         (Method::GET, ["projects", pid, kind, id]) if items(kind) => {
+            let expand = query
+                .iter()
+                .find(|(n, _)| n == "expand")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or_default();
             match d.issue(id).filter(|i| i.project == *pid) {
-                Some(i) => plain(answer(StatusCode::OK, issue_json(&ws, i).to_python())),
+                Some(i) => plain(answer(
+                    StatusCode::OK,
+                    issue_json_expanded(d, i, expand).to_python(),
+                )),
                 None => plain(not_found()),
             }
         }

@@ -174,6 +174,20 @@ impl Forge for GiteaForge {
         }
     }
 
+    async fn branch_exists(&self, repo: &RepoName, branch: &str) -> Result<bool, ForgeError> {
+        validate_branch(branch)?;
+        // Gitea's route is /branches/*: the branch's components are path segments.
+        let mut segments = vec!["branches"];
+        segments.extend(branch.split('/'));
+        let url = self.api_url(repo, &segments)?;
+        let (status, text) = self.send(Method::GET, url, None).await?;
+        match status {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            s => Err(status_error("get branch", s, &text)),
+        }
+    }
+
     #[tracing::instrument(skip_all, fields(repo = %repo, head, base))]
     async fn ensure_pr(
         &self,

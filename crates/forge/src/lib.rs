@@ -112,6 +112,9 @@ pub trait Forge: Send + Sync + 'static {
     /// Returns whether `repo` exists on this forge.
     async fn repo_exists(&self, repo: &RepoName) -> Result<bool, ForgeError>;
 
+    /// Returns whether `branch` exists in `repo` (false when the repository does not).
+    async fn branch_exists(&self, repo: &RepoName, branch: &str) -> Result<bool, ForgeError>;
+
     /// Opens a PR from `head` into `base`, or returns the open one that exists.
     async fn ensure_pr(
         &self,

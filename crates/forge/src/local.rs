@@ -207,6 +207,17 @@ impl Forge for LocalForge {
         Ok(self.repo_dir(repo).join("HEAD").exists())
     }
 
+    async fn branch_exists(&self, repo: &RepoName, branch: &str) -> Result<bool, ForgeError> {
+        validate_branch(branch)?;
+        if !self.repo_exists(repo).await? {
+            return Ok(false);
+        }
+        Ok(self
+            .branch_sha(&self.repo_dir(repo), branch)
+            .await?
+            .is_some())
+    }
+
     async fn ensure_pr(
         &self,
         repo: &RepoName,

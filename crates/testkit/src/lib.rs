@@ -41,6 +41,11 @@ pub fn contracts_dir() -> std::path::PathBuf {
     dir
 }
 
+/// The checkout's `examples/agents` (a prompt for every role, the scripted agent).
+pub fn examples_agents_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/agents")
+}
+
 /// Storage for one test: its location, and the variables that point a stack at it.
 pub struct TestStorage {
     pub location: Location,

@@ -340,6 +340,9 @@ impl ProcStack {
             .arg("serve")
             .arg(proc.service.as_str())
             .env("ORCH_DATA_DIR", self.spec.dir.join("var"))
+            // The checkout's prompts, unless the test gives its own: the launcher refuses to
+            // start without a prompt for every role.
+            .env("ORCH_AGENTS_DIR", crate::examples_agents_dir())
             .env("ORCH_LOG_FORMAT", "text")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -10,6 +10,7 @@
 //!   stage-engine builds one; other processes post through `StageEngine.AddComment`.
 
 pub mod config;
+pub mod intake;
 pub mod local;
 pub mod plane;
 
@@ -48,6 +49,38 @@ pub struct State {
     pub name: String,
     /// backlog | unstarted | started | completed | cancelled | triage
     pub group: String,
+}
+
+/// A label as an issue carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub id: String,
+    pub name: String,
+}
+
+/// An issue as a listing reads it (for reconciliation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub id: String,
+    pub project_id: String,
+    /// Its number in its project (`PROJ-<sequence_id>`).
+    pub sequence_id: u64,
+    pub name: String,
+    /// The description as HTML.
+    pub description: String,
+    /// Its workflow state (`None` when the tracker gave none).
+    pub state: Option<State>,
+    pub labels: Vec<Label>,
+}
+
+impl Issue {
+    /// Returns whether a human closed it: its state is in the `cancelled` or `completed`
+    /// group.
+    pub fn is_closed(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| matches!(s.group.as_str(), "cancelled" | "completed"))
+    }
 }
 
 /// A comment as read back.
@@ -125,6 +158,12 @@ pub trait Tracker: Send + Sync + 'static {
 
     /// Moves `issue` to the state `state_id`.
     async fn set_state(&self, issue: &IssueRef, state_id: &str) -> Result<(), TrackerError>;
+
+    /// Lists every issue of a project (all pages), with its state and labels.
+    async fn list_issues(&self, project_id: &str) -> Result<Vec<Issue>, TrackerError>;
+
+    /// Returns one issue, or `None` when it no longer exists (deleted).
+    async fn get_issue(&self, issue: &IssueRef) -> Result<Option<Issue>, TrackerError>;
 }
 
 /// Returns the human key of an issue from its project and its number in that project:

@@ -162,6 +162,22 @@ impl Tracker for LocalTracker {
         Ok(local_states())
     }
 
+    /// The local tracker's issues are made by stage-engine itself: there is nothing outside
+    /// to reconcile with.
+    async fn list_issues(&self, _project_id: &str) -> Result<Vec<crate::Issue>, TrackerError> {
+        Ok(Vec::new())
+    }
+
+    async fn get_issue(&self, issue: &IssueRef) -> Result<Option<crate::Issue>, TrackerError> {
+        Err(TrackerError::Rejected {
+            status: 400,
+            message: format!(
+                "the local tracker does not read issue {} back (nothing to reconcile)",
+                issue.issue_id.escape_debug()
+            ),
+        })
+    }
+
     async fn set_state(&self, issue: &IssueRef, state_id: &str) -> Result<(), TrackerError> {
         if !local_states().iter().any(|s| s.id == state_id) {
             return Err(TrackerError::Rejected {

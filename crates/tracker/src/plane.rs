@@ -32,6 +32,58 @@ struct WorkItem {
 }
 
 /// The part of a project (ProjectSerializer) we read.
+/// A work item with `?expand=state,labels`: the state as a StateLite, labels as objects.
+#[derive(Debug, Deserialize)]
+struct ExpandedWorkItem {
+    id: String,
+    project: String,
+    #[serde(default)]
+    sequence_id: u64,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    description_html: Option<String>,
+    #[serde(default)]
+    state: Option<PlaneState>,
+    #[serde(default)]
+    labels: Vec<PlaneLabel>,
+}
+
+#[derive(Debug, Deserialize)]
+struct PlaneLabel {
+    id: String,
+    #[serde(default)]
+    name: String,
+}
+
+impl From<ExpandedWorkItem> for crate::Issue {
+    fn from(w: ExpandedWorkItem) -> Self {
+        crate::Issue {
+            id: w.id,
+            project_id: w.project,
+            sequence_id: w.sequence_id,
+            name: w.name,
+            description: w.description_html.unwrap_or_default(),
+            state: w.state.map(|s| State {
+                id: s.id,
+                name: s.name,
+                group: s.group,
+            }),
+            labels: w
+                .labels
+                .into_iter()
+                .map(|l| crate::Label {
+                    id: l.id,
+                    name: l.name,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The `expand` that gives an issue's state and labels by name.
+const EXPAND: &str = "state,labels";
+
 #[derive(Debug, Deserialize)]
 struct Project {
     identifier: String,
@@ -353,6 +405,52 @@ impl Tracker for PlaneTracker {
                 group: s.group,
             })
             .collect())
+    }
+
+    /// `GET .../projects/{id}/work-items/?expand=state,labels&per_page=100`, page after
+    /// page as Plane's cursor says (`next_page_results`, `next_cursor`).
+    async fn list_issues(&self, project_id: &str) -> Result<Vec<crate::Issue>, TrackerError> {
+        let project_id = path_id("project id", project_id)?;
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        // Bounded: 100 pages of 100 work items.
+        for _ in 0..100 {
+            let mut url = self.url(&["projects", project_id, "work-items"])?;
+            url.query_pairs_mut()
+                .append_pair("expand", EXPAND)
+                .append_pair("per_page", "100");
+            if let Some(c) = &cursor {
+                url.query_pairs_mut().append_pair("cursor", c);
+            }
+            let (status, text) = self
+                .send(Method::GET, url, &self.config.api_token, None)
+                .await?;
+            if status != StatusCode::OK {
+                return Err(status_error("list work items", status, &text));
+            }
+            let page: Page<ExpandedWorkItem> = Self::decode("a work item page", &text)?;
+            out.extend(page.results.into_iter().map(crate::Issue::from));
+            match page.next_cursor {
+                Some(next) if page.next_page_results => cursor = Some(next),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn get_issue(&self, issue: &IssueRef) -> Result<Option<crate::Issue>, TrackerError> {
+        let mut url = self.issue_url(issue, &[])?;
+        url.query_pairs_mut().append_pair("expand", EXPAND);
+        let (status, text) = self
+            .send(Method::GET, url, &self.config.api_token, None)
+            .await?;
+        match status {
+            StatusCode::OK => Ok(Some(
+                Self::decode::<ExpandedWorkItem>("a work item", &text)?.into(),
+            )),
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(status_error("get work item", s, &text)),
+        }
     }
 
     async fn set_state(&self, issue: &IssueRef, state_id: &str) -> Result<(), TrackerError> {

@@ -60,6 +60,8 @@ pub struct LauncherConfig {
     pub agents_dir: PathBuf,
     /// `ORCH_AGENT_COMMAND`, split into words (quotes group, no shell).
     pub agent_command: Vec<String>,
+    /// `PATH` (the agents get it too): where the agent command is looked up.
+    pub search_path: Option<String>,
     /// `ORCH_AGENT_ENV_PASSTHROUGH`: extra variable names (CSV) an agent may get.
     pub env_passthrough: Vec<String>,
     /// `ORCH_MAX_CONCURRENCY`: LLM jobs running at once, across every repo and replica.
@@ -266,6 +268,10 @@ impl LauncherConfig {
             workdir,
             agents_dir: env.dir("ORCH_AGENTS_DIR", || PathBuf::from("./examples/agents"))?,
             agent_command,
+            search_path: env
+                .get("PATH")
+                .map(str::to_owned)
+                .or_else(|| std::env::var("PATH").ok()),
             env_passthrough,
             max_concurrency,
             reserved_concurrency,

@@ -20,6 +20,7 @@ pub mod config;
 mod error;
 pub mod outbox;
 pub mod peers;
+mod preflight;
 pub mod proc;
 pub mod reserved;
 pub mod rules;

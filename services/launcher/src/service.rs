@@ -12,9 +12,9 @@ use orchestrator_kit::outbox::State as OutboxState;
 use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{ConfigError, Db, Env};
 use orchestrator_proto::launcher::v1::{
-    BreakerState, CancelJobRequest, CancelJobResponse, EnqueueRequest, EnqueueResponse,
-    FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, JobKind, JobStatus,
-    LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
+    AgentCommand, BreakerState, CancelJobRequest, CancelJobResponse, EnqueueRequest,
+    EnqueueResponse, FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, JobKind,
+    JobStatus, LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
     ListJobsResponse, ListRunningRequest, ListRunningResponse, Liveness, LogChunk,
     ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe, QueueSnapshotRequest,
     QueueSnapshotResponse, RunningJob, StatusCount, TailLogRequest, launcher_server::Launcher,
@@ -95,6 +95,7 @@ impl LauncherService {
         shutdown: CancellationToken,
     ) -> Result<Self, ConfigError> {
         let config = LauncherConfig::from_env(env)?;
+        config.check_at_start()?;
         let forge = orchestrator_forge::build(&config.forge)?;
         let agent_env = AgentEnv::from_env(env, &config.env_passthrough);
         let svc = Self::from_parts(
@@ -534,6 +535,13 @@ impl Launcher for LauncherService {
                 .map(|(_, n)| n)
                 .sum()
         };
+        let config = self.sup.config().clone();
+        let agent_command =
+            match tokio::task::spawn_blocking(move || config.agent_command_found()).await {
+                Ok(Some(_)) => AgentCommand::Found,
+                Ok(None) => AgentCommand::NotFound,
+                Err(_) => AgentCommand::Unspecified,
+            };
         let now = now_ms();
         Ok(Response::new(QueueSnapshotResponse {
             counts: JobState::ALL
@@ -552,6 +560,7 @@ impl Launcher for LauncherService {
                     age_ms: now - j.started_at_ms,
                 })
                 .collect(),
+            agent_command: agent_command as i32,
             max_concurrency: self.sup.config().max_concurrency,
             breaker: Some(BreakerState {
                 state: breaker.state,

@@ -117,18 +117,3 @@ impl Peers for GrpcPeers {
             .into_inner())
     }
 }
-
-/// Returns whether a failed call was the caller's fault (retrying the same call will not
-/// help), as opposed to a service that is down, overloaded or not built yet.
-pub fn is_final(status: &Status) -> bool {
-    use tonic::Code::*;
-    matches!(
-        status.code(),
-        InvalidArgument
-            | NotFound
-            | FailedPrecondition
-            | AlreadyExists
-            | OutOfRange
-            | PermissionDenied
-    )
-}

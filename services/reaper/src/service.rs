@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use orchestrator_kit::clients::Clients;
+use orchestrator_kit::retry;
 use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{ConfigError, Db, Env};
 use orchestrator_proto::launcher::v1::{
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::ReaperConfig;
 use crate::error::ReaperError;
-use crate::peers::{GrpcPeers, Peers, is_final};
+use crate::peers::{GrpcPeers, Peers};
 use crate::store::{self, TickRecord};
 use crate::tiers::{Action, Rules, Seen, Streak, decide};
 
@@ -467,7 +468,7 @@ impl ReaperService {
                 tracing::info!(job_id = %job.id, work_item = %job.work_item, outcome = ?r.outcome(), reason = %r.reason, "advanced a job the launcher never finalized");
                 Ok(())
             }
-            Err(s) if is_final(&s) => {
+            Err(s) if !retry::is_retryable_status(&s) => {
                 tracing::warn!(job_id = %job.id, work_item = %job.work_item, code = ?s.code(), message = s.message(), "stage-engine refused the advance; the job is flipped anyway");
                 Ok(())
             }

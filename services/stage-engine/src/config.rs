@@ -1,16 +1,29 @@
 //! stage-engine's section of the configuration.
 
+use std::time::Duration;
+
 use orchestrator_forge::ForgeConfig;
 use orchestrator_kit::outbox;
 use orchestrator_kit::{ConfigError, Env};
 use orchestrator_tracker::TrackerConfig;
 
 use crate::pipeline::Limits;
+use crate::reconcile::ReconcileConfig;
 
 /// How the outbox is delivered: `ORCH_OUTBOX_POLL_MS`, `ORCH_OUTBOX_BACKOFF_BASE_MS`,
 /// `ORCH_OUTBOX_BACKOFF_MAX_MS`, and `ORCH_OUTBOX_MAX_ATTEMPTS` (0, the default: retry for
 /// as long as the receiver is down).
 pub use orchestrator_kit::outbox::OutboxConfig;
+
+/// The stall watchdog's timing.
+#[derive(Debug, Clone)]
+pub struct WatchdogConfig {
+    /// `ORCH_STALL_S`: an active item with no queued or running job for this long is
+    /// decided again from its latest job.
+    pub stall: Duration,
+    /// `ORCH_STALL_CHECK_INTERVAL_S`: how often the watchdog looks.
+    pub interval: Duration,
+}
 
 /// stage-engine's settings.
 #[derive(Debug, Clone)]
@@ -24,6 +37,8 @@ pub struct StageEngineConfig {
     /// `ORCH_ARM_POST_DEPLOY`: arm the post-deploy watch on `deploy -> done`.
     pub arm_post_deploy: bool,
     pub outbox: OutboxConfig,
+    pub watchdog: WatchdogConfig,
+    pub reconcile: ReconcileConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
 }
@@ -41,6 +56,18 @@ impl StageEngineConfig {
             },
         )?;
         outbox.max_attempts = env.parse("ORCH_OUTBOX_MAX_ATTEMPTS", 0u32)?;
+        let watchdog = WatchdogConfig {
+            stall: Duration::from_secs(env.parse("ORCH_STALL_S", 600u64)?),
+            interval: Duration::from_secs(env.parse("ORCH_STALL_CHECK_INTERVAL_S", 30u64)?),
+        };
+        for (var, value) in [
+            ("ORCH_STALL_S", watchdog.stall),
+            ("ORCH_STALL_CHECK_INTERVAL_S", watchdog.interval),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(var, "must be at least 1"));
+            }
+        }
         Ok(StageEngineConfig {
             limits: Limits {
                 max_rollbacks: env.parse("ORCH_MAX_ROLLBACKS", 3u32)?,
@@ -56,6 +83,14 @@ impl StageEngineConfig {
                 .collect(),
             arm_post_deploy: env.bool("ORCH_ARM_POST_DEPLOY", true)?,
             outbox,
+            watchdog,
+            reconcile: ReconcileConfig {
+                interval: Some(Duration::from_secs(
+                    env.parse("ORCH_RECONCILE_INTERVAL_S", 300u64)?,
+                ))
+                .filter(|d| !d.is_zero()),
+                intake: orchestrator_tracker::intake::Intake::from_env(env)?,
+            },
             tracker: TrackerConfig::from_env(env)?,
             forge,
         })
@@ -80,6 +115,13 @@ mod tests {
         assert_eq!(c.base_branch, "main");
         assert!(c.arm_post_deploy);
         assert_eq!(c.outbox.max_attempts, 0);
+        assert_eq!(c.watchdog.stall, Duration::from_secs(600));
+        assert_eq!(c.watchdog.interval, Duration::from_secs(30));
+        assert_eq!(c.reconcile.interval, Some(Duration::from_secs(300)));
+        let off =
+            StageEngineConfig::from_env(&Env::from_pairs([("ORCH_RECONCILE_INTERVAL_S", "0")]))
+                .expect("config");
+        assert_eq!(off.reconcile.interval, None);
         assert_eq!(c.tracker.kind, orchestrator_tracker::TrackerKind::Local);
         assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);
     }
@@ -111,6 +153,9 @@ mod tests {
             "ORCH_OUTBOX_POLL_MS",
             "ORCH_OUTBOX_MAX_ATTEMPTS",
             "ORCH_ARM_POST_DEPLOY",
+            "ORCH_STALL_S",
+            "ORCH_STALL_CHECK_INTERVAL_S",
+            "ORCH_RECONCILE_INTERVAL_S",
         ] {
             let err =
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);
@@ -120,6 +165,8 @@ mod tests {
             ("ORCH_OUTBOX_POLL_MS", "0"),
             ("ORCH_OUTBOX_BACKOFF_BASE_MS", "0"),
             ("ORCH_OUTBOX_BACKOFF_MAX_MS", "10"),
+            ("ORCH_STALL_S", "0"),
+            ("ORCH_STALL_CHECK_INTERVAL_S", "0"),
         ] {
             let err = StageEngineConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
             assert_eq!(err.var, var);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use orchestrator_forge::{Forge, RepoName};
 use orchestrator_git::{validate_branch, validate_repo, validate_work_item_key};
 use orchestrator_kit::Db;
+use orchestrator_kit::retry::is_retryable_status;
 use orchestrator_kit::time::now_ms;
 use orchestrator_tracker::Tracker;
 use tokio::sync::Notify;
@@ -14,7 +15,7 @@ use tokio::sync::Notify;
 use crate::config::StageEngineConfig;
 use crate::error::EngineError;
 use crate::outbox::{self, Dispatcher, Effect, escape};
-use crate::peers::{self, Peers};
+use crate::peers::Peers;
 use crate::pipeline::{
     Decision, Outcome, Stage, Status, Trigger, decide, get_agent_for_stage, needs_qg,
 };
@@ -22,6 +23,7 @@ use crate::qg::{
     self, CheckOutcome, CheckResult, Input, Inputs, PrInfo, artifacts_dir, checks_for,
 };
 use crate::store::{self, ApprovalRow, TransitionRow, WorkItemRow};
+use crate::watchdog::WatchdogStats;
 
 /// A finished launcher job, for idempotency and the latest-job rule.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -58,6 +60,8 @@ pub struct Engine {
     pub(crate) notify: Arc<Notify>,
     /// The local tracker, when that is the tracker: new work items register their issue.
     pub(crate) local_tracker: Option<orchestrator_tracker::local::LocalTracker>,
+    /// The stall watchdog's firings since start, by reason.
+    pub(crate) watchdog: Arc<WatchdogStats>,
 }
 
 /// Checks a required free-text id: present, at most 200 printable characters.
@@ -123,6 +127,18 @@ impl Engine {
         }
     }
 
+    /// The stall watchdog over this engine.
+    pub fn stall_watchdog(&self) -> crate::watchdog::Watchdog {
+        crate::watchdog::Watchdog {
+            engine: self.clone(),
+        }
+    }
+
+    /// The stall watchdog's firings since start, by reason.
+    pub fn stall_firings(&self) -> Vec<(crate::watchdog::StallReason, u64)> {
+        self.watchdog.firings()
+    }
+
     /// Creates a work item at `analysis` and enqueues the analyst; idempotent on the
     /// tracker issue id. Returns the item and whether it is new.
     ///
@@ -178,6 +194,7 @@ impl Engine {
             self.register_local_issue(&existing).await?;
             return Ok((existing, false));
         }
+        self.check_repo_and_base(&repo).await?;
         let key = if derive {
             // The issue's own project, else the configured default (PLANE_PROJECT_ID).
             let of = match req.tracker_project_id.trim() {
@@ -217,6 +234,7 @@ impl Engine {
             expected_agent: agent.to_owned(),
             expected_dedupe_key: dedupe_key.clone(),
             latest_job_id: String::new(),
+            status_reason: String::new(),
             version: 0,
             created_at_ms: now,
             updated_at_ms: now,
@@ -316,7 +334,7 @@ impl Engine {
         Ok(())
     }
 
-    fn enqueue_effect(
+    pub(crate) fn enqueue_effect(
         &self,
         item: &WorkItemRow,
         agent: &str,
@@ -448,7 +466,7 @@ impl Engine {
     }
 
     /// Why a finished job must not move the item, if it must not.
-    async fn job_refusal(
+    pub(crate) async fn job_refusal(
         &self,
         item: &WorkItemRow,
         job: &JobRef,
@@ -519,7 +537,7 @@ impl Engine {
                         .await;
                     inputs.mergeable = Some(match m {
                         Ok(m) => m,
-                        Err(s) if peers::is_transient(&s) => {
+                        Err(s) if is_retryable_status(&s) => {
                             return Err(EngineError::Unavailable(format!(
                                 "merge-gate is unavailable for check_branch_mergeable: {:?}: {}",
                                 s.code(),
@@ -560,6 +578,11 @@ impl Engine {
         next.expected_agent = d.enqueue.unwrap_or_default().to_owned();
         next.expected_dedupe_key = dedupe.clone().unwrap_or_default();
         next.latest_job_id = String::new();
+        next.status_reason = if next.status == Status::Blocked {
+            blocked_reason(&item.key, &d.reason)
+        } else {
+            String::new()
+        };
 
         let finished_agent = match trigger {
             Trigger::AgentFinished { agent } => agent.clone(),
@@ -712,11 +735,12 @@ impl Engine {
                 d.enqueue.unwrap_or("agent")
             ),
             Outcome::Blocked => format!(
-                "<p>Blocked at <strong>{f}</strong>: {reason}. A human must look at it; reply <code>:approved:</code> to retry the stage with a fresh budget.</p>"
+                "<p>Blocked at <strong>{f}</strong>: {reason}. A human must look at it; reply <code>:retry:</code> (or <code>:approved:</code>), or run <code>orchestrator item retry {}</code>, to retry the stage with a fresh budget.</p>",
+                escape(&from.key)
             ),
             Outcome::Unblocked => format!("<p>Resumed at <strong>{t}</strong>: {reason}.</p>"),
             Outcome::Done => format!("<p>Done: {reason}.</p>"),
-            Outcome::Unchanged => format!("<p>{reason}</p>"),
+            Outcome::Unchanged | Outcome::Cancelled => format!("<p>{reason}</p>"),
         };
         format!("{head}{checks}{links}")
     }
@@ -746,14 +770,14 @@ impl Engine {
     }
 }
 
-enum Applied {
+pub(crate) enum Applied {
     Done(Box<WorkItemRow>),
     /// Someone changed the item between our read and our write: decide again.
     Moved,
     JobAlreadyConsumed,
 }
 
-fn unchanged(item: WorkItemRow, reason: String) -> Advanced {
+pub(crate) fn unchanged(item: WorkItemRow, reason: String) -> Advanced {
     Advanced {
         item,
         outcome: Outcome::Unchanged,
@@ -761,6 +785,13 @@ fn unchanged(item: WorkItemRow, reason: String) -> Advanced {
         enqueued_agent: None,
         reason,
     }
+}
+
+/// The status reason of a blocked item: why, and the next step.
+pub fn blocked_reason(key: &str, why: &str) -> String {
+    format!(
+        "{why}; fix the cause, then `orchestrator item retry {key}` or comment `:retry:` on the issue"
+    )
 }
 
 /// The dedupe key of an enqueue: one per transition and agent, so a redelivered enqueue

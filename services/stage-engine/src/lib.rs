@@ -5,21 +5,29 @@
 //! - [`qg`]: the `QG_CHECKS` registry over the work item's artifacts, PR and mergeability;
 //! - [`engine`]: `create_work_item` and the ONE `advance_stage`, behind `AdvanceStage`,
 //!   `Approve` and `OnPrMerged`;
-//! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, post-deploy
-//!   Arm) written with the state change and delivered with retries.
+//! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, job cancels,
+//!   post-deploy Arm) written with the state change and delivered with retries;
+//! - [`park`]: a failed job parks its item `blocked`; `retry` and `cancel`;
+//! - [`watchdog`]: the stall watchdog, the backstop for a lost job end or enqueue;
+//! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
+//!   without a work item, deleted or closed issues, merges nobody reported).
 
 pub mod config;
+mod door;
 pub mod engine;
 mod error;
 pub mod hook;
 pub mod outbox;
+pub mod park;
 pub mod peers;
 pub mod pipeline;
 pub mod qg;
+pub mod reconcile;
 mod service;
 pub mod store;
 #[cfg(test)]
 mod tests;
+pub mod watchdog;
 
 pub use config::StageEngineConfig;
 pub use error::EngineError;

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use orchestrator_kit::Db;
 use orchestrator_kit::outbox::{self, Deliver, NewEntry, Outbox};
 use orchestrator_kit::time::now_ms;
-use orchestrator_proto::launcher::v1::{EnqueueRequest, JobKind};
+use orchestrator_proto::launcher::v1::{CancelJobRequest, EnqueueRequest, JobKind};
 use orchestrator_proto::post_deploy::v1::ArmRequest;
 use orchestrator_tracker::{IssueRef, Tracker, TrackerKind, move_to_done};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,14 @@ pub enum Effect {
         #[serde(default)]
         previous_sha: String,
     },
+    /// `Launcher.CancelJob` of the item's job: `job_id` when its Enqueue answer was
+    /// recorded, else the job found by `dedupe_key` (the Enqueue goes out first: same
+    /// channel). No job, or one already ended, is nothing to cancel.
+    CancelJob {
+        job_id: String,
+        dedupe_key: String,
+        reason: String,
+    },
 }
 
 impl Effect {
@@ -65,6 +73,7 @@ impl Effect {
             Effect::UsageSummary => "usage_summary",
             Effect::Enqueue { .. } => "enqueue",
             Effect::ArmWatch { .. } => "arm_watch",
+            Effect::CancelJob { .. } => "cancel_job",
         }
     }
 
@@ -72,7 +81,7 @@ impl Effect {
     pub fn channel(&self) -> &'static str {
         match self {
             Effect::Comment { .. } | Effect::SetStateDone | Effect::UsageSummary => "tracker",
-            Effect::Enqueue { .. } => "launcher",
+            Effect::Enqueue { .. } | Effect::CancelJob { .. } => "launcher",
             Effect::ArmWatch { .. } => "post_deploy",
         }
     }
@@ -306,6 +315,51 @@ impl Delivery {
                 }
                 Ok(serde_json::json!({"armed": resp.armed, "created": resp.created, "reason": resp.reason, "monitor_job_id": monitor}).to_string())
             }
+            Effect::CancelJob {
+                job_id,
+                dedupe_key,
+                reason,
+            } => {
+                let job_id = if job_id.is_empty() && !dedupe_key.is_empty() {
+                    let jobs = self.peers.jobs_of(&entry.work_item).await?;
+                    match jobs.into_iter().find(|j| j.dedupe_key == dedupe_key) {
+                        Some(j) => j.id,
+                        None => String::new(),
+                    }
+                } else {
+                    job_id
+                };
+                if job_id.is_empty() {
+                    return Ok(serde_json::json!({"cancelled": false, "job_id": ""}).to_string());
+                }
+                let cancelled = match self
+                    .peers
+                    .cancel_job(CancelJobRequest {
+                        job_id: job_id.clone(),
+                        reason,
+                    })
+                    .await
+                {
+                    Ok(r) => r.cancelled,
+                    // Gone, or already ended: nothing left to cancel.
+                    Err(s)
+                        if matches!(
+                            s.code(),
+                            tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                        ) =>
+                    {
+                        false
+                    }
+                    Err(s) => return Err(s.into()),
+                };
+                tracing::info!(
+                    work_item = entry.work_item,
+                    job_id,
+                    cancelled,
+                    "job cancel delivered"
+                );
+                Ok(serde_json::json!({"cancelled": cancelled, "job_id": job_id}).to_string())
+            }
         }
     }
 
@@ -403,6 +457,15 @@ mod tests {
                 },
                 "arm_watch",
                 "post_deploy",
+            ),
+            (
+                Effect::CancelJob {
+                    job_id: "j-1".into(),
+                    dedupe_key: "k".into(),
+                    reason: "cancelled by ada".into(),
+                },
+                "cancel_job",
+                "launcher",
             ),
         ] {
             assert_eq!((e.kind(), e.channel()), (kind, channel));

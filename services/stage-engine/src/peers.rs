@@ -3,7 +3,9 @@
 
 use async_trait::async_trait;
 use orchestrator_kit::clients::Clients;
-use orchestrator_proto::launcher::v1::{EnqueueRequest, EnqueueResponse};
+use orchestrator_proto::launcher::v1::{
+    CancelJobRequest, CancelJobResponse, EnqueueRequest, EnqueueResponse, Job, ListJobsRequest,
+};
 use orchestrator_proto::merge_gate::v1::{
     CheckBranchMergeableRequest, Mergeability as PbMergeability,
 };
@@ -33,6 +35,12 @@ pub trait Peers: Send + Sync + 'static {
 
     /// `PostDeploy.Arm`.
     async fn arm(&self, request: ArmRequest) -> Result<ArmResponse, Status>;
+
+    /// `Launcher.CancelJob`.
+    async fn cancel_job(&self, request: CancelJobRequest) -> Result<CancelJobResponse, Status>;
+
+    /// `Launcher.ListJobs` of one work item: its jobs, any status.
+    async fn jobs_of(&self, work_item: &str) -> Result<Vec<Job>, Status>;
 }
 
 /// The peers over gRPC.
@@ -111,19 +119,29 @@ impl Peers for GrpcPeers {
             .await?
             .into_inner())
     }
-}
 
-/// Returns whether a failed call may succeed later. The caller's own mistakes are final;
-/// everything else — down, overloaded, not built yet (UNIMPLEMENTED), a deadline — is retried.
-pub fn is_transient(status: &Status) -> bool {
-    use tonic::Code::*;
-    !matches!(
-        status.code(),
-        InvalidArgument
-            | NotFound
-            | FailedPrecondition
-            | AlreadyExists
-            | OutOfRange
-            | PermissionDenied
-    )
+    async fn cancel_job(&self, request: CancelJobRequest) -> Result<CancelJobResponse, Status> {
+        Ok(self
+            .clients
+            .launcher
+            .clone()
+            .cancel_job(request)
+            .await?
+            .into_inner())
+    }
+
+    async fn jobs_of(&self, work_item: &str) -> Result<Vec<Job>, Status> {
+        Ok(self
+            .clients
+            .launcher
+            .clone()
+            .list_jobs(ListJobsRequest {
+                work_item: work_item.to_owned(),
+                limit: 1000,
+                ..ListJobsRequest::default()
+            })
+            .await?
+            .into_inner()
+            .jobs)
+    }
 }

@@ -71,18 +71,27 @@ pub enum Status {
     Active,
     /// The analysis passed; a human's `:approved:` is awaited.
     AwaitingApproval,
-    /// Parked for a human: the rollback or retry budget is spent.
+    /// Parked for a human: the rollback or retry budget is spent, or its job failed for
+    /// good; `status_reason` says which and what to do.
     Blocked,
     Done,
+    /// Ended by a human (or by reconciliation) before done; terminal like done.
+    Cancelled,
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [
+    pub const ALL: [Status; 5] = [
         Status::Active,
         Status::AwaitingApproval,
         Status::Blocked,
         Status::Done,
+        Status::Cancelled,
     ];
+
+    /// Nothing moves a work item out of a terminal status.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Done | Status::Cancelled)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -90,6 +99,7 @@ impl Status {
             Status::AwaitingApproval => "awaiting_approval",
             Status::Blocked => "blocked",
             Status::Done => "done",
+            Status::Cancelled => "cancelled",
         }
     }
 }
@@ -269,6 +279,8 @@ pub enum Outcome {
     Unchanged,
     /// A blocked item resumed by a human (reported as ADVANCED over gRPC).
     Unblocked,
+    /// Ended by `Cancel`.
+    Cancelled,
 }
 
 impl Outcome {
@@ -283,6 +295,7 @@ impl Outcome {
             Outcome::Done => "done",
             Outcome::Unchanged => "unchanged",
             Outcome::Unblocked => "unblocked",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -327,6 +340,9 @@ pub fn needs_qg(at: Position, trigger: &Trigger) -> bool {
 /// Decides where the item goes. `qg` holds the results of the current stage's checks when
 /// [`needs_qg`] said so (it is ignored otherwise).
 pub fn decide(at: Position, trigger: &Trigger, qg: &[CheckResult], limits: Limits) -> Decision {
+    if at.status == Status::Cancelled {
+        return Decision::unchanged(at, "the work item is cancelled");
+    }
     if at.status == Status::Done || at.stage == Stage::Done {
         return Decision::unchanged(at, "the work item is already done");
     }
@@ -371,7 +387,7 @@ pub fn decide(at: Position, trigger: &Trigger, qg: &[CheckResult], limits: Limit
                         done_by_deploy: false,
                     };
                 }
-                Status::Active | Status::Done => {
+                Status::Active | Status::Done | Status::Cancelled => {
                     return Decision::unchanged(at, "the work item is not awaiting approval");
                 }
             }
@@ -394,7 +410,9 @@ pub fn decide(at: Position, trigger: &Trigger, qg: &[CheckResult], limits: Limit
                     "the work item is blocked: a human must look at it",
                 );
             }
-            Status::Done => return Decision::unchanged(at, "the work item is already done"),
+            Status::Done | Status::Cancelled => {
+                return Decision::unchanged(at, "the work item has ended");
+            }
         },
     }
 
@@ -945,6 +963,25 @@ mod tests {
         for t in [finished("deployer"), human(), Trigger::PrMerged] {
             assert_eq!(decide(done, &t, &[], LIMITS).outcome, Outcome::Unchanged);
         }
+    }
+
+    #[test]
+    fn a_cancelled_item_ignores_every_trigger() {
+        for stage in Stage::ALL {
+            let p = at(stage, Status::Cancelled);
+            for t in [
+                finished(get_agent_for_stage(stage).unwrap_or("deployer")),
+                human(),
+                bot(),
+                Trigger::PrMerged,
+            ] {
+                let d = decide(p, &t, &pass(stage), LIMITS);
+                assert_eq!((d.outcome, d.to), (Outcome::Unchanged, p), "{stage} {t:?}");
+                assert_eq!(d.reason, "the work item is cancelled");
+            }
+        }
+        assert!(Status::Cancelled.is_terminal() && Status::Done.is_terminal());
+        assert!(!Status::Blocked.is_terminal());
     }
 
     #[test]

@@ -13,6 +13,10 @@ use orchestrator_proto::stage_engine::v1::{
     ListWorkItemsResponse, OnPrMergedRequest, OutboxEntry, QgResult, RetryOutboxRequest,
     RetryOutboxResponse, Transition, WorkItem, stage_engine_server::StageEngine,
 };
+use orchestrator_proto::stage_engine::v1::{
+    CancelRequest, ItemCount, ReportJobFailedRequest, RetryRequest, SnapshotRequest,
+    StageEngineSnapshot, StallFiring,
+};
 use orchestrator_tracker::local::LocalTracker;
 use orchestrator_tracker::plane::PlaneTracker;
 use orchestrator_tracker::{IssueRef, Tracker, TrackerKind};
@@ -24,6 +28,7 @@ use crate::config::StageEngineConfig;
 use crate::engine::{Advanced, ApprovalRef, Engine, JobRef, NewWorkItem, required};
 use crate::error::EngineError;
 use crate::outbox::{self, Effect};
+use crate::park::{DEPLOY_FINALIZER, FailedJob};
 use crate::peers::{GrpcPeers, Peers};
 use crate::pipeline::{Outcome, Stage, Status as ItemStatus, Trigger};
 use crate::qg::CheckResult;
@@ -37,7 +42,7 @@ pub struct StageEngineService {
 
 impl StageEngineService {
     /// Builds the service from the environment (tracker, forge, budgets) and starts its
-    /// outbox dispatcher, which stops with `shutdown`.
+    /// outbox dispatcher and its stall watchdog, which stop with `shutdown`.
     pub fn start(
         db: Db,
         clients: Clients,
@@ -47,11 +52,17 @@ impl StageEngineService {
         let config = StageEngineConfig::from_env(env)?;
         let forge = orchestrator_forge::build(&config.forge)?;
         let service = Self::from_parts(db, config, forge, Arc::new(GrpcPeers::new(clients)), None)?;
-        tokio::spawn(service.engine.dispatcher().run(shutdown));
+        tokio::spawn(crate::reconcile::run(
+            service.engine.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(service.engine.dispatcher().run(shutdown.clone()));
+        tokio::spawn(service.engine.stall_watchdog().run(shutdown));
         Ok(service)
     }
 
-    /// Builds the service from its parts, without starting the dispatcher (tests drive it).
+    /// Builds the service from its parts, without starting the dispatcher or the watchdog
+    /// (tests drive them).
     /// The tracker is built from the configuration unless one is given.
     pub fn from_parts(
         db: Db,
@@ -90,6 +101,7 @@ impl StageEngineService {
                 peers,
                 notify: Arc::new(Notify::new()),
                 local_tracker,
+                watchdog: Arc::default(),
             },
         })
     }
@@ -126,8 +138,7 @@ pub fn to_proto(i: &WorkItemRow) -> WorkItem {
         stage_retries: i.stage_retries,
         expected_dedupe_key: i.expected_dedupe_key.clone(),
         description: i.description.clone(),
-        // Filled once stage-engine records why an item is blocked or cancelled.
-        status_reason: String::new(),
+        status_reason: i.status_reason.clone(),
     }
 }
 
@@ -150,6 +161,7 @@ fn advance_response(a: Advanced) -> AdvanceStageResponse {
         Outcome::Blocked => AdvanceOutcome::Blocked,
         Outcome::Done => AdvanceOutcome::Done,
         Outcome::Unchanged => AdvanceOutcome::Unchanged,
+        Outcome::Cancelled => AdvanceOutcome::Cancelled,
     };
     AdvanceStageResponse {
         work_item: Some(to_proto(&a.item)),
@@ -158,6 +170,25 @@ fn advance_response(a: Advanced) -> AdvanceStageResponse {
         enqueued_agent: a.enqueued_agent.unwrap_or_default().to_owned(),
         reason: a.reason,
     }
+}
+
+/// The work item a human's command names: by key, else by its tracker issue (a tracker
+/// comment names only its issue).
+async fn key_of(
+    engine: &Engine,
+    work_item: &str,
+    tracker_issue_id: &str,
+) -> Result<String, EngineError> {
+    if work_item.trim().is_empty() && !tracker_issue_id.trim().is_empty() {
+        let issue = required("tracker_issue_id", tracker_issue_id)?;
+        return Ok(store::get_by_tracker_issue(&engine.db, issue)
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("no work item for tracker issue {issue}"))
+            })?
+            .key);
+    }
+    Ok(required("work_item", work_item)?.to_owned())
 }
 
 /// The agents that finish stages (the ones `AdvanceStage` accepts).
@@ -169,6 +200,9 @@ const AGENTS: [&str; 6] = [
     "tester",
     "deployer",
 ];
+
+/// The launcher's reserved jobs (`ReportJobFailed` accepts them too).
+const RESERVED: [&str; 2] = [DEPLOY_FINALIZER, outbox::POST_DEPLOY_MONITOR];
 
 #[tonic::async_trait]
 impl StageEngine for StageEngineService {
@@ -293,19 +327,7 @@ impl StageEngine for StageEngineService {
         request: Request<ApproveRequest>,
     ) -> Result<Response<AdvanceStageResponse>, Status> {
         let r = request.into_inner();
-        let key = if r.work_item.trim().is_empty() && !r.tracker_issue_id.trim().is_empty() {
-            // A tracker comment names only its issue.
-            let issue = required("tracker_issue_id", &r.tracker_issue_id)?;
-            store::get_by_tracker_issue(&self.engine.db, issue)
-                .await
-                .map_err(EngineError::from)?
-                .ok_or_else(|| {
-                    EngineError::NotFound(format!("no work item for tracker issue {issue}"))
-                })?
-                .key
-        } else {
-            required("work_item", &r.work_item)?.to_owned()
-        };
+        let key = key_of(&self.engine, &r.work_item, &r.tracker_issue_id).await?;
         let author = required("author", &r.author)?.to_owned();
         let comment_id = if r.comment_id.trim().is_empty() {
             outbox::new_id()
@@ -548,6 +570,111 @@ impl StageEngine for StageEngineService {
         }
         Ok(Response::new(RetryOutboxResponse {
             retried: u32::try_from(n).unwrap_or(u32::MAX),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, agent = %request.get_ref().agent, job_id = %request.get_ref().job_id))]
+    async fn report_job_failed(
+        &self,
+        request: Request<ReportJobFailedRequest>,
+    ) -> Result<Response<AdvanceStageResponse>, Status> {
+        let r = request.into_inner();
+        let key = required("work_item", &r.work_item)?.to_owned();
+        let agent = required("agent", &r.agent)?.to_ascii_lowercase();
+        if !AGENTS.contains(&agent.as_str()) && !RESERVED.contains(&agent.as_str()) {
+            return Err(EngineError::InvalidField {
+                field: "agent",
+                reason: format!(
+                    "unknown agent '{}' (expected one of {}, {})",
+                    agent.escape_debug(),
+                    AGENTS.join(", "),
+                    RESERVED.join(", ")
+                ),
+            }
+            .into());
+        }
+        if r.reason.len() > 10_000 || r.outcome.len() > 200 {
+            return Err(EngineError::InvalidField {
+                field: "reason",
+                reason: "reason longer than 10000 bytes or outcome longer than 200".to_owned(),
+            }
+            .into());
+        }
+        let failed = FailedJob {
+            agent,
+            job: JobRef {
+                job_id: required("job_id", &r.job_id)?.to_owned(),
+                attempt: r.attempt,
+                dedupe_key: r.dedupe_key.trim().to_owned(),
+            },
+            outcome: r.outcome.trim().to_owned(),
+            reason: r.reason.trim().to_owned(),
+        };
+        let a = self.engine.report_job_failed(&key, &failed).await?;
+        Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, tracker_issue_id = %request.get_ref().tracker_issue_id, author = %request.get_ref().author))]
+    async fn retry(
+        &self,
+        request: Request<RetryRequest>,
+    ) -> Result<Response<AdvanceStageResponse>, Status> {
+        let r = request.into_inner();
+        let key = key_of(&self.engine, &r.work_item, &r.tracker_issue_id).await?;
+        let author = required("author", &r.author)?.to_owned();
+        let comment_id = if r.comment_id.trim().is_empty() {
+            outbox::new_id()
+        } else {
+            required("comment_id", &r.comment_id)?.to_owned()
+        };
+        let a = self.engine.retry(&key, &author, &comment_id).await?;
+        Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, author = %request.get_ref().author))]
+    async fn cancel(
+        &self,
+        request: Request<CancelRequest>,
+    ) -> Result<Response<AdvanceStageResponse>, Status> {
+        let r = request.into_inner();
+        let key = required("work_item", &r.work_item)?.to_owned();
+        let author = required("author", &r.author)?.to_owned();
+        if r.reason.len() > 1000 || r.reason.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(EngineError::InvalidField {
+                field: "reason",
+                reason: "must be at most 1000 printable characters".to_owned(),
+            }
+            .into());
+        }
+        let a = self.engine.cancel(&key, &author, &r.reason).await?;
+        Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn snapshot(
+        &self,
+        _request: Request<SnapshotRequest>,
+    ) -> Result<Response<StageEngineSnapshot>, Status> {
+        let items = store::count_by_status(&self.engine.db)
+            .await
+            .map_err(EngineError::from)?;
+        Ok(Response::new(StageEngineSnapshot {
+            items: items
+                .into_iter()
+                .map(|(status, count)| ItemCount {
+                    status: status.as_str().to_owned(),
+                    count,
+                })
+                .collect(),
+            stall_watchdog_firings: self
+                .engine
+                .stall_firings()
+                .into_iter()
+                .map(|(reason, count)| StallFiring {
+                    reason: reason.as_str().to_owned(),
+                    count,
+                })
+                .collect(),
         }))
     }
 }

@@ -23,6 +23,8 @@ pub struct WorkItemRow {
     pub expected_agent: String,
     pub expected_dedupe_key: String,
     pub latest_job_id: String,
+    /// Why the item is blocked or cancelled, and the next step ('' otherwise).
+    pub status_reason: String,
     pub version: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -41,7 +43,7 @@ impl WorkItemRow {
 
 const ITEM_COLUMNS: &str = "key, tracker_issue_id, tracker_project_id, title, description, repo, branch, \
      stage, status, rollback_count, stage_retries, expected_agent, expected_dedupe_key, latest_job_id, \
-     version, created_at_ms, updated_at_ms";
+     status_reason, version, created_at_ms, updated_at_ms";
 
 fn u32_of(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
@@ -73,6 +75,7 @@ fn item_from_row(row: &AnyRow) -> Result<WorkItemRow, sqlx::Error> {
         expected_agent: row.try_get("expected_agent")?,
         expected_dedupe_key: row.try_get("expected_dedupe_key")?,
         latest_job_id: row.try_get("latest_job_id")?,
+        status_reason: row.try_get("status_reason")?,
         version: row.try_get("version")?,
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
@@ -122,7 +125,7 @@ pub async fn find_by_branch(
     let items: Vec<WorkItemRow> = rows.iter().map(item_from_row).collect::<Result<_, _>>()?;
     Ok(items
         .iter()
-        .find(|i| i.status != Status::Done)
+        .find(|i| !i.status.is_terminal())
         .or_else(|| items.first())
         .cloned())
 }
@@ -158,8 +161,8 @@ pub async fn insert_item(
     let done = sqlx::query(
         "INSERT INTO work_items (key, tracker_issue_id, tracker_project_id, title, description, repo, branch, \
          stage, status, rollback_count, stage_retries, expected_agent, expected_dedupe_key, latest_job_id, \
-         version, created_at_ms, updated_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+         version, created_at_ms, updated_at_ms, status_reason) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          ON CONFLICT DO NOTHING",
     )
     .bind(&i.key)
@@ -179,6 +182,7 @@ pub async fn insert_item(
     .bind(i.version)
     .bind(i.created_at_ms)
     .bind(i.updated_at_ms)
+    .bind(&i.status_reason)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -194,7 +198,7 @@ pub async fn update_item_guarded(
     let done = sqlx::query(
         "UPDATE work_items SET stage = $1, status = $2, rollback_count = $3, stage_retries = $4, \
          expected_agent = $5, expected_dedupe_key = $6, latest_job_id = $7, version = version + 1, \
-         updated_at_ms = $8 WHERE key = $9 AND version = $10",
+         updated_at_ms = $8, status_reason = $11 WHERE key = $9 AND version = $10",
     )
     .bind(next.stage.as_str())
     .bind(next.status.as_str())
@@ -206,6 +210,7 @@ pub async fn update_item_guarded(
     .bind(next.updated_at_ms)
     .bind(&next.key)
     .bind(expected_version)
+    .bind(&next.status_reason)
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -386,4 +391,57 @@ where
     .execute(executor)
     .await?;
     Ok(())
+}
+
+/// Work items by status (every status, 0 included), for the snapshot.
+pub async fn count_by_status(db: &Db) -> Result<Vec<(Status, u64)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM work_items GROUP BY status")
+        .fetch_all(&db.pool)
+        .await?;
+    let mut counts: Vec<(Status, u64)> = Status::ALL.iter().map(|s| (*s, 0)).collect();
+    for r in rows {
+        let status: Status = r
+            .try_get::<String, _>("status")?
+            .parse()
+            .map_err(decode_err)?;
+        let n: i64 = r.try_get("n")?;
+        if let Some(c) = counts.iter_mut().find(|(s, _)| *s == status) {
+            c.1 = u64::try_from(n).unwrap_or(0);
+        }
+    }
+    Ok(counts)
+}
+
+/// Active work items not changed since `before_ms`, oldest first, after `cursor` (the
+/// `(updated_at_ms, key)` of the last one of the previous page): the stall watchdog's
+/// candidates, a page at a time.
+pub async fn active_since(
+    db: &Db,
+    before_ms: i64,
+    cursor: Option<(i64, &str)>,
+    limit: u32,
+) -> Result<Vec<WorkItemRow>, sqlx::Error> {
+    let (after_ms, after_key) = cursor.unwrap_or((i64::MIN, ""));
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ITEM_COLUMNS} FROM work_items WHERE status = 'active' AND updated_at_ms <= $1 \
+         AND (updated_at_ms > $2 OR (updated_at_ms = $2 AND key > $3)) \
+         ORDER BY updated_at_ms, key LIMIT $4"
+    )))
+    .bind(before_ms)
+    .bind(after_ms)
+    .bind(after_key)
+    .bind(i64::from(limit))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(item_from_row).collect()
+}
+
+/// The outcome a consumed job was applied with, and its work item.
+pub async fn consumed_job(db: &Db, job_id: &str) -> Result<Option<(String, String)>, sqlx::Error> {
+    sqlx::query("SELECT work_item, outcome FROM consumed_jobs WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_optional(&db.pool)
+        .await?
+        .map(|r| Ok((r.try_get("work_item")?, r.try_get("outcome")?)))
+        .transpose()
 }

@@ -6,11 +6,14 @@ use std::sync::{Arc, Mutex};
 
 use orchestrator_forge::{ForgeKind, MockForge, PrState, PullRequest};
 use orchestrator_kit::{Env, ServiceName, db};
-use orchestrator_proto::launcher::v1::{EnqueueRequest, EnqueueResponse, Job};
+use orchestrator_proto::launcher::v1::{
+    CancelJobRequest, CancelJobResponse, EnqueueRequest, EnqueueResponse, Job, JobStatus,
+};
 use orchestrator_proto::post_deploy::v1::ArmResponse;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, AdvanceStageRequest, ApproveRequest, CreateWorkItemRequest,
-    ListCommentsRequest, ListOutboxRequest, ListTransitionsRequest, OnPrMergedRequest,
+    AdvanceOutcome, AdvanceStageRequest, ApproveRequest, CancelRequest, CreateWorkItemRequest,
+    GetWorkItemRequest, ListCommentsRequest, ListOutboxRequest, ListTransitionsRequest,
+    ListWorkItemsRequest, OnPrMergedRequest, ReportJobFailedRequest, RetryRequest,
     stage_engine_server::StageEngine,
 };
 use orchestrator_testkit::{TestStorage, on_both_backends};
@@ -27,6 +30,11 @@ struct Harness {
     files: Files,
     enqueued: Arc<Mutex<Vec<EnqueueRequest>>>,
     armed: Arc<Mutex<u32>>,
+    /// The launcher's view of each job (by id; queued when not set), as `ListJobs` shows it.
+    job_status: Arc<Mutex<HashMap<String, JobStatus>>>,
+    /// Jobs the launcher lost (`ListJobs` does not show them).
+    lost: Arc<Mutex<Vec<String>>>,
+    cancelled: Arc<Mutex<Vec<CancelJobRequest>>>,
     _storage: TestStorage,
 }
 
@@ -35,6 +43,8 @@ const KEY: &str = "ORCH-7";
 fn forge(files: Files, forge_down: bool) -> MockForge {
     let mut f = MockForge::new();
     f.expect_kind().return_const(ForgeKind::Local);
+    f.expect_repo_exists().returning(|_| Ok(true));
+    f.expect_branch_exists().returning(|_, _| Ok(true));
     f.expect_read_file().returning(move |_, _, path| {
         if forge_down {
             return Err(orchestrator_forge::ForgeError::Unavailable(
@@ -122,6 +132,42 @@ async fn harness_with(
             ..ArmResponse::default()
         })
     });
+    let job_status: Arc<Mutex<HashMap<String, JobStatus>>> = Arc::default();
+    let lost: Arc<Mutex<Vec<String>>> = Arc::default();
+    let cancelled: Arc<Mutex<Vec<CancelJobRequest>>> = Arc::default();
+    let (log, statuses, gone) = (enqueued.clone(), job_status.clone(), lost.clone());
+    peers.expect_jobs_of().returning(move |work_item| {
+        let statuses = statuses.lock().expect("lock");
+        let gone = gone.lock().expect("lock");
+        Ok(log
+            .lock()
+            .expect("lock")
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("job-{}", i + 1), r))
+            .filter(|(id, r)| r.work_item == work_item && !gone.contains(id))
+            .map(|(id, r)| Job {
+                status: statuses.get(&id).copied().unwrap_or(JobStatus::Queued) as i32,
+                id,
+                work_item: r.work_item.clone(),
+                agent: r.agent.clone(),
+                stage: r.stage.clone(),
+                dedupe_key: r.dedupe_key.clone(),
+                attempt: 1,
+                outcome: "permanent".into(),
+                reason: "claude: not found on PATH".into(),
+                ..Job::default()
+            })
+            .collect())
+    });
+    let c = cancelled.clone();
+    peers.expect_cancel_job().returning(move |req| {
+        c.lock().expect("lock").push(req);
+        Ok(CancelJobResponse {
+            cancelled: true,
+            job: None,
+        })
+    });
     let config = StageEngineConfig::from_env(&Env::from_pairs([
         ("ORCH_OUTBOX_BACKOFF_BASE_MS", "1"),
         ("ORCH_MAX_ROLLBACKS", "1"),
@@ -140,6 +186,9 @@ async fn harness_with(
         files,
         enqueued,
         armed,
+        job_status,
+        lost,
+        cancelled,
         _storage: storage,
     }
 }
@@ -162,6 +211,11 @@ impl Harness {
     }
 
     async fn deliver(&self) {
+        self.deliver_of(KEY).await;
+    }
+
+    /// Delivers until nothing of `key` is pending (every item's when `key` is empty).
+    async fn deliver_of(&self, key: &str) {
         // Until nothing is pending: failed deliveries wait out their (1 ms based) backoff.
         let d = self.svc.engine().dispatcher();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -169,7 +223,7 @@ impl Harness {
             if d.deliver_due().await.expect("deliver") > 0 {
                 continue;
             }
-            let waiting = crate::outbox::list(&self.svc.engine().db, KEY, "pending", 1000)
+            let waiting = crate::outbox::list(&self.svc.engine().db, key, "pending", 1000)
                 .await
                 .expect("outbox");
             if waiting.is_empty() {
@@ -252,6 +306,423 @@ impl Harness {
             .into_inner();
         (r.outcome(), r.reason)
     }
+    async fn report(&self, agent: &str, job: &str, dedupe: &str) -> (AdvanceOutcome, String) {
+        let r = self
+            .svc
+            .report_job_failed(Request::new(ReportJobFailedRequest {
+                work_item: KEY.into(),
+                agent: agent.into(),
+                job_id: job.into(),
+                attempt: 3,
+                dedupe_key: dedupe.into(),
+                outcome: "permanent".into(),
+                reason: "claude: not found on PATH".into(),
+            }))
+            .await
+            .expect("report")
+            .into_inner();
+        (r.outcome(), r.reason)
+    }
+
+    async fn retry(
+        &self,
+        author: &str,
+        comment: &str,
+    ) -> Result<(AdvanceOutcome, String), tonic::Status> {
+        let r = self
+            .svc
+            .retry(Request::new(RetryRequest {
+                work_item: KEY.into(),
+                author: author.into(),
+                comment_id: comment.into(),
+                ..RetryRequest::default()
+            }))
+            .await?
+            .into_inner();
+        Ok((r.outcome(), r.reason))
+    }
+
+    async fn cancel(&self, reason: &str) -> (AdvanceOutcome, String) {
+        let r = self
+            .svc
+            .cancel(Request::new(CancelRequest {
+                work_item: KEY.into(),
+                author: "ada".into(),
+                reason: reason.into(),
+            }))
+            .await
+            .expect("cancel")
+            .into_inner();
+        (r.outcome(), r.reason)
+    }
+
+    async fn comments(&self) -> Vec<String> {
+        self.svc
+            .list_comments(Request::new(ListCommentsRequest {
+                work_item: KEY.into(),
+            }))
+            .await
+            .expect("comments")
+            .into_inner()
+            .comments
+            .into_iter()
+            .map(|c| c.html)
+            .collect()
+    }
+}
+
+/// A job that failed for good parks its item blocked, with the reason and the next step
+/// (stored, returned, told to a human), once; a stale job and a duplicate change nothing.
+async fn a_failed_job_parks_the_item_once(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    let item = h.item().await;
+    assert_eq!(item.latest_job_id, "job-1");
+    let dedupe = item.expected_dedupe_key.clone();
+
+    for (agent, job, key, why) in [
+        ("analyst", "job-0", dedupe.as_str(), "not the latest job"),
+        (
+            "analyst",
+            "job-1",
+            "ORCH-7/other/analyst",
+            "not the latest enqueue",
+        ),
+        (
+            "architect",
+            "job-1",
+            dedupe.as_str(),
+            "not the agent ORCH-7 waits for",
+        ),
+    ] {
+        let (o, reason) = h.report(agent, job, key).await;
+        assert_eq!(o, AdvanceOutcome::Unchanged, "{job} {key}");
+        assert!(reason.contains(why), "{reason}");
+    }
+    assert_eq!(h.item().await.status.as_str(), "active");
+
+    let (o, reason) = h.report("analyst", "job-1", &dedupe).await;
+    assert_eq!(o, AdvanceOutcome::Blocked, "{reason}");
+    assert_eq!(
+        reason,
+        "the analyst's job job-1 failed for good (permanent: claude: not found on PATH)"
+    );
+    let w = h
+        .svc
+        .get_work_item(Request::new(GetWorkItemRequest { key: KEY.into() }))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        (w.stage.as_str(), w.status.as_str()),
+        ("analysis", "blocked")
+    );
+    assert_eq!(
+        w.status_reason,
+        "the analyst's job job-1 failed for good (permanent: claude: not found on PATH); fix the \
+         cause, then `orchestrator item retry ORCH-7` or comment `:retry:` on the issue"
+    );
+    assert!(w.expected_agent.is_empty());
+    // The same report again (the launcher's outbox redelivers): nothing more.
+    let (o, reason) = h.report("analyst", "job-1", &dedupe).await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(reason.contains("already applied"), "{reason}");
+    // The job's success arriving late changes nothing either.
+    assert_eq!(
+        h.advance("analyst", "job-1", &dedupe).await.0,
+        AdvanceOutcome::Unchanged
+    );
+    assert_eq!(h.transitions().await, 2);
+    h.deliver().await;
+    let comments = h.comments().await;
+    assert_eq!(comments.len(), 2);
+    assert!(
+        comments[1].contains("Blocked at <strong>analysis</strong>")
+            && comments[1].contains("claude: not found on PATH")
+            && comments[1].contains(":retry:")
+            && comments[1].contains("orchestrator item retry ORCH-7"),
+        "{}",
+        comments[1]
+    );
+    let blocked = h
+        .svc
+        .list_work_items(Request::new(ListWorkItemsRequest {
+            status: "blocked".into(),
+            ..ListWorkItemsRequest::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .work_items;
+    assert_eq!(blocked.len(), 1);
+
+    // Bad input names its field.
+    for (req, field) in [
+        (
+            ReportJobFailedRequest {
+                work_item: KEY.into(),
+                agent: "hacker".into(),
+                job_id: "j".into(),
+                ..ReportJobFailedRequest::default()
+            },
+            "agent",
+        ),
+        (
+            ReportJobFailedRequest {
+                work_item: KEY.into(),
+                agent: "analyst".into(),
+                ..ReportJobFailedRequest::default()
+            },
+            "job_id",
+        ),
+    ] {
+        let err = h
+            .svc
+            .report_job_failed(Request::new(req))
+            .await
+            .expect_err("bad");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+}
+
+/// Retry enqueues the stage's agent again (a new dedupe key, through the outbox), with a
+/// fresh budget; a bot never retries; an item that is not blocked is refused.
+async fn retry_enqueues_again_and_is_refused_when_not_blocked(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    let err = h.retry("ada", "c-0").await.expect_err("active");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("only a blocked work item can be retried"),
+        "{}",
+        err.message()
+    );
+    let first = h.item().await.expected_dedupe_key;
+    assert_eq!(
+        h.report("analyst", "job-1", &first).await.0,
+        AdvanceOutcome::Blocked
+    );
+    sqlx::query("UPDATE work_items SET stage_retries = 2, rollback_count = 1")
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("spent budgets");
+
+    let (o, why) = h.retry("reviewer", "c-bot").await.expect("bot");
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("a bot never retries"), "{why}");
+    assert_eq!(h.item().await.status.as_str(), "blocked");
+
+    let (o, why) = h.retry("ada", "c-1").await.expect("retry");
+    assert_eq!(o, AdvanceOutcome::Retried);
+    assert_eq!(
+        why,
+        "retried by ada: the analyst runs analysis again with a fresh budget"
+    );
+    let item = h.item().await;
+    assert_eq!(
+        (
+            item.status.as_str(),
+            item.expected_agent.as_str(),
+            item.stage_retries,
+            item.rollback_count
+        ),
+        ("active", "analyst", 0, 0)
+    );
+    assert!(item.status_reason.is_empty());
+    assert_ne!(item.expected_dedupe_key, first);
+    // The same comment redelivered: handled once.
+    let (o, why) = h.retry("ada", "c-1").await.expect("again");
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("already handled"), "{why}");
+    h.deliver().await;
+    let enqueued: Vec<(String, String)> = h
+        .enqueued
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| (r.agent.clone(), r.dedupe_key.clone()))
+        .collect();
+    assert_eq!(
+        enqueued,
+        vec![
+            ("analyst".to_owned(), first),
+            ("analyst".to_owned(), item.expected_dedupe_key.clone())
+        ]
+    );
+    assert_eq!(h.item().await.latest_job_id, "job-2");
+    assert!(
+        h.comments()
+            .await
+            .last()
+            .expect("comment")
+            .contains("Retried by <strong>ada</strong>")
+    );
+    // A retry found by the tracker issue (a Plane comment names only its issue).
+    assert_eq!(
+        h.report("analyst", "job-2", "").await.0,
+        AdvanceOutcome::Blocked
+    );
+    let r = h
+        .svc
+        .retry(Request::new(RetryRequest {
+            tracker_issue_id: "issue-7".into(),
+            author: "ada".into(),
+            comment_id: "c-2".into(),
+            ..RetryRequest::default()
+        }))
+        .await
+        .expect("by issue")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Retried);
+    // Unknown item: NOT_FOUND.
+    let err = h
+        .svc
+        .retry(Request::new(RetryRequest {
+            work_item: "ORCH-99".into(),
+            author: "ada".into(),
+            ..RetryRequest::default()
+        }))
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+/// Cancel ends the item and cancels its job through the outbox (the job found by its
+/// dedupe key when the Enqueue answer was not recorded yet); a cancelled item ignores
+/// AdvanceStage, Approve, OnPrMerged and Retry.
+async fn cancel_ends_the_item_and_its_job(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    // Cancelled before the enqueue went out: the enqueue goes first, then its cancel.
+    let dedupe = h.item().await.expected_dedupe_key;
+    let (o, why) = h.cancel("not needed").await;
+    assert_eq!(o, AdvanceOutcome::Cancelled);
+    assert_eq!(why, "cancelled by ada: not needed");
+    let item = h.item().await;
+    assert_eq!(
+        (item.status.as_str(), item.status_reason.as_str()),
+        ("cancelled", "cancelled by ada: not needed")
+    );
+    let kinds: Vec<String> = h
+        .outbox("pending")
+        .await
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, vec!["comment", "enqueue", "comment", "cancel_job"]);
+    h.deliver().await;
+    let cancelled = h.cancelled.lock().expect("lock").clone();
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].job_id, "job-1");
+    assert_eq!(cancelled[0].reason, "cancelled by ada: not needed");
+    assert_eq!(h.enqueued.lock().expect("lock")[0].dedupe_key, dedupe);
+
+    h.write("analysis.md", "");
+    assert_eq!(
+        h.advance("analyst", "job-1", &dedupe).await.0,
+        AdvanceOutcome::Unchanged
+    );
+    assert_eq!(h.approve("ada", "c-1").await.0, AdvanceOutcome::Unchanged);
+    let r = h
+        .svc
+        .on_pr_merged(Request::new(OnPrMergedRequest {
+            repo: "acme/app".into(),
+            branch: "orch/ORCH-7".into(),
+            ..OnPrMergedRequest::default()
+        }))
+        .await
+        .expect("merged")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Unchanged);
+    assert_eq!(
+        h.retry("ada", "c-2").await.expect_err("cancelled").code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        h.report("analyst", "job-1", &dedupe).await.0,
+        AdvanceOutcome::Unchanged
+    );
+    let (o, why) = h.cancel("again").await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("already cancelled"), "{why}");
+    assert_eq!(h.item().await.status.as_str(), "cancelled");
+    assert_eq!(h.transitions().await, 2);
+    assert_eq!(h.cancelled.lock().expect("lock").len(), 1);
+    let listed = h
+        .svc
+        .list_work_items(Request::new(ListWorkItemsRequest {
+            status: "cancelled".into(),
+            ..ListWorkItemsRequest::default()
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .work_items;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].status_reason, "cancelled by ada: not needed");
+}
+
+/// A deploy-finalizer's failure after done parks the item back at deploy (the merge did
+/// not happen); a retry runs the deployer again. A finalizer of another deploy is stale.
+async fn a_failed_merge_after_done_parks_at_deploy(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    sqlx::query(
+        "UPDATE work_items SET stage = 'deploy', expected_agent = 'deployer', latest_job_id = '', expected_dedupe_key = ''",
+    )
+    .execute(&h.svc.engine().db.pool)
+    .await
+    .expect("set up at deploy");
+    h.write(
+        "deploy.md",
+        "deploy_status: SUCCESS\ndeployed_sha: 0123abcd\n",
+    );
+    assert_eq!(
+        h.advance("deployer", "job-d", "").await.0,
+        AdvanceOutcome::Done
+    );
+    let (o, why) = h
+        .report("deploy-finalizer", "fin-0", "deploy-finalizer:job-other")
+        .await;
+    assert_eq!(o, AdvanceOutcome::Unchanged);
+    assert!(why.contains("does not finalize the deploy"), "{why}");
+    let (o, why) = h
+        .report("deploy-finalizer", "fin-1", "deploy-finalizer:job-d")
+        .await;
+    assert_eq!(o, AdvanceOutcome::Blocked, "{why}");
+    assert!(
+        why.contains("the deploy-finalizer's merge (job fin-1) failed for good"),
+        "{why}"
+    );
+    let item = h.item().await;
+    assert_eq!(
+        (item.stage.as_str(), item.status.as_str()),
+        ("deploy", "blocked")
+    );
+    assert!(
+        item.status_reason
+            .contains("a retry runs the deployer again"),
+        "{}",
+        item.status_reason
+    );
+    assert_eq!(
+        h.retry("ada", "c-1").await.expect("retry").0,
+        AdvanceOutcome::Retried
+    );
+    let item = h.item().await;
+    assert_eq!(
+        (
+            item.stage.as_str(),
+            item.status.as_str(),
+            item.expected_agent.as_str()
+        ),
+        ("deploy", "active", "deployer")
+    );
 }
 
 /// The same finish twice changes nothing; a job that is not the latest is refused.
@@ -632,6 +1103,13 @@ async fn the_budget_blocks_and_a_human_resumes(storage: TestStorage) {
     let (o, why) = h.advance("reviewer", "", "").await;
     assert_eq!(o, AdvanceOutcome::Blocked);
     assert!(why.contains("rollback budget (1) is spent"), "{why}");
+    let reason = h.item().await.status_reason;
+    assert!(
+        reason.starts_with(&why)
+            && reason
+                .ends_with("`orchestrator item retry ORCH-7` or comment `:retry:` on the issue"),
+        "{reason}"
+    );
     assert_eq!(
         h.advance("reviewer", "", "").await.0,
         AdvanceOutcome::Unchanged
@@ -646,6 +1124,7 @@ async fn the_budget_blocks_and_a_human_resumes(storage: TestStorage) {
         ),
         ("active", 0, "reviewer")
     );
+    assert!(item.status_reason.is_empty());
     h.deliver().await;
     let blocked = h
         .outbox("delivered")
@@ -868,4 +1347,197 @@ on_both_backends!(
     an_unimplemented_launcher_is_retried,
     a_forge_that_is_down_changes_nothing,
     the_budget_blocks_and_a_human_resumes,
+    a_failed_job_parks_the_item_once,
+    retry_enqueues_again_and_is_refused_when_not_blocked,
+    cancel_ends_the_item_and_its_job,
+    a_failed_merge_after_done_parks_at_deploy,
+    the_watchdog_repairs_what_a_seam_lost,
 );
+
+/// The stall watchdog, one pass over items idle for longer than ORCH_STALL_S: a success
+/// that never reached AdvanceStage is applied, a failure parks its item, a lost enqueue is
+/// enqueued again; an item whose job runs, whose enqueue waits in the outbox, or that moved
+/// recently is left alone. Each firing is counted by reason in the snapshot.
+async fn the_watchdog_repairs_what_a_seam_lost(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    for (n, key) in ["ORCH-7", "ORCH-8", "ORCH-9", "ORCH-10", "ORCH-11"]
+        .iter()
+        .enumerate()
+    {
+        h.svc
+            .create_work_item(Request::new(CreateWorkItemRequest {
+                tracker_issue_id: format!("issue-{key}"),
+                key: (*key).into(),
+                repo: "acme/app".into(),
+                ..CreateWorkItemRequest::default()
+            }))
+            .await
+            .expect("create");
+        // ORCH-11's enqueue stays in the outbox (the launcher is down, as far as it knows).
+        if n < 4 {
+            h.deliver_of(key).await;
+        }
+    }
+    let db = &h.svc.engine().db;
+    let job_of = |key: &str| {
+        let log = h.enqueued.lock().expect("lock");
+        format!(
+            "job-{}",
+            log.iter()
+                .position(|r| r.work_item == key)
+                .expect("enqueued")
+                + 1
+        )
+    };
+    {
+        let mut st = h.job_status.lock().expect("lock");
+        st.insert(job_of("ORCH-7"), JobStatus::Succeeded);
+        st.insert(job_of("ORCH-8"), JobStatus::Failed);
+        st.insert(job_of("ORCH-10"), JobStatus::Running);
+    }
+    h.lost.lock().expect("lock").push(job_of("ORCH-9"));
+    h.write("analysis.md", "");
+    // Everything but ORCH-10's twin ORCH-12 (created now) has been idle for 11 minutes.
+    sqlx::query("UPDATE work_items SET updated_at_ms = updated_at_ms - 660000")
+        .execute(&db.pool)
+        .await
+        .expect("idle");
+    sqlx::query("UPDATE outbox SET next_attempt_at_ms = next_attempt_at_ms + 3600000 WHERE work_item = 'ORCH-11'")
+        .execute(&db.pool)
+        .await
+        .expect("hold ORCH-11's enqueue");
+    h.svc
+        .create_work_item(Request::new(CreateWorkItemRequest {
+            tracker_issue_id: "issue-ORCH-12".into(),
+            key: "ORCH-12".into(),
+            repo: "acme/app".into(),
+            ..CreateWorkItemRequest::default()
+        }))
+        .await
+        .expect("create");
+    h.deliver_of("ORCH-12").await;
+    h.lost.lock().expect("lock").push(job_of("ORCH-12"));
+
+    // The candidates come a page at a time, every one once, the oldest first (items that
+    // changed in the same millisecond included).
+    sqlx::query("UPDATE work_items SET updated_at_ms = 1000 WHERE key IN ('ORCH-8', 'ORCH-9')")
+        .execute(&db.pool)
+        .await
+        .expect("same millisecond");
+    let before = orchestrator_kit::time::now_ms() - 600_000;
+    let all: Vec<String> = crate::store::active_since(db, before, None, 100)
+        .await
+        .expect("all")
+        .into_iter()
+        .map(|i| i.key)
+        .collect();
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(&all[..2], ["ORCH-8", "ORCH-9"]);
+    let mut paged = Vec::new();
+    let mut cursor: Option<(i64, String)> = None;
+    loop {
+        let page = crate::store::active_since(
+            db,
+            before,
+            cursor.as_ref().map(|(t, k)| (*t, k.as_str())),
+            2,
+        )
+        .await
+        .expect("page");
+        let Some(last) = page.last() else { break };
+        cursor = Some((last.updated_at_ms, last.key.clone()));
+        paged.extend(page.into_iter().map(|i| i.key));
+    }
+    assert_eq!(paged, all);
+
+    let mut fired = h.svc.engine().stall_watchdog().tick().await.expect("tick");
+    fired.sort_by(|a, b| a.0.cmp(&b.0));
+    use crate::watchdog::StallReason;
+    assert_eq!(
+        fired,
+        vec![
+            ("ORCH-7".to_owned(), StallReason::LatestJobSucceeded),
+            ("ORCH-8".to_owned(), StallReason::LatestJobFailed),
+            ("ORCH-9".to_owned(), StallReason::NoJob),
+        ]
+    );
+    let get = |key: &'static str| async move {
+        crate::store::get(db, key)
+            .await
+            .expect("get")
+            .expect("item")
+    };
+    assert_eq!(get("ORCH-7").await.status.as_str(), "awaiting_approval");
+    let parked = get("ORCH-8").await;
+    assert_eq!(parked.status.as_str(), "blocked");
+    assert!(
+        parked.status_reason.contains("claude: not found on PATH"),
+        "{}",
+        parked.status_reason
+    );
+    let again = get("ORCH-9").await;
+    assert_eq!(
+        (again.status.as_str(), again.expected_agent.as_str()),
+        ("active", "analyst")
+    );
+    for key in ["ORCH-10", "ORCH-11", "ORCH-12"] {
+        assert_eq!(get(key).await.status.as_str(), "active", "{key}");
+    }
+    h.deliver_of("ORCH-9").await;
+    let enqueues = h
+        .enqueued
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|r| r.work_item == "ORCH-9")
+        .count();
+    assert_eq!(enqueues, 2, "ORCH-9 enqueued again");
+    // Right after, nothing is stalled any more: the repaired items moved.
+    assert!(
+        h.svc
+            .engine()
+            .stall_watchdog()
+            .tick()
+            .await
+            .expect("tick")
+            .is_empty()
+    );
+
+    let snap = h
+        .svc
+        .snapshot(Request::new(
+            orchestrator_proto::stage_engine::v1::SnapshotRequest {},
+        ))
+        .await
+        .expect("snapshot")
+        .into_inner();
+    let firings: Vec<(String, u64)> = snap
+        .stall_watchdog_firings
+        .into_iter()
+        .map(|f| (f.reason, f.count))
+        .collect();
+    assert_eq!(
+        firings,
+        vec![
+            ("latest_job_succeeded".to_owned(), 1),
+            ("latest_job_failed".to_owned(), 1),
+            ("latest_job_cancelled".to_owned(), 0),
+            ("no_job".to_owned(), 1),
+        ]
+    );
+    let items: Vec<(String, u64)> = snap
+        .items
+        .into_iter()
+        .map(|i| (i.status, i.count))
+        .collect();
+    assert_eq!(
+        items,
+        vec![
+            ("active".to_owned(), 4),
+            ("awaiting_approval".to_owned(), 1),
+            ("blocked".to_owned(), 1),
+            ("done".to_owned(), 0),
+            ("cancelled".to_owned(), 0),
+        ]
+    );
+}

@@ -177,7 +177,8 @@ impl World {
                 .expect("bare repo");
         }
         std::fs::create_dir_all(root.join("agents")).expect("agents");
-        for role in ["analyst", "developer", "deployer"] {
+        // The launcher starts only with a prompt for every role.
+        for role in launcher::run::ROLES {
             std::fs::write(
                 root.join(format!("agents/{role}.md")),
                 format!("You are the {role}.\n"),

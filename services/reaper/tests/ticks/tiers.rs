@@ -274,6 +274,25 @@ async fn exit_code_known_but_still_running(storage: TestStorage) {
     assert_eq!(w.launcher.job("finalizing").await.finished_by, "launcher");
 }
 
+/// The reaper decides retryability by the one rule (`kit::retry`): DATA_LOSS is final (the
+/// job is flipped anyway), UNAUTHENTICATED is not (the job waits for the next tick).
+async fn advance_refusals_follow_the_one_retry_rule(storage: TestStorage) {
+    let w = World::new(storage).await;
+    for (id, item) in [("lost", "LOST-1"), ("token", "TOKEN-1")] {
+        let mut j = NewJob::llm(id);
+        j.work_item = item.into();
+        w.launcher.insert(&j).await;
+        w.launcher.set(id, Liveness::Dead, Some(0));
+    }
+    let reaper = w.reaper(rules(2));
+    let t0 = now_ms();
+    reaper.tick_at(t0).await;
+    let r = reaper.tick_at(t0 + I).await;
+    assert_eq!((r.flips_exit_code, r.errors), (1, 1), "{r:?}");
+    assert_eq!(w.launcher.job("lost").await.status, "succeeded");
+    assert_eq!(w.launcher.job("token").await.status, "running");
+}
+
 async fn backstop(storage: TestStorage) {
     let w = World::new(storage).await;
     let t0 = now_ms();
@@ -406,6 +425,7 @@ on_both_backends!(
     streak_resets_when_alive_again,
     restart_keeps_streaks_and_never_hastens,
     exit_code_known_but_still_running,
+    advance_refusals_follow_the_one_retry_rule,
     backstop,
     a_bad_job_is_skipped,
     a_job_finished_after_the_probe_is_left_alone,

@@ -365,6 +365,12 @@ impl StageEngine for FakeStageEngine {
         if r.work_item == "GONE-1" {
             return Err(Status::not_found("work item GONE-1 not found"));
         }
+        if r.work_item == "LOST-1" {
+            return Err(Status::data_loss("work item LOST-1 lost its row"));
+        }
+        if r.work_item == "TOKEN-1" {
+            return Err(Status::unauthenticated("bad internal token"));
+        }
         Ok(Response::new(AdvanceStageResponse {
             outcome: AdvanceOutcome::Advanced as i32,
             ..AdvanceStageResponse::default()

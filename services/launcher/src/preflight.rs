@@ -1,0 +1,122 @@
+//! Start-up checks of the configuration that can only be made against the machine: the
+//! agents directory and a prompt for every role, and the agent command on PATH. A missing
+//! prompt fails start-up (every job of that role would fail at its first launch); a missing
+//! command only warns, because it may be installed later — the queue snapshot looks again.
+
+use std::path::{Path, PathBuf};
+
+use orchestrator_kit::ConfigError;
+
+use crate::config::LauncherConfig;
+
+impl LauncherConfig {
+    /// Checks the agents directory and its prompts (the first missing file is the error),
+    /// says where the prompts are read from, and warns when the agent command is not found.
+    pub fn check_at_start(&self) -> Result<(), ConfigError> {
+        let dir = &self.agents_dir;
+        if !dir.is_dir() {
+            return Err(ConfigError::new(
+                "ORCH_AGENTS_DIR",
+                format!(
+                    "{} is not a directory (a relative path is resolved against the directory \
+                     the orchestrator was started in)",
+                    dir.display()
+                ),
+            ));
+        }
+        if let Some(missing) = missing_prompt(dir) {
+            return Err(ConfigError::new(
+                "ORCH_AGENTS_DIR",
+                format!(
+                    "{} is missing: every role needs its prompt ({})",
+                    missing.display(),
+                    crate::run::ROLES.map(|r| format!("{r}.md")).join(", ")
+                ),
+            ));
+        }
+        tracing::info!(agents_dir = %dir.display(), "the agents' prompts are read from here");
+        if self.agent_command_found().is_none() {
+            tracing::warn!(
+                command = %self.agent_command[0],
+                "the agent command (ORCH_AGENT_COMMAND) is not found on PATH: every job will \
+                 fail until it is installed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the agent command (the first word of `ORCH_AGENT_COMMAND`) is, if it exists: a
+    /// path as given, else the first match on the launcher's PATH. A few `stat` calls.
+    pub fn agent_command_found(&self) -> Option<PathBuf> {
+        find_command(&self.agent_command[0], self.search_path.as_deref())
+    }
+}
+
+/// The first role prompt (`<role>.md`) missing from `dir`.
+fn missing_prompt(dir: &Path) -> Option<PathBuf> {
+    crate::run::ROLES
+        .iter()
+        .map(|r| dir.join(format!("{r}.md")))
+        .find(|p| !p.is_file())
+}
+
+/// `command` as a shell would find it: a name with a `/` as a path, otherwise the first
+/// executable file of that name in `path` (`:`-separated).
+pub fn find_command(command: &str, path: Option<&str>) -> Option<PathBuf> {
+    if command.contains('/') {
+        let p = PathBuf::from(command);
+        return is_executable(&p).then_some(p);
+    }
+    path?
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(command))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_found_as_a_shell_finds_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        let tool = bin.join("agent-cli");
+        std::fs::write(&tool, "#!/bin/sh\n").expect("write");
+        let plain = bin.join("not-executable");
+        std::fs::write(&plain, "").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let path = format!("/nonexistent:{}", bin.display());
+        assert_eq!(find_command("agent-cli", Some(&path)), Some(tool.clone()));
+        assert_eq!(find_command("not-executable", Some(&path)), None);
+        assert_eq!(find_command("claude-nowhere", Some(&path)), None);
+        assert_eq!(find_command("agent-cli", None), None);
+        assert_eq!(
+            find_command(&tool.display().to_string(), None),
+            Some(tool.clone())
+        );
+        assert_eq!(find_command("/nonexistent/agent-cli", Some(&path)), None);
+    }
+
+    #[test]
+    fn a_missing_prompt_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for r in crate::run::ROLES {
+            std::fs::write(dir.path().join(format!("{r}.md")), "You are it.\n").expect("write");
+        }
+        assert_eq!(missing_prompt(dir.path()), None);
+        std::fs::remove_file(dir.path().join("tester.md")).expect("rm");
+        assert_eq!(
+            missing_prompt(dir.path()),
+            Some(dir.path().join("tester.md"))
+        );
+    }
+}
