@@ -64,7 +64,14 @@ async fn stage_engine_down_for_a_minute_when_the_analyst_ends_loses_nothing() {
         .await
         .expect("bare repo");
     std::fs::create_dir_all(root.join("agents")).expect("agents");
-    std::fs::write(root.join("agents/analyst.md"), "You are the analyst.\n").expect("prompt");
+    // A prompt for every role: the launcher checks them at start-up.
+    for role in launcher::run::ROLES {
+        std::fs::write(
+            root.join("agents").join(format!("{role}.md")),
+            format!("You are the {role}.\n"),
+        )
+        .expect("prompt");
+    }
     let sample =
         contracts_dir().join("claude-cli/real-2.1.328/success-with-write-tool.stdout.json");
     // The analyst writes its artifact, then waits for the test's go (stage-engine is dead
