@@ -38,6 +38,8 @@ pub struct StageEngineConfig {
     pub bot_authors: Vec<String>,
     /// `ORCH_ARM_POST_DEPLOY`: arm the post-deploy watch on `deploy -> done`.
     pub arm_post_deploy: bool,
+    /// `ORCH_TASK_MAX_BYTES`: the size budget of the agent's task (see `task::compose`).
+    pub task_max_bytes: usize,
     pub outbox: OutboxConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
@@ -77,7 +79,19 @@ impl StageEngineConfig {
                 "must be at least ORCH_OUTBOX_BACKOFF_BASE_MS",
             ));
         }
+        let task_max_bytes = env.parse("ORCH_TASK_MAX_BYTES", crate::task::DEFAULT_MAX_BYTES)?;
+        // The head of the description is never cut: a budget below it cannot be kept.
+        if task_max_bytes < crate::task::DESCRIPTION_HEAD_BYTES {
+            return Err(ConfigError::new(
+                "ORCH_TASK_MAX_BYTES",
+                format!(
+                    "must be at least {} (the description's head is never cut)",
+                    crate::task::DESCRIPTION_HEAD_BYTES
+                ),
+            ));
+        }
         Ok(StageEngineConfig {
+            task_max_bytes,
             limits: Limits {
                 max_rollbacks: env.parse("ORCH_MAX_ROLLBACKS", 3u32)?,
                 max_stage_retries: env.parse("ORCH_MAX_STAGE_RETRIES", 2u32)?,
@@ -115,6 +129,7 @@ mod tests {
         assert_eq!(c.limits.max_stage_retries, 2);
         assert_eq!(c.base_branch, "main");
         assert!(c.arm_post_deploy);
+        assert_eq!(c.task_max_bytes, 65536);
         assert_eq!(c.outbox.max_attempts, 0);
         assert_eq!(c.tracker.kind, orchestrator_tracker::TrackerKind::Local);
         assert_eq!(c.forge.kind, orchestrator_forge::ForgeKind::Local);
@@ -147,6 +162,7 @@ mod tests {
             "ORCH_OUTBOX_POLL_MS",
             "ORCH_OUTBOX_MAX_ATTEMPTS",
             "ORCH_ARM_POST_DEPLOY",
+            "ORCH_TASK_MAX_BYTES",
         ] {
             let err =
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);
@@ -156,6 +172,7 @@ mod tests {
             ("ORCH_OUTBOX_POLL_MS", "0"),
             ("ORCH_OUTBOX_BACKOFF_BASE_MS", "0"),
             ("ORCH_OUTBOX_BACKOFF_MAX_MS", "10"),
+            ("ORCH_TASK_MAX_BYTES", "1000"),
         ] {
             let err = StageEngineConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
             assert_eq!(err.var, var);

@@ -217,6 +217,16 @@ impl Engine {
             created_at_ms: now,
             updated_at_ms: now,
         };
+        let task = crate::task::gather(
+            self,
+            &item,
+            Stage::Analysis,
+            Outcome::Advanced,
+            &[],
+            &Inputs::default(),
+            "new work item",
+        )
+        .await;
         let mut tx = self.db.pool.begin().await?;
         if !store::insert_item(&mut tx, &item).await? {
             tx.rollback().await?;
@@ -264,7 +274,10 @@ impl Engine {
         outbox::insert(
             &mut tx,
             &key,
-            &self.enqueue_effect(&item, agent, &dedupe_key, "new work item"),
+            &crate::task::attach(
+                self.enqueue_effect(&item, agent, &dedupe_key, "new work item"),
+                &task,
+            ),
             None,
         )
         .await?;
@@ -565,6 +578,14 @@ impl Engine {
             Trigger::AgentFinished { agent } => format!("{agent} finished: {}", d.reason),
             Trigger::Approval { .. } | Trigger::PrMerged => d.reason.clone(),
         };
+        // Composed before the transaction: it reads the tracker.
+        let task = match d.enqueue {
+            Some(_) => {
+                crate::task::gather(self, &next, item.stage, d.outcome, qg, inputs, &d.reason)
+                    .await
+            }
+            None => String::new(),
+        };
         let mut tx = self.db.pool.begin().await?;
         if !store::update_item_guarded(&mut tx, &next, item.version).await? {
             tx.rollback().await?;
@@ -628,7 +649,7 @@ impl Engine {
             outbox::insert(
                 &mut tx,
                 &item.key,
-                &self.enqueue_effect(&next, agent, dedupe, &d.reason),
+                &crate::task::attach(self.enqueue_effect(&next, agent, dedupe, &d.reason), &task),
                 None,
             )
             .await?;

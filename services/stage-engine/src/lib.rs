@@ -6,7 +6,8 @@
 //! - [`engine`]: `create_work_item` and the ONE `advance_stage`, behind `AdvanceStage`,
 //!   `Approve` and `OnPrMerged`;
 //! - [`outbox`]: side effects (comments, Done state, usage summary, enqueues, post-deploy
-//!   Arm) written with the state change and delivered with retries.
+//!   Arm) written with the state change and delivered with retries;
+//! - [`task`]: the agent's task, composed when a transition enqueues an agent.
 
 pub mod config;
 pub mod engine;
@@ -18,6 +19,7 @@ pub mod pipeline;
 pub mod qg;
 mod service;
 pub mod store;
+pub mod task;
 #[cfg(test)]
 mod tests;
 

@@ -663,6 +663,8 @@ async fn a_refused_comment_fails_and_an_operator_retries_it(storage: TestStorage
     use orchestrator_tracker::{CommentPosted, IssueRef, MockTracker, TrackerError, TrackerKind};
     let mut t = MockTracker::new();
     t.expect_kind().return_const(TrackerKind::Plane);
+    // The agent's task quotes the issue's comments.
+    t.expect_list_comments().returning(|_| Ok(Vec::new()));
     t.expect_find_issue()
         .withf(|k| k == KEY)
         .times(1)
@@ -745,6 +747,8 @@ async fn a_plane_issue_is_keyed_by_its_project_identifier(storage: TestStorage) 
     use orchestrator_tracker::{CommentPosted, MockTracker, TrackerError, TrackerKind};
     let mut t = MockTracker::new();
     t.expect_kind().return_const(TrackerKind::Plane);
+    // The agent's task quotes the issue's comments.
+    t.expect_list_comments().returning(|_| Ok(Vec::new()));
     let down = Arc::new(Mutex::new(true));
     t.expect_project_identifier()
         .withf(|p| p == "proj-1")
