@@ -29,6 +29,8 @@ use crate::store::WorkItemRow;
 pub const DEFAULT_MAX_BYTES: usize = 64 * 1024;
 /// The head of a description that the budget never cuts.
 pub const DESCRIPTION_HEAD_BYTES: usize = 16 * 1024;
+/// The longest description kept (the tracker keeps the whole).
+pub const DESCRIPTION_MAX_STORED_BYTES: usize = 100_000;
 /// The longest author or time shown for a comment.
 const LABEL_CHARS: usize = 120;
 
@@ -400,6 +402,19 @@ pub fn human_comments(all: Vec<Comment>, is_bot: impl Fn(&str) -> bool) -> Vec<H
     // Stable: comments of the same instant keep the tracker's order.
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out.into_iter().map(|(_, c)| c).collect()
+}
+
+/// A description as stored: over [`DESCRIPTION_MAX_STORED_BYTES`], its head and a mark
+/// (a long description is kept, not refused: refusing would lose the work item).
+pub fn stored_description(text: &str) -> String {
+    if text.len() <= DESCRIPTION_MAX_STORED_BYTES {
+        return text.to_owned();
+    }
+    let kept = head(text, DESCRIPTION_MAX_STORED_BYTES);
+    format!(
+        "{kept}\n\n[cut: the description's last {} bytes are not kept here; read the whole on the tracker]",
+        text.len() - kept.len()
+    )
 }
 
 /// The description as the task shows it: Plane's HTML converted, anything else as given.
