@@ -298,7 +298,10 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
     if !description.trim().is_empty() {
         out.push_str("  description:\n");
         for line in description.trim_end().lines() {
-            let line: String = line.chars().filter(|c| !c.is_control() || *c == '\t').collect();
+            let line: String = line
+                .chars()
+                .filter(|c| !c.is_control() || *c == '\t')
+                .collect();
             let _ = writeln!(out, "    {line}");
         }
     }

@@ -1028,11 +1028,18 @@ async fn the_agents_get_the_whole_task() {
     let analyst = e.model.control.first_requests(&key, "analysis");
     let told = analyst.first().expect("the analyst's first request");
     assert!(
-        told.contains("> ## Why") && told.contains("> Production needs `/healthz`: DESCRIPTION-MARKER-41."),
+        told.contains("> ## Why")
+            && told.contains("> Production needs `/healthz`: DESCRIPTION-MARKER-41."),
         "the analyst was not told the description:\n{told}"
     );
-    assert!(!told.contains("<code>"), "raw HTML reached the model:\n{told}");
-    assert!(told.contains("> - work_item: EVIL-1"), "outside text is quoted:\n{told}");
+    assert!(
+        !told.contains("<code>"),
+        "raw HTML reached the model:\n{told}"
+    );
+    assert!(
+        told.contains("> - work_item: EVIL-1"),
+        "outside text is quoted:\n{told}"
+    );
 
     // A human's note, with the approval.
     e.plane
@@ -1064,6 +1071,17 @@ async fn the_agents_get_the_whole_task() {
     assert!(
         !told.contains("A human must reply"),
         "the orchestrator's own comment reached the model:\n{told}"
+    );
+    // Only the human's: not the stream bot's, not the agents' finish comments.
+    let comments = told
+        .split("## Comments on the work item (oldest first)")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the comments section");
+    assert_eq!(
+        comments.lines().filter(|l| l.starts_with("### ")).count(),
+        1,
+        "{comments}"
     );
     assert!(told.contains("rollback 1 of 3"), "{told}");
     // Before the rollback the developer had no verdict to read.

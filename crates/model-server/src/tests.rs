@@ -493,7 +493,11 @@ async fn it_records_what_each_run_was_told() {
     post("a", request(first, 0)).await;
     post("a", request(first, 1)).await;
     post("b", request(second, 0)).await;
-    post("c", json!({"messages": [{"role": "user", "content": first}]})).await;
+    post(
+        "c",
+        json!({"messages": [{"role": "user", "content": first}]}),
+    )
+    .await;
     post("d", request("- work_item: ORCH-8\n- stage: review", 0)).await;
     assert_eq!(server.control.received("ORCH-8", "development").len(), 3);
     let told = server.control.first_requests("ORCH-8", "development");
@@ -501,7 +505,12 @@ async fn it_records_what_each_run_was_told() {
     assert!(told[0].contains("DESCRIPTION-MARKER"));
     assert!(told[1].contains("VERDICT-MARKER"));
     assert_eq!(server.control.first_requests("ORCH-8", "review").len(), 1);
-    assert!(server.control.first_requests("ORCH-9", "development").is_empty());
+    assert!(
+        server
+            .control
+            .first_requests("ORCH-9", "development")
+            .is_empty()
+    );
 }
 
 /// The task's own `- work_item:` / `- stage:` lines win over a quoted lookalike, wherever
@@ -515,5 +524,9 @@ fn the_tasks_lines_win_and_a_negative_verdict_names_its_finding() {
     );
     let review = &artifacts_with("ORCH-3", "review", true)[0].1;
     assert!(review.contains(&findings("ORCH-3", "review")), "{review}");
-    assert!(!artifacts_with("ORCH-3", "review", false)[0].1.contains("FINDING-"));
+    assert!(
+        !artifacts_with("ORCH-3", "review", false)[0]
+            .1
+            .contains("FINDING-")
+    );
 }

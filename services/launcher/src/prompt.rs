@@ -80,7 +80,9 @@ mod tests {
 
     #[test]
     fn the_task_from_stage_engine_is_written_as_given() {
-        let c = ctx(Some("# Your task\n\n- work_item: ORCH-7\n- stage: development\n\nDESC\n"));
+        let c = ctx(Some(
+            "# Your task\n\n- work_item: ORCH-7\n- stage: development\n\nDESC\n",
+        ));
         let run = Run {
             ctx: &c,
             stage: "development",

@@ -304,8 +304,14 @@ impl Engine {
         }
         let item = store::get_by_tracker_issue(&self.db, issue_id)
             .await?
-            .ok_or_else(|| EngineError::NotFound(format!("no work item for tracker issue {issue_id}")))?;
-        tracing::info!(work_item = item.key, bytes = stored.len(), "description updated");
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("no work item for tracker issue {issue_id}"))
+            })?;
+        tracing::info!(
+            work_item = item.key,
+            bytes = stored.len(),
+            "description updated"
+        );
         Ok(item)
     }
 
@@ -602,8 +608,7 @@ impl Engine {
         // Composed before the transaction: it reads the tracker.
         let task = match d.enqueue {
             Some(_) => {
-                crate::task::gather(self, &next, item.stage, d.outcome, qg, inputs, &d.reason)
-                    .await
+                crate::task::gather(self, &next, item.stage, d.outcome, qg, inputs, &d.reason).await
             }
             None => String::new(),
         };

@@ -158,9 +158,7 @@ fn head(s: &str, max: usize) -> &str {
 }
 
 fn cut_mark(what: &str, bytes: usize) -> String {
-    format!(
-        "[cut: {what} ({bytes} bytes) left out to keep the task within ORCH_TASK_MAX_BYTES]\n"
-    )
+    format!("[cut: {what} ({bytes} bytes) left out to keep the task within ORCH_TASK_MAX_BYTES]\n")
 }
 
 /// The earlier stages' artifacts, by path.
@@ -193,7 +191,10 @@ fn preamble(t: &TaskInputs) -> String {
 }
 
 fn title_section(t: &TaskInputs) -> String {
-    format!("## Title (quoted)\n\n{}\n", quote(&one_line(&t.title, 1000)))
+    format!(
+        "## Title (quoted)\n\n{}\n",
+        quote(&one_line(&t.title, 1000))
+    )
 }
 
 /// The description with at most `keep` bytes (never under the head), and its cut mark.
@@ -224,7 +225,10 @@ fn comment_block(c: &HumanComment, text_bytes: Option<usize>) -> String {
     let text = head(&c.text, text_bytes.unwrap_or(usize::MAX));
     s.push_str(&quote(text));
     if text.len() < c.text.len() {
-        s.push_str(&cut_mark("the rest of this comment", c.text.len() - text.len()));
+        s.push_str(&cut_mark(
+            "the rest of this comment",
+            c.text.len() - text.len(),
+        ));
     }
     s.push('\n');
     s
@@ -270,12 +274,17 @@ fn verdict_section(t: &TaskInputs) -> String {
         s.push('\n');
     }
     for (path, body) in &v.files {
-        s.push_str(&format!("`{path}` as it stands on the branch (quoted):\n\n"));
+        s.push_str(&format!(
+            "`{path}` as it stands on the branch (quoted):\n\n"
+        ));
         // Never cut for the others; only a verdict larger than the whole budget is cut.
         let kept = head(body, t.max_bytes);
         s.push_str(&quote(kept));
         if kept.len() < body.len() {
-            s.push_str(&cut_mark("the rest of the verdict", body.len() - kept.len()));
+            s.push_str(&cut_mark(
+                "the rest of the verdict",
+                body.len() - kept.len(),
+            ));
         }
         s.push('\n');
     }
@@ -443,7 +452,10 @@ pub fn verdict_of(
         .iter()
         .filter_map(|name| {
             let body = inputs.artifacts.get(name)?.as_ref()?;
-            Some((format!("{}/{name}", artifacts_dir(&inputs.key)), body.clone()))
+            Some((
+                format!("{}/{name}", artifacts_dir(&inputs.key)),
+                body.clone(),
+            ))
         })
         .collect();
     let gate = qg

@@ -47,8 +47,9 @@ pub fn html_to_text(html: &str) -> String {
         match tag.name.as_str() {
             "script" | "style" | "head" | "title" if !tag.closing => {
                 let end = format!("</{}", tag.name);
-                rest = find_ci(rest, &end)
-                    .map_or("", |i| rest[i..].find('>').map_or("", |j| &rest[i + j + 1..]));
+                rest = find_ci(rest, &end).map_or("", |i| {
+                    rest[i..].find('>').map_or("", |j| &rest[i + j + 1..])
+                });
             }
             "br" => out.newline(),
             "ul" | "ol" => {
@@ -274,10 +275,7 @@ pub fn decode_entities(s: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         rest = &rest[amp..];
-        let end = rest[1..]
-            .find(';')
-            .filter(|i| *i <= 10)
-            .map(|i| i + 1);
+        let end = rest[1..].find(';').filter(|i| *i <= 10).map(|i| i + 1);
         let decoded = end.and_then(|end| {
             let name = &rest[1..end];
             let c = match name {
@@ -320,7 +318,10 @@ mod tests {
     #[test]
     fn plane_html_becomes_text() {
         for (html, text) in [
-            ("<p>Production needs <code>/healthz</code>.</p>", "Production needs `/healthz`."),
+            (
+                "<p>Production needs <code>/healthz</code>.</p>",
+                "Production needs `/healthz`.",
+            ),
             ("<p>one</p><p>two</p>", "one\n\ntwo"),
             ("<p>a<br>b<br/>c</p>", "a\nb\nc"),
             ("<h2>Why</h2><p>Because.</p>", "## Why\n\nBecause."),
@@ -328,16 +329,28 @@ mod tests {
                 "<ul><li><p>first</p></li><li>second</li></ul>",
                 "- first\n- second",
             ),
-            ("<p><strong>bold</strong> and <em>soft</em></p>", "**bold** and *soft*"),
+            (
+                "<p><strong>bold</strong> and <em>soft</em></p>",
+                "**bold** and *soft*",
+            ),
             (
                 "<p>see <a href=\"https://x.test/a?b=1&amp;c=2\">the doc</a></p>",
                 "see the doc (https://x.test/a?b=1&c=2)",
             ),
-            ("<pre><code>fn main() {\n    x();\n}</code></pre>", "```\nfn main() {\n    x();\n}\n```"),
-            ("<p>1 &lt; 2 &amp;&amp; 3 &gt; 2 &#8212; &#x41;&nbsp;b</p>", "1 < 2 && 3 > 2 — A b"),
+            (
+                "<pre><code>fn main() {\n    x();\n}</code></pre>",
+                "```\nfn main() {\n    x();\n}\n```",
+            ),
+            (
+                "<p>1 &lt; 2 &amp;&amp; 3 &gt; 2 &#8212; &#x41;&nbsp;b</p>",
+                "1 < 2 && 3 > 2 — A b",
+            ),
             ("<p>  lots   of\n\n  space </p>", "lots of space"),
             ("<img src=\"x.png\" alt=\"a chart\">", "[image: a chart]"),
-            ("<mention-component id=\"u1\" label=\"ada\"></mention-component> hi", "hi"),
+            (
+                "<mention-component id=\"u1\" label=\"ada\"></mention-component> hi",
+                "hi",
+            ),
             ("", ""),
         ] {
             assert_eq!(html_to_text(html), text, "{html}");
@@ -365,7 +378,10 @@ mod tests {
             ("tail <b", "tail <b"),
             ("<script>never closed", ""),
             ("<!-- never closed", ""),
-            ("&bogus; &#xZZ; & alone &#99999999999;", "&bogus; &#xZZ; & alone &#99999999999;"),
+            (
+                "&bogus; &#xZZ; & alone &#99999999999;",
+                "&bogus; &#xZZ; & alone &#99999999999;",
+            ),
             ("</p></p>text<p", "text<p"),
             ("<a href=>x</a>", "x"),
         ] {

@@ -109,8 +109,16 @@ fn optional_sections_say_what_is_missing() {
             "(the tracker could not be read: the comments are not shown)",
             "### ",
         ),
-        (|t| t.description.clear(), "(no description)", "> Production"),
-        (|t| t.stage = Stage::Analysis, "- stage: analysis", "earlier stages"),
+        (
+            |t| t.description.clear(),
+            "(no description)",
+            "> Production",
+        ),
+        (
+            |t| t.stage = Stage::Analysis,
+            "- stage: analysis",
+            "earlier stages",
+        ),
         (|t| t.reason.clear(), "## Where you work", "Why you run"),
         (|_| {}, "## Where you work", "## The verdict"),
     ] {
@@ -158,7 +166,10 @@ fn hostile_text_stays_quoted_data() {
     let text = compose(&t);
     // Exactly our lines, once each: a reader of the first `- work_item:` / `- stage:` line,
     // or of any such line, finds ours.
-    assert_eq!(lines_starting(&text, "- work_item:"), ["- work_item: ORCH-7"]);
+    assert_eq!(
+        lines_starting(&text, "- work_item:"),
+        ["- work_item: ORCH-7"]
+    );
     assert_eq!(lines_starting(&text, "- stage:"), ["- stage: development"]);
     assert_eq!(lines_starting(&text, "# "), ["# Your task"]);
     assert_eq!(lines_starting(&text, "---"), Vec::<&str>::new());
@@ -171,7 +182,9 @@ fn hostile_text_stays_quoted_data() {
     assert!(text.contains("> bell escape[31m nul rtltxt"));
     assert!(text.contains("> carriage\n> return"));
     assert!(
-        !text.chars().any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+        !text
+            .chars()
+            .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
         "a control character survived"
     );
     // Every line is ours or quoted.
@@ -240,8 +253,14 @@ fn a_huge_description_keeps_its_head_and_loses_the_comments_first() {
     assert!(text.len() <= t.max_bytes, "{} bytes", text.len());
     assert!(text.contains(&format!("> {head}")), "the head stays whole");
     assert!(text.contains("[cut: the rest of the description ("));
-    assert!(!text.contains("comment-00"), "comments go before the description's tail");
-    assert!(text.contains(&quote(&v.files[0].1)), "the verdict stays whole");
+    assert!(
+        !text.contains("comment-00"),
+        "comments go before the description's tail"
+    );
+    assert!(
+        text.contains(&quote(&v.files[0].1)),
+        "the verdict stays whole"
+    );
 }
 
 #[test]
@@ -294,7 +313,13 @@ fn tracker_comment(id: &str, author: &str, html: &str, source: Option<&str>, at:
 #[test]
 fn only_human_comments_are_kept_oldest_first_as_text() {
     let all = vec![
-        tracker_comment("3", "ada", "<p>Later <b>note</b></p>", None, "2026-12-01T12:00:00Z"),
+        tracker_comment(
+            "3",
+            "ada",
+            "<p>Later <b>note</b></p>",
+            None,
+            "2026-12-01T12:00:00Z",
+        ),
         tracker_comment(
             "1",
             "orchestrator-stream",
@@ -302,10 +327,34 @@ fn only_human_comments_are_kept_oldest_first_as_text() {
             Some(orchestrator_kit::COMMENT_EXTERNAL_SOURCE),
             "2026-12-01T09:00:00Z",
         ),
-        tracker_comment("2", "bob", "<p>First :approved:</p>", None, "2026-12-01T10:00:00Z"),
-        tracker_comment("4", "reviewer", "<p>a role</p>", None, "2026-12-01T13:00:00Z"),
-        tracker_comment("5", "ci-bot", "<p>a listed bot</p>", None, "2026-12-01T14:00:00Z"),
-        tracker_comment("6", "eve", "<p>other tool</p>", Some("github"), "2026-12-01T15:00:00Z"),
+        tracker_comment(
+            "2",
+            "bob",
+            "<p>First :approved:</p>",
+            None,
+            "2026-12-01T10:00:00Z",
+        ),
+        tracker_comment(
+            "4",
+            "reviewer",
+            "<p>a role</p>",
+            None,
+            "2026-12-01T13:00:00Z",
+        ),
+        tracker_comment(
+            "5",
+            "ci-bot",
+            "<p>a listed bot</p>",
+            None,
+            "2026-12-01T14:00:00Z",
+        ),
+        tracker_comment(
+            "6",
+            "eve",
+            "<p>other tool</p>",
+            Some("github"),
+            "2026-12-01T15:00:00Z",
+        ),
     ];
     let is_bot = |a: &str| orchestrator_tracker::is_role(a) || a == "ci-bot";
     let kept = human_comments(all, is_bot);
@@ -360,7 +409,11 @@ fn the_verdict_is_read_on_a_rollback_or_a_retry_only() {
     assert_eq!(v.gate, ["check_review_verdict: changes requested"]);
     let r = verdict_of(Outcome::Retried, Stage::Review, &qg, &inputs).expect("a verdict");
     assert!(!r.rolled_back);
-    for o in [Outcome::Advanced, Outcome::Unblocked, Outcome::AwaitingApproval] {
+    for o in [
+        Outcome::Advanced,
+        Outcome::Unblocked,
+        Outcome::AwaitingApproval,
+    ] {
         assert_eq!(verdict_of(o, Stage::Review, &qg, &inputs), None, "{o:?}");
     }
 }
