@@ -38,7 +38,7 @@ const LABEL_CHARS: usize = 120;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HumanComment {
     pub author: String,
-    /// As the tracker gives it (RFC 3339 on Plane, milliseconds on the local tracker).
+    /// RFC 3339 (as Plane gives it; the local tracker's milliseconds converted).
     pub at: String,
     /// Plain text (the tracker's HTML converted).
     pub text: String,
@@ -402,7 +402,11 @@ pub fn human_comments(all: Vec<Comment>, is_bot: impl Fn(&str) -> bool) -> Vec<H
                 c.created_at.clone(),
                 HumanComment {
                     author: c.author,
-                    at: c.created_at,
+                    // The local tracker keeps milliseconds; Plane gives RFC 3339.
+                    at: match c.created_at.parse::<i64>() {
+                        Ok(ms) => orchestrator_kit::time::rfc3339(ms),
+                        Err(_) => c.created_at,
+                    },
                     text: html_to_text(&c.html),
                 },
             )

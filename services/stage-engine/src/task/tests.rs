@@ -356,6 +356,15 @@ fn only_human_comments_are_kept_oldest_first_as_text() {
             "2026-12-01T15:00:00Z",
         ),
     ];
+    // The local tracker's milliseconds read as a time.
+    let local = human_comments(
+        vec![tracker_comment("7", "ada", "hi", None, "1764583200000")],
+        |_| false,
+    );
+    assert_eq!(
+        local[0].at,
+        orchestrator_kit::time::rfc3339(1_764_583_200_000)
+    );
     let is_bot = |a: &str| orchestrator_tracker::is_role(a) || a == "ci-bot";
     let kept = human_comments(all, is_bot);
     let seen: Vec<(&str, &str)> = kept
