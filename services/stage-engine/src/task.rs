@@ -79,6 +79,7 @@ pub struct Attempt {
 pub struct TaskInputs {
     pub key: String,
     pub stage: Stage,
+    pub repo: String,
     pub branch: String,
     pub base: String,
     pub title: String,
@@ -308,9 +309,10 @@ fn where_section(t: &TaskInputs) -> String {
     let a = t.attempt;
     let mut s = format!(
         "## Where you work\n\n\
-         - Branch `{branch}` (base `{base}`); you are in its checkout.\n\
+         - Repository `{repo}`, branch `{branch}` (base `{base}`); you are in its checkout.\n\
          - Write your artifacts under `{dir}/` (see docs/artifacts.md).\n\
          - Attempt: rollback {rb} of {max_rb} for this work item, retry {rt} of {max_rt} of this stage.\n",
+        repo = t.repo,
         branch = t.branch,
         base = t.base,
         dir = artifacts_dir(&t.key),
@@ -519,6 +521,7 @@ pub(crate) async fn gather(
     compose(&TaskInputs {
         key: next.key.clone(),
         stage: next.stage,
+        repo: next.repo.clone(),
         branch: next.branch.clone(),
         base: engine.config.base_branch.clone(),
         title: next.title.clone(),

@@ -11,6 +11,7 @@ fn inputs() -> TaskInputs {
     TaskInputs {
         key: KEY.into(),
         stage: Stage::Development,
+        repo: "acme/app".into(),
         branch: "orch/ORCH-7".into(),
         base: "main".into(),
         title: "Add a health endpoint".into(),
@@ -81,7 +82,7 @@ fn the_sections_come_in_their_order() {
         "- `docs/work-items/ORCH-7/analysis.md`",
         "- `docs/work-items/ORCH-7/architecture.md`",
         "## Where you work",
-        "- Branch `orch/ORCH-7` (base `main`); you are in its checkout.",
+        "- Repository `acme/app`, branch `orch/ORCH-7` (base `main`); you are in its checkout.",
         "- Write your artifacts under `docs/work-items/ORCH-7/` (see docs/artifacts.md).",
         "- Attempt: rollback 0 of 3 for this work item, retry 0 of 2 of this stage.",
         "- Why you run: architecture passed",
