@@ -7,6 +7,8 @@
 //!   circuit breaker's gate;
 //! - [`run`] and [`agent`]: one LLM run — checkout, spawn in its own process group, pid
 //!   stamp, watchdog, finalize, commit/push/PR, finish comment, `AdvanceStage`;
+//! - `prompt`: the agent's prompt file: the role's prompt, then the task stage-engine
+//!   composed for the job;
 //! - [`reserved`]: the no-LLM jobs (`deploy-finalizer`, `post-deploy-monitor`) as RPCs;
 //! - [`classify`] and [`rules`]: what a run came to and where the job goes next, as pure
 //!   functions.
@@ -18,6 +20,7 @@ mod error;
 pub mod peers;
 mod preflight;
 pub mod proc;
+mod prompt;
 pub mod reserved;
 pub mod rules;
 pub mod run;
