@@ -331,9 +331,19 @@ pub async fn show(clients: &Clients, key: &str) -> Result<String, ItemError> {
     );
     let _ = writeln!(out, "  created:   {}", rfc3339(item.created_at_ms));
     let _ = writeln!(out, "  updated:   {}", rfc3339(item.updated_at_ms));
-    if !item.description.trim().is_empty() {
+    // As the agent's task shows it: Plane's HTML converted, no control characters.
+    let description = if stage_engine::task::looks_like_html(&item.description) {
+        stage_engine::task::html_to_text(&item.description)
+    } else {
+        item.description.clone()
+    };
+    if !description.trim().is_empty() {
         let _ = writeln!(out, "\nDescription:");
-        for line in item.description.trim_end().lines() {
+        for line in description.trim_end().lines() {
+            let line: String = line
+                .chars()
+                .filter(|c| !c.is_control() || *c == '\t')
+                .collect();
             let _ = writeln!(out, "  {line}");
         }
     }

@@ -10,9 +10,10 @@ Interface (see README.md in this directory):
                      its FIRST run for this work item (review, testing, deploy-staging,
                      deploy), to exercise the rollback path       (optional)
 When ORCH_WORK_ITEM or ORCH_STAGE is unset, they are read from the command-line arguments
-(e.g. the CLI's `-p <prompt>`, where the launcher puts the job's context): the first
-`work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE` found. Other arguments
-(`--output-format json`, ...) are ignored.
+(e.g. the CLI's `-p <prompt>`): the first `work_item: KEY` / `"work_item": "KEY"` and
+`stage: STAGE` found; else from the prompt on stdin, where the launcher writes the task:
+its own lines `- work_item: KEY` and `- stage: STAGE` (quoted outside text, `> ...`, never
+counts). Other arguments (`--output-format json`, ...) are ignored.
 
 It writes the stage's artifacts under docs/work-items/<KEY>/ with the frontmatter of
 docs/artifacts.md, makes a real code change in the development stage, and prints one
@@ -121,6 +122,21 @@ def read_field(path, field):
     return None
 
 
+_STDIN = None
+
+
+def from_stdin(name):
+    """The task's own line `- name: VALUE` in the prompt on stdin (read once; not a tty)."""
+    global _STDIN
+    if _STDIN is None:
+        try:
+            _STDIN = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        except (OSError, ValueError):
+            _STDIN = ""
+    m = re.search(r"^- " + re.escape(name) + r": ([A-Za-z0-9_-]+)", _STDIN, re.M)
+    return m.group(1) if m else ""
+
+
 def from_args(name):
     """The value of `name` in the arguments: `name: v`, `"name": "v"`, `name=v`."""
     pat = re.compile(r'(?<![A-Za-z0-9_])["\']?' + re.escape(name) + r'["\']?\s*[:=]\s*["\'`]?([A-Za-z0-9_-]+)')
@@ -140,8 +156,14 @@ def write(path, fields, title, body):
 
 def main():
     started = time.monotonic()
-    key = os.environ.get("ORCH_WORK_ITEM", "").strip() or from_args("work_item")
-    stage = (os.environ.get("ORCH_STAGE", "").strip() or from_args("stage")).lower()
+    key = (
+        os.environ.get("ORCH_WORK_ITEM", "").strip()
+        or from_args("work_item")
+        or from_stdin("work_item")
+    )
+    stage = (
+        os.environ.get("ORCH_STAGE", "").strip() or from_args("stage") or from_stdin("stage")
+    ).lower()
     agent = os.environ.get("ORCH_AGENT", "").strip().lower()
     if not KEY_RE.match(key):
         fail(f"ORCH_WORK_ITEM must be a work item key like ORCH-65, not {key!r}")

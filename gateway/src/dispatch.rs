@@ -17,6 +17,7 @@ use orchestrator_kit::retry;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
     AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest, RetryRequest,
+    UpdateDescriptionRequest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -321,6 +322,32 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 // A :retry: on an item that is not blocked asks for nothing: not a failure.
                 Err(s) if s.code() == Code::FailedPrecondition => {
                     Outcome::Ignored(format!("retry refused: {}", s.message()))
+                }
+                Err(s) => failed(s),
+            }
+        }
+        Command::UpdateDescription {
+            tracker_issue_id,
+            description,
+        } => {
+            let req = UpdateDescriptionRequest {
+                tracker_issue_id: tracker_issue_id.clone(),
+                description: description.clone(),
+            };
+            let started = Instant::now();
+            let res = se.update_description(req).await;
+            observe(shared, "UpdateDescription", &res, started);
+            match res {
+                Ok(r) => {
+                    let key = r.into_inner().key;
+                    Outcome::Applied {
+                        reason: format!("description of {key} updated"),
+                        work_item: key,
+                    }
+                }
+                // An issue that never became a work item: nothing to keep current.
+                Err(s) if s.code() == Code::NotFound => {
+                    Outcome::Ignored(format!("no work item for plane issue {tracker_issue_id}"))
                 }
                 Err(s) => failed(s),
             }

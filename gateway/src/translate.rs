@@ -7,6 +7,8 @@
 //!   labels and whose labels hold `ORCH_PLANE_TRIGGER_LABEL`) -> `CreateWorkItem`. Plane
 //!   sends one delivery per changed field, so a PATCH of name and state yields one create,
 //!   from the state delivery; `CreateWorkItem` is idempotent on the issue id anyway.
+//! - Plane `issue` updated in its description -> `UpdateDescription` (whatever the trigger:
+//!   an issue without a work item is ignored at dispatch).
 //! - Plane `issue_comment` created, holding `:approved:`, by an account that is not one of
 //!   `ORCH_PLANE_BOT_USERS` -> `Approve`; holding `:retry:` (the same rules) -> `Retry`.
 //! - Gitea `pull_request` `closed` with `merged: true` (from a branch of the same
@@ -53,6 +55,12 @@ pub enum Command {
         pr_number: u64,
         merge_sha: String,
     },
+    /// A Plane issue's description changed: its work item's follows (no new item, no stage
+    /// change; an issue without a work item is ignored at dispatch).
+    UpdateDescription {
+        tracker_issue_id: String,
+        description: String,
+    },
 }
 
 impl Command {
@@ -63,6 +71,7 @@ impl Command {
             Command::Approve { .. } => "Approve",
             Command::Retry { .. } => "Retry",
             Command::OnPrMerged { .. } => "OnPrMerged",
+            Command::UpdateDescription { .. } => "UpdateDescription",
         }
     }
 }
@@ -190,6 +199,15 @@ fn plane_issue(action: &str, body: &Value, triggers: &Triggers) -> Result<Transl
     } else {
         // One delivery per changed field: only the delivery of the change INTO the trigger.
         match str_at(body, &["activity", "field"]) {
+            Some("description" | "description_html") => {
+                return Ok(Translation::Apply {
+                    ordering_key: format!("plane:{issue_id}"),
+                    command: Command::UpdateDescription {
+                        tracker_issue_id: issue_id.to_owned(),
+                        description: description_of(data).to_owned(),
+                    },
+                });
+            }
             Some("state" | "state_id") => in_state,
             Some("labels" | "label_ids") => has_label,
             Some(other) => {
@@ -210,9 +228,7 @@ fn plane_issue(action: &str, body: &Value, triggers: &Triggers) -> Result<Transl
         .filter(|n| *n > 0)
         .ok_or_else(|| bad("data.sequence_id is required (a positive integer)"))?;
     let title = str_at(data, &["name"]).unwrap_or_default();
-    let description = str_at(data, &["description_stripped"])
-        .or_else(|| str_at(data, &["description_html"]))
-        .unwrap_or_default();
+    let description = description_of(data);
     Ok(Translation::Apply {
         ordering_key: format!("plane:{issue_id}"),
         command: Command::CreateWorkItem {
@@ -223,6 +239,14 @@ fn plane_issue(action: &str, body: &Value, triggers: &Triggers) -> Result<Transl
             description: description.to_owned(),
         },
     })
+}
+
+/// The issue's description: the HTML, which stage-engine converts for the agent's task,
+/// keeping the lists, code and links that `description_stripped` flattens.
+fn description_of(data: &Value) -> &str {
+    str_at(data, &["description_html"])
+        .or_else(|| str_at(data, &["description_stripped"]))
+        .unwrap_or_default()
 }
 
 /// `data.state` is a StateLite object in webhooks (`{id, name, ...}`), a bare id elsewhere.
@@ -512,7 +536,7 @@ mod tests {
                     project_id: "7c9e6679-7425-40de-944b-e07fc1f90ae7".into(),
                     sequence_id: 42,
                     title: "Wire up Gitea merge webhook".into(),
-                    description: "Orchestrator should react to merged PRs.".into(),
+                    description: "<p>Orchestrator should react to merged PRs.</p>".into(),
                 }
             }
         );
@@ -537,6 +561,34 @@ mod tests {
                 }
             }
         );
+    }
+
+    #[test]
+    fn a_description_update_keeps_the_work_items_description_current() {
+        let mut body = parse("plane-webhook-issue-updated-state.json");
+        body["activity"]["field"] = json!("description");
+        body["data"]["description_html"] = json!("<p>Now with <code>HEAD</code>.</p>");
+        body["data"]["description_stripped"] = json!("Now with HEAD.");
+        let issue = body["data"]["id"].as_str().expect("id").to_owned();
+        // Whatever the trigger: an issue without a work item is ignored at dispatch.
+        let none = Triggers {
+            state: None,
+            label: None,
+            ..triggers()
+        };
+        for field in ["description", "description_html"] {
+            body["activity"]["field"] = json!(field);
+            assert_eq!(
+                plane("issue", &body, &none).expect("translates"),
+                Translation::Apply {
+                    ordering_key: format!("plane:{issue}"),
+                    command: Command::UpdateDescription {
+                        tracker_issue_id: issue.clone(),
+                        description: "<p>Now with <code>HEAD</code>.</p>".into(),
+                    },
+                }
+            );
+        }
     }
 
     fn rpc_or_reason(r: Result<Translation, BadPayload>) -> String {

@@ -94,6 +94,10 @@ async fn create_list_show_and_approve(storage: TestStorage) {
     assert!(out.starts_with("LOCAL-1  Health endpoint\n"), "{out}");
     assert!(out.contains("stage:     analysis"), "{out}");
     assert!(
+        out.contains("Description:\n  Add a health endpoint.\n"),
+        "{out}"
+    );
+    assert!(
         out.contains("repo:      acme/app (branch orch/LOCAL-1)"),
         "{out}"
     );

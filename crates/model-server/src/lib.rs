@@ -11,7 +11,7 @@
 //!   `git rev-parse HEAD`, and `deploy.md` carries the commit it answered as
 //!   `deployed_sha:` (the CLI needs `--allowedTools 'Bash(git rev-parse:*)'` for it);
 //! - which files: the work item key and the stage are read from the conversation: the
-//!   launcher's task lines (`- Work item: KEY`, `- Stage: STAGE`) first, else
+//!   task's lines (`- work_item: KEY`, `- stage: STAGE`, or `- Work item:` / `- Stage:`) first, else
 //!   `work_item: KEY` / `"work_item": "KEY"` and `stage: STAGE`; the checkout from the CLI's system prompt
 //!   (`Primary working directory: ...`) so the `Write` paths are absolute;
 //! - on demand ([`Control`]) it answers 429 (with `retry-after`), 529, 401 or the spend
@@ -20,7 +20,9 @@
 //!   and writes only once the conversation holds the Stop hook's feedback;
 //!   [`Scenario::LazyFirstRun`] is lazy in the first run only (a retry writes), and
 //!   [`Scenario::NeverWrites`] never writes at all (runs are told apart by the CLI's
-//!   session id).
+//!   session id);
+//! - it records every agent turn it is asked for ([`Control::received`],
+//!   [`Control::first_requests`]), so that a test asserts on what the model was told.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -124,6 +126,19 @@ struct Inner {
     runs: BTreeMap<(String, String), Vec<String>>,
     /// The distinct `Stop hook feedback` texts received.
     feedback: Vec<String>,
+    /// Every agent turn asked for, in order.
+    received: Vec<Received>,
+}
+
+/// A request for an agent turn (one with the `Write` tool), as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub key: String,
+    pub stage: String,
+    /// The CLI session (one per run).
+    pub session: String,
+    /// The system prompt and every text of the conversation, joined by newlines.
+    pub text: String,
 }
 
 /// The shared handle a test flips.
@@ -217,6 +232,52 @@ impl Control {
         });
     }
 
+    /// The agent turns asked for in `stage` of `key`, in order.
+    pub fn received(&self, key: &str, stage: &str) -> Vec<Received> {
+        self.with(|i| {
+            i.received
+                .iter()
+                .filter(|r| r.key == key && r.stage == stage)
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// The first request of each run (CLI session) of `stage` for `key`, in run order:
+    /// what the agent was told when it started.
+    pub fn first_requests(&self, key: &str, stage: &str) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        let mut out = Vec::new();
+        for r in self.received(key, stage) {
+            if !seen.contains(&r.session) {
+                seen.push(r.session);
+                out.push(r.text);
+            }
+        }
+        out
+    }
+
+    fn record(&self, request: &Value, session: &str) {
+        let has_write = request["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "Write"));
+        if !has_write {
+            return;
+        }
+        let text = texts(request).join("\n");
+        let Some((key, stage)) = run_of(&text) else {
+            return;
+        };
+        self.with(|i| {
+            i.received.push(Received {
+                key,
+                stage,
+                session: session.to_owned(),
+                text,
+            })
+        });
+    }
+
     /// `POST /v1/messages` requests received.
     pub fn requests(&self) -> u32 {
         self.with(|i| i.requests)
@@ -305,6 +366,7 @@ async fn messages(State(control): State<Control>, headers: HeaderMap, body: Stri
     let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     control.saw_feedback(stop_hook_feedback(&request));
     let session = session_id(&headers, &request);
+    control.record(&request, &session);
     match control.next() {
         Err(f) => {
             let (status, headers, body) = f.response();
@@ -374,6 +436,12 @@ pub fn has_verdict(stage: &str) -> bool {
     matches!(stage, "review" | "testing" | "deploy-staging" | "deploy")
 }
 
+/// The finding a negative verdict of `stage` for `key` holds: a marker a test looks for in
+/// what the next agent was told.
+pub fn findings(key: &str, stage: &str) -> String {
+    format!("FINDING-{key}-{stage}: the handler must answer HEAD requests too")
+}
+
 /// [`artifacts`], with the negative verdict when `negative`.
 pub fn artifacts_with(key: &str, stage: &str, negative: bool) -> Vec<Artifact> {
     let pick = |pass: &'static str, fail: &'static str| if negative { fail } else { pass };
@@ -387,10 +455,17 @@ pub fn artifacts_with(key: &str, stage: &str, negative: bool) -> Vec<Artifact> {
         )
     };
     let verdict = |name: &str, title: &str, field: &str, value: &str| {
+        // A negative verdict names a finding, as a real reviewer would: the agent sent
+        // back must be told it ([`findings`]).
+        let finding = if negative {
+            format!("\n## Findings\n\n- {}\n", findings(key, stage))
+        } else {
+            String::new()
+        };
         (
             format!("{dir}/{name}"),
             format!(
-                "---\nwork_item: {key}\n{field}: {value}\n---\n# {title}\n\nThe scripted model says {field}: {value}.\n"
+                "---\nwork_item: {key}\n{field}: {value}\n---\n# {title}\n\nThe scripted model says {field}: {value}.\n{finding}"
             ),
         )
     };
@@ -530,6 +605,19 @@ pub fn task_line(text: &str, label: &str) -> Option<String> {
     })
 }
 
+/// The work item and the stage a conversation works on: the task's own lines
+/// (`- work_item: KEY` / `- stage: STAGE` at the start of a line, or the older
+/// `- Work item:` / `- Stage:`) first, else the first `work_item:` / `stage:` anywhere.
+pub fn run_of(all: &str) -> Option<(String, String)> {
+    let key = task_line(all, "work_item")
+        .or_else(|| task_line(all, "Work item"))
+        .or_else(|| field(all, "work_item"))?;
+    let stage = task_line(all, "stage")
+        .or_else(|| task_line(all, "Stage"))
+        .or_else(|| field(all, "stage"))?;
+    Some((key, stage))
+}
+
 /// The CLI session a request belongs to (one per run): the `X-Claude-Code-Session-Id`
 /// header, else `metadata.user_id`'s `session_id` (a JSON string), else "".
 pub fn session_id(headers: &HeaderMap, request: &Value) -> String {
@@ -631,9 +719,7 @@ pub fn decide_in_run(
     let all = texts.join("\n");
     // The launcher's task lines name this run's item and stage; a role prompt may mention
     // other stages ("Your stages: deploy-staging, deploy").
-    let key = task_line(&all, "Work item").or_else(|| field(&all, "work_item"));
-    let stage = task_line(&all, "Stage").or_else(|| field(&all, "stage"));
-    let (Some(key), Some(stage)) = (key, stage) else {
+    let Some((key, stage)) = run_of(&all) else {
         return Turn::Text(
             "The scripted model found no `work_item:` and `stage:` in the prompt; nothing written."
                 .to_owned(),

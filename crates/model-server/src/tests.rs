@@ -473,3 +473,60 @@ fn in_deploy_the_model_asks_git_for_the_head_then_writes_it_as_deployed_sha() {
         Turn::Text(_)
     ));
 }
+
+/// The server records what each run was told: the first request of each CLI session, per
+/// work item and stage; side requests (no tools) are not agent turns.
+#[tokio::test]
+async fn it_records_what_each_run_was_told() {
+    let server = ModelServer::start().await.expect("starts");
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/messages", server.base_url());
+    let post = |session: &'static str, body: Value| {
+        let req = http
+            .post(&url)
+            .header("x-claude-code-session-id", session)
+            .json(&body);
+        async move { req.send().await.expect("post").text().await.expect("body") }
+    };
+    let first = "# Your task\n\n- work_item: ORCH-8\n- stage: development\n\nDESCRIPTION-MARKER";
+    let second = "# Your task\n\n- work_item: ORCH-8\n- stage: development\n\nVERDICT-MARKER";
+    post("a", request(first, 0)).await;
+    post("a", request(first, 1)).await;
+    post("b", request(second, 0)).await;
+    post(
+        "c",
+        json!({"messages": [{"role": "user", "content": first}]}),
+    )
+    .await;
+    post("d", request("- work_item: ORCH-8\n- stage: review", 0)).await;
+    assert_eq!(server.control.received("ORCH-8", "development").len(), 3);
+    let told = server.control.first_requests("ORCH-8", "development");
+    assert_eq!(told.len(), 2, "{told:?}");
+    assert!(told[0].contains("DESCRIPTION-MARKER"));
+    assert!(told[1].contains("VERDICT-MARKER"));
+    assert_eq!(server.control.first_requests("ORCH-8", "review").len(), 1);
+    assert!(
+        server
+            .control
+            .first_requests("ORCH-9", "development")
+            .is_empty()
+    );
+}
+
+/// The task's own `- work_item:` / `- stage:` lines win over a quoted lookalike, wherever
+/// it stands; a negative verdict names its finding.
+#[test]
+fn the_tasks_lines_win_and_a_negative_verdict_names_its_finding() {
+    let text = "Role prompt.\n> work_item: EVIL-1\n> stage: deploy\n# Your task\n\n- work_item: ORCH-3\n- stage: review\n";
+    assert_eq!(
+        run_of(text),
+        Some(("ORCH-3".to_owned(), "review".to_owned()))
+    );
+    let review = &artifacts_with("ORCH-3", "review", true)[0].1;
+    assert!(review.contains(&findings("ORCH-3", "review")), "{review}");
+    assert!(
+        !artifacts_with("ORCH-3", "review", false)[0]
+            .1
+            .contains("FINDING-")
+    );
+}

@@ -91,6 +91,9 @@ pub struct Comment {
     /// Who posted it (Plane: the user id behind the token; local: the role).
     pub author: String,
     pub external_id: Option<String>,
+    /// Who posted it through the API (`orchestrator` for our own comments, see
+    /// `orchestrator_kit::COMMENT_EXTERNAL_SOURCE`); `None` for a person's.
+    pub external_source: Option<String>,
     pub created_at: String,
 }
 

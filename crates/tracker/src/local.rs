@@ -152,6 +152,9 @@ impl Tracker for LocalTracker {
                     author: r.try_get("author")?,
                     html: r.try_get("html")?,
                     external_id: r.try_get("external_id")?,
+                    // Every comment here came through stage-engine; the author tells a
+                    // role's from a person's.
+                    external_source: None,
                     created_at: r.try_get::<i64, _>("created_at_ms")?.to_string(),
                 })
             })

@@ -115,6 +115,8 @@ struct PlaneComment {
     #[serde(default)]
     external_id: Option<String>,
     #[serde(default)]
+    external_source: Option<String>,
+    #[serde(default)]
     created_at: String,
 }
 
@@ -376,6 +378,7 @@ impl Tracker for PlaneTracker {
                 html: c.comment_html,
                 author: c.created_by.unwrap_or_default(),
                 external_id: c.external_id,
+                external_source: c.external_source,
                 created_at: c.created_at,
             }));
             match page.next_cursor {

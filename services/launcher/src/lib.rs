@@ -7,6 +7,8 @@
 //!   circuit breaker's gate;
 //! - [`run`] and [`agent`]: one LLM run — checkout, spawn in its own process group, pid
 //!   stamp, watchdog, finalize, commit/push/PR;
+//! - `prompt`: the agent's prompt file: the role's prompt, then the task stage-engine
+//!   composed for the job;
 //! - [`outbox`]: the end of a run toward the peers (RecordRun, the finish comment,
 //!   `AdvanceStage` or `ReportJobFailed`), written with the job's end and delivered for as
 //!   long as a peer is down (the kit's one outbox mechanism);
@@ -22,6 +24,7 @@ pub mod outbox;
 pub mod peers;
 mod preflight;
 pub mod proc;
+mod prompt;
 pub mod reserved;
 pub mod rules;
 pub mod run;

@@ -62,6 +62,8 @@ pub(crate) struct Ctx {
     pub title: String,
     pub why: String,
     pub dedupe_key: String,
+    /// The task stage-engine composed (the payload's `task`); not kept in `run-<n>.json`.
+    pub task: Option<String>,
 }
 
 /// What a run left on disk: enough to finalize it, even from a later life of the launcher
@@ -103,6 +105,7 @@ impl RunFiles {
             title: s("title").unwrap_or_default(),
             why: String::new(),
             dedupe_key: s("dedupe_key").unwrap_or_default(),
+            task: None,
         };
         let cwd = PathBuf::from(s("cwd")?);
         Some(RunFiles {
@@ -380,6 +383,10 @@ impl Supervisor {
                 .clone()
                 .or_else(|| payload["dedupe_key"].as_str().map(str::to_owned))
                 .unwrap_or_default(),
+            task: payload["task"]
+                .as_str()
+                .filter(|t| !t.trim().is_empty())
+                .map(str::to_owned),
         };
         let prompt_path = c.agents_dir.join(format!("{}.md", job.agent));
         let role_prompt = std::fs::read_to_string(&prompt_path).map_err(|e| {
@@ -520,35 +527,15 @@ impl Supervisor {
         }
     }
 
-    /// The role's prompt and the work item's context, fed to the agent on stdin.
+    /// The role's prompt and the job's task, fed to the agent on stdin (see [`crate::prompt`]).
     fn prompt_text(&self, job: &JobRow, ctx: &Ctx, role_prompt: &str) -> String {
-        let mut p = role_prompt.trim_end().to_owned();
-        p.push_str("\n\n---\n\n# Your task\n\n");
-        // `work_item:` and `stage:` as the artifacts' frontmatter spells them: the stand-ins
-        // for a model (examples/agents/scripted-agent.py, crates/model-server) read them here.
-        p.push_str(&format!("- work_item: {}", ctx.key));
-        if !ctx.title.is_empty() {
-            p.push_str(&format!(" — {}", ctx.title));
-        }
-        p.push_str(&format!(
-            "\n- stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
-            job.stage,
-            ctx.repo,
-            ctx.branch,
-            ctx.base,
-            artifacts_dir(&ctx.key)
-        ));
-        if !ctx.why.is_empty() {
-            p.push_str(&format!("- Why you run: {}\n", ctx.why));
-        }
-        if job.attempt > 1 && !job.reason.is_empty() {
-            p.push_str(&format!(
-                "- This is run {} of this job; the previous one ended with: {}\n",
-                job.attempt, job.reason
-            ));
-        }
-        p.push_str("- The orchestrator commits and pushes what you leave in the checkout; do not push yourself.\n");
-        p
+        let run = crate::prompt::Run {
+            ctx,
+            stage: &job.stage,
+            attempt: job.attempt,
+            previous: &job.reason,
+        };
+        crate::prompt::prompt_text(&run, role_prompt)
     }
 
     /// The command and the flags the launcher adds: the work item's remaining budget and
@@ -938,6 +925,7 @@ mod tests {
                 title: "t".into(),
                 why: String::new(),
                 dedupe_key: "d".into(),
+                task: None,
             },
             checkout: Some(Checkout {
                 dir: "/w/jobs/j/checkout".into(),

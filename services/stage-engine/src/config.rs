@@ -36,6 +36,8 @@ pub struct StageEngineConfig {
     pub bot_authors: Vec<String>,
     /// `ORCH_ARM_POST_DEPLOY`: arm the post-deploy watch on `deploy -> done`.
     pub arm_post_deploy: bool,
+    /// `ORCH_TASK_MAX_BYTES`: the size budget of the agent's task (see `task::compose`).
+    pub task_max_bytes: usize,
     pub outbox: OutboxConfig,
     pub watchdog: WatchdogConfig,
     pub reconcile: ReconcileConfig,
@@ -68,7 +70,19 @@ impl StageEngineConfig {
                 return Err(ConfigError::new(var, "must be at least 1"));
             }
         }
+        let task_max_bytes = env.parse("ORCH_TASK_MAX_BYTES", crate::task::DEFAULT_MAX_BYTES)?;
+        // The head of the description is never cut: a budget below it cannot be kept.
+        if task_max_bytes < crate::task::DESCRIPTION_HEAD_BYTES {
+            return Err(ConfigError::new(
+                "ORCH_TASK_MAX_BYTES",
+                format!(
+                    "must be at least {} (the description's head is never cut)",
+                    crate::task::DESCRIPTION_HEAD_BYTES
+                ),
+            ));
+        }
         Ok(StageEngineConfig {
+            task_max_bytes,
             limits: Limits {
                 max_rollbacks: env.parse("ORCH_MAX_ROLLBACKS", 3u32)?,
                 max_stage_retries: env.parse("ORCH_MAX_STAGE_RETRIES", 2u32)?,
@@ -114,6 +128,7 @@ mod tests {
         assert_eq!(c.limits.max_stage_retries, 2);
         assert_eq!(c.base_branch, "main");
         assert!(c.arm_post_deploy);
+        assert_eq!(c.task_max_bytes, 65536);
         assert_eq!(c.outbox.max_attempts, 0);
         assert_eq!(c.watchdog.stall, Duration::from_secs(600));
         assert_eq!(c.watchdog.interval, Duration::from_secs(30));
@@ -156,6 +171,7 @@ mod tests {
             "ORCH_STALL_S",
             "ORCH_STALL_CHECK_INTERVAL_S",
             "ORCH_RECONCILE_INTERVAL_S",
+            "ORCH_TASK_MAX_BYTES",
         ] {
             let err =
                 StageEngineConfig::from_env(&Env::from_pairs([(var, "lots")])).expect_err(var);
@@ -167,6 +183,7 @@ mod tests {
             ("ORCH_OUTBOX_BACKOFF_MAX_MS", "10"),
             ("ORCH_STALL_S", "0"),
             ("ORCH_STALL_CHECK_INTERVAL_S", "0"),
+            ("ORCH_TASK_MAX_BYTES", "1000"),
         ] {
             let err = StageEngineConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
             assert_eq!(err.var, var);

@@ -155,8 +155,8 @@ impl Engine {
         if !branch.is_empty() {
             validate_branch(branch).map_err(|e| invalid("branch", e))?;
         }
-        if req.title.len() > 1000 || req.description.len() > 100_000 {
-            return Err(invalid("title", "title or description too long"));
+        if req.title.len() > 1000 {
+            return Err(invalid("title", "longer than 1000 bytes"));
         }
         let project = match (req.tracker_project_id.trim(), self.tracker.kind()) {
             (_, orchestrator_tracker::TrackerKind::Local) => {
@@ -224,7 +224,7 @@ impl Engine {
             tracker_issue_id: issue_id.clone(),
             tracker_project_id: project,
             title: req.title.trim().to_owned(),
-            description: req.description,
+            description: crate::task::stored_description(&req.description),
             repo: repo.to_string(),
             branch,
             stage: Stage::Analysis,
@@ -239,6 +239,16 @@ impl Engine {
             created_at_ms: now,
             updated_at_ms: now,
         };
+        let task = crate::task::gather(
+            self,
+            &item,
+            Stage::Analysis,
+            Outcome::Advanced,
+            &[],
+            &Inputs::default(),
+            "new work item",
+        )
+        .await;
         let mut tx = self.db.pool.begin().await?;
         if !store::insert_item(&mut tx, &item).await? {
             tx.rollback().await?;
@@ -286,7 +296,10 @@ impl Engine {
         outbox::insert(
             &mut tx,
             &key,
-            &self.enqueue_effect(&item, agent, &dedupe_key, "new work item"),
+            &crate::task::attach(
+                self.enqueue_effect(&item, agent, &dedupe_key, "new work item"),
+                &task,
+            ),
             None,
         )
         .await?;
@@ -295,6 +308,33 @@ impl Engine {
         self.register_local_issue(&item).await?;
         tracing::info!(work_item = key, repo = item.repo, "work item created");
         Ok((item, true))
+    }
+
+    /// Keeps the description of tracker issue `issue_id`'s work item current (see
+    /// [`crate::task`]); changes nothing else.
+    pub async fn update_description(
+        &self,
+        issue_id: &str,
+        description: &str,
+    ) -> Result<WorkItemRow, EngineError> {
+        let issue_id = required("tracker_issue_id", issue_id)?;
+        let stored = crate::task::stored_description(description);
+        if !store::set_description(&self.db, issue_id, &stored, now_ms()).await? {
+            return Err(EngineError::NotFound(format!(
+                "no work item for tracker issue {issue_id}"
+            )));
+        }
+        let item = store::get_by_tracker_issue(&self.db, issue_id)
+            .await?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!("no work item for tracker issue {issue_id}"))
+            })?;
+        tracing::info!(
+            work_item = item.key,
+            bytes = stored.len(),
+            "description updated"
+        );
+        Ok(item)
     }
 
     /// The key of a new work item from its tracker project and sequence id, e.g. `PROJ-42`,
@@ -592,6 +632,13 @@ impl Engine {
             Trigger::AgentFinished { agent } => format!("{agent} finished: {}", d.reason),
             Trigger::Approval { .. } | Trigger::PrMerged => d.reason.clone(),
         };
+        // Composed before the transaction: it reads the tracker.
+        let task = match d.enqueue {
+            Some(_) => {
+                crate::task::gather(self, &next, item.stage, d.outcome, qg, inputs, &d.reason).await
+            }
+            None => String::new(),
+        };
         let mut tx = self.db.pool.begin().await?;
         if !store::update_item_guarded(&mut tx, &next, item.version).await? {
             tx.rollback().await?;
@@ -655,7 +702,7 @@ impl Engine {
             outbox::insert(
                 &mut tx,
                 &item.key,
-                &self.enqueue_effect(&next, agent, dedupe, &d.reason),
+                &crate::task::attach(self.enqueue_effect(&next, agent, dedupe, &d.reason), &task),
                 None,
             )
             .await?;

@@ -11,6 +11,7 @@
 //! - [`watchdog`]: the stall watchdog, the backstop for a lost job end or enqueue;
 //! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
 //!   without a work item, deleted or closed issues, merges nobody reported).
+//! - [`task`]: the agent's task, composed when a transition enqueues an agent.
 
 pub mod config;
 mod door;
@@ -25,6 +26,7 @@ pub mod qg;
 pub mod reconcile;
 mod service;
 pub mod store;
+pub mod task;
 #[cfg(test)]
 mod tests;
 pub mod watchdog;

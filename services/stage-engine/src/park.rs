@@ -241,7 +241,16 @@ impl Engine {
                 escape(author),
                 item.stage
             );
-            let enqueue = self.enqueue_effect(&next, agent, &dedupe, &why);
+            // The task: what a human retry is told. No gate verdict sent it back (the
+            // job failed, or the budget ran out), so the reason — why it was blocked — says it.
+            let told = if item.status_reason.is_empty() {
+                why.clone()
+            } else {
+                format!("{why}; it was blocked: {}", item.status_reason)
+            };
+            let task = self.task_without_verdict(&next, &told).await;
+            let enqueue =
+                crate::task::attach(self.enqueue_effect(&next, agent, &dedupe, &why), &task);
             let change = Change {
                 transition_id,
                 next,
@@ -353,7 +362,8 @@ impl Engine {
         next.expected_agent = agent.to_owned();
         next.expected_dedupe_key = dedupe.clone();
         next.latest_job_id = String::new();
-        let enqueue = self.enqueue_effect(&next, agent, &dedupe, why);
+        let task = self.task_without_verdict(&next, why).await;
+        let enqueue = crate::task::attach(self.enqueue_effect(&next, agent, &dedupe, why), &task);
         let change = Change {
             transition_id,
             next,
@@ -377,6 +387,26 @@ impl Engine {
                 "the work item moved meanwhile".into(),
             )),
         }
+    }
+
+    /// The agent's task for an enqueue that no quality gate decided (a human's retry, the
+    /// watchdog's re-enqueue): everything `task::gather` tells, without a verdict section.
+    async fn task_without_verdict(&self, next: &WorkItemRow, reason: &str) -> String {
+        let inputs = crate::qg::Inputs {
+            key: next.key.clone(),
+            ..crate::qg::Inputs::default()
+        };
+        // `Unblocked` is the outcome of an enqueue with no verdict behind it.
+        crate::task::gather(
+            self,
+            next,
+            next.stage,
+            Outcome::Unblocked,
+            &[],
+            &inputs,
+            reason,
+        )
+        .await
     }
 
     pub(crate) async fn get_item(&self, key: &str) -> Result<WorkItemRow, EngineError> {

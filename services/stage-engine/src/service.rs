@@ -244,6 +244,19 @@ impl StageEngine for StageEngineService {
         Ok(Response::new(to_proto(&item)))
     }
 
+    #[tracing::instrument(skip_all, fields(tracker_issue_id = %request.get_ref().tracker_issue_id))]
+    async fn update_description(
+        &self,
+        request: Request<orchestrator_proto::stage_engine::v1::UpdateDescriptionRequest>,
+    ) -> Result<Response<WorkItem>, Status> {
+        let r = request.into_inner();
+        let item = self
+            .engine
+            .update_description(&r.tracker_issue_id, &r.description)
+            .await?;
+        Ok(Response::new(to_proto(&item)))
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_work_items(
         &self,

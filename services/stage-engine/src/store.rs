@@ -235,6 +235,25 @@ pub async fn record_latest_job(
     Ok(done.rows_affected() == 1)
 }
 
+/// Sets the description of the work item of tracker issue `issue_id`; false when there is
+/// none. The state machine's columns (and `version`) are not touched.
+pub async fn set_description(
+    db: &Db,
+    issue_id: &str,
+    description: &str,
+    now_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE work_items SET description = $1, updated_at_ms = $2 WHERE tracker_issue_id = $3",
+    )
+    .bind(description)
+    .bind(now_ms)
+    .bind(issue_id)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 pub async fn set_tracker_project(db: &Db, key: &str, project_id: &str) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE work_items SET tracker_project_id = $1 WHERE key = $2")
         .bind(project_id)

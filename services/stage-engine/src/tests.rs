@@ -553,6 +553,16 @@ async fn retry_enqueues_again_and_is_refused_when_not_blocked(storage: TestStora
             ("analyst".to_owned(), item.expected_dedupe_key.clone())
         ]
     );
+    // The retried agent is told its task, and why the item had been blocked.
+    let retried: serde_json::Value =
+        serde_json::from_str(&h.enqueued.lock().expect("lock")[1].payload_json).expect("payload");
+    let task = retried["task"].as_str().expect("a task in the payload");
+    assert!(task.contains("- stage: analysis"), "{task}");
+    assert!(
+        task.contains("retried by ada") && task.contains("it was blocked:"),
+        "{task}"
+    );
+    assert!(!task.contains("## The verdict"), "{task}");
     assert_eq!(h.item().await.latest_job_id, "job-2");
     assert!(
         h.comments()
@@ -1142,6 +1152,8 @@ async fn a_refused_comment_fails_and_an_operator_retries_it(storage: TestStorage
     use orchestrator_tracker::{CommentPosted, IssueRef, MockTracker, TrackerError, TrackerKind};
     let mut t = MockTracker::new();
     t.expect_kind().return_const(TrackerKind::Plane);
+    // The agent's task quotes the issue's comments.
+    t.expect_list_comments().returning(|_| Ok(Vec::new()));
     t.expect_find_issue()
         .withf(|k| k == KEY)
         .times(1)
@@ -1224,6 +1236,8 @@ async fn a_plane_issue_is_keyed_by_its_project_identifier(storage: TestStorage) 
     use orchestrator_tracker::{CommentPosted, MockTracker, TrackerError, TrackerKind};
     let mut t = MockTracker::new();
     t.expect_kind().return_const(TrackerKind::Plane);
+    // The agent's task quotes the issue's comments.
+    t.expect_list_comments().returning(|_| Ok(Vec::new()));
     let down = Arc::new(Mutex::new(true));
     t.expect_project_identifier()
         .withf(|p| p == "proj-1")
@@ -1337,7 +1351,109 @@ async fn a_plane_issue_is_keyed_by_its_project_identifier(storage: TestStorage) 
     assert_eq!(h.item().await.stage.as_str(), "architecture");
 }
 
+/// The task in the Enqueue payload (issue #15): the description (kept current by
+/// UpdateDescription, which changes nothing else), the human comments but not the bots',
+/// and after a rollback the reviewer's verdict as it stands on the branch.
+async fn the_task_quotes_the_description_the_comments_and_the_verdict(storage: TestStorage) {
+    use orchestrator_proto::stage_engine::v1::{AddCommentRequest, UpdateDescriptionRequest};
+    let h = harness(storage, 0, false).await;
+    h.svc
+        .create_work_item(Request::new(CreateWorkItemRequest {
+            tracker_issue_id: "issue-7".into(),
+            key: KEY.into(),
+            title: "Seven".into(),
+            description: "DESC-MARKER: the whole story".into(),
+            repo: "acme/app".into(),
+            ..CreateWorkItemRequest::default()
+        }))
+        .await
+        .expect("create");
+    h.deliver().await;
+    let task = |n: usize| -> String {
+        let log = h.enqueued.lock().expect("lock");
+        let payload: serde_json::Value =
+            serde_json::from_str(&log[n].payload_json).expect("payload");
+        payload["task"].as_str().expect("a task").to_owned()
+    };
+    let first = task(0);
+    for want in [
+        "- work_item: ORCH-7\n- stage: analysis\n",
+        "> Seven",
+        "> DESC-MARKER: the whole story",
+        "- Why you run: new work item",
+    ] {
+        assert!(first.contains(want), "{want:?} missing in:\n{first}");
+    }
+    for (author, html) in [
+        ("ada", "<p>ADA-NOTE: keep it <b>cheap</b></p>"),
+        ("stream", "<p>STREAM-NOTE</p>"),
+    ] {
+        h.svc
+            .add_comment(Request::new(AddCommentRequest {
+                work_item: KEY.into(),
+                html: html.into(),
+                author: author.into(),
+                idempotency_key: String::new(),
+            }))
+            .await
+            .expect("comment");
+    }
+    h.deliver().await;
+
+    let updated = h
+        .svc
+        .update_description(Request::new(UpdateDescriptionRequest {
+            tracker_issue_id: "issue-7".into(),
+            description: "DESC-MARKER-2: the story, revised".into(),
+        }))
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.description, "DESC-MARKER-2: the story, revised");
+    let item = h.item().await;
+    assert_eq!(
+        (item.stage.as_str(), item.version, h.transitions().await),
+        ("analysis", 0, 1),
+        "a description update moves nothing"
+    );
+    let err = h
+        .svc
+        .update_description(Request::new(UpdateDescriptionRequest {
+            tracker_issue_id: "issue-unknown".into(),
+            description: "x".into(),
+        }))
+        .await
+        .expect_err("no such issue");
+    assert_eq!(err.code(), Code::NotFound);
+
+    sqlx::query("UPDATE work_items SET stage = 'review', expected_agent = 'reviewer'")
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("set up at review");
+    h.write("review.md", "review_verdict: CHANGES_REQUESTED\n");
+    assert_eq!(
+        h.advance("reviewer", "", "").await.0,
+        AdvanceOutcome::RolledBack
+    );
+    h.deliver().await;
+    let n = h.enqueued.lock().expect("lock").len();
+    let back = task(n - 1);
+    for want in [
+        "- stage: development\n",
+        "> DESC-MARKER-2: the story, revised",
+        "> ADA-NOTE: keep it **cheap**",
+        "## The verdict (the review stage sent the work back)",
+        "`docs/work-items/ORCH-7/review.md` as it stands on the branch (quoted):",
+        "> review_verdict: CHANGES_REQUESTED\n> ---\n> Some text.",
+        "rollback 1 of 1",
+    ] {
+        assert!(back.contains(want), "{want:?} missing in:\n{back}");
+    }
+    assert!(!back.contains("STREAM-NOTE"), "a bot's comment in:\n{back}");
+}
+
 on_both_backends!(
+    the_task_quotes_the_description_the_comments_and_the_verdict,
     a_plane_issue_is_keyed_by_its_project_identifier,
     a_refused_comment_fails_and_an_operator_retries_it,
     idempotency_and_the_latest_job_rule,
