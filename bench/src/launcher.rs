@@ -79,6 +79,12 @@ impl Peers for NoopPeers {
         self.end();
         Ok(AdvanceStageResponse::default())
     }
+    async fn report_job_failed(
+        &self,
+        _: orchestrator_proto::stage_engine::v1::ReportJobFailedRequest,
+    ) -> Result<AdvanceStageResponse, tonic::Status> {
+        Ok(AdvanceStageResponse::default())
+    }
     async fn acquire_lease(
         &self,
         _: AcquireLeaseRequest,

@@ -76,6 +76,12 @@ impl Peers for QuietPeers {
     ) -> Result<AdvanceStageResponse, RpcStatus> {
         Ok(AdvanceStageResponse::default())
     }
+    async fn report_job_failed(
+        &self,
+        _: orchestrator_proto::stage_engine::v1::ReportJobFailedRequest,
+    ) -> Result<AdvanceStageResponse, RpcStatus> {
+        Ok(AdvanceStageResponse::default())
+    }
     async fn acquire_lease(
         &self,
         _: AcquireLeaseRequest,

@@ -203,6 +203,8 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
             "consecutive_transient": b.consecutive_transient,
             "open_until_ms": b.open_until_ms,
         })),
+        // The launcher's outbox: the end of runs waiting for a peer, and dead letters.
+        "outbox": {"pending": s.outbox_pending, "failed": s.outbox_failed},
     })
 }
 
@@ -294,6 +296,8 @@ mod tests {
                 ..BreakerState::default()
             }),
             agent_command: AgentCommand::Unspecified as i32,
+            outbox_pending: 2,
+            outbox_failed: 1,
         };
         let v = launcher_json(&s);
         assert_eq!(v["counts"]["QUEUED"], 3);
@@ -302,6 +306,8 @@ mod tests {
         assert_eq!(v["running"][0]["kind"], "LLM");
         assert_eq!(v["running"][0]["age_ms"], 1500);
         assert_eq!(v["breaker"]["state"], "closed");
+        assert_eq!(v["outbox"]["pending"], 2);
+        assert_eq!(v["outbox"]["failed"], 1);
         assert_eq!(v["agent_command"], "unknown");
         let missing = QueueSnapshotResponse {
             agent_command: AgentCommand::NotFound as i32,

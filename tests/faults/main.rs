@@ -53,7 +53,7 @@ const SERVICE_TOKEN: &str = "plane_api_orchestrator";
 const LAUNCHERS: usize = 3;
 
 /// The test-speed settings every process gets; printed with the figures.
-const SETTINGS: [(&str, &str); 27] = [
+const SETTINGS: [(&str, &str); 30] = [
     ("ORCH_MAX_CONCURRENCY", "4"),
     ("ORCH_MAX_ATTEMPTS", "5"),
     ("ORCH_AGENT_TIMEOUT_SECONDS", "45"),
@@ -72,6 +72,9 @@ const SETTINGS: [(&str, &str); 27] = [
     ("ORCH_OUTBOX_POLL_MS", "100"),
     ("ORCH_OUTBOX_BACKOFF_BASE_MS", "100"),
     ("ORCH_OUTBOX_BACKOFF_MAX_MS", "1000"),
+    ("ORCH_LAUNCHER_OUTBOX_POLL_MS", "100"),
+    ("ORCH_LAUNCHER_OUTBOX_BACKOFF_BASE_MS", "100"),
+    ("ORCH_LAUNCHER_OUTBOX_BACKOFF_MAX_MS", "1000"),
     ("ORCH_GATEWAY_DISPATCH_POLL_MS", "100"),
     ("ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", "100"),
     ("ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", "1000"),
@@ -565,7 +568,8 @@ async fn work_items_survive_random_kills() {
                 &pool,
                 "SELECT (SELECT COUNT(*) FROM launcher.jobs WHERE status IN ('queued', 'running'))
                       + (SELECT COUNT(*) FROM gateway.webhook_inbox WHERE state = 'pending')
-                      + (SELECT COUNT(*) FROM stage_engine.outbox WHERE state IN ('pending', 'delivering'))",
+                      + (SELECT COUNT(*) FROM stage_engine.outbox WHERE state IN ('pending', 'delivering'))
+                      + (SELECT COUNT(*) FROM launcher.outbox WHERE state IN ('pending', 'delivering'))",
             )
             .await;
             if busy == 0 {
@@ -899,7 +903,8 @@ async fn work_items_survive_random_kills() {
     let dead_inbox = inbox.get("dead").copied().unwrap_or(0);
     let failed_outbox = count(
         &pool,
-        "SELECT COUNT(*) FROM stage_engine.outbox WHERE state = 'failed'",
+        "SELECT (SELECT COUNT(*) FROM stage_engine.outbox WHERE state = 'failed')
+              + (SELECT COUNT(*) FROM launcher.outbox WHERE state = 'failed')",
     )
     .await;
     let failed_jobs: Vec<(String, String, String, String)> = sqlx::query(

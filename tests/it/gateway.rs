@@ -115,6 +115,10 @@ async fn in_the_stack_a_signed_delivery_reaches_stage_engine_and_is_never_lost(
         ("ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS", "20"),
         ("ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS", "200"),
         ("ORCH_GATEWAY_DISPATCH_POLL_MS", "20"),
+        // An analyst that runs for the whole test: its job stays the item's one job (with
+        // the default `claude` missing it would fail, park the item, and the `:approved:`
+        // below would then retry it).
+        ("ORCH_AGENT_COMMAND", "sh -c 'sleep 300'"),
     ] {
         env.push((k, v.to_owned()));
     }
@@ -243,7 +247,10 @@ async fn in_the_stack_a_signed_delivery_reaches_stage_engine_and_is_never_lost(
         assert_eq!(
             jobs.iter().map(|j| j.agent.as_str()).collect::<Vec<_>>(),
             ["analyst"],
-            "{key}"
+            "{key}: {:#?}",
+            jobs.iter()
+                .map(|j| (&j.status, &j.outcome, &j.reason))
+                .collect::<Vec<_>>()
         );
     }
     let q = queue(&addr).await;

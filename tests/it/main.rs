@@ -23,6 +23,7 @@ mod reconcile;
 mod replicas;
 mod retry_cancel;
 mod scripted_agent;
+mod seams;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;

@@ -1,12 +1,13 @@
 //! What every orchestrator service shares: typed configuration, telemetry, storage with
-//! per-service migrations (and group commit), the gRPC server bootstrap, and the clients of
-//! every service.
+//! per-service migrations (and group commit), the one outbox mechanism, the one retry
+//! policy, the gRPC server bootstrap, and the clients of every service.
 
 pub mod clients;
 pub mod config;
 pub mod db;
 pub mod group_commit;
 pub mod grpc;
+pub mod outbox;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

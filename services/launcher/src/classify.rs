@@ -304,23 +304,6 @@ fn numbers_after(text: &str, key: &str) -> Vec<(usize, i64)> {
     out
 }
 
-/// The backoff after the `n`-th failure (1-based): `min(2^(n-1) * base, max)`, spread by
-/// `jitter` in [0, 1) over ±20 % so that jobs that failed together do not retry together.
-pub fn backoff(n: u32, base: Duration, max: Duration, jitter: f64) -> Duration {
-    let exp = n.saturating_sub(1).min(30);
-    let raw = base.saturating_mul(1u32 << exp).min(max);
-    let factor = 0.8 + 0.4 * jitter.clamp(0.0, 1.0);
-    raw.mul_f64(factor).min(max)
-}
-
-/// A fresh number in [0, 1) for jitter (no RNG crate: std's randomly seeded hasher).
-pub fn jitter() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(orchestrator_kit::time::now_ms() as u64);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -611,26 +594,6 @@ mod tests {
         ) {
             Verdict::Transient { wait, .. } => assert_eq!(wait, None),
             other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_the_cap_with_bounded_jitter() {
-        let base = Duration::from_secs(10);
-        let max = Duration::from_secs(100);
-        for (n, expected) in [(1, 10), (2, 20), (3, 40), (4, 80), (5, 100), (40, 100)] {
-            assert_eq!(
-                backoff(n, base, max, 0.5),
-                Duration::from_secs(expected),
-                "{n}"
-            );
-        }
-        assert_eq!(backoff(1, base, max, 0.0), Duration::from_secs(8));
-        assert_eq!(backoff(1, base, max, 0.999_999).as_secs(), 11);
-        assert!(backoff(9, base, max, 0.999) <= max);
-        for _ in 0..100 {
-            let j = jitter();
-            assert!((0.0..1.0).contains(&j), "{j}");
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use orchestrator_forge::ForgeConfig;
+use orchestrator_kit::outbox::{self, OutboxConfig};
 use orchestrator_kit::{ConfigError, Env};
 
 /// The agent command when `ORCH_AGENT_COMMAND` is unset: the Claude Code CLI in print mode
@@ -105,6 +106,11 @@ pub struct LauncherConfig {
     /// `ORCH_LEASE_RETRY_S`: how long a deploy job waits when another holds the lease.
     pub lease_retry: Duration,
     pub forge: ForgeConfig,
+    /// `ORCH_LAUNCHER_OUTBOX_POLL_MS`, `ORCH_LAUNCHER_OUTBOX_BACKOFF_BASE_MS`,
+    /// `ORCH_LAUNCHER_OUTBOX_BACKOFF_MAX_MS`: how the end of a run (RecordRun, the finish
+    /// comment, AdvanceStage or ReportJobFailed) reaches the peers — for as long as they
+    /// are down, never given up on (no attempt limit).
+    pub outbox: OutboxConfig,
     /// `ORCH_TEST_FAILPOINT`: where the launcher kills itself, for the fault tests only;
     /// `None` (unset) in every real deployment.
     pub failpoint: Option<Failpoint>,
@@ -288,6 +294,22 @@ impl LauncherConfig {
             deploy_lease: env.bool("ORCH_DEPLOY_LEASE_ENABLED", true)?,
             lease_retry: seconds(env, "ORCH_LEASE_RETRY_S", 10.0)?,
             forge: ForgeConfig::from_env(env)?,
+            outbox: OutboxConfig {
+                // A delivery is at most two RPCs (FinishComment, then AddComment) of
+                // ORCH_RPC_TIMEOUT_MS (10 s by default) each: a claim of a launcher killed
+                // mid-delivery lapses after this, and its run's later effects go on (the
+                // kit's default of 120 s would hold them up that long).
+                claim_ttl: Duration::from_secs(30),
+                ..OutboxConfig::from_env(
+                    env,
+                    "ORCH_LAUNCHER_OUTBOX_",
+                    outbox::Defaults {
+                        poll_ms: 1_000,
+                        backoff_base_ms: 500,
+                        backoff_max_ms: 30_000,
+                    },
+                )?
+            },
             failpoint: Failpoint::from_env(env)?,
         })
     }
@@ -473,6 +495,9 @@ mod tests {
             ("ORCH_LAUNCHER_POLL_MS", "0"),
             ("ORCH_QG_HOOK_ENABLED", "maybe"),
             ("ORCH_TEST_FAILPOINT", "launcher.somewhere"),
+            ("ORCH_LAUNCHER_OUTBOX_POLL_MS", "0"),
+            ("ORCH_LAUNCHER_OUTBOX_BACKOFF_BASE_MS", "soon"),
+            ("ORCH_LAUNCHER_OUTBOX_BACKOFF_MAX_MS", "1"),
         ] {
             let err = LauncherConfig::from_env(&Env::from_pairs([(var, value)])).expect_err(var);
             assert_eq!(err.var, var, "{value}");

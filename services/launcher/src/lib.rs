@@ -6,9 +6,12 @@
 //! - [`supervisor`]: the event-driven dispatcher, heartbeats, restart reconciliation, the
 //!   circuit breaker's gate;
 //! - [`run`] and [`agent`]: one LLM run — checkout, spawn in its own process group, pid
-//!   stamp, watchdog, finalize, commit/push/PR, finish comment, `AdvanceStage`;
+//!   stamp, watchdog, finalize, commit/push/PR;
 //! - `prompt`: the agent's prompt file: the role's prompt, then the task stage-engine
 //!   composed for the job;
+//! - [`outbox`]: the end of a run toward the peers (RecordRun, the finish comment,
+//!   `AdvanceStage` or `ReportJobFailed`), written with the job's end and delivered for as
+//!   long as a peer is down (the kit's one outbox mechanism);
 //! - [`reserved`]: the no-LLM jobs (`deploy-finalizer`, `post-deploy-monitor`) as RPCs;
 //! - [`classify`] and [`rules`]: what a run came to and where the job goes next, as pure
 //!   functions.
@@ -17,6 +20,7 @@ pub mod agent;
 pub mod classify;
 pub mod config;
 mod error;
+pub mod outbox;
 pub mod peers;
 mod preflight;
 pub mod proc;

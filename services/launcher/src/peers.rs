@@ -9,7 +9,8 @@ use orchestrator_proto::merge_gate::v1::{
 };
 use orchestrator_proto::post_deploy::v1::{TickRequest, TickResponse};
 use orchestrator_proto::stage_engine::v1::{
-    AddCommentRequest, AdvanceStageRequest, AdvanceStageResponse, GetWorkItemRequest, WorkItem,
+    AddCommentRequest, AdvanceStageRequest, AdvanceStageResponse, GetWorkItemRequest,
+    ReportJobFailedRequest, WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::{RecordRunRequest, RunKey, WorkItemSummaryRequest};
 use tonic::Status;
@@ -32,6 +33,11 @@ pub trait Peers: Send + Sync + 'static {
     async fn advance_stage(
         &self,
         request: AdvanceStageRequest,
+    ) -> Result<AdvanceStageResponse, Status>;
+    /// `StageEngine.ReportJobFailed`: a job ended failed for good.
+    async fn report_job_failed(
+        &self,
+        request: ReportJobFailedRequest,
     ) -> Result<AdvanceStageResponse, Status>;
     /// `MergeGate.AcquireLease`.
     async fn acquire_lease(
@@ -133,6 +139,19 @@ impl Peers for GrpcPeers {
             .into_inner())
     }
 
+    async fn report_job_failed(
+        &self,
+        request: ReportJobFailedRequest,
+    ) -> Result<AdvanceStageResponse, Status> {
+        Ok(self
+            .clients
+            .stage_engine
+            .clone()
+            .report_job_failed(request)
+            .await?
+            .into_inner())
+    }
+
     async fn acquire_lease(
         &self,
         request: AcquireLeaseRequest,
@@ -184,19 +203,4 @@ impl Peers for GrpcPeers {
             .await?
             .into_inner())
     }
-}
-
-/// Returns whether a failed call may succeed later. The caller's own mistakes are final;
-/// everything else — down, overloaded, not built yet (UNIMPLEMENTED), a deadline — is retried.
-pub fn is_transient(status: &Status) -> bool {
-    use tonic::Code::*;
-    !matches!(
-        status.code(),
-        InvalidArgument
-            | NotFound
-            | FailedPrecondition
-            | AlreadyExists
-            | OutOfRange
-            | PermissionDenied
-    )
 }

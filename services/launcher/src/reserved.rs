@@ -12,14 +12,13 @@
 use std::time::Duration;
 
 use orchestrator_git::RepoName;
+use orchestrator_kit::retry::{Backoff, is_retryable_status};
 use orchestrator_proto::merge_gate::v1::{
     AcquireLeaseRequest, FinalizeMergeRequest, FinalizeOutcome,
 };
 use serde_json::Value;
 use tonic::Status;
 
-use crate::classify::{backoff, jitter};
-use crate::peers::is_transient;
 use crate::rules::End;
 use crate::store::JobRow;
 use crate::supervisor::{RunHandle, StopReason, Supervisor};
@@ -54,12 +53,8 @@ impl Supervisor {
         End::Again {
             outcome: "peer_unavailable",
             reason: format!("{what} ({:?}): {}", s.code(), s.message()),
-            after: backoff(
-                job.transient_attempts + 1,
-                self.config().backoff_base,
-                self.config().backoff_max,
-                jitter(),
-            ),
+            after: Backoff::new(self.config().backoff_base, self.config().backoff_max)
+                .delay(job.transient_attempts + 1),
             bump: true,
         }
     }
@@ -81,7 +76,9 @@ impl Supervisor {
                     after: Duration::from_secs(u64::from(t.next_tick_in_s.max(1))),
                     bump: false,
                 },
-                Err(s) if is_transient(&s) => self.unavailable(job, "post-deploy cannot tick", &s),
+                Err(s) if is_retryable_status(&s) => {
+                    self.unavailable(job, "post-deploy cannot tick", &s)
+                }
                 Err(s) => End::Failed {
                     outcome: "refused",
                     reason: format!("post-deploy refused the tick: {}", s.message()),
@@ -144,7 +141,7 @@ impl Supervisor {
                             &Status::unknown(""),
                         ),
                     },
-                    Err(s) if is_transient(&s) => {
+                    Err(s) if is_retryable_status(&s) => {
                         self.unavailable(job, "merge-gate cannot finalize the merge", &s)
                     }
                     Err(s) => End::Failed {
@@ -193,7 +190,7 @@ impl Supervisor {
                     bump: false,
                 })
             }
-            Err(s) if is_transient(&s) => {
+            Err(s) if is_retryable_status(&s) => {
                 Err(self.unavailable(job, "merge-gate cannot give the merge lease", &s))
             }
             Err(s) => Err(End::Failed {

@@ -12,7 +12,8 @@
 
 use std::time::Duration;
 
-use crate::classify::backoff;
+use orchestrator_kit::retry::Backoff;
+
 use crate::store::{JobRow, Settle, Status};
 
 /// How a run ended, as the launcher decided it.
@@ -59,6 +60,12 @@ pub struct Limits {
     pub backoff_max: Duration,
 }
 
+impl Limits {
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.backoff_base, self.backoff_max)
+    }
+}
+
 fn after(now_ms: i64, d: Duration) -> i64 {
     now_ms.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
@@ -96,10 +103,7 @@ pub fn next_state(job: &JobRow, end: &End, limits: Limits, now_ms: i64, jitter: 
             s.outcome = (*outcome).to_owned();
             if *retry && s.failures < job.max_attempts {
                 s.status = Status::Queued;
-                s.not_before_ms = after(
-                    now_ms,
-                    backoff(s.failures, limits.backoff_base, limits.backoff_max, jitter),
-                );
+                s.not_before_ms = after(now_ms, limits.backoff().spread(s.failures, jitter));
                 s.reason = format!(
                     "{reason} (failure {} of {}; retrying)",
                     s.failures, job.max_attempts
@@ -120,14 +124,8 @@ pub fn next_state(job: &JobRow, end: &End, limits: Limits, now_ms: i64, jitter: 
                 );
             } else {
                 s.status = Status::Queued;
-                let d = wait.unwrap_or_else(|| {
-                    backoff(
-                        s.transient_attempts,
-                        limits.backoff_base,
-                        limits.backoff_max,
-                        jitter,
-                    )
-                });
+                let d =
+                    wait.unwrap_or_else(|| limits.backoff().spread(s.transient_attempts, jitter));
                 s.not_before_ms = after(now_ms, d);
                 s.reason = format!(
                     "{reason} (transient failure {} of {}; retrying in {} ms{})",

@@ -1,7 +1,9 @@
 //! One run of an LLM job: look up the branch, check it out, build the command, spawn the
-//! agent in its own group, stamp its pid, watch it, then finalize — record the usage,
-//! classify, and on success commit, push, ensure the PR, post the finish comment under the
-//! agent's bot and call `StageEngine.AdvanceStage`.
+//! agent in its own group, stamp its pid, watch it, then finalize — classify, and on
+//! success commit, push and ensure the PR (the launcher's own work, done here). What the
+//! run tells its peers (RecordRun, the finish comment under the agent's bot, AdvanceStage
+//! or ReportJobFailed) is written with the job's end and delivered by the outbox
+//! ([`crate::outbox`]): the job's status never waits for a peer.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -10,18 +12,17 @@ use std::time::{Duration, Instant};
 use orchestrator_agent_output::{TAIL_BYTES, parse_result};
 use orchestrator_forge::{PullRequest, RepoName};
 use orchestrator_git::{validate_branch, validate_work_item_key};
+use orchestrator_kit::retry::{Backoff, is_retryable_status};
 use orchestrator_kit::time::{now_ms, rfc3339};
 use orchestrator_proto::merge_gate::v1::AcquireLeaseRequest;
-use orchestrator_proto::stage_engine::v1::{AdvanceOutcome, AdvanceStageRequest};
-use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
 use serde_json::{Value, json};
 
 use crate::agent::{self, Ended, Launch};
 use crate::classify::{Evidence, RunExit, Verdict, classify};
 use crate::config::{Failpoint, shell_quote};
-use crate::peers::is_transient;
+use crate::outbox::{Effect, Finalizer};
 use crate::rules::End;
-use crate::store::{self, JobRow, Kind, NewJob};
+use crate::store::{self, JobRow};
 use crate::supervisor::{RunHandle, StopReason, Supervisor, html_escape};
 use crate::workspace::Checkout;
 
@@ -351,7 +352,7 @@ impl Supervisor {
             None => match self.inner.peers.work_item(&key).await {
                 Ok(item) if !item.branch.is_empty() => item.branch,
                 Ok(_) => format!("orch/{key}"),
-                Err(s) if is_transient(&s) => {
+                Err(s) if is_retryable_status(&s) => {
                     return Err(again(
                         "peer_unavailable",
                         format!(
@@ -474,12 +475,8 @@ impl Supervisor {
     }
 
     fn backoff(&self, job: &JobRow) -> Duration {
-        crate::classify::backoff(
-            job.transient_attempts + 1,
-            self.config().backoff_base,
-            self.config().backoff_max,
-            crate::classify::jitter(),
-        )
+        Backoff::new(self.config().backoff_base, self.config().backoff_max)
+            .delay(job.transient_attempts + 1)
     }
 
     async fn acquire_lease(&self, job: &JobRow, repo: &RepoName) -> Result<(), End> {
@@ -503,7 +500,7 @@ impl Supervisor {
                     self.config().lease_retry,
                 ))
             }
-            Err(s) if is_transient(&s) => Err(End::Again {
+            Err(s) if is_retryable_status(&s) => Err(End::Again {
                 outcome: "peer_unavailable",
                 reason: format!(
                     "merge-gate cannot give the merge lease ({:?}): {}",
@@ -549,7 +546,7 @@ impl Supervisor {
         if let Some(budget) = c.work_item_budget_usd {
             let spent = match self.inner.peers.spent_usd(&files.ctx.key).await {
                 Ok(s) => s,
-                Err(s) if is_transient(&s) => {
+                Err(s) if is_retryable_status(&s) => {
                     return Err(again(
                         "peer_unavailable",
                         format!(
@@ -635,24 +632,14 @@ impl Supervisor {
     async fn finalize(&self, job: &JobRow, files: &RunFiles, exit: RunExit, timeout: Duration) {
         let tail = read_tail(&files.log);
         let result = parse_result(&tail);
-        let usage = RecordRunRequest {
+        // Every run that happened is accounted for, whatever it came to (RecordRun is
+        // idempotent on the job and attempt); the run's outcome does not wait for it.
+        let mut effects = vec![Effect::RecordRun {
             job_id: job.id.clone(),
             attempt: job.attempt,
-            work_item: files.ctx.key.clone(),
             agent: job.agent.clone(),
             output: tail.clone(),
-        };
-        // Retried while usage-ledger restarts (RecordRun is idempotent on the job and
-        // attempt): a run's usage lost here is missing from the item's summary for good.
-        let recorded = self
-            .retry_peer(&job.id, "record_run", || {
-                self.inner.peers.record_run(usage.clone())
-            })
-            .await;
-        if let Err(e) = recorded {
-            // Never fatal: the run's outcome does not depend on its accounting.
-            tracing::warn!(job_id = job.id, code = ?e.code(), error = e.message(), "cannot record the run's usage");
-        }
+        }];
         let qg_hook_blocks = files.hook_state.as_deref().map(|p| {
             std::fs::read_to_string(p)
                 .ok()
@@ -674,7 +661,11 @@ impl Supervisor {
         self.on_outcome(matches!(verdict, Verdict::Transient { .. }))
             .await;
         let end = match verdict {
-            Verdict::Success => self.deliver_success(job, files, qg_hook_blocks).await,
+            Verdict::Success => {
+                let (end, success) = self.deliver_success(job, files, qg_hook_blocks).await;
+                effects.extend(success);
+                end
+            }
             Verdict::Transient { reason, wait } => End::Transient { reason, wait },
             Verdict::Permanent { reason, retry } => {
                 let (outcome, reason) = if exit.timed_out {
@@ -693,7 +684,9 @@ impl Supervisor {
             }
         };
         let succeeded = matches!(end, End::Succeeded { .. });
-        let written = self.end_run(job, end, exit.code, qg_hook_blocks).await;
+        let written = self
+            .end_run_with(job, end, exit.code, qg_hook_blocks, effects)
+            .await;
         self.release_lease(job, files.lease).await;
         if succeeded
             && written.is_some()
@@ -729,13 +722,15 @@ impl Supervisor {
         }
     }
 
-    /// The success path: commit and push, ensure the PR, the finish comment, AdvanceStage.
+    /// The success path: commit and push, ensure the PR; then the effects that follow the
+    /// job's end: the finish comment and AdvanceStage (carrying the deploy-finalizer's
+    /// payload after a deploy). A push or PR that fails is the run's failure.
     async fn deliver_success(
         &self,
         job: &JobRow,
         files: &RunFiles,
         qg_hook_blocks: Option<u32>,
-    ) -> End {
+    ) -> (End, Vec<Effect>) {
         let ctx = &files.ctx;
         let forge = self.inner.workspace.forge().clone();
         let mut notes: Vec<String> = Vec::new();
@@ -750,11 +745,12 @@ impl Supervisor {
                 Ok(d) => d,
                 Err(e) => {
                     log_line(&files.log, &format!("delivery failed: {e}"));
-                    return End::Permanent {
+                    let end = End::Permanent {
                         outcome: "push_failed",
                         reason: format!("cannot commit and push the agent's work: {e}"),
                         retry: true,
                     };
+                    return (end, Vec::new());
                 }
             };
             if !delivered.committed && delivered.changed_files.is_empty() {
@@ -787,6 +783,9 @@ impl Supervisor {
                 format!("{}: {}", ctx.key, ctx.title)
             };
             let body = format!("Work item {} — opened by the orchestrator.", ctx.key);
+            // A short wait on a forge that hiccups; a forge that stays down fails the run,
+            // whose attempt rules retry it.
+            let wait = Backoff::new(Duration::from_secs(1), Duration::from_secs(4));
             let mut tries = 0;
             loop {
                 tries += 1;
@@ -799,178 +798,75 @@ impl Supervisor {
                         break;
                     }
                     Err(e) if e.is_transient() && tries < 4 => {
-                        tokio::time::sleep(Duration::from_millis(500 * (1 << tries))).await;
+                        tokio::time::sleep(wait.delay(tries)).await;
                     }
                     Err(e) => {
-                        return End::Permanent {
+                        let end = End::Permanent {
                             outcome: "pr_failed",
                             reason: format!("cannot ensure the PR: {e}"),
                             retry: true,
                         };
+                        return (end, Vec::new());
                     }
                 }
             }
         }
-        self.finish_comment(job, files, pr.as_ref(), &links, &notes, qg_hook_blocks)
-            .await;
-        let mut outcome = if notes.is_empty() {
+        let finalizer = match &pr {
+            Some(pr) if job.stage == "deploy" && self.config().git => Some(Finalizer {
+                repo: ctx.repo.to_string(),
+                stage: job.stage.clone(),
+                payload_json: json!({
+                    "work_item": ctx.key,
+                    "repo": ctx.repo.to_string(),
+                    "branch": ctx.branch,
+                    "base": ctx.base,
+                    "pr_number": pr.number,
+                    "tested_head_sha": pr.head_sha,
+                    "deployer_job_id": job.id,
+                })
+                .to_string(),
+                max_attempts: self.config().max_attempts,
+            }),
+            _ => None,
+        };
+        let effects = vec![
+            Effect::FinishComment {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                agent: job.agent.clone(),
+                rest_html: finish_rest_html(pr.as_ref(), &links, &notes, qg_hook_blocks),
+            },
+            Effect::AdvanceStage {
+                job_id: job.id.clone(),
+                attempt: job.attempt,
+                agent: job.agent.clone(),
+                dedupe_key: ctx.dedupe_key.clone(),
+                finalizer,
+            },
+        ];
+        let outcome = if notes.is_empty() {
             "succeeded"
         } else {
             "no_changes"
-        }
-        .to_owned();
-        match self.advance(job, ctx).await {
-            Ok(resp) => {
-                let adv = resp.outcome();
-                notes.push(format!(
-                    "advance_stage: {}",
-                    adv.as_str_name().to_ascii_lowercase()
-                ));
-                if adv == AdvanceOutcome::Done && job.stage == "deploy" && self.config().git {
-                    match self.enqueue_finalizer(job, ctx, pr.as_ref()).await {
-                        Ok(()) => outcome = "deployed".to_owned(),
-                        Err(e) => notes.push(format!("cannot enqueue the deploy-finalizer: {e}")),
-                    }
-                }
-            }
-            Err(e) => notes.push(e),
-        }
-        End::Succeeded {
-            outcome,
+        };
+        let end = End::Succeeded {
+            outcome: outcome.to_owned(),
             note: notes.join("; "),
-        }
-    }
-
-    async fn finish_comment(
-        &self,
-        job: &JobRow,
-        files: &RunFiles,
-        pr: Option<&PullRequest>,
-        links: &[(String, String)],
-        notes: &[String],
-        qg_hook_blocks: Option<u32>,
-    ) {
-        let line = match self.inner.peers.finish_comment(&job.id, job.attempt).await {
-            Ok(t) if !t.is_empty() => t,
-            _ => format!("{} done", role_title(&job.agent)),
         };
-        let html = finish_comment_html(&line, pr, links, notes, qg_hook_blocks);
-        let key = format!("launcher:{}:{}:finish", job.id, job.attempt);
-        self.comment(
-            &files.ctx.key,
-            &html,
-            crate::supervisor::comment_author(&job.agent),
-            &key,
-        )
-        .await;
-    }
-
-    /// `StageEngine.AdvanceStage`, retried a while when stage-engine is unavailable.
-    async fn advance(
-        &self,
-        job: &JobRow,
-        ctx: &Ctx,
-    ) -> Result<orchestrator_proto::stage_engine::v1::AdvanceStageResponse, String> {
-        let req = AdvanceStageRequest {
-            work_item: ctx.key.clone(),
-            finished_agent: job.agent.clone(),
-            job_id: job.id.clone(),
-            attempt: job.attempt,
-            dedupe_key: ctx.dedupe_key.clone(),
-        };
-        self.retry_peer(&job.id, "advance_stage", || {
-            self.inner.peers.advance_stage(req.clone())
-        })
-        .await
-        .map_err(|s| {
-            tracing::warn!(job_id = job.id, code = ?s.code(), error = s.message(), "advance_stage failed");
-            format!("advance_stage failed ({:?}): {}", s.code(), s.message())
-        })
-    }
-
-    /// Calls a peer about `subject` (a job, a work item), again while the answer is
-    /// transient (the peer is down or restarting): six tries, 250 ms doubling (about 8 s in
-    /// all), fewer once the launcher stops. Returns the last answer.
-    pub(crate) async fn retry_peer<T, F, Fut>(
-        &self,
-        subject: &str,
-        rpc: &str,
-        mut call: F,
-    ) -> Result<T, tonic::Status>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-    {
-        let mut wait = Duration::from_millis(250);
-        let mut tries = 1;
-        loop {
-            match call().await {
-                Err(s) if is_transient(&s) && tries < 6 && !self.inner.stopped.is_cancelled() => {
-                    tracing::info!(subject, rpc, code = ?s.code(), "peer unavailable; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait *= 2;
-                    tries += 1;
-                }
-                answer => return answer,
-            }
-        }
-    }
-
-    /// After the deployer's verdict completed the item: the deploy-finalizer merges the PR,
-    /// pinned to the head that was deployed. The deployer releases its lease right after;
-    /// the finalizer takes the lease at its claim (and waits briefly while its deployer
-    /// still holds it).
-    async fn enqueue_finalizer(
-        &self,
-        job: &JobRow,
-        ctx: &Ctx,
-        pr: Option<&PullRequest>,
-    ) -> Result<(), String> {
-        let pr = pr.ok_or("no PR to merge")?;
-        let now = now_ms();
-        let payload = json!({
-            "work_item": ctx.key,
-            "repo": ctx.repo.to_string(),
-            "branch": ctx.branch,
-            "base": ctx.base,
-            "pr_number": pr.number,
-            "tested_head_sha": pr.head_sha,
-            "deployer_job_id": job.id,
-        });
-        store::enqueue(
-            self.db(),
-            &NewJob {
-                id: crate::service::new_job_id(),
-                work_item: ctx.key.clone(),
-                repo: ctx.repo.to_string(),
-                agent: "deploy-finalizer".to_owned(),
-                stage: job.stage.clone(),
-                kind: Kind::Reserved,
-                payload_json: payload.to_string(),
-                dedupe_key: Some(format!("deploy-finalizer:{}", job.id)),
-                max_attempts: self.config().max_attempts,
-                not_before_ms: now,
-                now_ms: now,
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        self.wake();
-        Ok(())
+        (end, effects)
     }
 }
 
-/// The finish comment: usage-ledger's line, then the PR, the artifacts the run changed,
-/// how often the quality-gate hook kept the agent working (`QG hook blocked N×`) and the
-/// notes, joined by ` · `.
-fn finish_comment_html(
-    line: &str,
+/// The finish comment after usage-ledger's line (added when the outbox delivers it): the
+/// PR, the artifacts the run changed, how often the quality-gate hook kept the agent
+/// working (`QG hook blocked N×`) and the notes, joined by ` · `.
+fn finish_rest_html(
     pr: Option<&PullRequest>,
     links: &[(String, String)],
     notes: &[String],
     qg_hook_blocks: Option<u32>,
 ) -> String {
-    let mut html = format!("<p>{}</p>", html_escape(line));
+    let mut html = String::new();
     let mut parts: Vec<String> = Vec::new();
     if let Some(p) = pr {
         parts.push(format!(
@@ -1047,6 +943,21 @@ mod tests {
         assert_eq!(back.log, f.log);
         assert!(back.lease);
         assert_eq!(back.ctx.dedupe_key, "d");
+    }
+
+    /// The finish comment as the outbox posts it.
+    fn finish_comment_html(
+        line: &str,
+        pr: Option<&PullRequest>,
+        links: &[(String, String)],
+        notes: &[String],
+        qg_hook_blocks: Option<u32>,
+    ) -> String {
+        format!(
+            "<p>{}</p>{}",
+            html_escape(line),
+            finish_rest_html(pr, links, notes, qg_hook_blocks)
+        )
     }
 
     #[test]

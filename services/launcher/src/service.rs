@@ -8,6 +8,7 @@ use std::time::Duration;
 use orchestrator_forge::Forge;
 use orchestrator_git::{validate_repo, validate_work_item_key};
 use orchestrator_kit::clients::Clients;
+use orchestrator_kit::outbox::State as OutboxState;
 use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{ConfigError, Db, Env};
 use orchestrator_proto::launcher::v1::{
@@ -26,11 +27,12 @@ use tonic::{Request, Response, Status};
 use crate::agent::AgentEnv;
 use crate::config::LauncherConfig;
 use crate::error::LauncherError;
+use crate::outbox::{Effect, OUTBOX};
 use crate::peers::{GrpcPeers, Peers};
 use crate::reserved::RESERVED;
 use crate::rules::End;
 use crate::store::{self, JobRow, Kind, NewJob, Status as JobState};
-use crate::supervisor::{StopReason, Supervisor};
+use crate::supervisor::{StopReason, Supervisor, job_dedupe_key};
 use crate::workspace::Workspace;
 
 /// The launcher gRPC service.
@@ -292,11 +294,19 @@ impl LauncherService {
         } else {
             r.reason.trim().to_owned()
         };
+        // A flip ends the run as its own finalize would have: a success advances the item
+        // (the reaper's tier 2, exit 0), a failure for good is reported (in end_run_with).
+        let mut effects = Vec::new();
         let end = match r.outcome() {
-            JobStatus::Succeeded => End::Succeeded {
-                outcome: "flipped".to_owned(),
-                note: reason,
-            },
+            JobStatus::Succeeded => {
+                if job.kind == Kind::Llm {
+                    effects = flip_success_effects(&job);
+                }
+                End::Succeeded {
+                    outcome: "flipped".to_owned(),
+                    note: reason,
+                }
+            }
             JobStatus::Failed => End::Permanent {
                 outcome: "flipped",
                 reason,
@@ -310,7 +320,10 @@ impl LauncherService {
         if job.status != JobState::Running || job.attempt != r.attempt {
             return Ok((false, job));
         }
-        let written = self.sup.end_run(&job, end, r.exit_code, None).await;
+        let written = self
+            .sup
+            .end_run_with(&job, end, r.exit_code, None, effects)
+            .await;
         let Some(row) = written else {
             let now = self.job(&job.id).await?;
             return Ok((false, now));
@@ -380,6 +393,28 @@ impl LauncherService {
             _ => Ok((false, job)),
         }
     }
+}
+
+/// What a run flipped SUCCEEDED tells the others: its usage (from its log, when it has
+/// one) and AdvanceStage — the quality gate decides, not the exit code.
+fn flip_success_effects(job: &JobRow) -> Vec<Effect> {
+    let mut effects = Vec::new();
+    if !job.log_path.is_empty() {
+        effects.push(Effect::RecordRun {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            agent: job.agent.clone(),
+            output: crate::run::read_tail(std::path::Path::new(&job.log_path)),
+        });
+    }
+    effects.push(Effect::AdvanceStage {
+        job_id: job.id.clone(),
+        attempt: job.attempt,
+        agent: job.agent.clone(),
+        dedupe_key: job_dedupe_key(job),
+        finalizer: None,
+    });
+    effects
 }
 
 /// A job as the proto shows it.
@@ -492,6 +527,14 @@ impl Launcher for LauncherService {
         let counts = store::counts(db).await.map_err(LauncherError::from)?;
         let running = store::running(db).await.map_err(LauncherError::from)?;
         let breaker = store::breaker(db).await.map_err(LauncherError::from)?;
+        let outbox = OUTBOX.counts(db).await.map_err(LauncherError::from)?;
+        let outbox_count = |states: &[OutboxState]| -> u64 {
+            outbox
+                .iter()
+                .filter(|(s, _)| states.contains(s))
+                .map(|(_, n)| n)
+                .sum()
+        };
         let config = self.sup.config().clone();
         let agent_command =
             match tokio::task::spawn_blocking(move || config.agent_command_found()).await {
@@ -524,6 +567,8 @@ impl Launcher for LauncherService {
                 consecutive_transient: breaker.consecutive_transient,
                 open_until_ms: breaker.open_until_ms,
             }),
+            outbox_pending: outbox_count(&[OutboxState::Pending, OutboxState::Delivering]),
+            outbox_failed: outbox_count(&[OutboxState::Failed]),
         }))
     }
 

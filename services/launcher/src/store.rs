@@ -1,4 +1,5 @@
-//! The launcher's tables: jobs, launcher_instances, breaker.
+//! The launcher's tables: jobs, launcher_instances, breaker (the outbox is
+//! [`crate::outbox`]'s, written here in the transaction that ends a run).
 //!
 //! Every write about a run is guarded by `status = 'running' AND attempt = $n`: the attempt
 //! is the fencing token, so a late writer from an earlier run (or a second finalizer)
@@ -10,6 +11,8 @@ use std::str::FromStr;
 use orchestrator_kit::{Backend, Db};
 use sqlx::Row;
 use sqlx::any::AnyRow;
+
+use crate::outbox::Effect;
 
 /// A job's kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,6 +520,20 @@ pub async fn settle(
     attempt: u32,
     s: &Settle,
 ) -> Result<Option<JobRow>, sqlx::Error> {
+    settle_with(db, id, attempt, s, &[]).await
+}
+
+/// [`settle`], and in the same transaction — only when this write ended the run — the
+/// run's `effects` on its peers into the outbox ([`crate::outbox`]): the end of a run and
+/// what it must tell the others commit together or not at all.
+pub async fn settle_with(
+    db: &Db,
+    id: &str,
+    attempt: u32,
+    s: &Settle,
+    effects: &[Effect],
+) -> Result<Option<JobRow>, sqlx::Error> {
+    let mut tx = db.pool.begin().await?;
     let finished = if s.status.is_terminal() { s.now_ms } else { 0 };
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs SET status = $3, not_before_ms = $4, failures = $5, transient_attempts = $6, \
@@ -538,9 +555,16 @@ pub async fn settle(
     .bind(i64::from(s.exit_code.unwrap_or(0)))
     .bind(i64::from(s.qg_hook_blocks.is_some()))
     .bind(i64::from(s.qg_hook_blocks.unwrap_or(0)))
-    .fetch_optional(&db.pool)
+    .fetch_optional(&mut *tx)
     .await?;
-    row.as_ref().map(from_row).transpose()
+    let Some(row) = row.as_ref().map(from_row).transpose()? else {
+        return Ok(None);
+    };
+    for e in effects {
+        crate::outbox::insert(&mut tx, &row.work_item, e).await?;
+    }
+    tx.commit().await?;
+    Ok(Some(row))
 }
 
 /// Cancels a queued job (a running one is cancelled through [`settle`]).

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrator_kit::Db;
+use orchestrator_kit::retry::jitter;
 use orchestrator_kit::time::now_ms;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentEnv;
-use crate::classify::jitter;
 use crate::config::LauncherConfig;
+use crate::outbox::{self, Delivery, Dispatcher, Effect};
 use crate::peers::Peers;
 use crate::rules::{End, Limits, next_state};
 use crate::store::{self, ClaimFilter, JobRow, Kind, Status};
@@ -65,6 +66,8 @@ pub(crate) struct Inner {
     pub workspace: Workspace,
     pub agent_env: AgentEnv,
     pub wake: Notify,
+    /// Wakes the outbox dispatcher: a run's effects were written.
+    pub outbox_wake: Arc<Notify>,
     pub runs: Mutex<HashMap<String, RunHandle>>,
     pub llm_in_flight: AtomicU32,
     pub reserved_in_flight: AtomicU32,
@@ -132,6 +135,7 @@ impl Supervisor {
                 workspace,
                 agent_env,
                 wake: Notify::new(),
+                outbox_wake: Arc::new(Notify::new()),
                 runs: Mutex::new(HashMap::new()),
                 llm_in_flight: AtomicU32::new(0),
                 reserved_in_flight: AtomicU32::new(0),
@@ -176,9 +180,22 @@ impl Supervisor {
         self.inner.stopped.clone()
     }
 
+    /// The dispatcher of this launcher's outbox (the end of every run, toward the peers).
+    pub fn outbox_dispatcher(&self) -> Dispatcher {
+        Dispatcher {
+            outbox: outbox::OUTBOX,
+            db: self.db().clone(),
+            deliver: Arc::new(Delivery { sup: self.clone() }),
+            config: self.config().outbox.clone(),
+            notify: self.inner.outbox_wake.clone(),
+        }
+    }
+
     /// Registers this instance, reconciles what its previous life left running, then
-    /// dispatches until `shutdown`; heartbeats alongside. Returns at once.
+    /// dispatches until `shutdown`; heartbeats and delivers the outbox alongside (what a
+    /// previous life left pending included). Returns at once.
     pub fn start(&self, shutdown: CancellationToken) {
+        tokio::spawn(self.outbox_dispatcher().run(shutdown.clone()));
         let me = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -401,15 +418,31 @@ impl Supervisor {
         });
     }
 
-    /// Ends run `job.attempt` as `end` decides (guarded), then does what the end calls for
-    /// (a failure comment). Returns the job as written, or `None` when someone else ended
-    /// that run first — the caller then does nothing more.
+    /// Ends run `job.attempt` as `end` decides (guarded), with no effect of its own; see
+    /// [`Self::end_run_with`].
     pub(crate) async fn end_run(
         &self,
         job: &JobRow,
         end: End,
         exit_code: Option<i32>,
         qg_hook_blocks: Option<u32>,
+    ) -> Option<JobRow> {
+        self.end_run_with(job, end, exit_code, qg_hook_blocks, Vec::new())
+            .await
+    }
+
+    /// Ends run `job.attempt` as `end` decides (guarded) and, in the same transaction, writes
+    /// the run's `effects` on its peers to the outbox — plus, when the job ends failed for
+    /// good, the failure comment and `ReportJobFailed`. Returns the job as written, or
+    /// `None` when someone else ended that run first — the caller then does nothing more
+    /// (its usage is still recorded: a run that happened is accounted for).
+    pub(crate) async fn end_run_with(
+        &self,
+        job: &JobRow,
+        end: End,
+        exit_code: Option<i32>,
+        qg_hook_blocks: Option<u32>,
+        mut effects: Vec<Effect>,
     ) -> Option<JobRow> {
         let c = self.config();
         let limits = Limits {
@@ -420,8 +453,11 @@ impl Supervisor {
         let mut s = next_state(job, &end, limits, now_ms(), jitter());
         s.exit_code = exit_code;
         s.qg_hook_blocks = qg_hook_blocks;
+        if s.status == Status::Failed {
+            effects.extend(failure_effects(job, &s.outcome, &s.reason));
+        }
         let written = loop {
-            match store::settle(self.db(), &job.id, job.attempt, &s).await {
+            match store::settle_with(self.db(), &job.id, job.attempt, &s, &effects).await {
                 Ok(w) => break w,
                 Err(e) => {
                     // Storage trouble: the run's end must not be lost while we live.
@@ -434,11 +470,20 @@ impl Supervisor {
             }
         };
         match &written {
-            None => tracing::info!(
-                job_id = job.id,
-                attempt = job.attempt,
-                "the run was ended by someone else; nothing more to do"
-            ),
+            None => {
+                tracing::info!(
+                    job_id = job.id,
+                    attempt = job.attempt,
+                    "the run was ended by someone else; nothing more to do"
+                );
+                let usage: Vec<Effect> = effects
+                    .into_iter()
+                    .filter(|e| matches!(e, Effect::RecordRun { .. }))
+                    .collect();
+                for e in &usage {
+                    self.write_effect(&job.work_item, e).await;
+                }
+            }
             Some(row) => {
                 tracing::info!(
                     job_id = row.id,
@@ -452,44 +497,39 @@ impl Supervisor {
                 // task wakes the dispatcher when it ends, but an end written for a run of
                 // another instance (a flip, a cancel) or of a previous life has no task here.
                 self.wake();
-                if row.status == Status::Failed {
-                    self.comment_failure(row).await;
+                if !effects.is_empty() {
+                    self.inner.outbox_wake.notify_one();
                 }
             }
         }
         written
     }
 
-    /// Posts "<Role> failed: <reason>" on the work item (never fatal).
-    pub(crate) async fn comment_failure(&self, job: &JobRow) {
-        let html = format!(
-            "<p>{} failed (job {}, attempt {}): {}</p>",
-            crate::run::role_title(&job.agent),
-            html_escape(&job.id),
-            job.attempt,
-            html_escape(&job.reason)
-        );
-        let key = format!("launcher:{}:{}:failed", job.id, job.attempt);
-        self.comment(&job.work_item, &html, comment_author(&job.agent), &key)
-            .await;
-    }
-
-    /// Posts a comment through stage-engine (its outbox retries it), waiting a while for a
-    /// restarting stage-engine (AddComment is idempotent on `key`); never fatal.
+    /// Posts a comment through stage-engine, by this launcher's outbox (retried for as long
+    /// as stage-engine is down; AddComment is idempotent on `key`); never fatal.
     pub(crate) async fn comment(&self, work_item: &str, html: &str, author: &str, key: &str) {
-        let req = orchestrator_proto::stage_engine::v1::AddCommentRequest {
-            work_item: work_item.to_owned(),
+        let effect = Effect::Comment {
             html: html.to_owned(),
             author: author.to_owned(),
             idempotency_key: key.to_owned(),
         };
-        let posted = self
-            .retry_peer(work_item, "add_comment", || {
-                self.inner.peers.add_comment(req.clone())
-            })
-            .await;
-        if let Err(e) = posted {
-            tracing::warn!(work_item, code = ?e.code(), error = e.message(), "cannot post a comment");
+        self.write_effect(work_item, &effect).await;
+    }
+
+    /// Writes one effect to the outbox on its own (not part of a run's end) and wakes its
+    /// dispatcher.
+    pub(crate) async fn write_effect(&self, work_item: &str, effect: &Effect) {
+        let written = async {
+            let mut tx = self.db().pool.begin().await?;
+            outbox::insert(&mut tx, work_item, effect).await?;
+            tx.commit().await
+        }
+        .await;
+        match written {
+            Ok(()) => self.inner.outbox_wake.notify_one(),
+            Err(e) => {
+                tracing::warn!(work_item, kind = effect.kind(), error = %e, "cannot write an effect to the outbox")
+            }
         }
     }
 
@@ -613,6 +653,43 @@ impl Supervisor {
         // Gone: its log tells how it ended.
         self.finalize_orphan(job).await;
     }
+}
+
+/// What a job that ended failed for good tells the others: "<Role> failed: <reason>" on
+/// the work item, and `StageEngine.ReportJobFailed` (the item parks as blocked).
+pub(crate) fn failure_effects(job: &JobRow, outcome: &str, reason: &str) -> [Effect; 2] {
+    let html = format!(
+        "<p>{} failed (job {}, attempt {}): {}</p>",
+        crate::run::role_title(&job.agent),
+        html_escape(&job.id),
+        job.attempt,
+        html_escape(reason)
+    );
+    [
+        Effect::Comment {
+            html,
+            author: comment_author(&job.agent).to_owned(),
+            idempotency_key: format!("launcher:{}:{}:failed", job.id, job.attempt),
+        },
+        Effect::ReportJobFailed {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            agent: job.agent.clone(),
+            dedupe_key: job_dedupe_key(job),
+            outcome: outcome.to_owned(),
+            reason: reason.to_owned(),
+        },
+    ]
+}
+
+/// The dedupe key the job was enqueued with: its own, else its payload's.
+pub(crate) fn job_dedupe_key(job: &JobRow) -> String {
+    job.dedupe_key.clone().unwrap_or_else(|| {
+        serde_json::from_str::<serde_json::Value>(&job.payload_json)
+            .ok()
+            .and_then(|v| v["dedupe_key"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    })
 }
 
 /// The role whose bot posts about `agent`'s job: the agent's own, or `stream`.

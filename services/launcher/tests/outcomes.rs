@@ -110,6 +110,7 @@ async fn the_transient_budget_runs_out() {
         "{}",
         j.reason
     );
+    h.outbox_drained().await;
     h.peers.with(|s| assert_eq!(s.record_runs.len(), 3));
 }
 
@@ -275,6 +276,16 @@ async fn no_changes_is_a_note_not_a_failure() {
     assert_eq!(j.status, Status::Succeeded, "{j:#?}");
     assert_eq!(j.outcome, "no_changes");
     assert!(j.reason.contains("no changes to commit"), "{}", j.reason);
+    // The effects follow the job's end, by the outbox.
+    eventually(SECS, "the advance and the finish comment", || {
+        h.peers.with(|s| {
+            !s.advances.is_empty()
+                && s.comments
+                    .iter()
+                    .any(|c| c.idempotency_key.ends_with(":finish"))
+        })
+    })
+    .await;
     h.peers.with(|s| {
         assert_eq!(s.advances.len(), 1);
         let finish = s
@@ -311,6 +322,7 @@ cat {contracts}/real-2.1.328/success-with-write-tool.stdout.json"#;
     assert_eq!(j.outcome, "budget_blocked");
     assert!(j.reason.contains("$1.50 of $1.00"), "{}", j.reason);
     assert!(!h.root.join("args").exists(), "the agent was not launched");
+    h.outbox_drained().await;
     h.peers.with(|s| {
         assert!(
             s.comments
@@ -407,8 +419,9 @@ async fn a_deploy_holds_the_merge_lease_and_hands_over_to_the_finalizer() {
     h.peers.with(|s| s.leases.clear());
     let d = h.wait_done(&deploy.id, SECS).await;
     assert_eq!(d.status, Status::Succeeded, "{d:#?}");
-    assert_eq!(d.outcome, "deployed");
-    // The finalizer was enqueued by the deployer's success and merges pinned to its head.
+    assert_eq!(d.outcome, "succeeded");
+    // The finalizer was enqueued when the deployer's AdvanceStage answered DONE (delivered
+    // by the outbox), and merges pinned to its head.
     let repo = RepoName::parse(REPO).expect("repo");
     let pr = h
         .forge
@@ -486,6 +499,13 @@ async fn the_usage_and_the_finish_comment_wait_for_restarting_peers() {
     let job = h.enqueue("developer", "development", "").await;
     h.wait_for(&job.id, SECS, |j| j.status == Status::Succeeded)
         .await;
+    let finish = format!("launcher:{}:1:finish", job.id);
+    eventually(SECS, "the usage and the finish comment", || {
+        h.peers.with(|s| {
+            !s.record_runs.is_empty() && s.comments.iter().any(|c| c.idempotency_key == finish)
+        })
+    })
+    .await;
     h.peers.with(|s| {
         assert_eq!(s.record_run_calls, 3);
         assert_eq!(s.record_runs.len(), 1);
@@ -493,7 +513,6 @@ async fn the_usage_and_the_finish_comment_wait_for_restarting_peers() {
             (s.record_runs[0].job_id.as_str(), s.record_runs[0].attempt),
             (job.id.as_str(), 1)
         );
-        let finish = format!("launcher:{}:1:finish", job.id);
         assert!(
             s.comments.iter().any(|c| c.idempotency_key == finish),
             "no finish comment: {:?}",

@@ -96,6 +96,7 @@ cat {{contracts}}/real-2.1.328/success-with-write-tool.stdout.json"#
         .expect("pr")
         .expect("a PR");
     // Usage recorded, finish comment under the agent's bot, then AdvanceStage.
+    h.outbox_drained().await;
     h.peers.with(|s| {
         assert_eq!(s.record_runs.len(), 1);
         assert!(
@@ -184,6 +185,7 @@ sleep 300"#;
         "{log}"
     );
     // A timeout is permanent: its failure is on the tracker.
+    h.outbox_drained().await;
     h.peers.with(|s| {
         assert!(
             s.comments
@@ -355,6 +357,7 @@ esac"#;
     // The queue went on.
     assert_eq!(h.wait_done(&good.id, SECS).await.status, Status::Succeeded);
     // Each failure is on the tracker with its reason.
+    h.outbox_drained().await;
     h.peers.with(|s| {
         for (_, _, reason) in cases {
             assert!(
@@ -401,6 +404,7 @@ esac"#;
         "{}",
         done.reason
     );
+    h3.outbox_drained().await;
     h3.peers.with(|s| {
         assert!(
             s.comments
@@ -561,6 +565,7 @@ cat {contracts}/real-2.1.328/stop-hook-blocked-then-success.stdout.json"#;
         "{args}"
     );
     assert!(!args.contains("--bare"));
+    h.outbox_drained().await;
     h.peers.with(|s| {
         let finish = s
             .comments

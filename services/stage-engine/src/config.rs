@@ -3,30 +3,17 @@
 use std::time::Duration;
 
 use orchestrator_forge::ForgeConfig;
+use orchestrator_kit::outbox;
 use orchestrator_kit::{ConfigError, Env};
 use orchestrator_tracker::TrackerConfig;
 
 use crate::pipeline::Limits;
 use crate::reconcile::ReconcileConfig;
 
-/// How the outbox is delivered.
-#[derive(Debug, Clone)]
-pub struct OutboxConfig {
-    /// `ORCH_OUTBOX_POLL_MS`: how often due entries are looked for when nothing wakes the
-    /// dispatcher (a state change wakes it at once).
-    pub poll: Duration,
-    /// `ORCH_OUTBOX_BACKOFF_BASE_MS` / `ORCH_OUTBOX_BACKOFF_MAX_MS`: a failed delivery waits
-    /// `min(base * 2^(attempts-1), max)`.
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    /// `ORCH_OUTBOX_MAX_ATTEMPTS`: after this many transient failures an entry is `failed`;
-    /// 0 means retry for ever (the default: nothing is given up while a service is down).
-    pub max_attempts: u32,
-    /// How long one delivery may hold an entry before another deliverer may take it.
-    pub claim_ttl: Duration,
-    /// Entries delivered concurrently per pass (each of a different work item and channel).
-    pub batch: u32,
-}
+/// How the outbox is delivered: `ORCH_OUTBOX_POLL_MS`, `ORCH_OUTBOX_BACKOFF_BASE_MS`,
+/// `ORCH_OUTBOX_BACKOFF_MAX_MS`, and `ORCH_OUTBOX_MAX_ATTEMPTS` (0, the default: retry for
+/// as long as the receiver is down).
+pub use orchestrator_kit::outbox::OutboxConfig;
 
 /// The stall watchdog's timing.
 #[derive(Debug, Clone)]
@@ -58,40 +45,19 @@ pub struct StageEngineConfig {
     pub forge: ForgeConfig,
 }
 
-fn ms(env: &Env, name: &str, default: u64) -> Result<Duration, ConfigError> {
-    Ok(Duration::from_millis(env.parse(name, default)?))
-}
-
 impl StageEngineConfig {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let forge = ForgeConfig::from_env(env)?;
-        let outbox = OutboxConfig {
-            poll: ms(env, "ORCH_OUTBOX_POLL_MS", 1_000)?,
-            backoff_base: ms(env, "ORCH_OUTBOX_BACKOFF_BASE_MS", 1_000)?,
-            backoff_max: ms(env, "ORCH_OUTBOX_BACKOFF_MAX_MS", 300_000)?,
-            max_attempts: env.parse("ORCH_OUTBOX_MAX_ATTEMPTS", 0u32)?,
-            claim_ttl: Duration::from_secs(120),
-            batch: 32,
-        };
-        if outbox.poll.is_zero() {
-            return Err(ConfigError::new(
-                "ORCH_OUTBOX_POLL_MS",
-                "must be at least 1",
-            ));
-        }
-        // A zero backoff would retry a down service in a hot loop.
-        if outbox.backoff_base.is_zero() {
-            return Err(ConfigError::new(
-                "ORCH_OUTBOX_BACKOFF_BASE_MS",
-                "must be at least 1",
-            ));
-        }
-        if outbox.backoff_max < outbox.backoff_base {
-            return Err(ConfigError::new(
-                "ORCH_OUTBOX_BACKOFF_MAX_MS",
-                "must be at least ORCH_OUTBOX_BACKOFF_BASE_MS",
-            ));
-        }
+        let mut outbox = OutboxConfig::from_env(
+            env,
+            "ORCH_OUTBOX_",
+            outbox::Defaults {
+                poll_ms: 1_000,
+                backoff_base_ms: 1_000,
+                backoff_max_ms: 300_000,
+            },
+        )?;
+        outbox.max_attempts = env.parse("ORCH_OUTBOX_MAX_ATTEMPTS", 0u32)?;
         let watchdog = WatchdogConfig {
             stall: Duration::from_secs(env.parse("ORCH_STALL_S", 600u64)?),
             interval: Duration::from_secs(env.parse("ORCH_STALL_CHECK_INTERVAL_S", 30u64)?),

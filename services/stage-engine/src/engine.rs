@@ -109,17 +109,21 @@ impl Engine {
     /// The dispatcher that delivers this engine's outbox.
     pub fn dispatcher(&self) -> Dispatcher {
         Dispatcher {
+            outbox: outbox::OUTBOX,
             db: self.db.clone(),
-            tracker: self.tracker.clone(),
-            peers: self.peers.clone(),
+            deliver: Arc::new(outbox::Delivery {
+                db: self.db.clone(),
+                tracker: self.tracker.clone(),
+                peers: self.peers.clone(),
+                default_project: self
+                    .config
+                    .tracker
+                    .plane
+                    .as_ref()
+                    .and_then(|p| p.project_id.clone()),
+            }),
             config: self.config.outbox.clone(),
             notify: self.notify.clone(),
-            default_project: self
-                .config
-                .tracker
-                .plane
-                .as_ref()
-                .and_then(|p| p.project_id.clone()),
         }
     }
 

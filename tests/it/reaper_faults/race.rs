@@ -83,6 +83,12 @@ impl Peers for Tracker {
     ) -> Result<AdvanceStageResponse, RpcStatus> {
         Ok(AdvanceStageResponse::default())
     }
+    async fn report_job_failed(
+        &self,
+        _: orchestrator_proto::stage_engine::v1::ReportJobFailedRequest,
+    ) -> Result<AdvanceStageResponse, RpcStatus> {
+        Ok(AdvanceStageResponse::default())
+    }
     async fn acquire_lease(
         &self,
         _: AcquireLeaseRequest,
@@ -217,13 +223,24 @@ async fn the_reapers_flip_races_the_launchers_own_finalize(storage: TestStorage)
                 tokio::time::sleep(Duration::from_millis(5)).await;
             };
             assert_eq!(job.status, Status::Failed, "{job:#?}");
-            let posts = tracker
-                .failures
-                .lock()
-                .expect("lock")
-                .get(id)
-                .cloned()
-                .unwrap_or_default();
+            // The failure comment follows the end through the launcher's outbox.
+            let posts = loop {
+                let posts = tracker
+                    .failures
+                    .lock()
+                    .expect("lock")
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_default();
+                if !posts.is_empty() {
+                    break posts;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: no post for {job:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
             assert_eq!(
                 posts.len(),
                 1,

@@ -23,7 +23,8 @@ use orchestrator_proto::merge_gate::v1::{
 };
 use orchestrator_proto::post_deploy::v1::TickResponse;
 use orchestrator_proto::stage_engine::v1::{
-    AddCommentRequest, AdvanceOutcome, AdvanceStageRequest, AdvanceStageResponse, WorkItem,
+    AddCommentRequest, AdvanceOutcome, AdvanceStageRequest, AdvanceStageResponse,
+    ReportJobFailedRequest, WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
 use orchestrator_testkit::TestStorage;
@@ -44,6 +45,19 @@ pub struct FakeState {
     pub add_comment_unavailable: u32,
     pub comments: Vec<AddCommentRequest>,
     pub advances: Vec<AdvanceStageRequest>,
+    pub failures_reported: Vec<ReportJobFailedRequest>,
+    /// The calls that succeeded, in order: record_run, add_comment:<key>, advance_stage,
+    /// report_job_failed.
+    pub calls: Vec<String>,
+    /// usage-ledger answers UNAVAILABLE to everything (RecordRun, FinishComment) while set.
+    pub usage_ledger_down: bool,
+    /// stage-engine answers UNAVAILABLE to everything (AddComment, AdvanceStage,
+    /// ReportJobFailed) while set.
+    pub stage_engine_down: bool,
+    /// Calls answered UNAVAILABLE because their peer was down.
+    pub refused_while_down: u32,
+    /// AdvanceStage answers this (a permanent refusal) instead, when set.
+    pub advance_refusal: Option<tonic::Code>,
     pub spent_usd: f64,
     pub advance_outcome: Option<AdvanceOutcome>,
     /// repo -> holder job id.
@@ -54,6 +68,24 @@ pub struct FakeState {
     pub ticked: Vec<String>,
     pub finalizes: VecDeque<Result<FinalizeMergeResponse, Status>>,
     pub finalize_calls: Vec<FinalizeMergeRequest>,
+}
+
+impl FakeState {
+    fn usage_ledger(&mut self) -> Result<(), Status> {
+        if self.usage_ledger_down {
+            self.refused_while_down += 1;
+            return Err(Status::unavailable("usage-ledger: tcp connect error"));
+        }
+        Ok(())
+    }
+
+    fn stage_engine(&mut self) -> Result<(), Status> {
+        if self.stage_engine_down {
+            self.refused_while_down += 1;
+            return Err(Status::unavailable("stage-engine: tcp connect error"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -70,16 +102,19 @@ impl Peers for FakePeers {
     async fn record_run(&self, request: RecordRunRequest) -> Result<(), Status> {
         self.with(|s| {
             s.record_run_calls += 1;
+            s.usage_ledger()?;
             if s.record_run_unavailable > 0 {
                 s.record_run_unavailable -= 1;
                 return Err(Status::unavailable("tcp connect error"));
             }
+            s.calls.push("record_run".to_owned());
             s.record_runs.push(request);
             Ok(())
         })
     }
 
     async fn finish_comment(&self, _job_id: &str, _attempt: u32) -> Result<String, Status> {
+        self.with(|s| s.usage_ledger())?;
         Ok("Agent done · 1.2k in (1.0k cached) / 0.1k out · $0.02".to_owned())
     }
 
@@ -93,10 +128,13 @@ impl Peers for FakePeers {
 
     async fn add_comment(&self, request: AddCommentRequest) -> Result<(), Status> {
         self.with(|s| {
+            s.stage_engine()?;
             if s.add_comment_unavailable > 0 {
                 s.add_comment_unavailable -= 1;
                 return Err(Status::unavailable("tcp connect error"));
             }
+            s.calls
+                .push(format!("add_comment:{}", request.idempotency_key));
             s.comments.push(request);
             Ok(())
         })
@@ -107,12 +145,32 @@ impl Peers for FakePeers {
         request: AdvanceStageRequest,
     ) -> Result<AdvanceStageResponse, Status> {
         let outcome = self.with(|s| {
+            s.stage_engine()?;
+            if let Some(code) = s.advance_refusal {
+                return Err(Status::new(code, "refused"));
+            }
+            s.calls.push("advance_stage".to_owned());
             s.advances.push(request);
-            s.advance_outcome.unwrap_or(AdvanceOutcome::Advanced)
-        });
+            Ok(s.advance_outcome.unwrap_or(AdvanceOutcome::Advanced))
+        })?;
         Ok(AdvanceStageResponse {
             outcome: outcome as i32,
             ..AdvanceStageResponse::default()
+        })
+    }
+
+    async fn report_job_failed(
+        &self,
+        request: ReportJobFailedRequest,
+    ) -> Result<AdvanceStageResponse, Status> {
+        self.with(|s| {
+            s.stage_engine()?;
+            s.calls.push("report_job_failed".to_owned());
+            s.failures_reported.push(request);
+            Ok(AdvanceStageResponse {
+                outcome: AdvanceOutcome::Blocked as i32,
+                ..AdvanceStageResponse::default()
+            })
         })
     }
 
@@ -221,6 +279,9 @@ fn base_env(root: &Path, instance: &str) -> Vec<(String, String)> {
         ("ORCH_AGENT_TIMEOUT_SECONDS", "30".to_owned()),
         ("ORCH_LAUNCHER_INSTANCE_ID", instance.to_owned()),
         ("ORCH_LEASE_RETRY_S", "0.1".to_owned()),
+        ("ORCH_LAUNCHER_OUTBOX_POLL_MS", "100".to_owned()),
+        ("ORCH_LAUNCHER_OUTBOX_BACKOFF_BASE_MS", "10".to_owned()),
+        ("ORCH_LAUNCHER_OUTBOX_BACKOFF_MAX_MS", "50".to_owned()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -252,6 +313,19 @@ impl H {
         instance: &str,
         script: &str,
         vars: &[(&str, &str)],
+    ) -> H {
+        let peers = Arc::new(FakePeers::default());
+        Self::start_with(storage, dir, instance, script, vars, peers).await
+    }
+
+    /// [`Self::start_on`] with peers set up beforehand (e.g. down from the start).
+    pub async fn start_with(
+        storage: Arc<TestStorage>,
+        dir: Arc<tempfile::TempDir>,
+        instance: &str,
+        script: &str,
+        vars: &[(&str, &str)],
+        peers: Arc<FakePeers>,
     ) -> H {
         orchestrator_kit::telemetry::init_for_tests();
         let root = dir.path().to_path_buf();
@@ -291,7 +365,6 @@ impl H {
         )
         .await
         .expect("storage");
-        let peers = Arc::new(FakePeers::default());
         let svc = LauncherService::from_parts(
             db.clone(),
             config,
@@ -361,6 +434,30 @@ impl H {
     /// Waits for the job to reach a terminal status.
     pub async fn wait_done(&self, id: &str, within: Duration) -> JobRow {
         self.wait_for(id, within, |j| j.status.is_terminal()).await
+    }
+
+    /// Waits until the outbox has delivered (or dead-lettered) every entry.
+    pub async fn outbox_drained(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut waiting = Vec::new();
+            for state in ["pending", "delivering"] {
+                waiting.extend(
+                    launcher::outbox::OUTBOX
+                        .list(&self.db, "", state, 100)
+                        .await
+                        .expect("outbox"),
+                );
+            }
+            if waiting.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the outbox did not drain: {waiting:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn log(&self, j: &JobRow) -> String {

@@ -1,0 +1,433 @@
+//! The launcher's end of a run, durable: the run's effects on its peers are written in the
+//! transaction of the job's guarded terminal flip ([`crate::store::settle_with`]) and
+//! delivered by the kit's one outbox mechanism ([`orchestrator_kit::outbox`]) for as long
+//! as the peer is down — across restarts of either side. The job's own status never waits
+//! for a peer: what the run came to is decided here; its effects follow.
+//!
+//! One channel per work item, delivered in order: `UsageLedger.RecordRun`, then the finish
+//! comment (usage-ledger's line for the run, which needs the recorded run, posted through
+//! `StageEngine.AddComment`), then `StageEngine.AdvanceStage` (a success) or
+//! `StageEngine.ReportJobFailed` (a job failed for good). The order matters: the item's
+//! usage summary (posted when it reaches done) must see the run that advanced it, and the
+//! finish comment comes before what stage-engine says about the next stage. The
+//! launcher's other comments (the analyst's start, a spent budget) go the same way.
+//!
+//! Every receiver dedupes: RecordRun on (job, attempt), AddComment on its idempotency key,
+//! AdvanceStage and ReportJobFailed on (job, attempt), the deploy-finalizer's enqueue on
+//! `deploy-finalizer:{job}`.
+
+use async_trait::async_trait;
+use orchestrator_kit::outbox::{self, Deliver, DeliveryError, Entry, NewEntry, Outbox};
+use orchestrator_kit::retry::is_retryable_status;
+use orchestrator_kit::time::now_ms;
+use orchestrator_proto::stage_engine::v1::{
+    AddCommentRequest, AdvanceOutcome, AdvanceStageRequest, ReportJobFailedRequest,
+};
+use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
+use serde::{Deserialize, Serialize};
+use sqlx::{Any, Transaction};
+
+use crate::store::{self, Kind, NewJob};
+use crate::supervisor::{Supervisor, comment_author, html_escape};
+
+/// The launcher's outbox table.
+pub const OUTBOX: Outbox = Outbox::new("outbox");
+
+/// The agent that merges a deployed PR once stage-engine completed the item.
+pub const DEPLOY_FINALIZER: &str = "deploy-finalizer";
+
+/// An effect of a run on a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Effect {
+    /// `UsageLedger.RecordRun` of the run's output.
+    RecordRun {
+        job_id: String,
+        attempt: u32,
+        agent: String,
+        output: String,
+    },
+    /// `UsageLedger.FinishComment`'s line for the run, then `rest_html` (the PR, the
+    /// artifacts, the notes), posted under the agent's bot with the idempotency key
+    /// `launcher:{job}:{attempt}:finish`.
+    FinishComment {
+        job_id: String,
+        attempt: u32,
+        agent: String,
+        rest_html: String,
+    },
+    /// `StageEngine.AddComment`.
+    Comment {
+        html: String,
+        author: String,
+        idempotency_key: String,
+    },
+    /// `StageEngine.AdvanceStage` after a success. `finalizer`: the deploy-finalizer's
+    /// payload (JSON), enqueued here when the answer is DONE.
+    AdvanceStage {
+        job_id: String,
+        attempt: u32,
+        agent: String,
+        dedupe_key: String,
+        #[serde(default)]
+        finalizer: Option<Finalizer>,
+    },
+    /// `StageEngine.ReportJobFailed`: the job ended failed for good.
+    ReportJobFailed {
+        job_id: String,
+        attempt: u32,
+        agent: String,
+        dedupe_key: String,
+        outcome: String,
+        reason: String,
+    },
+}
+
+/// What the deploy-finalizer needs, carried by the deployer's AdvanceStage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finalizer {
+    pub repo: String,
+    pub stage: String,
+    pub payload_json: String,
+    pub max_attempts: u32,
+}
+
+impl Effect {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Effect::RecordRun { .. } => "record_run",
+            Effect::FinishComment { .. } => "finish_comment",
+            Effect::Comment { .. } => "comment",
+            Effect::AdvanceStage { .. } => "advance_stage",
+            Effect::ReportJobFailed { .. } => "report_job_failed",
+        }
+    }
+
+    /// Effects of one work item and channel are delivered in order.
+    pub fn channel(&self) -> &'static str {
+        match self {
+            Effect::RecordRun { .. } | Effect::FinishComment { .. } => "run",
+            Effect::Comment { .. }
+            | Effect::AdvanceStage { .. }
+            | Effect::ReportJobFailed { .. } => "run",
+        }
+    }
+
+    /// The effect's key in the outbox: written twice, it is added once.
+    pub fn idempotency_key(&self) -> String {
+        match self {
+            Effect::Comment {
+                idempotency_key, ..
+            } => idempotency_key.clone(),
+            Effect::RecordRun {
+                job_id, attempt, ..
+            }
+            | Effect::FinishComment {
+                job_id, attempt, ..
+            }
+            | Effect::AdvanceStage {
+                job_id, attempt, ..
+            }
+            | Effect::ReportJobFailed {
+                job_id, attempt, ..
+            } => {
+                format!("{}:{job_id}:{attempt}", self.kind())
+            }
+        }
+    }
+}
+
+/// Adds `effect` for `work_item` in the caller's transaction (once per idempotency key).
+pub async fn insert(
+    tx: &mut Transaction<'_, Any>,
+    work_item: &str,
+    effect: &Effect,
+) -> Result<bool, sqlx::Error> {
+    let payload = serde_json::to_string(effect).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let key = effect.idempotency_key();
+    let (_, added) = OUTBOX
+        .insert(
+            tx,
+            NewEntry {
+                work_item,
+                channel: effect.channel(),
+                kind: effect.kind(),
+                payload_json: &payload,
+                idempotency_key: Some(&key),
+            },
+        )
+        .await?;
+    Ok(added)
+}
+
+/// The launcher's outbox dispatcher.
+pub type Dispatcher = outbox::Dispatcher<Delivery>;
+
+/// How the launcher's effects reach the peers.
+pub struct Delivery {
+    pub(crate) sup: Supervisor,
+}
+
+#[async_trait]
+impl Deliver for Delivery {
+    async fn deliver(&self, entry: &Entry) -> Result<String, DeliveryError> {
+        let effect: Effect = serde_json::from_str(&entry.payload_json)
+            .map_err(|e| DeliveryError::permanent(format!("undecodable payload: {e}")))?;
+        let peers = &self.sup.inner.peers;
+        let work_item = entry.work_item.clone();
+        match effect {
+            Effect::RecordRun {
+                job_id,
+                attempt,
+                agent,
+                output,
+            } => {
+                peers
+                    .record_run(RecordRunRequest {
+                        job_id,
+                        attempt,
+                        work_item,
+                        agent,
+                        output,
+                    })
+                    .await?;
+                Ok("{}".to_owned())
+            }
+            Effect::FinishComment {
+                job_id,
+                attempt,
+                agent,
+                rest_html,
+            } => {
+                let fallback = || format!("{} done", crate::run::role_title(&agent));
+                let line = match peers.finish_comment(&job_id, attempt).await {
+                    Ok(t) if !t.is_empty() => t,
+                    Ok(_) => fallback(),
+                    // usage-ledger down: wait for it (the line carries the run's usage).
+                    Err(s) if is_retryable_status(&s) => return Err(s.into()),
+                    Err(s) => {
+                        tracing::warn!(job_id, attempt, code = ?s.code(), error = s.message(), "usage-ledger has no finish line for the run; posting the plain one");
+                        fallback()
+                    }
+                };
+                let html = format!("<p>{}</p>{rest_html}", html_escape(&line));
+                peers
+                    .add_comment(AddCommentRequest {
+                        work_item,
+                        html,
+                        author: comment_author(&agent).to_owned(),
+                        idempotency_key: format!("launcher:{job_id}:{attempt}:finish"),
+                    })
+                    .await?;
+                Ok(serde_json::json!({ "line": line }).to_string())
+            }
+            Effect::Comment {
+                html,
+                author,
+                idempotency_key,
+            } => {
+                peers
+                    .add_comment(AddCommentRequest {
+                        work_item,
+                        html,
+                        author,
+                        idempotency_key,
+                    })
+                    .await?;
+                Ok("{}".to_owned())
+            }
+            Effect::AdvanceStage {
+                job_id,
+                attempt,
+                agent,
+                dedupe_key,
+                finalizer,
+            } => {
+                let r = peers
+                    .advance_stage(AdvanceStageRequest {
+                        work_item: work_item.clone(),
+                        finished_agent: agent,
+                        job_id: job_id.clone(),
+                        attempt,
+                        dedupe_key,
+                    })
+                    .await?;
+                let outcome = r.outcome();
+                let mut finalizer_job = String::new();
+                if outcome == AdvanceOutcome::Done
+                    && let Some(f) = finalizer
+                {
+                    finalizer_job = self.enqueue_finalizer(&work_item, &job_id, &f).await?;
+                }
+                tracing::info!(
+                    job_id,
+                    attempt,
+                    work_item,
+                    outcome = outcome.as_str_name(),
+                    reason = r.reason,
+                    "stage advanced"
+                );
+                Ok(serde_json::json!({
+                    "outcome": outcome.as_str_name(),
+                    "reason": r.reason,
+                    "finalizer_job_id": finalizer_job,
+                })
+                .to_string())
+            }
+            Effect::ReportJobFailed {
+                job_id,
+                attempt,
+                agent,
+                dedupe_key,
+                outcome,
+                reason,
+            } => {
+                let r = peers
+                    .report_job_failed(ReportJobFailedRequest {
+                        work_item: work_item.clone(),
+                        agent,
+                        job_id: job_id.clone(),
+                        attempt,
+                        dedupe_key,
+                        outcome,
+                        reason,
+                    })
+                    .await?;
+                let answer = r.outcome();
+                tracing::info!(
+                    job_id,
+                    attempt,
+                    work_item,
+                    outcome = answer.as_str_name(),
+                    "job failure reported"
+                );
+                Ok(
+                    serde_json::json!({ "outcome": answer.as_str_name(), "reason": r.reason })
+                        .to_string(),
+                )
+            }
+        }
+    }
+}
+
+impl Delivery {
+    /// After the deployer's verdict completed the item: the deploy-finalizer merges the PR,
+    /// pinned to the head that was deployed (deduped on `deploy-finalizer:{deployer job}`:
+    /// a redelivered AdvanceStage enqueues nothing more).
+    async fn enqueue_finalizer(
+        &self,
+        work_item: &str,
+        deployer_job: &str,
+        f: &Finalizer,
+    ) -> Result<String, DeliveryError> {
+        let now = now_ms();
+        let (job, created) = store::enqueue(
+            self.sup.db(),
+            &NewJob {
+                id: crate::service::new_job_id(),
+                work_item: work_item.to_owned(),
+                repo: f.repo.clone(),
+                agent: DEPLOY_FINALIZER.to_owned(),
+                stage: f.stage.clone(),
+                kind: Kind::Reserved,
+                payload_json: f.payload_json.clone(),
+                dedupe_key: Some(format!("{DEPLOY_FINALIZER}:{deployer_job}")),
+                max_attempts: f.max_attempts,
+                not_before_ms: now,
+                now_ms: now,
+            },
+        )
+        .await?;
+        if created {
+            tracing::info!(
+                job_id = job.id,
+                deployer_job,
+                work_item,
+                "deploy-finalizer enqueued"
+            );
+        }
+        self.sup.wake();
+        Ok(job.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effects_keep_their_channels_keys_and_round_trip() {
+        let f = Finalizer {
+            repo: "a/b".into(),
+            stage: "deploy".into(),
+            payload_json: "{}".into(),
+            max_attempts: 3,
+        };
+        for (e, kind, channel, key) in [
+            (
+                Effect::RecordRun {
+                    job_id: "j".into(),
+                    attempt: 2,
+                    agent: "analyst".into(),
+                    output: "{}".into(),
+                },
+                "record_run",
+                "run",
+                "record_run:j:2",
+            ),
+            (
+                Effect::FinishComment {
+                    job_id: "j".into(),
+                    attempt: 2,
+                    agent: "analyst".into(),
+                    rest_html: String::new(),
+                },
+                "finish_comment",
+                "run",
+                "finish_comment:j:2",
+            ),
+            (
+                Effect::Comment {
+                    html: "<p>x</p>".into(),
+                    author: "stream".into(),
+                    idempotency_key: "launcher:j:start".into(),
+                },
+                "comment",
+                "run",
+                "launcher:j:start",
+            ),
+            (
+                Effect::AdvanceStage {
+                    job_id: "j".into(),
+                    attempt: 2,
+                    agent: "deployer".into(),
+                    dedupe_key: "d".into(),
+                    finalizer: Some(f),
+                },
+                "advance_stage",
+                "run",
+                "advance_stage:j:2",
+            ),
+            (
+                Effect::ReportJobFailed {
+                    job_id: "j".into(),
+                    attempt: 2,
+                    agent: "analyst".into(),
+                    dedupe_key: "d".into(),
+                    outcome: "bad_input".into(),
+                    reason: "missing prompt".into(),
+                },
+                "report_job_failed",
+                "run",
+                "report_job_failed:j:2",
+            ),
+        ] {
+            assert_eq!(
+                (e.kind(), e.channel(), e.idempotency_key().as_str()),
+                (kind, channel, key)
+            );
+            let json = serde_json::to_string(&e).expect("encode");
+            assert_eq!(serde_json::from_str::<Effect>(&json).expect("decode"), e);
+        }
+    }
+}
