@@ -320,6 +320,8 @@ mod tests {
         .expect("db");
         let mut t = MockTracker::new();
         t.expect_kind().return_const(TrackerKind::Plane);
+        // The agent's task reads the comments when an item is created.
+        t.expect_list_comments().returning(|_| Ok(Vec::new()));
         t.expect_project_identifier()
             .returning(|_| Ok("PROJ".to_owned()));
         let w = world.clone();
