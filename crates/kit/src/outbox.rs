@@ -265,20 +265,45 @@ impl Outbox {
         rows.iter().map(entry_from_row).collect()
     }
 
-    /// Claims a due entry until `until`, counting the attempt. False: another deliverer
-    /// took it first.
-    async fn claim(&self, db: &Db, id: &str, now: i64, until: i64) -> Result<bool, sqlx::Error> {
+    /// Claims a due entry for `claimant` until `until`, counting the attempt. False: another
+    /// deliverer took it first.
+    async fn claim(
+        &self,
+        db: &Db,
+        id: &str,
+        claimant: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE {} SET state = 'delivering', claimed_until_ms = $1, attempts = attempts + 1 \
+            "UPDATE {} SET state = 'delivering', claimed_until_ms = $1, claimed_by = $4, attempts = attempts + 1 \
              WHERE id = $2 AND (state = 'pending' OR (state = 'delivering' AND claimed_until_ms <= $3))",
             self.table
         )))
         .bind(until)
         .bind(id)
         .bind(now)
+        .bind(claimant)
         .execute(&db.pool)
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Takes back, due now, what `claimant` was delivering when it last stopped: a process
+    /// that restarts knows its own deliveries died with it, so they need not wait out their
+    /// claim (a SIGKILLed stage-engine used to hold an enqueue for the whole claim, 120 s).
+    /// Deliveries held by another live deliverer are left alone. Returns how many.
+    pub async fn release_claims_of(&self, db: &Db, claimant: &str) -> Result<u64, sqlx::Error> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {} SET state = 'pending', claimed_until_ms = 0, next_attempt_at_ms = $1 \
+             WHERE state = 'delivering' AND claimed_by = $2",
+            self.table
+        )))
+        .bind(now_ms())
+        .bind(claimant)
+        .execute(&db.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     async fn mark_delivered(
@@ -450,6 +475,9 @@ struct Pass {
 /// Delivers one outbox through `D`.
 pub struct Dispatcher<D> {
     pub outbox: Outbox,
+    /// Who delivers (a service, or a launcher instance): its claims are its own, and the
+    /// ones it held when it last stopped are taken back when it starts again.
+    pub claimant: String,
     pub db: Db,
     pub deliver: Arc<D>,
     pub config: OutboxConfig,
@@ -461,6 +489,7 @@ impl<D> Clone for Dispatcher<D> {
     fn clone(&self) -> Self {
         Dispatcher {
             outbox: self.outbox,
+            claimant: self.claimant.clone(),
             db: self.db.clone(),
             deliver: self.deliver.clone(),
             config: self.config.clone(),
@@ -474,6 +503,21 @@ impl<D: Deliver> Dispatcher<D> {
     /// interval. A pass never fails as a whole: each entry's error is recorded on it.
     pub async fn run(self, shutdown: CancellationToken) {
         let outbox = self.outbox.table();
+        match self
+            .outbox
+            .release_claims_of(&self.db, &self.claimant)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                outbox,
+                claimant = self.claimant,
+                released = n,
+                "took back the deliveries a previous life left claimed"
+            ),
+            // Not fatal: those entries are delivered once their claims lapse.
+            Err(e) => tracing::warn!(outbox, error = %e, "cannot take back earlier claims"),
+        }
         tracing::info!(outbox, "outbox dispatcher started");
         loop {
             loop {
@@ -515,7 +559,11 @@ impl<D: Deliver> Dispatcher<D> {
         for entry in entries {
             let until =
                 now_ms() + i64::try_from(self.config.claim_ttl.as_millis()).unwrap_or(i64::MAX);
-            if !self.outbox.claim(&self.db, &entry.id, now, until).await? {
+            if !self
+                .outbox
+                .claim(&self.db, &entry.id, &self.claimant, now, until)
+                .await?
+            {
                 continue;
             }
             pass.attempted += 1;

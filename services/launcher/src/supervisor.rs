@@ -184,6 +184,8 @@ impl Supervisor {
     pub fn outbox_dispatcher(&self) -> Dispatcher {
         Dispatcher {
             outbox: outbox::OUTBOX,
+            // Stable across restarts of this replica; another replica's claims stay its own.
+            claimant: self.config().instance_id.clone(),
             db: self.db().clone(),
             deliver: Arc::new(Delivery { sup: self.clone() }),
             config: self.config().outbox.clone(),

@@ -110,6 +110,8 @@ impl Engine {
     pub fn dispatcher(&self) -> Dispatcher {
         Dispatcher {
             outbox: outbox::OUTBOX,
+            // stage-engine runs as one process per deployment: its claims are its own.
+            claimant: "stage-engine".to_owned(),
             db: self.db.clone(),
             deliver: Arc::new(outbox::Delivery {
                 db: self.db.clone(),

@@ -1452,7 +1452,75 @@ async fn the_task_quotes_the_description_the_comments_and_the_verdict(storage: T
     assert!(!back.contains("STREAM-NOTE"), "a bot's comment in:\n{back}");
 }
 
+/// A stage-engine SIGKILLed mid-delivery left an entry `delivering` under a long claim; when
+/// it starts again its dispatcher takes back its own claims at once (the claim's 120 s was
+/// the tail of the fault suite), while a claim held by another deliverer is left alone.
+async fn a_restarted_dispatcher_takes_back_its_own_claims_at_once(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    let db = &h.svc.engine().db;
+    let hour_later = orchestrator_kit::time::now_ms() + 3_600_000;
+    sqlx::query(
+        "UPDATE outbox SET state = 'delivering', claimed_until_ms = $1, claimed_by = 'stage-engine' \
+         WHERE channel = 'launcher'",
+    )
+    .bind(hour_later)
+    .execute(&db.pool)
+    .await
+    .expect("a claim left by a killed process");
+    sqlx::query(
+        "UPDATE outbox SET state = 'delivering', claimed_until_ms = $1, claimed_by = 'another' \
+         WHERE channel = 'tracker'",
+    )
+    .bind(hour_later)
+    .execute(&db.pool)
+    .await
+    .expect("a claim of another deliverer");
+    // While the claims hold, nothing is due.
+    assert_eq!(
+        h.svc
+            .engine()
+            .dispatcher()
+            .deliver_due()
+            .await
+            .expect("pass"),
+        0
+    );
+    assert!(h.enqueued.lock().expect("lock").is_empty());
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(h.svc.engine().dispatcher().run(stop.clone()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while h.enqueued.lock().expect("lock").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the enqueue was not taken back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    run.await.expect("the dispatcher stops");
+    let states: Vec<(String, String)> = crate::outbox::list(db, KEY, "", 100)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| (e.channel, e.state.as_str().to_owned()))
+        .collect();
+    assert!(
+        states.contains(&("launcher".to_owned(), "delivered".to_owned())),
+        "{states:?}"
+    );
+    assert!(
+        states
+            .iter()
+            .filter(|(c, _)| c == "tracker")
+            .all(|(_, st)| st == "delivering"),
+        "another deliverer's claim is left alone: {states:?}"
+    );
+}
+
 on_both_backends!(
+    a_restarted_dispatcher_takes_back_its_own_claims_at_once,
     the_task_quotes_the_description_the_comments_and_the_verdict,
     a_plane_issue_is_keyed_by_its_project_identifier,
     a_refused_comment_fails_and_an_operator_retries_it,
