@@ -50,7 +50,8 @@ pub use orchestrator_tracker::intake::RepoMap;
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
     /// `ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS`: attempts on a retryable error before the
-    /// delivery becomes a dead letter.
+    /// delivery becomes a dead letter; 0 (the default) retries for as long as stage-engine
+    /// is down, as the outboxes do — an accepted delivery is never given up on an outage.
     pub max_attempts: u32,
     /// `ORCH_GATEWAY_DISPATCH_BACKOFF_BASE_MS` (the first retry's delay; it doubles) and
     /// `ORCH_GATEWAY_DISPATCH_BACKOFF_MAX_MS` (the longest delay between two attempts).
@@ -76,7 +77,7 @@ pub struct DispatchConfig {
 impl Default for DispatchConfig {
     fn default() -> Self {
         DispatchConfig {
-            max_attempts: 20,
+            max_attempts: 0,
             backoff: Backoff::new(Duration::from_millis(1_000), Duration::from_millis(300_000)),
             poll_interval: Duration::from_millis(500),
             batch: 32,
@@ -104,13 +105,7 @@ impl GatewayConfig {
                 "must be greater than 0",
             ));
         }
-        let max_attempts: u32 = env.parse("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", 20)?;
-        if max_attempts == 0 {
-            return Err(ConfigError::new(
-                "ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS",
-                "must be at least 1",
-            ));
-        }
+        let max_attempts: u32 = env.parse("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", 0)?;
         let defaults = DispatchConfig::default();
         let dispatch = DispatchConfig {
             max_attempts,
@@ -230,7 +225,7 @@ mod tests {
             ("ORCH_PLANE_DEFAULT_REPO", "-x/y"),
             ("ORCH_PLANE_PROJECT_REPOS", "p1"),
             ("ORCH_PLANE_PROJECT_REPOS", "p1=a/b/c"),
-            ("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", "0"),
+            ("ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS", "-1"),
             ("ORCH_GATEWAY_DISPATCH_LINGER_MS", "5000"),
             ("ORCH_GATEWAY_DISPATCH_LINGER_MS", "-1"),
         ] {

@@ -183,7 +183,7 @@ async fn apply_one(shared: &Shared, d: Claimed) {
                 shared.metrics.delivery(source, "dead");
                 let reason = format!("permanent error {error}");
                 finished(State::Dead, reason, error, String::new())
-            } else if attempt >= max {
+            } else if max > 0 && attempt >= max {
                 tracing::warn!(%error, attempts = attempt, "gave up: delivery is a dead letter");
                 shared.metrics.delivery(source, "dead");
                 let reason = format!("gave up after {attempt} attempts");

@@ -858,7 +858,64 @@ async fn concurrent_deliveries_are_each_stored_once(storage: TestStorage) {
     assert_eq!(total_rows(&gw).await, 40);
 }
 
+/// With the default `ORCH_GATEWAY_DISPATCH_MAX_ATTEMPTS=0`, a delivery is retried for as
+/// long as stage-engine is down — far past any fixed number of attempts — and applied once
+/// it is back: an accepted delivery is never given up on an outage.
+async fn an_outage_longer_than_any_attempt_count_loses_nothing(storage: TestStorage) {
+    let fake = Fake::default();
+    let (url, _stop) = fake.serve().await;
+    fake.set_up(false);
+    let mut config = test_config();
+    config.dispatch.max_attempts = GatewayConfig::from_env(&Env::from_pairs([
+        ("PLANE_WEBHOOK_SECRET", SECRET),
+        ("GITEA_WEBHOOK_SECRET", SECRET),
+    ]))
+    .expect("config")
+    .dispatch
+    .max_attempts;
+    assert_eq!(config.dispatch.max_attempts, 0, "the default retries for ever");
+    config.dispatch.backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
+    let gw = gateway(&storage, config, &url).await;
+    let created = wire_body("plane-webhook-issue-created.json");
+    send(
+        &gw,
+        hook("plane", "issue", "", "outage-1", &created, Sig::Good),
+    )
+    .await;
+    eventually(Duration::from_secs(20), "60 failed attempts", || async {
+        gw.dispatch_once().await.expect("dispatch");
+        let d = inbox::get(gw.db(), "plane", "outage-1")
+            .await
+            .expect("get")
+            .expect("row");
+        assert_ne!(d.state, "dead", "given up: {d:?}");
+        d.attempts >= 60
+    })
+    .await;
+    fake.set_up(true);
+    eventually(Duration::from_secs(10), "applied once back", || async {
+        gw.dispatch_once().await.expect("dispatch");
+        inbox::get(gw.db(), "plane", "outage-1")
+            .await
+            .expect("get")
+            .expect("row")
+            .state
+            == "applied"
+    })
+    .await;
+    assert_eq!(
+        fake.calls()
+            .iter()
+            .filter(|c| c.starts_with("CreateWorkItem"))
+            .count(),
+        1,
+        "{:?}",
+        fake.calls()
+    );
+}
+
 on_both_backends!(
+    an_outage_longer_than_any_attempt_count_loses_nothing,
     a_batch_stores_each_delivery_once_and_records_outcomes_together,
     concurrent_deliveries_are_each_stored_once,
     every_sample_signed_is_stored_once_and_a_redelivery_changes_nothing,

@@ -18,9 +18,19 @@
 //! no job left running beyond the reaper's bound; no dead letter (inbox `dead`, outbox
 //! `failed`) and no failed job that no kill explains.
 //!
+//! Besides the random kills, scripted faults (#20): one long outage (`ORCH_FAULT_OUTAGE_S`,
+//! 60 s) of each of stage-engine, usage-ledger and merge-gate, begun while an agent runs so
+//! that runs end while the peer is down; a work item whose agent command is missing (it
+//! parks `blocked`, then the suite fixes the command and retries it as a human would); a
+//! work item whose repository is removed from the forge once it reaches development (it
+//! parks `blocked` with the reason); and a Plane issue created while the gateway is held
+//! down, its delivery never sent again, which reconciliation must turn into a work item.
+//! It also prints the stall watchdog's firings (from stage-engine's log: each one means a
+//! seam lost something) and the tail: the time from the last fault's end to the last item's.
+//!
 //! Sizes and seed (docs/testing.md): `ORCH_FAULT_ITEMS` (5), `ORCH_FAULT_KILLS` (10),
 //! `ORCH_FAULT_SEED` (random, printed), `ORCH_FAULT_KILL_GAP_MS` (1500, the mean gap between
-//! kills), `ORCH_FAULT_TIMEOUT_S` (600). Full size:
+//! kills), `ORCH_FAULT_TIMEOUT_S` (900), `ORCH_FAULT_OUTAGE_S` (60; 0: no long outages). Full size:
 //! `ORCH_FAULT_ITEMS=50 ORCH_FAULT_KILLS=200 cargo test --test faults -- --nocapture`.
 //! Without PostgreSQL's binaries it says `SKIPPED` (a failure under `ORCH_REQUIRE_POSTGRES`).
 
@@ -53,7 +63,7 @@ const SERVICE_TOKEN: &str = "plane_api_orchestrator";
 const LAUNCHERS: usize = 3;
 
 /// The test-speed settings every process gets; printed with the figures.
-const SETTINGS: [(&str, &str); 30] = [
+const SETTINGS: [(&str, &str); 33] = [
     ("ORCH_MAX_CONCURRENCY", "4"),
     ("ORCH_MAX_ATTEMPTS", "5"),
     ("ORCH_AGENT_TIMEOUT_SECONDS", "45"),
@@ -72,6 +82,10 @@ const SETTINGS: [(&str, &str); 30] = [
     ("ORCH_OUTBOX_POLL_MS", "100"),
     ("ORCH_OUTBOX_BACKOFF_BASE_MS", "100"),
     ("ORCH_OUTBOX_BACKOFF_MAX_MS", "1000"),
+    ("ORCH_RECONCILE_INTERVAL_S", "2"),
+    // A backstop: it should not fire (each firing means a seam lost something).
+    ("ORCH_STALL_S", "30"),
+    ("ORCH_STALL_CHECK_INTERVAL_S", "2"),
     ("ORCH_LAUNCHER_OUTBOX_POLL_MS", "100"),
     ("ORCH_LAUNCHER_OUTBOX_BACKOFF_BASE_MS", "100"),
     ("ORCH_LAUNCHER_OUTBOX_BACKOFF_MAX_MS", "1000"),
@@ -109,6 +123,8 @@ struct Size {
     kills: usize,
     kill_gap: Duration,
     timeout: Duration,
+    /// How long each long outage of a peer lasts (`ORCH_FAULT_OUTAGE_S`, 60; 0: none).
+    outage: Duration,
 }
 
 fn var<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -132,7 +148,8 @@ impl Size {
             items: var("ORCH_FAULT_ITEMS", 5usize),
             kills: var("ORCH_FAULT_KILLS", 10usize),
             kill_gap: Duration::from_millis(var("ORCH_FAULT_KILL_GAP_MS", 1500u64)),
-            timeout: Duration::from_secs(var("ORCH_FAULT_TIMEOUT_S", 600u64)),
+            timeout: Duration::from_secs(var("ORCH_FAULT_TIMEOUT_S", 900u64)),
+            outage: Duration::from_secs(var("ORCH_FAULT_OUTAGE_S", 60u64)),
         };
         assert!(size.items >= 1, "ORCH_FAULT_ITEMS must be at least 1");
         size
@@ -182,24 +199,104 @@ async fn healthy_production() -> String {
 struct Kills {
     by_process: BTreeMap<String, usize>,
     down_ms_total: u128,
-    /// When the last SIGKILL was sent: the tail is measured from here.
+    /// When the last fault ended (a SIGKILL's moment, a long outage's restart): the tail is
+    /// measured from here.
     last_kill: Option<Instant>,
+    /// The long outages: (peer, how long it was down, epoch ms it went down and came back).
+    outages: Vec<(String, Duration, i64, i64)>,
+    /// Whether the gateway was held down while a Plane issue was created.
+    gateway_held: bool,
+}
+
+/// The peers a long outage takes down, each once, while agent runs end.
+const OUTAGE_PEERS: [&str; 3] = ["stage-engine", "usage-ledger", "merge-gate"];
+
+/// What the killer and the driver tell each other about the scripted faults.
+#[derive(Debug, Default)]
+struct Cue {
+    /// The gateway is down on purpose: the driver creates the Plane issue now.
+    gateway_down: AtomicBool,
+    /// The driver created it (its delivery found the gateway down).
+    issue_created: AtomicBool,
 }
 
 /// SIGKILLs a random process after a random gap, restarts it after a random delay, until
 /// `target` kills or `stop`. Returns the stack (for its logs) and what it did.
+#[allow(clippy::too_many_arguments)]
 async fn killer(
     mut stack: ProcStack,
     mut rng: Rng,
     target: usize,
     gap: Duration,
+    outage: Duration,
+    pool: PgPool,
+    cue: Arc<Cue>,
     done: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 ) -> (ProcStack, Kills) {
     let mut kills = Kills::default();
     let names = stack.names();
     let gap_ms = u64::try_from(gap.as_millis()).unwrap_or(1500);
+    // The scripted faults, spread over the random kills: the gateway held down while a
+    // Plane issue is created (a third of the way), and one long outage of each peer.
+    let hold_gateway_at = target / 3;
+    let mut outages: Vec<(usize, &str)> = if outage.is_zero() {
+        Vec::new()
+    } else {
+        OUTAGE_PEERS
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ((i + 1) * target / (OUTAGE_PEERS.len() + 1), *p))
+            .collect()
+    };
     while done.load(Ordering::SeqCst) < target && !stop.load(Ordering::SeqCst) {
+        let n = done.load(Ordering::SeqCst);
+        if n == hold_gateway_at && !kills.gateway_held {
+            kills.gateway_held = true;
+            stack.kill("gateway");
+            cue.gateway_down.store(true, Ordering::SeqCst);
+            let asked = Instant::now();
+            while !cue.issue_created.load(Ordering::SeqCst)
+                && asked.elapsed() < Duration::from_secs(20)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            cue.gateway_down.store(false, Ordering::SeqCst);
+            if let Err(e) = stack.restart("gateway").await {
+                panic!("the gateway did not come back after its hold: {e}");
+            }
+            kills.last_kill = Some(Instant::now());
+        }
+        if let Some(i) = outages.iter().position(|(at, _)| *at <= n) {
+            let (_, peer) = outages.remove(i);
+            // Exactly when runs end: wait (a while) for an agent to be running, so that its
+            // run ends while the peer is down.
+            let asked = Instant::now();
+            while count(
+                &pool,
+                "SELECT COUNT(*) FROM launcher.jobs WHERE status = 'running' AND kind = 'llm'",
+            )
+            .await
+                == 0
+                && asked.elapsed() < Duration::from_secs(30)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            stack.kill(peer);
+            let down_at = orchestrator_kit::time::now_ms();
+            eprintln!("fault suite: {peer} down for {outage:?} (a long outage)");
+            tokio::time::sleep(outage).await;
+            if let Err(e) = stack.restart(peer).await {
+                panic!("{peer} did not come back after its outage: {e}");
+            }
+            kills.outages.push((
+                peer.to_owned(),
+                outage,
+                down_at,
+                orchestrator_kit::time::now_ms(),
+            ));
+            kills.last_kill = Some(Instant::now());
+        }
         tokio::time::sleep(rng.millis(gap_ms / 2, gap_ms * 3 / 2 + 1)).await;
         let victim = &names[usize::try_from(rng.below(names.len() as u64)).unwrap_or(0)];
         stack.kill(victim);
@@ -216,12 +313,33 @@ async fn killer(
     (stack, kills)
 }
 
+/// What a work item of the suite goes through besides the random kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Normal,
+    /// Its agent command is missing (exit 127, "not found"): the item parks `blocked`; the
+    /// suite then fixes the command and retries it as a human would (`StageEngine.Retry`).
+    MissingCommand,
+    /// Its repository is removed from the forge once it reaches development: it parks
+    /// `blocked` with the reason.
+    RepoRemoved,
+    /// Created on Plane (with the trigger label) while the gateway was down, its delivery
+    /// never resent: reconciliation must create it.
+    DeliveredWhileGatewayDown,
+}
+
+/// The repository removed mid-flight.
+const DOOMED: &str = "acme/doomed";
+
 /// One work item the suite created.
 #[derive(Debug)]
 struct Item {
     key: String,
     issue_id: String,
     repo: String,
+    scenario: Scenario,
+    /// MissingCommand: retried after the fix; RepoRemoved: the repository removed.
+    acted: bool,
     created: bool,
     /// The approving comments posted, and when the last one was.
     approvals: Vec<String>,
@@ -243,6 +361,35 @@ struct Senders {
 
 fn failed(d: &orchestrator_fakes::Delivery) -> bool {
     d.status.is_none_or(|s| s >= 500)
+}
+
+/// Counts rows of `sql` (one BIGINT column) with two BIGINT parameters.
+async fn count_between(pool: &PgPool, sql: &'static str, a: i64, b: i64) -> i64 {
+    sqlx::query(sql)
+        .bind(a)
+        .bind(b)
+        .fetch_one(pool)
+        .await
+        .map(|r| r.get::<i64, _>(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// A log line without its terminal colours.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Counts rows of `sql` (one BIGINT column).
@@ -292,7 +439,7 @@ async fn work_items_survive_random_kills() {
     let gitea = FakeGitea::start(&dir.path().join("gitea")).await;
     gitea.add_user("acme", None);
     gitea.add_user("orchestrator", Some(GITEA_TOKEN));
-    for repo in REPOS {
+    for repo in REPOS.iter().chain([&DOOMED]) {
         gitea.create_repo(repo).await;
         gitea
             .commit(repo, "main", &[("README.md", "# app\n")], "initial")
@@ -306,13 +453,24 @@ async fn work_items_survive_random_kills() {
 
     // ---- The agent: the scripted agent, every run recorded by the recording agent.
     let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/agents");
+    // A work item with a marker file under `nocmd/` runs an agent command that is not
+    // there (as a missing `claude` would: "not found", exit 127).
+    let nocmd = dir.path().join("nocmd");
+    std::fs::create_dir_all(&nocmd).expect("nocmd dir");
+    let dispatch = dir.path().join("dispatch.sh");
+    std::fs::write(
+        &dispatch,
+        format!(
+            "if [ -e \"{}/$ORCH_WORK_ITEM\" ]; then exec /nonexistent/orchestrator-agent \"$@\"; fi\nexec python3 {} \"$@\"\n",
+            nocmd.display(),
+            examples.join("scripted-agent.py").display()
+        ),
+    )
+    .expect("dispatch script");
     let agent = RecordingAgent::create(
         &dir.path().join("agent"),
         &Behaviour {
-            then: Some(format!(
-                "python3 {}",
-                examples.join("scripted-agent.py").display()
-            )),
+            then: Some(format!("sh {}", dispatch.display())),
             // Runs last a while, so that kills find agents mid-run.
             run_seconds: 0.5,
         },
@@ -382,14 +540,20 @@ async fn work_items_survive_random_kills() {
     // ---- The killer runs beside the driver.
     let kills_done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let cue = Arc::new(Cue::default());
     let killer = tokio::spawn(killer(
         stack,
         Rng(rng.next()),
         size.kills,
         size.kill_gap,
+        size.outage,
+        pool.clone(),
+        cue.clone(),
         kills_done.clone(),
         stop.clone(),
     ));
+    // The Plane issue created while the gateway was held down: its delivery is never resent.
+    let mut abandoned_issue: Option<String> = None;
 
     // ---- The driver: creates the items spread over the kills, approves as a human through
     // the webhook, resends what a sender owes, watches how long jobs run.
@@ -403,8 +567,17 @@ async fn work_items_survive_random_kills() {
     let settled = loop {
         let kills = kills_done.load(Ordering::SeqCst);
         // Item i arrives once i/items of the kills are done: items arrive all along.
-        while items.len() < size.items && items.len() * size.kills.max(1) <= kills * size.items {
-            let n = items.len();
+        let planned = items
+            .iter()
+            .filter(|i| i.scenario != Scenario::DeliveredWhileGatewayDown)
+            .count();
+        if planned < size.items && planned * size.kills.max(1) <= kills * size.items {
+            let n = planned;
+            let scenario = match n {
+                1 => Scenario::MissingCommand,
+                2 => Scenario::RepoRemoved,
+                _ => Scenario::Normal,
+            };
             let (issue, _) = plane
                 .create_issue(
                     &project.id,
@@ -415,19 +588,63 @@ async fn work_items_survive_random_kills() {
                     &ada,
                 )
                 .await;
+            let key = plane.key(&issue.id);
+            if scenario == Scenario::MissingCommand {
+                std::fs::write(nocmd.join(&key), "").expect("marker");
+            }
             items.push(Item {
-                key: plane.key(&issue.id),
+                key,
                 issue_id: issue.id,
-                repo: REPOS[n % REPOS.len()].to_owned(),
+                repo: if scenario == Scenario::RepoRemoved {
+                    DOOMED.to_owned()
+                } else {
+                    REPOS[n % REPOS.len()].to_owned()
+                },
+                scenario,
+                acted: false,
                 created: false,
                 approvals: Vec::new(),
                 last_approval: None,
             });
         }
+        // The gateway is held down: an issue with the trigger label is created now, and
+        // its failed delivery is never sent again (Plane gives up on a refused connection).
+        if cue.gateway_down.load(Ordering::SeqCst) && abandoned_issue.is_none() {
+            let (issue, delivery) = plane
+                .create_issue(
+                    &project.id,
+                    &NewIssue {
+                        name: "Fault item made while the gateway was down".into(),
+                        labels: vec!["orchestrator".into()],
+                        ..NewIssue::default()
+                    },
+                    &ada,
+                )
+                .await;
+            assert!(
+                delivery.as_ref().is_none_or(failed),
+                "the gateway is down, yet the delivery was accepted: {delivery:?}"
+            );
+            abandoned_issue = Some(issue.id.clone());
+            items.push(Item {
+                key: plane.key(&issue.id),
+                issue_id: issue.id,
+                repo: REPOS[0].to_owned(),
+                scenario: Scenario::DeliveredWhileGatewayDown,
+                acted: false,
+                created: false,
+                approvals: Vec::new(),
+                last_approval: None,
+            });
+            cue.issue_created.store(true, Ordering::SeqCst);
+        }
         // CreateWorkItem as the gateway makes it for a Plane issue (the project and the
         // sequence id; stage-engine derives the key through Plane): retried while
         // stage-engine is down.
-        for item in items.iter_mut().filter(|i| !i.created) {
+        for item in items
+            .iter_mut()
+            .filter(|i| !i.created && i.scenario != Scenario::DeliveredWhileGatewayDown)
+        {
             let sequence_id = item
                 .key
                 .rsplit_once('-')
@@ -459,8 +676,40 @@ async fn work_items_survive_random_kills() {
                 .into_iter()
                 .map(|r| (r.get(0), (r.get(1), r.get(2))))
                 .collect();
+        for item in items.iter_mut() {
+            let Some((stage, status)) = states.get(&item.key) else {
+                continue;
+            };
+            item.created = true;
+            match item.scenario {
+                // Parked by the missing command: fixed, then retried as a human would.
+                Scenario::MissingCommand if status == "blocked" && !item.acted => {
+                    let _ = std::fs::remove_file(nocmd.join(&item.key));
+                    let r = clients
+                        .stage_engine
+                        .clone()
+                        .retry(orchestrator_proto::stage_engine::v1::RetryRequest {
+                            work_item: item.key.clone(),
+                            author: "ada".into(),
+                            comment_id: format!("fault-retry-{}", item.key),
+                            tracker_issue_id: String::new(),
+                        })
+                        .await;
+                    item.acted = r.is_ok();
+                }
+                Scenario::RepoRemoved if stage == "development" && !item.acted => {
+                    gitea.with(|d| d.repos.remove(DOOMED));
+                    let _ = std::fs::remove_dir_all(gitea.repo_dir(DOOMED));
+                    item.acted = true;
+                }
+                _ => {}
+            }
+        }
         for (key, (_, status)) in &states {
-            if status == "done" || status == "blocked" {
+            let retry_pending = items
+                .iter()
+                .any(|i| i.key == *key && i.scenario == Scenario::MissingCommand && !i.acted);
+            if (status == "done" || status == "blocked") && !retry_pending {
                 ended_at.entry(key.clone()).or_insert_with(Instant::now);
             }
         }
@@ -493,6 +742,14 @@ async fn work_items_survive_random_kills() {
             .chain(gitea_new.into_iter().map(|d| ("gitea", d)))
         {
             if d.what.ends_with("(redelivered)") {
+                continue;
+            }
+            let abandoned = source == "plane"
+                && abandoned_issue.as_deref().is_some_and(|id| {
+                    let v = d.json();
+                    v["event"] == "issue" && v["action"] == "created" && v["data"]["id"] == id
+                });
+            if abandoned {
                 continue;
             }
             if failed(&d) {
@@ -553,11 +810,17 @@ async fn work_items_survive_random_kills() {
                 items.len()
             );
         }
-        let finished = items.len() == size.items
+        let finished = items
+            .iter()
+            .filter(|i| i.scenario != Scenario::DeliveredWhileGatewayDown)
+            .count()
+            == size.items
             && items.iter().all(|i| {
-                states
-                    .get(&i.key)
-                    .is_some_and(|(_, s)| s == "done" || s == "blocked")
+                states.get(&i.key).is_some_and(|(_, s)| {
+                    s == "done"
+                        || (s == "blocked"
+                            && !(i.scenario == Scenario::MissingCommand && !i.acted))
+                })
             });
         if finished {
             stop.store(true, Ordering::SeqCst);
@@ -678,27 +941,98 @@ async fn work_items_survive_random_kills() {
     }
 
     // Work items.
-    let rows =
-        sqlx::query("SELECT key, stage, status, rollback_count FROM stage_engine.work_items")
-            .fetch_all(&pool)
-            .await
-            .expect("work items");
+    let rows = sqlx::query(
+        "SELECT key, stage, status, rollback_count, status_reason FROM stage_engine.work_items",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("work items");
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
     let mut status_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut reason_of: BTreeMap<String, String> = BTreeMap::new();
     for r in &rows {
-        let (key, status): (String, String) = (r.get(0), r.get(2));
+        let (key, status, reason): (String, String, String) = (r.get(0), r.get(2), r.get(4));
         *by_status.entry(status.clone()).or_default() += 1;
-        status_of.insert(key, status);
+        status_of.insert(key.clone(), status);
+        reason_of.insert(key, reason);
     }
     let done = by_status.get("done").copied().unwrap_or(0);
     let blocked = by_status.get("blocked").copied().unwrap_or(0);
     check(
-        rows.len() == size.items && done + blocked == size.items,
+        rows.len() == items.len() && done + blocked == items.len(),
         format!(
             "work items: {} of {}: done {done}, blocked {blocked}, by status {by_status:?}",
             rows.len(),
-            size.items
+            items.len()
         ),
+    );
+    // Each scripted fault ends as it should: the removed repository's item blocked with its
+    // reason; the missing command's item blocked, then fixed, retried and done; the item
+    // whose delivery was lost created by reconciliation and done; every other item done.
+    // Every blocked item says why.
+    let mut wrong = Vec::new();
+    for item in &items {
+        let status = status_of.get(&item.key).map_or("missing", String::as_str);
+        let reason = reason_of.get(&item.key).map_or("", String::as_str);
+        let expected = if item.scenario == Scenario::RepoRemoved {
+            "blocked"
+        } else {
+            "done"
+        };
+        let acted = match item.scenario {
+            Scenario::MissingCommand | Scenario::RepoRemoved => item.acted,
+            _ => true,
+        };
+        if status != expected || !acted || (status == "blocked" && reason.is_empty()) {
+            wrong.push(format!("{} {:?}: {status} ({reason})", item.key, item.scenario));
+        }
+    }
+    let scenario_lines: Vec<String> = items
+        .iter()
+        .filter(|i| i.scenario != Scenario::Normal)
+        .map(|i| {
+            format!(
+                "{} {:?} -> {} {}",
+                i.key,
+                i.scenario,
+                status_of.get(&i.key).map_or("missing", String::as_str),
+                reason_of
+                    .get(&i.key)
+                    .filter(|r| !r.is_empty())
+                    .map(|r| format!("({})", r.chars().take(140).collect::<String>()))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    check(
+        wrong.is_empty(),
+        format!(
+            "scripted faults: {}; wrong ends: {wrong:?}",
+            scenario_lines.join("; ")
+        ),
+    );
+    // The long outages: each peer down for the whole outage while runs ended.
+    let mut outage_lines = Vec::new();
+    let mut outage_ok = true;
+    for (peer, down, from, to) in &kills.outages {
+        let ended = count_between(
+            &pool,
+            "SELECT COUNT(*) FROM launcher.jobs WHERE finished_at_ms >= $1 AND finished_at_ms <= $2",
+            *from,
+            *to,
+        )
+        .await;
+        outage_ok &= ended > 0;
+        outage_lines.push(format!("{peer} {down:?} ({ended} runs ended meanwhile)"));
+    }
+    let outages_planned = if size.outage.is_zero() {
+        0
+    } else {
+        OUTAGE_PEERS.len()
+    };
+    check(
+        outage_ok && kills.outages.len() == outages_planned,
+        format!("long outages: {}", outage_lines.join(", ")),
     );
 
     // Agent runs: one per (job, attempt).
@@ -925,18 +1259,77 @@ async fn work_items_survive_random_kills() {
     .into_iter()
     .map(|r| (r.get(0), r.get(1)))
     .collect();
+    // A job fails for good only where a scripted fault made it (the missing command, the
+    // removed repository); any other failed job is one no fault explains.
+    let expected_failure: Vec<&str> = items
+        .iter()
+        .filter(|i| matches!(i.scenario, Scenario::MissingCommand | Scenario::RepoRemoved))
+        .map(|i| i.key.as_str())
+        .collect();
+    let unexplained: Vec<_> = failed_jobs
+        .iter()
+        .filter(|(w, ..)| !expected_failure.contains(&w.as_str()))
+        .collect();
     check(
-        dead_inbox == 0 && failed_outbox == 0 && failed_jobs.is_empty(),
+        dead_inbox == 0 && failed_outbox == 0 && unexplained.is_empty(),
         format!(
-            "dead letters: inbox dead {dead_inbox}, outbox failed {failed_outbox}, failed jobs {} {:?}; jobs by status/outcome {job_outcomes:?}",
+            "dead letters: inbox dead {dead_inbox}, outboxes failed {failed_outbox}, failed jobs {} ({} of them made by a scripted fault), unexplained {:?}; jobs by status/outcome {job_outcomes:?}",
             failed_jobs.len(),
-            failed_jobs.iter().take(5).collect::<Vec<_>>()
+            failed_jobs.len() - unexplained.len(),
+            unexplained.iter().take(5).collect::<Vec<_>>()
         ),
+    );
+    // No effect applied twice on Plane: one comment per idempotency key.
+    let mut per_external: BTreeMap<String, usize> = BTreeMap::new();
+    let posted = plane.with(|d| {
+        for c in &d.comments {
+            if let Some(id) = &c.external_id {
+                *per_external.entry(id.clone()).or_default() += 1;
+            }
+        }
+        d.comments.len()
+    });
+    let twice: Vec<_> = per_external.iter().filter(|(_, n)| **n > 1).collect();
+    check(
+        twice.is_empty(),
+        format!(
+            "Plane comments: {posted}, of them the orchestrator's {}; posted twice: {} {:?}",
+            per_external.len(),
+            twice.len(),
+            twice.iter().take(3).collect::<Vec<_>>()
+        ),
+    );
+    // The stall watchdog is a backstop: each firing means a seam lost something. Read from
+    // stage-engine's log (its counters restart with it).
+    let mut firings: Vec<String> = Vec::new();
+    for (name, path) in stack.log_paths() {
+        if name != "stage-engine" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        for line in text.lines().filter(|l| l.contains("stall watchdog fired")) {
+            let plain = strip_ansi(line);
+            let field = |k: &str| {
+                plain
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_owned))
+                    .unwrap_or_else(|| "?".to_owned())
+                    .trim_matches('"')
+                    .to_owned()
+            };
+            firings.push(format!("{} {}", field("work_item"), field("reason")));
+        }
+    }
+    let firings_line = format!(
+        "info stall watchdog firings: {} {:?}",
+        firings.len(),
+        firings
     );
     plane.check();
     gitea.check();
 
     eprintln!("fault suite figures (seed {}):", size.seed);
+    report.push(firings_line);
     for line in report.iter().chain(&tail_lines) {
         eprintln!("  {line}");
     }
