@@ -873,7 +873,10 @@ async fn an_outage_longer_than_any_attempt_count_loses_nothing(storage: TestStor
     .expect("config")
     .dispatch
     .max_attempts;
-    assert_eq!(config.dispatch.max_attempts, 0, "the default retries for ever");
+    assert_eq!(
+        config.dispatch.max_attempts, 0,
+        "the default retries for ever"
+    );
     config.dispatch.backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
     let gw = gateway(&storage, config, &url).await;
     let created = wire_body("plane-webhook-issue-created.json");

@@ -817,9 +817,10 @@ async fn work_items_survive_random_kills() {
             == size.items
             && items.iter().all(|i| {
                 states.get(&i.key).is_some_and(|(_, s)| {
+                    // The missing command's item is not finished while it waits for
+                    // its retry.
                     s == "done"
-                        || (s == "blocked"
-                            && !(i.scenario == Scenario::MissingCommand && !i.acted))
+                        || (s == "blocked" && (i.scenario != Scenario::MissingCommand || i.acted))
                 })
             });
         if finished {
@@ -984,7 +985,10 @@ async fn work_items_survive_random_kills() {
             _ => true,
         };
         if status != expected || !acted || (status == "blocked" && reason.is_empty()) {
-            wrong.push(format!("{} {:?}: {status} ({reason})", item.key, item.scenario));
+            wrong.push(format!(
+                "{} {:?}: {status} ({reason})",
+                item.key, item.scenario
+            ));
         }
     }
     let scenario_lines: Vec<String> = items
