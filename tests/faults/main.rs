@@ -482,6 +482,8 @@ async fn work_items_survive_random_kills() {
         ("PLANE_BASE_URL", plane.url.clone()),
         ("PLANE_WORKSPACE_SLUG", "acme".into()),
         ("PLANE_API_TOKEN", SERVICE_TOKEN.into()),
+        // The project reconciliation lists (with ORCH_PLANE_DEFAULT_REPO).
+        ("PLANE_PROJECT_ID", project.id.clone()),
         ("PLANE_WEBHOOK_SECRET", PLANE_SECRET.into()),
         ("ORCH_PLANE_DEFAULT_REPO", REPOS[0].into()),
         ("ORCH_PLANE_BOT_USERS", bots.join(",")),

@@ -81,6 +81,12 @@ pub async fn run(engine: Engine, shutdown: CancellationToken) {
         interval_s = interval.as_secs(),
         "reconciliation with the tracker and the forge started"
     );
+    if engine.tracker.kind() == TrackerKind::Plane && plane_projects(&engine).is_empty() {
+        // Said once: without a project, a Plane delivery lost before the gateway stays lost.
+        tracing::warn!(
+            "reconciliation knows no Plane project to list: set PLANE_PROJECT_ID (with ORCH_PLANE_DEFAULT_REPO) or ORCH_PLANE_PROJECT_REPOS"
+        );
+    }
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -100,18 +106,24 @@ pub async fn run(engine: Engine, shutdown: CancellationToken) {
     tracing::info!("reconciliation stopped");
 }
 
+/// The Plane projects whose issues reconciliation lists: those of ORCH_PLANE_PROJECT_REPOS,
+/// and PLANE_PROJECT_ID when ORCH_PLANE_DEFAULT_REPO maps it.
+fn plane_projects(engine: &Engine) -> Vec<String> {
+    let default = engine
+        .config
+        .tracker
+        .plane
+        .as_ref()
+        .and_then(|c| c.project_id.clone());
+    engine.config.reconcile.intake.projects(default.as_deref())
+}
+
 /// One pass: the tracker first (new and gone issues), then the forge (lost merges).
 pub async fn pass(engine: &Engine) -> Result<Pass, EngineError> {
     let mut p = Pass::default();
     let open = open_items(engine).await?;
     if engine.tracker.kind() == TrackerKind::Plane {
-        let default = engine
-            .config
-            .tracker
-            .plane
-            .as_ref()
-            .and_then(|c| c.project_id.clone());
-        for project in engine.config.reconcile.intake.projects(default.as_deref()) {
+        for project in plane_projects(engine) {
             if let Err(e) = tracker_project(engine, &project, &open, &mut p).await {
                 p.errors += 1;
                 tracing::warn!(project, error = %e, "reconciliation could not list the project's issues");
