@@ -265,6 +265,19 @@ impl Outbox {
         rows.iter().map(entry_from_row).collect()
     }
 
+    /// How many entries of `work_item` are still to deliver (pending or being delivered):
+    /// while there are, the work item is moving, whatever else is idle.
+    pub async fn undelivered_of(&self, db: &Db, work_item: &str) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {} WHERE work_item = $1 AND state IN ('pending', 'delivering')",
+            self.table
+        )))
+        .bind(work_item)
+        .fetch_one(&db.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Claims a due entry for `claimant` until `until`, counting the attempt. False: another
     /// deliverer took it first.
     async fn claim(

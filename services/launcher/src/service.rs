@@ -418,6 +418,16 @@ fn flip_success_effects(job: &JobRow) -> Vec<Effect> {
 }
 
 /// A job as the proto shows it.
+impl LauncherService {
+    /// The launcher's outbox entries of `work_item` not yet delivered.
+    async fn pending_effects(&self, work_item: &str) -> Result<u32, LauncherError> {
+        let n = crate::outbox::OUTBOX
+            .undelivered_of(self.sup.db(), work_item)
+            .await?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+}
+
 pub fn to_proto(j: &JobRow) -> Job {
     let status = match j.status {
         JobState::Queued => JobStatus::Queued,
@@ -456,6 +466,8 @@ pub fn to_proto(j: &JobRow) -> Job {
         qg_hook_blocks: j.qg_hook_blocks,
         failures: j.failures,
         dedupe_key: j.dedupe_key.clone().unwrap_or_default(),
+        // Filled by GetJob and ListJobs, which read the outbox.
+        pending_effects: 0,
     }
 }
 
@@ -491,7 +503,9 @@ impl Launcher for LauncherService {
     #[tracing::instrument(skip_all, fields(job_id = %request.get_ref().job_id))]
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let job = self.job(&request.get_ref().job_id).await?;
-        Ok(Response::new(to_proto(&job)))
+        let mut out = to_proto(&job);
+        out.pending_effects = self.pending_effects(&job.work_item).await?;
+        Ok(Response::new(out))
     }
 
     #[tracing::instrument(skip_all)]
@@ -513,9 +527,22 @@ impl Launcher for LauncherService {
         )
         .await
         .map_err(LauncherError::from)?;
-        Ok(Response::new(ListJobsResponse {
-            jobs: jobs.iter().map(to_proto).collect(),
-        }))
+        let mut pending: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+        let mut out = Vec::with_capacity(jobs.len());
+        for job in &jobs {
+            let n = match pending.get(&job.work_item) {
+                Some(n) => *n,
+                None => {
+                    let n = self.pending_effects(&job.work_item).await?;
+                    pending.insert(job.work_item.clone(), n);
+                    n
+                }
+            };
+            let mut j = to_proto(job);
+            j.pending_effects = n;
+            out.push(j);
+        }
+        Ok(Response::new(ListJobsResponse { jobs: out }))
     }
 
     #[tracing::instrument(skip_all)]

@@ -59,6 +59,8 @@ async fn a_run_that_ends_while_its_peers_are_down_is_delivered_when_they_come_ba
     let snap = h.snapshot().await;
     assert!(snap.outbox_pending >= 3, "{snap:?}");
     assert_eq!(snap.outbox_failed, 0);
+    // GetJob says the job's end still waits (stage-engine's watchdog reads it: moving).
+    assert!(h.get_job(&job.id).await.pending_effects >= 3);
     h.peers.with(|s| {
         assert!(s.record_runs.is_empty() && s.advances.is_empty() && s.comments.is_empty());
         s.usage_ledger_down = false;
@@ -82,6 +84,7 @@ async fn a_run_that_ends_while_its_peers_are_down_is_delivered_when_they_come_ba
     });
     let snap = h.snapshot().await;
     assert_eq!((snap.outbox_pending, snap.outbox_failed), (0, 0));
+    assert_eq!(h.get_job(&job.id).await.pending_effects, 0);
 }
 
 async fn a_restarted_launcher_delivers_what_its_previous_life_left(storage: TestStorage) {

@@ -120,6 +120,10 @@ pub fn verdict(
     let Some(job) = latest else {
         return Verdict::Fire(StallReason::NoJob);
     };
+    // The launcher's outbox still holds the job's end (a peer it needs is down): moving.
+    if job.pending_effects > 0 {
+        return Verdict::Wait("its job's end is still in the launcher's outbox");
+    }
     match job.status() {
         JobStatus::Queued | JobStatus::Running => Verdict::Wait("its job is queued or running"),
         JobStatus::Succeeded => Verdict::Fire(StallReason::LatestJobSucceeded),
@@ -413,6 +417,17 @@ mod tests {
                 true,
                 None,
                 Verdict::Wait("its enqueue is still in the outbox"),
+            ),
+            // The job's end waits in the launcher's outbox (a peer down): moving, not stalled.
+            (
+                Status::Active,
+                9_999,
+                false,
+                Some(Job {
+                    pending_effects: 2,
+                    ..job("job-2", d, Succeeded, Some(700))
+                }),
+                Verdict::Wait("its job's end is still in the launcher's outbox"),
             ),
             // A job that is queued or running: the launcher is on it (a long run is fine).
             (

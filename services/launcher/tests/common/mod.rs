@@ -498,6 +498,20 @@ impl H {
             .0
     }
 
+    /// `GetJob`, through the RPC (with what only the RPC fills, e.g. `pending_effects`).
+    pub async fn get_job(&self, id: &str) -> orchestrator_proto::launcher::v1::Job {
+        use orchestrator_proto::launcher::v1::launcher_server::Launcher;
+        self.svc
+            .get_job(tonic::Request::new(
+                orchestrator_proto::launcher::v1::GetJobRequest {
+                    job_id: id.to_owned(),
+                },
+            ))
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
     /// The queue's snapshot, through the RPC.
     pub async fn snapshot(&self) -> orchestrator_proto::launcher::v1::QueueSnapshotResponse {
         use orchestrator_proto::launcher::v1::launcher_server::Launcher;
