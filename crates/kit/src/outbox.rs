@@ -693,7 +693,7 @@ mod tests {
                     .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
             )
         };
-        let c = OutboxConfig::from_env(&env(&[]), "ORCH_X_OUTBOX_", d).expect("defaults");
+        let c = OutboxConfig::from_env(&env(&[]), "TEST_OUTBOX_", d).expect("defaults");
         assert_eq!(
             (c.poll, c.backoff_base, c.backoff_max, c.max_attempts),
             (
@@ -705,23 +705,23 @@ mod tests {
         );
         for (pairs, culprit) in [
             (
-                vec![("ORCH_X_OUTBOX_POLL_MS", "0")],
-                "ORCH_X_OUTBOX_POLL_MS",
+                vec![("TEST_OUTBOX_POLL_MS", "0")],
+                "TEST_OUTBOX_POLL_MS",
             ),
             (
-                vec![("ORCH_X_OUTBOX_BACKOFF_BASE_MS", "0")],
-                "ORCH_X_OUTBOX_BACKOFF_BASE_MS",
+                vec![("TEST_OUTBOX_BACKOFF_BASE_MS", "0")],
+                "TEST_OUTBOX_BACKOFF_BASE_MS",
             ),
             (
-                vec![("ORCH_X_OUTBOX_BACKOFF_MAX_MS", "10")],
-                "ORCH_X_OUTBOX_BACKOFF_MAX_MS",
+                vec![("TEST_OUTBOX_BACKOFF_MAX_MS", "10")],
+                "TEST_OUTBOX_BACKOFF_MAX_MS",
             ),
             (
-                vec![("ORCH_X_OUTBOX_POLL_MS", "soon")],
-                "ORCH_X_OUTBOX_POLL_MS",
+                vec![("TEST_OUTBOX_POLL_MS", "soon")],
+                "TEST_OUTBOX_POLL_MS",
             ),
         ] {
-            let e = OutboxConfig::from_env(&env(&pairs), "ORCH_X_OUTBOX_", d).expect_err("bad");
+            let e = OutboxConfig::from_env(&env(&pairs), "TEST_OUTBOX_", d).expect_err("bad");
             assert!(e.to_string().contains(culprit), "{e}");
         }
     }
