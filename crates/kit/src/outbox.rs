@@ -704,10 +704,7 @@ mod tests {
             )
         );
         for (pairs, culprit) in [
-            (
-                vec![("TEST_OUTBOX_POLL_MS", "0")],
-                "TEST_OUTBOX_POLL_MS",
-            ),
+            (vec![("TEST_OUTBOX_POLL_MS", "0")], "TEST_OUTBOX_POLL_MS"),
             (
                 vec![("TEST_OUTBOX_BACKOFF_BASE_MS", "0")],
                 "TEST_OUTBOX_BACKOFF_BASE_MS",
@@ -716,10 +713,7 @@ mod tests {
                 vec![("TEST_OUTBOX_BACKOFF_MAX_MS", "10")],
                 "TEST_OUTBOX_BACKOFF_MAX_MS",
             ),
-            (
-                vec![("TEST_OUTBOX_POLL_MS", "soon")],
-                "TEST_OUTBOX_POLL_MS",
-            ),
+            (vec![("TEST_OUTBOX_POLL_MS", "soon")], "TEST_OUTBOX_POLL_MS"),
         ] {
             let e = OutboxConfig::from_env(&env(&pairs), "TEST_OUTBOX_", d).expect_err("bad");
             assert!(e.to_string().contains(culprit), "{e}");

@@ -35,6 +35,21 @@ impl LauncherConfig {
             ));
         }
         tracing::info!(agents_dir = %dir.display(), "the agents' prompts are read from here");
+        // A newcomer's trap (docs/local-mode.md): the command runs in each job's checkout,
+        // so `python3 examples/agents/scripted-agent.py` names a file of the repository being
+        // worked on, not the one beside the orchestrator. Said, never rewritten: a command
+        // may mean a script that the repository itself carries.
+        if let Ok(here) = std::env::current_dir() {
+            for (arg, abs) in relative_paths_here(&self.agent_command, &here) {
+                tracing::warn!(
+                    argument = %arg,
+                    absolute = %abs.display(),
+                    "ORCH_AGENT_COMMAND names a file by a relative path, which is resolved in \
+                     each job's checkout, not where the orchestrator started; give the absolute \
+                     path if this file is meant"
+                );
+            }
+        }
         if self.agent_command_found().is_none() {
             tracing::warn!(
                 command = %self.agent_command[0],
@@ -50,6 +65,19 @@ impl LauncherConfig {
     pub fn agent_command_found(&self) -> Option<PathBuf> {
         find_command(&self.agent_command[0], self.search_path.as_deref())
     }
+}
+
+/// The words of `command` that name, by a relative path (with a `/`), a file that exists
+/// under `here`, with that file's absolute path.
+fn relative_paths_here(command: &[String], here: &Path) -> Vec<(String, PathBuf)> {
+    command
+        .iter()
+        .filter(|w| w.contains('/') && !w.starts_with('/') && !w.starts_with('-'))
+        .filter_map(|w| {
+            let abs = here.join(w);
+            abs.exists().then(|| (w.clone(), abs))
+        })
+        .collect()
 }
 
 /// The first role prompt (`<role>.md`) missing from `dir`.
@@ -104,6 +132,36 @@ mod tests {
             Some(tool.clone())
         );
         assert_eq!(find_command("/nonexistent/agent-cli", Some(&path)), None);
+    }
+
+    #[test]
+    fn relative_paths_that_exist_here_are_named() {
+        let here = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(here.path().join("examples/agents")).expect("dir");
+        std::fs::write(here.path().join("examples/agents/scripted-agent.py"), "").expect("write");
+        let words = |c: &str| c.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            relative_paths_here(
+                &words("python3 examples/agents/scripted-agent.py"),
+                here.path()
+            ),
+            vec![(
+                "examples/agents/scripted-agent.py".to_owned(),
+                here.path().join("examples/agents/scripted-agent.py")
+            )]
+        );
+        // Absolute, missing here, options, plain names: nothing to say.
+        let abs = here.path().join("examples/agents/scripted-agent.py");
+        for c in [
+            format!("python3 {}", abs.display()),
+            "python3 scripts/agent.py".to_owned(),
+            "claude -p --output-format json --settings=a/b.json".to_owned(),
+        ] {
+            assert!(
+                relative_paths_here(&words(&c), here.path()).is_empty(),
+                "{c}"
+            );
+        }
     }
 
     #[test]
