@@ -119,6 +119,16 @@ impl StageEngineService {
     }
 }
 
+/// The id a human's command (an approval, a retry) is deduplicated by: the tracker
+/// comment's, or a fresh one for a command without a comment (the CLI's).
+fn command_id(comment_id: &str) -> Result<String, EngineError> {
+    if comment_id.trim().is_empty() {
+        Ok(outbox::new_id())
+    } else {
+        Ok(required("comment_id", comment_id)?.to_owned())
+    }
+}
+
 /// A work item as the proto shows it.
 pub fn to_proto(i: &WorkItemRow) -> WorkItem {
     WorkItem {
@@ -342,11 +352,7 @@ impl StageEngine for StageEngineService {
         let r = request.into_inner();
         let key = key_of(&self.engine, &r.work_item, &r.tracker_issue_id).await?;
         let author = required("author", &r.author)?.to_owned();
-        let comment_id = if r.comment_id.trim().is_empty() {
-            outbox::new_id()
-        } else {
-            required("comment_id", &r.comment_id)?.to_owned()
-        };
+        let comment_id = command_id(&r.comment_id)?;
         let human = !self.engine.config.is_bot(&author);
         let a = self
             .engine
@@ -635,11 +641,7 @@ impl StageEngine for StageEngineService {
         let r = request.into_inner();
         let key = key_of(&self.engine, &r.work_item, &r.tracker_issue_id).await?;
         let author = required("author", &r.author)?.to_owned();
-        let comment_id = if r.comment_id.trim().is_empty() {
-            outbox::new_id()
-        } else {
-            required("comment_id", &r.comment_id)?.to_owned()
-        };
+        let comment_id = command_id(&r.comment_id)?;
         let a = self.engine.retry(&key, &author, &comment_id).await?;
         Ok(Response::new(advance_response(a)))
     }
