@@ -104,6 +104,7 @@ impl Node {
                 db,
                 clients.clone(),
                 &config.env,
+                &::stage_engine::pipeline::ROLES,
                 shutdown.clone(),
             )?),
             None => None,

@@ -357,7 +357,7 @@ async fn doomed_replica(
     let agents = dir.join("agents");
     std::fs::create_dir_all(&agents)?;
     // The launcher starts only with a prompt for every role.
-    for role in launcher::run::ROLES {
+    for role in stage_engine::pipeline::ROLES {
         std::fs::write(agents.join(format!("{role}.md")), "You are it.\n")?;
     }
     let mut cmd = tokio::process::Command::new(bin);

@@ -68,7 +68,11 @@ impl World {
         let (agents, forge) = (root.join("agents"), root.join("forge"));
         std::fs::create_dir_all(&agents)?;
         // The launcher starts only with a prompt for every role.
-        for role in launcher::run::ROLES.iter().copied().chain(["noop"]) {
+        for role in stage_engine::pipeline::ROLES
+            .iter()
+            .copied()
+            .chain(["noop"])
+        {
             std::fs::write(agents.join(format!("{role}.md")), "Benchmark agent.\n")?;
         }
         LocalForge::new(forge.clone(), "main".into())

@@ -215,6 +215,7 @@ pub async fn run(items: usize, postgres: Option<String>) -> anyhow::Result<()> {
                     job_id,
                     attempt: 1,
                     dedupe_key: String::new(),
+                    ..JobRef::default()
                 }),
                 None,
             )

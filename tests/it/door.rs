@@ -153,7 +153,7 @@ fn up_prints_where_a_relative_agents_dir_resolved() {
     let dir = tempfile::tempdir().expect("tempdir");
     let prompts = dir.path().join("prompts");
     std::fs::create_dir_all(&prompts).expect("prompts");
-    for role in launcher::run::ROLES {
+    for role in stage_engine::pipeline::ROLES {
         std::fs::write(prompts.join(format!("{role}.md")), "You are it.\n").expect("prompt");
     }
     let mut up = orchestrator(dir.path())

@@ -34,7 +34,7 @@ async fn the_analyst_runs_end_to_end(storage: TestStorage) {
         .expect("bare repo");
     std::fs::create_dir_all(root.join("agents")).expect("agents");
     // The launcher starts only with a prompt for every role.
-    for role in launcher::run::ROLES {
+    for role in stage_engine::pipeline::ROLES {
         std::fs::write(
             root.join(format!("agents/{role}.md")),
             format!("You are the {role}.\n"),

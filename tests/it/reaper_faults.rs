@@ -553,7 +553,7 @@ async fn a_job_that_never_ends_is_killed_and_flipped_by_the_backstop(storage: Te
     let root = dir.path();
     std::fs::create_dir_all(root.join("agents")).expect("agents");
     // The launcher starts only with a prompt for every role.
-    for role in launcher::run::ROLES {
+    for role in stage_engine::pipeline::ROLES {
         std::fs::write(root.join(format!("agents/{role}.md")), "You are it.\n").expect("prompt");
     }
     // Deaf to SIGTERM, with a child in its group: only SIGKILL to the group ends it.

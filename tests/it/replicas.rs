@@ -43,7 +43,11 @@ async fn three_launcher_replicas_share_the_cap_and_run_each_job_once() {
     let root = dir.path();
     std::fs::create_dir_all(root.join("agents")).expect("agents");
     // The launcher starts only with a prompt for every role (the jobs here are `noop`'s).
-    for role in launcher::run::ROLES.iter().copied().chain(["noop"]) {
+    for role in stage_engine::pipeline::ROLES
+        .iter()
+        .copied()
+        .chain(["noop"])
+    {
         std::fs::write(root.join(format!("agents/{role}.md")), "Do nothing.\n").expect("prompt");
     }
     // Long enough runs for the replicas to compete for the slots.

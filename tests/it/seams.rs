@@ -65,7 +65,7 @@ async fn stage_engine_down_for_a_minute_when_the_analyst_ends_loses_nothing() {
         .expect("bare repo");
     std::fs::create_dir_all(root.join("agents")).expect("agents");
     // A prompt for every role: the launcher checks them at start-up.
-    for role in launcher::run::ROLES {
+    for role in stage_engine::pipeline::ROLES {
         std::fs::write(
             root.join("agents").join(format!("{role}.md")),
             format!("You are the {role}.\n"),

@@ -326,6 +326,7 @@ async fn walk(
             job_id: job_id.clone(),
             attempt: 1,
             dedupe_key: job.dedupe_key.clone(),
+            ..Default::default()
         };
         let r = se
             .advance_stage(advance())
@@ -595,19 +596,33 @@ async fn check_the_end(
         ),
         (1, 1, 1)
     );
-    // Once armed, the watch's monitor was enqueued (a reserved job, after the first tick's
-    // wait); redelivered enqueues (if any) made no second job: the script saw each job once.
-    let monitor = s
-        .jobs
-        .try_recv()
-        .expect("the post-deploy-monitor was enqueued");
+    // deploy -> done enqueued the deploy-finalizer (stage-engine's, pinned to the deployer's
+    // PR) and, once armed, the watch's monitor (reserved jobs; their channels do not wait
+    // for each other); redelivered enqueues (if any) made no second job.
+    assert_eq!(count("enqueue_reserved"), 1);
+    let mut reserved: Vec<_> = [s.jobs.try_recv(), s.jobs.try_recv()]
+        .into_iter()
+        .map(|j| j.expect("two reserved jobs were enqueued"))
+        .collect();
+    reserved.sort_by(|a, b| a.agent.cmp(&b.agent));
     assert_eq!(
-        (
-            monitor.agent.as_str(),
-            monitor.kind(),
-            monitor.work_item.as_str()
-        ),
-        ("post-deploy-monitor", JobKind::Reserved, KEY)
+        reserved
+            .iter()
+            .map(|j| (j.agent.as_str(), j.kind(), j.work_item.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("deploy-finalizer", JobKind::Reserved, KEY),
+            ("post-deploy-monitor", JobKind::Reserved, KEY)
+        ]
+    );
+    let finalizer: serde_json::Value =
+        serde_json::from_str(&reserved[0].payload_json).expect("payload");
+    assert!(
+        finalizer["pr_number"].as_u64().is_some_and(|n| n > 0)
+            && finalizer["tested_head_sha"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+        "{finalizer}"
     );
     assert!(s.jobs.is_empty());
     let arms = s.peers.arms.lock().expect("lock").clone();

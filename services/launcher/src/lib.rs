@@ -5,8 +5,9 @@
 //!   PostgreSQL) and the guarded writes (the attempt is the fencing token);
 //! - [`supervisor`]: the event-driven dispatcher, heartbeats, restart reconciliation, the
 //!   circuit breaker's gate;
-//! - [`run`] and [`agent`]: one LLM run — checkout, spawn in its own process group, pid
-//!   stamp, watchdog, finalize, commit/push/PR;
+//! - one LLM run, by responsibility: `prepare` (the payload validated, the checkout, the
+//!   prompt and run files), [`run`] and [`agent`] (spawn in its own process group, pid
+//!   stamp, watch), `finish` (classify; commit, push, PR; the job's end and its effects);
 //! - `prompt`: the agent's prompt file: the role's prompt, then the task stage-engine
 //!   composed for the job;
 //! - [`outbox`]: the end of a run toward the peers (RecordRun, the finish comment,
@@ -20,9 +21,11 @@ pub mod agent;
 pub mod classify;
 pub mod config;
 mod error;
+mod finish;
 pub mod outbox;
 pub mod peers;
 mod preflight;
+mod prepare;
 pub mod proc;
 mod prompt;
 pub mod reserved;

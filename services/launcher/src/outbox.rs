@@ -13,28 +13,23 @@
 //! launcher's other comments (the analyst's start, a spent budget) go the same way.
 //!
 //! Every receiver dedupes: RecordRun on (job, attempt), AddComment on its idempotency key,
-//! AdvanceStage and ReportJobFailed on (job, attempt), the deploy-finalizer's enqueue on
-//! `deploy-finalizer:{job}`.
+//! AdvanceStage and ReportJobFailed on (job, attempt). What follows a stage (the next
+//! agent, the deploy-finalizer after a deploy) is stage-engine's to enqueue.
 
 use async_trait::async_trait;
 use orchestrator_kit::outbox::{self, Deliver, DeliveryError, Entry, NewEntry, Outbox};
 use orchestrator_kit::retry::is_retryable_status;
-use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
-    AddCommentRequest, AdvanceOutcome, AdvanceStageRequest, ReportJobFailedRequest,
+    AddCommentRequest, AdvanceStageRequest, ReportJobFailedRequest,
 };
 use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
 use serde::{Deserialize, Serialize};
 use sqlx::{Any, Transaction};
 
-use crate::store::{self, Kind, NewJob};
-use crate::supervisor::{Supervisor, comment_author, html_escape};
+use crate::supervisor::{Supervisor, html_escape};
 
 /// The launcher's outbox table.
 pub const OUTBOX: Outbox = Outbox::new("outbox");
-
-/// The agent that merges a deployed PR once stage-engine completed the item.
-pub const DEPLOY_FINALIZER: &str = "deploy-finalizer";
 
 /// An effect of a run on a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,15 +57,18 @@ pub enum Effect {
         author: String,
         idempotency_key: String,
     },
-    /// `StageEngine.AdvanceStage` after a success. `finalizer`: the deploy-finalizer's
-    /// payload (JSON), enqueued here when the answer is DONE.
+    /// `StageEngine.AdvanceStage` after a success, with what the run delivered: the PR and
+    /// its head after the push (0 / empty: none). An entry written before these existed
+    /// (it carried a `finalizer`, ignored now) gets them looked up by stage-engine.
     AdvanceStage {
         job_id: String,
         attempt: u32,
         agent: String,
         dedupe_key: String,
         #[serde(default)]
-        finalizer: Option<Finalizer>,
+        pr_number: u64,
+        #[serde(default)]
+        head_sha: String,
     },
     /// `StageEngine.ReportJobFailed`: the job ended failed for good.
     ReportJobFailed {
@@ -81,15 +79,6 @@ pub enum Effect {
         outcome: String,
         reason: String,
     },
-}
-
-/// What the deploy-finalizer needs, carried by the deployer's AdvanceStage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Finalizer {
-    pub repo: String,
-    pub stage: String,
-    pub payload_json: String,
-    pub max_attempts: u32,
 }
 
 impl Effect {
@@ -215,7 +204,8 @@ impl Deliver for Delivery {
                     .add_comment(AddCommentRequest {
                         work_item,
                         html,
-                        author: comment_author(&agent).to_owned(),
+                        // Only an agent's run has a finish comment: its own bot says it.
+                        author: agent,
                         idempotency_key: format!("launcher:{job_id}:{attempt}:finish"),
                     })
                     .await?;
@@ -241,7 +231,8 @@ impl Deliver for Delivery {
                 attempt,
                 agent,
                 dedupe_key,
-                finalizer,
+                pr_number,
+                head_sha,
             } => {
                 let r = peers
                     .advance_stage(AdvanceStageRequest {
@@ -250,15 +241,11 @@ impl Deliver for Delivery {
                         job_id: job_id.clone(),
                         attempt,
                         dedupe_key,
+                        pr_number,
+                        head_sha,
                     })
                     .await?;
                 let outcome = r.outcome();
-                let mut finalizer_job = String::new();
-                if outcome == AdvanceOutcome::Done
-                    && let Some(f) = finalizer
-                {
-                    finalizer_job = self.enqueue_finalizer(&work_item, &job_id, &f).await?;
-                }
                 tracing::info!(
                     job_id,
                     attempt,
@@ -270,7 +257,6 @@ impl Deliver for Delivery {
                 Ok(serde_json::json!({
                     "outcome": outcome.as_str_name(),
                     "reason": r.reason,
-                    "finalizer_job_id": finalizer_job,
                 })
                 .to_string())
             }
@@ -310,59 +296,12 @@ impl Deliver for Delivery {
     }
 }
 
-impl Delivery {
-    /// After the deployer's verdict completed the item: the deploy-finalizer merges the PR,
-    /// pinned to the head that was deployed (deduped on `deploy-finalizer:{deployer job}`:
-    /// a redelivered AdvanceStage enqueues nothing more).
-    async fn enqueue_finalizer(
-        &self,
-        work_item: &str,
-        deployer_job: &str,
-        f: &Finalizer,
-    ) -> Result<String, DeliveryError> {
-        let now = now_ms();
-        let (job, created) = store::enqueue(
-            self.sup.db(),
-            &NewJob {
-                id: crate::service::new_job_id(),
-                work_item: work_item.to_owned(),
-                repo: f.repo.clone(),
-                agent: DEPLOY_FINALIZER.to_owned(),
-                stage: f.stage.clone(),
-                kind: Kind::Reserved,
-                payload_json: f.payload_json.clone(),
-                dedupe_key: Some(format!("{DEPLOY_FINALIZER}:{deployer_job}")),
-                max_attempts: f.max_attempts,
-                not_before_ms: now,
-                now_ms: now,
-            },
-        )
-        .await?;
-        if created {
-            tracing::info!(
-                job_id = job.id,
-                deployer_job,
-                work_item,
-                "deploy-finalizer enqueued"
-            );
-        }
-        self.sup.wake();
-        Ok(job.id)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn effects_keep_their_channels_keys_and_round_trip() {
-        let f = Finalizer {
-            repo: "a/b".into(),
-            stage: "deploy".into(),
-            payload_json: "{}".into(),
-            max_attempts: 3,
-        };
         for (e, kind, channel, key) in [
             (
                 Effect::RecordRun {
@@ -402,7 +341,8 @@ mod tests {
                     attempt: 2,
                     agent: "deployer".into(),
                     dedupe_key: "d".into(),
-                    finalizer: Some(f),
+                    pr_number: 7,
+                    head_sha: "abc".into(),
                 },
                 "advance_stage",
                 "run",

@@ -1,5 +1,6 @@
 //! Start-up checks of the configuration that can only be made against the machine: the
-//! agents directory and a prompt for every role, and the agent command on PATH. A missing
+//! agents directory and a prompt for every role (the roles are stage-engine's, handed in by
+//! whoever starts the launcher), and the agent command on PATH. A missing
 //! prompt fails start-up (every job of that role would fail at its first launch); a missing
 //! command only warns, because it may be installed later — the queue snapshot looks again.
 
@@ -12,7 +13,7 @@ use crate::config::LauncherConfig;
 impl LauncherConfig {
     /// Checks the agents directory and its prompts (the first missing file is the error),
     /// says where the prompts are read from, and warns when the agent command is not found.
-    pub fn check_at_start(&self) -> Result<(), ConfigError> {
+    pub fn check_at_start(&self, roles: &[&str]) -> Result<(), ConfigError> {
         let dir = &self.agents_dir;
         if !dir.is_dir() {
             return Err(ConfigError::new(
@@ -24,13 +25,14 @@ impl LauncherConfig {
                 ),
             ));
         }
-        if let Some(missing) = missing_prompt(dir) {
+        if let Some(missing) = missing_prompt(dir, roles) {
+            let all: Vec<String> = roles.iter().map(|r| format!("{r}.md")).collect();
             return Err(ConfigError::new(
                 "ORCH_AGENTS_DIR",
                 format!(
                     "{} is missing: every role needs its prompt ({})",
                     missing.display(),
-                    crate::run::ROLES.map(|r| format!("{r}.md")).join(", ")
+                    all.join(", ")
                 ),
             ));
         }
@@ -81,8 +83,8 @@ fn relative_paths_here(command: &[String], here: &Path) -> Vec<(String, PathBuf)
 }
 
 /// The first role prompt (`<role>.md`) missing from `dir`.
-fn missing_prompt(dir: &Path) -> Option<PathBuf> {
-    crate::run::ROLES
+fn missing_prompt(dir: &Path, roles: &[&str]) -> Option<PathBuf> {
+    roles
         .iter()
         .map(|r| dir.join(format!("{r}.md")))
         .find(|p| !p.is_file())
@@ -167,14 +169,15 @@ mod tests {
     #[test]
     fn a_missing_prompt_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for r in crate::run::ROLES {
+        let roles = ["writer", "checker"];
+        for r in roles {
             std::fs::write(dir.path().join(format!("{r}.md")), "You are it.\n").expect("write");
         }
-        assert_eq!(missing_prompt(dir.path()), None);
-        std::fs::remove_file(dir.path().join("tester.md")).expect("rm");
+        assert_eq!(missing_prompt(dir.path(), &roles), None);
+        std::fs::remove_file(dir.path().join("checker.md")).expect("rm");
         assert_eq!(
-            missing_prompt(dir.path()),
-            Some(dir.path().join("tester.md"))
+            missing_prompt(dir.path(), &roles),
+            Some(dir.path().join("checker.md"))
         );
     }
 }

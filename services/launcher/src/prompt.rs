@@ -4,7 +4,7 @@
 //! run. A job without a task (enqueued before stage-engine composed tasks, or by hand)
 //! gets the short context the launcher always wrote.
 
-use crate::run::{Ctx, artifacts_dir};
+use crate::prepare::Ctx;
 
 /// What the prompt is written from, besides the role's prompt.
 pub(crate) struct Run<'a> {
@@ -47,13 +47,15 @@ fn legacy_task(run: &Run<'_>, p: &mut String) {
         p.push_str(&format!(" — {}", ctx.title));
     }
     p.push_str(&format!(
-        "\n- stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
-        run.stage,
-        ctx.repo,
-        ctx.branch,
-        ctx.base,
-        artifacts_dir(&ctx.key)
+        "\n- stage: {}\n- Repository: {} (branch `{}`, base `{}`); you are in its checkout.\n",
+        run.stage, ctx.repo, ctx.branch, ctx.base,
     ));
+    if !ctx.artifacts_dir.is_empty() {
+        p.push_str(&format!(
+            "- Write your artifacts under `{}/` (see docs/artifacts.md).\n",
+            ctx.artifacts_dir
+        ));
+    }
     if !ctx.why.is_empty() {
         p.push_str(&format!("- Why you run: {}\n", ctx.why));
     }
@@ -75,6 +77,9 @@ mod tests {
             why: "new work item".into(),
             dedupe_key: String::new(),
             task: task.map(str::to_owned),
+            artifacts_dir: "docs/work-items/ORCH-7".into(),
+            needs_merge_lease: false,
+            announce_start: false,
         }
     }
 

@@ -87,15 +87,17 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> LauncherError {
 
 impl LauncherService {
     /// Builds the service from the environment and starts its dispatcher, which stops (and
-    /// hands its runs back to the queue) with `shutdown`.
+    /// hands its runs back to the queue) with `shutdown`. `roles`: the agents whose prompts
+    /// must be there (stage-engine's `pipeline::ROLES`; the launcher keeps no list).
     pub fn start(
         db: Db,
         clients: Clients,
         env: &Env,
+        roles: &[&str],
         shutdown: CancellationToken,
     ) -> Result<Self, ConfigError> {
         let config = LauncherConfig::from_env(env)?;
-        config.check_at_start()?;
+        config.check_at_start(roles)?;
         let forge = orchestrator_forge::build(&config.forge)?;
         let agent_env = AgentEnv::from_env(env, &config.env_passthrough);
         let svc = Self::from_parts(
@@ -412,7 +414,9 @@ fn flip_success_effects(job: &JobRow) -> Vec<Effect> {
         attempt: job.attempt,
         agent: job.agent.clone(),
         dedupe_key: job_dedupe_key(job),
-        finalizer: None,
+        // The reaper's flip knows no PR: stage-engine looks it up where it needs one.
+        pr_number: 0,
+        head_sha: String::new(),
     });
     effects
 }

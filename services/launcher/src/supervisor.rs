@@ -670,7 +670,7 @@ pub(crate) fn failure_effects(job: &JobRow, outcome: &str, reason: &str) -> [Eff
     [
         Effect::Comment {
             html,
-            author: comment_author(&job.agent).to_owned(),
+            author: comment_author(job).to_owned(),
             idempotency_key: format!("launcher:{}:{}:failed", job.id, job.attempt),
         },
         Effect::ReportJobFailed {
@@ -694,12 +694,12 @@ pub(crate) fn job_dedupe_key(job: &JobRow) -> String {
     })
 }
 
-/// The role whose bot posts about `agent`'s job: the agent's own, or `stream`.
-pub(crate) fn comment_author(agent: &str) -> &str {
-    if crate::run::ROLES.contains(&agent) {
-        agent
-    } else {
-        "stream"
+/// The bot that posts about `job`: an agent's run speaks under the agent's own bot, a
+/// reserved job (no agent of its own) under `stream`.
+pub(crate) fn comment_author(job: &JobRow) -> &str {
+    match job.kind {
+        store::Kind::Llm => &job.agent,
+        store::Kind::Reserved => "stream",
     }
 }
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{H, REPO, WRITE_ARTIFACT, eventually, is};
+use common::{H, KEY, REPO, WRITE_ARTIFACT, eventually, is};
 use launcher::store::Status;
 use orchestrator_forge::{Forge, RepoName};
 use orchestrator_kit::time::now_ms;
@@ -406,7 +406,10 @@ async fn a_deploy_holds_the_merge_lease_and_hands_over_to_the_finalizer() {
             ..Default::default()
         }));
     });
-    let deploy = h.enqueue("deployer", "deploy", "").await;
+    // stage-engine marks the deploy's job: the run holds the repo's merge lease.
+    let deploy = h
+        .enqueue("deployer", "deploy", r#"{"needs_merge_lease": true}"#)
+        .await;
     let waiting = h
         .wait_for(&deploy.id, SECS, |j| j.outcome == "lease_busy")
         .await;
@@ -420,8 +423,8 @@ async fn a_deploy_holds_the_merge_lease_and_hands_over_to_the_finalizer() {
     let d = h.wait_done(&deploy.id, SECS).await;
     assert_eq!(d.status, Status::Succeeded, "{d:#?}");
     assert_eq!(d.outcome, "succeeded");
-    // The finalizer was enqueued when the deployer's AdvanceStage answered DONE (delivered
-    // by the outbox), and merges pinned to its head.
+    // AdvanceStage tells stage-engine the PR and the head the run delivered; stage-engine
+    // enqueues the finalizer pinned to them (as its outbox does, through Enqueue).
     let repo = RepoName::parse(REPO).expect("repo");
     let pr = h
         .forge
@@ -429,6 +432,43 @@ async fn a_deploy_holds_the_merge_lease_and_hands_over_to_the_finalizer() {
         .await
         .expect("pr")
         .expect("a PR");
+    eventually(SECS, "AdvanceStage delivered", || {
+        h.peers
+            .with(|s| s.advances.iter().any(|a| a.job_id == deploy.id))
+    })
+    .await;
+    let advance = h.peers.with(|s| {
+        s.advances
+            .iter()
+            .find(|a| a.job_id == deploy.id)
+            .cloned()
+            .expect("advance")
+    });
+    assert_eq!(
+        (advance.pr_number, advance.head_sha.as_str()),
+        (pr.number, pr.head_sha.as_str())
+    );
+    let payload = serde_json::json!({
+        "work_item": KEY,
+        "pr_number": advance.pr_number,
+        "tested_head_sha": advance.head_sha,
+        "deployer_job_id": deploy.id,
+    });
+    let queued = h
+        .svc
+        .enqueue_job(orchestrator_proto::launcher::v1::EnqueueRequest {
+            work_item: KEY.into(),
+            repo: REPO.into(),
+            agent: "deploy-finalizer".into(),
+            stage: "deploy".into(),
+            kind: orchestrator_proto::launcher::v1::JobKind::Reserved as i32,
+            payload_json: payload.to_string(),
+            dedupe_key: format!("deploy-finalizer:{}", deploy.id),
+            ..Default::default()
+        })
+        .await
+        .expect("enqueue the finalizer")
+        .0;
     let deadline = Instant::now() + SECS;
     loop {
         let merged = h
@@ -460,17 +500,7 @@ async fn a_deploy_holds_the_merge_lease_and_hands_over_to_the_finalizer() {
         );
         assert!(s.leases.is_empty());
     });
-    let finalizer = launcher::store::list(
-        &h.db,
-        &launcher::store::ListFilter {
-            agent: "deploy-finalizer",
-            limit: 10,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("list");
-    let f = h.wait_done(&finalizer[0].id, SECS).await;
+    let f = h.wait_done(&queued.id, SECS).await;
     assert_eq!(
         (f.status, f.outcome.as_str()),
         (Status::Succeeded, "merged")
@@ -520,6 +550,49 @@ async fn the_usage_and_the_finish_comment_wait_for_restarting_peers() {
                 .iter()
                 .map(|c| &c.idempotency_key)
                 .collect::<Vec<_>>()
+        );
+    });
+}
+
+/// The launcher announces a start when stage-engine's job says so (`announce_start`, the
+/// first stage's), under the job's own agent's bot, once per job; a job without the flag
+/// starts silently, whatever its agent is called. No role is known to the launcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_is_announced_when_the_job_asks_for_it() {
+    let h = H::start(
+        TestStorage::sqlite(),
+        &prints("success-with-write-tool", 0),
+        &[("ORCH_LAUNCHER_GIT", "false")],
+    )
+    .await;
+    let loud = h
+        .enqueue("architect", "architecture", r#"{"announce_start": true}"#)
+        .await;
+    let quiet = h.enqueue("analyst", "analysis", "").await;
+    for id in [&loud.id, &quiet.id] {
+        h.wait_for(id, SECS, |j| j.status == Status::Succeeded)
+            .await;
+    }
+    h.outbox_drained().await;
+    eventually(SECS, "the start comment", || {
+        h.peers.with(|s| {
+            s.comments
+                .iter()
+                .any(|c| c.idempotency_key == format!("launcher:{}:start", loud.id))
+        })
+    })
+    .await;
+    h.peers.with(|s| {
+        let starts: Vec<_> = s
+            .comments
+            .iter()
+            .filter(|c| c.idempotency_key.ends_with(":start"))
+            .collect();
+        assert_eq!(starts.len(), 1, "{starts:#?}");
+        assert_eq!(starts[0].author, "architect");
+        assert_eq!(
+            starts[0].html,
+            format!("<p>Architect started on {KEY} (job {}).</p>", loud.id)
         );
     });
 }

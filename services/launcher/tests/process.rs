@@ -38,7 +38,11 @@ cat {{contracts}}/real-2.1.328/success-with-write-tool.stdout.json"#
     )
     .await;
     let job = h
-        .enqueue("developer", "development", r#"{"title":"Add a thing"}"#)
+        .enqueue(
+            "developer",
+            "development",
+            r#"{"title":"Add a thing","artifacts_dir":"docs/work-items/ORCH-1"}"#,
+        )
         .await;
     let running = h
         .wait_for(&job.id, SECS, |j| {
@@ -120,6 +124,9 @@ cat {{contracts}}/real-2.1.328/success-with-write-tool.stdout.json"#
         assert_eq!(s.advances[0].finished_agent, "developer");
         assert_eq!(s.advances[0].job_id, job.id);
         assert_eq!(s.advances[0].attempt, 1);
+        // What the run delivered, for stage-engine to pin what follows to.
+        assert_eq!(s.advances[0].pr_number, pr.number);
+        assert_eq!(s.advances[0].head_sha, pr.head_sha);
     });
 }
 

@@ -462,6 +462,7 @@ impl ReaperService {
             job_id: job.id.clone(),
             attempt: job.attempt,
             dedupe_key: dedupe_key(job),
+            ..Default::default()
         };
         match self.inner.peers.advance_stage(request).await {
             Ok(r) => {

@@ -31,6 +31,10 @@ pub struct JobRef {
     pub job_id: String,
     pub attempt: u32,
     pub dedupe_key: String,
+    /// What the run delivered, when the launcher says (`AdvanceStage`): the PR and its head
+    /// after the push. 0 / empty: not said (the reaper's and the watchdog's paths).
+    pub pr_number: u64,
+    pub head_sha: String,
 }
 
 /// An approval's identity.
@@ -383,6 +387,7 @@ impl Engine {
         dedupe_key: &str,
         reason: &str,
     ) -> Effect {
+        let flags = crate::pipeline::job_flags(item.stage);
         let payload = serde_json::json!({
             "work_item": item.key,
             "stage": item.stage.as_str(),
@@ -390,6 +395,8 @@ impl Engine {
             "branch": item.branch,
             "base": self.config.base_branch,
             "artifacts_dir": artifacts_dir(&item.key),
+            "needs_merge_lease": flags.needs_merge_lease,
+            "announce_start": flags.announce_start,
             "tracker_issue_id": item.tracker_issue_id,
             "title": item.title,
             "rollback_count": item.rollback_count,
@@ -641,6 +648,13 @@ impl Engine {
             }
             None => String::new(),
         };
+        // The deploy-finalizer merges what the deployer delivered; looked up before the
+        // transaction when the launcher did not say (it reads the forge).
+        let finalizer = if d.done_by_deploy {
+            self.finalizer_effect(item, job).await?
+        } else {
+            None
+        };
         let mut tx = self.db.pool.begin().await?;
         if !store::update_item_guarded(&mut tx, &next, item.version).await? {
             tx.rollback().await?;
@@ -712,6 +726,9 @@ impl Engine {
         if d.outcome == Outcome::Done {
             outbox::insert(&mut tx, &item.key, &Effect::SetStateDone, None).await?;
             outbox::insert(&mut tx, &item.key, &Effect::UsageSummary, None).await?;
+            if let Some(f) = &finalizer {
+                outbox::insert(&mut tx, &item.key, f, None).await?;
+            }
             if d.done_by_deploy && self.config.arm_post_deploy {
                 let deploy_field = |name: &str| {
                     inputs
@@ -732,6 +749,69 @@ impl Engine {
         }
         tx.commit().await?;
         Ok(Applied::Done(Box::new(next)))
+    }
+
+    /// After the deployer's verdict completed `item`: the deploy-finalizer's enqueue, which
+    /// merges the PR pinned to the head that was deployed (deduped on
+    /// `deploy-finalizer:{deployer job}`, so a redelivered AdvanceStage enqueues it once).
+    /// The PR is the one the launcher says the run delivered; on the paths that do not say
+    /// (the reaper's, the watchdog's), the branch's open PR as the forge has it now. No PR:
+    /// nothing to merge, said at WARN.
+    async fn finalizer_effect(
+        &self,
+        item: &WorkItemRow,
+        job: Option<&JobRef>,
+    ) -> Result<Option<Effect>, EngineError> {
+        let Some(job) = job else {
+            return Ok(None);
+        };
+        let (pr_number, head_sha) = if job.pr_number > 0 && !job.head_sha.is_empty() {
+            (job.pr_number, job.head_sha.clone())
+        } else {
+            let repo =
+                orchestrator_forge::RepoName::parse(&item.repo).map_err(|e| invalid("repo", e))?;
+            match self
+                .forge
+                .find_pr(&repo, &item.branch, &self.config.base_branch)
+                .await
+            {
+                Ok(Some(pr)) => (pr.number, pr.head_sha),
+                Ok(None) => {
+                    tracing::warn!(
+                        work_item = item.key,
+                        branch = item.branch,
+                        "the deploy completed the item but its branch has no PR: nothing to merge"
+                    );
+                    return Ok(None);
+                }
+                Err(e) if e.is_transient() => {
+                    return Err(EngineError::Unavailable(format!(
+                        "the forge is unavailable to find the PR to merge: {e}"
+                    )));
+                }
+                Err(e) => {
+                    return Err(EngineError::Precondition(format!(
+                        "the forge refused the PR lookup: {e}"
+                    )));
+                }
+            }
+        };
+        let payload = serde_json::json!({
+            "work_item": item.key,
+            "repo": item.repo,
+            "branch": item.branch,
+            "base": self.config.base_branch,
+            "pr_number": pr_number,
+            "tested_head_sha": head_sha,
+            "deployer_job_id": job.job_id,
+        });
+        Ok(Some(Effect::EnqueueReserved {
+            repo: item.repo.clone(),
+            agent: crate::park::DEPLOY_FINALIZER.to_owned(),
+            stage: item.stage.as_str().to_owned(),
+            dedupe_key: format!("{}:{}", crate::park::DEPLOY_FINALIZER, job.job_id),
+            payload_json: payload.to_string(),
+        }))
     }
 
     /// The stream bot's comment on a transition.

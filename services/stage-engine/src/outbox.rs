@@ -46,6 +46,16 @@ pub enum Effect {
         dedupe_key: String,
         payload_json: String,
     },
+    /// `Launcher.Enqueue` of a reserved (no-LLM) job: the deploy-finalizer after the
+    /// deployer's verdict completed the item, pinned to the head the deployer delivered.
+    /// Not the item's latest job: the stage is over, nothing waits for its answer.
+    EnqueueReserved {
+        repo: String,
+        agent: String,
+        stage: String,
+        dedupe_key: String,
+        payload_json: String,
+    },
     /// `PostDeploy.Arm` after `deploy -> done`, then (when armed) `Launcher.Enqueue` of the
     /// [`POST_DEPLOY_MONITOR`] that ticks the watch. `previous_sha` (what production ran
     /// before) may be empty: entries written before it existed lack it.
@@ -72,6 +82,7 @@ impl Effect {
             Effect::SetStateDone => "set_state_done",
             Effect::UsageSummary => "usage_summary",
             Effect::Enqueue { .. } => "enqueue",
+            Effect::EnqueueReserved { .. } => "enqueue_reserved",
             Effect::ArmWatch { .. } => "arm_watch",
             Effect::CancelJob { .. } => "cancel_job",
         }
@@ -81,7 +92,9 @@ impl Effect {
     pub fn channel(&self) -> &'static str {
         match self {
             Effect::Comment { .. } | Effect::SetStateDone | Effect::UsageSummary => "tracker",
-            Effect::Enqueue { .. } | Effect::CancelJob { .. } => "launcher",
+            Effect::Enqueue { .. } | Effect::EnqueueReserved { .. } | Effect::CancelJob { .. } => {
+                "launcher"
+            }
             Effect::ArmWatch { .. } => "post_deploy",
         }
     }
@@ -277,6 +290,37 @@ impl Delivery {
                 );
                 Ok(serde_json::json!({"job_id": job_id, "created": resp.created}).to_string())
             }
+            Effect::EnqueueReserved {
+                repo,
+                agent,
+                stage,
+                dedupe_key,
+                payload_json,
+            } => {
+                let resp = self
+                    .peers
+                    .enqueue(EnqueueRequest {
+                        work_item: entry.work_item.clone(),
+                        repo,
+                        agent: agent.clone(),
+                        stage,
+                        kind: JobKind::Reserved as i32,
+                        payload_json,
+                        dedupe_key,
+                        not_before_ms: 0,
+                        max_attempts: 0,
+                    })
+                    .await?;
+                let job_id = resp.job.map(|j| j.id).unwrap_or_default();
+                tracing::info!(
+                    work_item = entry.work_item,
+                    agent,
+                    job_id,
+                    created = resp.created,
+                    "reserved job enqueued"
+                );
+                Ok(serde_json::json!({"job_id": job_id, "created": resp.created}).to_string())
+            }
             Effect::ArmWatch {
                 repo,
                 deployed_sha,
@@ -447,6 +491,17 @@ mod tests {
                     payload_json: "{}".into(),
                 },
                 "enqueue",
+                "launcher",
+            ),
+            (
+                Effect::EnqueueReserved {
+                    repo: "a/b".into(),
+                    agent: "deploy-finalizer".into(),
+                    stage: "deploy".into(),
+                    dedupe_key: "deploy-finalizer:j-1".into(),
+                    payload_json: "{}".into(),
+                },
+                "enqueue_reserved",
                 "launcher",
             ),
             (

@@ -195,6 +195,36 @@ pub fn get_agent_for_stage(stage: Stage) -> Option<&'static str> {
     }
 }
 
+/// Every agent that works a stage (each has its prompt `<role>.md`, its profile and its
+/// tracker bot), in pipeline order: the distinct agents of [`get_agent_for_stage`]. The
+/// launcher learns them from here (its start-up check of the prompts); it keeps no list.
+pub const ROLES: [&str; 6] = [
+    "analyst",
+    "architect",
+    "developer",
+    "reviewer",
+    "tester",
+    "deployer",
+];
+
+/// What the launcher must do around a stage's run besides running it — set by stage-engine
+/// on the job (its payload), so the launcher decides nothing by stage or role name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JobFlags {
+    /// Hold the repository's merge lease for the whole run (a deploy must not race a merge).
+    pub needs_merge_lease: bool,
+    /// Say on the tracker that the agent started (the first stage: a human waits for it).
+    pub announce_start: bool,
+}
+
+/// The job flags of `stage`'s agent runs.
+pub fn job_flags(stage: Stage) -> JobFlags {
+    JobFlags {
+        needs_merge_lease: stage == Stage::Deploy,
+        announce_start: stage == Stage::Analysis,
+    }
+}
+
 /// An agent-specific rollback branch: when `agent` finished `stage` and `check` gave a
 /// negative verdict (not merely a missing one), the item goes back to `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -643,6 +673,15 @@ mod tests {
     }
 
     #[test]
+    fn only_the_deploy_holds_the_merge_lease_and_only_the_analysis_announces_its_start() {
+        for stage in Stage::ALL {
+            let f = job_flags(stage);
+            assert_eq!(f.needs_merge_lease, stage == Stage::Deploy, "{stage}");
+            assert_eq!(f.announce_start, stage == Stage::Analysis, "{stage}");
+        }
+    }
+
+    #[test]
     fn every_stage_has_its_agent() {
         for (stage, agent) in [
             (Stage::Analysis, Some("analyst")),
@@ -657,6 +696,14 @@ mod tests {
             assert_eq!(get_agent_for_stage(stage), agent, "{stage}");
             assert_eq!(stage.as_str().parse::<Stage>(), Ok(stage));
         }
+        // ROLES is exactly the distinct agents of the stages, in order.
+        let mut agents: Vec<&str> = Vec::new();
+        for a in Stage::ALL.into_iter().filter_map(get_agent_for_stage) {
+            if !agents.contains(&a) {
+                agents.push(a);
+            }
+        }
+        assert_eq!(agents, ROLES.to_vec());
         assert!("nope".parse::<Stage>().is_err());
         for s in Status::ALL {
             assert_eq!(s.as_str().parse::<Status>(), Ok(s));

@@ -202,14 +202,7 @@ async fn key_of(
 }
 
 /// The agents that finish stages (the ones `AdvanceStage` accepts).
-const AGENTS: [&str; 6] = [
-    "analyst",
-    "architect",
-    "developer",
-    "reviewer",
-    "tester",
-    "deployer",
-];
+const AGENTS: [&str; 6] = crate::pipeline::ROLES;
 
 /// The launcher's reserved jobs (`ReportJobFailed` accepts them too).
 const RESERVED: [&str; 2] = [DEPLOY_FINALIZER, outbox::POST_DEPLOY_MONITOR];
@@ -328,6 +321,16 @@ impl StageEngine for StageEngineService {
             }
             .into());
         }
+        let head_sha = r.head_sha.trim();
+        if !head_sha.is_empty()
+            && (head_sha.len() > 64 || !head_sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(EngineError::InvalidField {
+                field: "head_sha",
+                reason: format!("'{}' is not a commit id", head_sha.escape_debug()),
+            }
+            .into());
+        }
         let job = if r.job_id.trim().is_empty() {
             None
         } else {
@@ -335,6 +338,8 @@ impl StageEngine for StageEngineService {
                 job_id: required("job_id", &r.job_id)?.to_owned(),
                 attempt: r.attempt,
                 dedupe_key: r.dedupe_key.trim().to_owned(),
+                pr_number: r.pr_number,
+                head_sha: head_sha.to_owned(),
             })
         };
         let a = self
@@ -625,6 +630,7 @@ impl StageEngine for StageEngineService {
                 job_id: required("job_id", &r.job_id)?.to_owned(),
                 attempt: r.attempt,
                 dedupe_key: r.dedupe_key.trim().to_owned(),
+                ..JobRef::default()
             },
             outcome: r.outcome.trim().to_owned(),
             reason: r.reason.trim().to_owned(),

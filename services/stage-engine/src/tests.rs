@@ -253,6 +253,7 @@ impl Harness {
                 job_id: job.into(),
                 attempt: 1,
                 dedupe_key: dedupe.into(),
+                ..Default::default()
             }))
             .await
             .expect("advance")
@@ -997,6 +998,104 @@ async fn bug_8_and_deploy_to_done(storage: TestStorage) {
     assert_eq!(r.outcome(), AdvanceOutcome::Unchanged);
 }
 
+/// What follows a deploy is stage-engine's: the deployer's verdict completes the item and
+/// enqueues the deploy-finalizer (reserved, deduped on the deployer's job) pinned to the PR
+/// and head the launcher says the run delivered; where it did not say (the reaper's path),
+/// to the branch's PR as the forge has it. The deploy's own job is enqueued holding the
+/// merge lease; the analysis's announces its start; no other stage's does either.
+async fn the_deploy_enqueues_its_finalizer_and_the_flags_ride_on_the_jobs(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    let analyst = h.enqueued.lock().expect("lock")[0].clone();
+    let p: serde_json::Value = serde_json::from_str(&analyst.payload_json).expect("payload");
+    assert_eq!(
+        (
+            p["announce_start"].as_bool(),
+            p["needs_merge_lease"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    for (job_id, pr_number, head_sha, want_pr, want_sha) in [
+        ("job-d1", 9_u64, "0123abcd", 9_u64, "0123abcd"),
+        ("job-d2", 0, "", 1, "abc"),
+    ] {
+        sqlx::query(
+            "UPDATE work_items SET stage = 'deploy', status = 'active', expected_agent = 'deployer', \
+             expected_dedupe_key = '', latest_job_id = ''",
+        )
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("set up at deploy");
+        h.write(
+            "deploy.md",
+            "deploy_status: SUCCESS\ndeployed_sha: 0123abcd\n",
+        );
+        let r = h
+            .svc
+            .advance_stage(Request::new(AdvanceStageRequest {
+                work_item: KEY.into(),
+                finished_agent: "deployer".into(),
+                job_id: job_id.into(),
+                attempt: 1,
+                pr_number,
+                head_sha: head_sha.into(),
+                ..Default::default()
+            }))
+            .await
+            .expect("advance")
+            .into_inner();
+        assert_eq!(r.outcome(), AdvanceOutcome::Done);
+        h.deliver().await;
+        let enqueued = h.enqueued.lock().expect("lock").clone();
+        let finalizers: Vec<_> = enqueued
+            .iter()
+            .filter(|e| e.dedupe_key == format!("deploy-finalizer:{job_id}"))
+            .collect();
+        assert_eq!(finalizers.len(), 1, "{enqueued:#?}");
+        let f = finalizers[0];
+        assert_eq!(
+            (f.kind(), f.stage.as_str(), f.dedupe_key.as_str()),
+            (
+                orchestrator_proto::launcher::v1::JobKind::Reserved,
+                "deploy",
+                format!("deploy-finalizer:{job_id}").as_str()
+            )
+        );
+        let p: serde_json::Value = serde_json::from_str(&f.payload_json).expect("payload");
+        assert_eq!(
+            (
+                p["pr_number"].as_u64(),
+                p["tested_head_sha"].as_str(),
+                p["deployer_job_id"].as_str()
+            ),
+            (Some(want_pr), Some(want_sha), Some(job_id))
+        );
+        // Not the item's latest job: nothing waits for its answer.
+        assert_eq!(h.item().await.latest_job_id, "");
+    }
+    // A commit id that is not one is refused, naming the field.
+    let e = h
+        .svc
+        .advance_stage(Request::new(AdvanceStageRequest {
+            work_item: KEY.into(),
+            finished_agent: "analyst".into(),
+            job_id: "job-1".into(),
+            attempt: 1,
+            head_sha: "abc; rm -rf /".into(),
+            ..Default::default()
+        }))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("head_sha"), "{}", e.message());
+    // The deploy's job holds the lease; every other stage's does not.
+    for stage in crate::pipeline::Stage::ALL {
+        let flags = crate::pipeline::job_flags(stage);
+        assert_eq!(flags.needs_merge_lease, stage.as_str() == "deploy");
+    }
+}
+
 /// A merge at any other stage completes the item (no post-deploy watch).
 async fn a_merge_at_review_is_done(storage: TestStorage) {
     let h = harness(storage, 0, false).await;
@@ -1527,6 +1626,7 @@ on_both_backends!(
     idempotency_and_the_latest_job_rule,
     approval_human_yes_bot_no,
     bug_8_and_deploy_to_done,
+    the_deploy_enqueues_its_finalizer_and_the_flags_ride_on_the_jobs,
     a_merge_at_review_is_done,
     an_unimplemented_launcher_is_retried,
     a_forge_that_is_down_changes_nothing,

@@ -283,6 +283,7 @@ fn job_ref(job: &Job) -> JobRef {
         job_id: job.id.clone(),
         attempt: job.attempt,
         dedupe_key: job.dedupe_key.clone(),
+        ..JobRef::default()
     }
 }
 

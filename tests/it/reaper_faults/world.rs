@@ -178,7 +178,7 @@ impl World {
         }
         std::fs::create_dir_all(root.join("agents")).expect("agents");
         // The launcher starts only with a prompt for every role.
-        for role in launcher::run::ROLES {
+        for role in stage_engine::pipeline::ROLES {
             std::fs::write(
                 root.join(format!("agents/{role}.md")),
                 format!("You are the {role}.\n"),
@@ -319,6 +319,17 @@ impl World {
         stage: &str,
         max_attempts: u32,
     ) -> Job {
+        // As stage-engine enqueues it: the stage's job flags ride on the payload (the
+        // deploy's job holds the merge lease).
+        let flags = stage
+            .parse()
+            .map(stage_engine::pipeline::job_flags)
+            .unwrap_or_default();
+        let payload = serde_json::json!({
+            "branch": format!("orch/{work_item}"),
+            "needs_merge_lease": flags.needs_merge_lease,
+            "announce_start": flags.announce_start,
+        });
         self.clients
             .launcher
             .clone()
@@ -327,7 +338,7 @@ impl World {
                 repo: repo.into(),
                 agent: agent.into(),
                 stage: stage.into(),
-                payload_json: format!(r#"{{"branch":"orch/{work_item}"}}"#),
+                payload_json: payload.to_string(),
                 max_attempts,
                 ..EnqueueRequest::default()
             })
