@@ -66,6 +66,12 @@ impl Peers for NoopPeers {
     async fn spent_usd(&self, _: &str) -> Result<f64, tonic::Status> {
         Ok(0.0)
     }
+    async fn last_run(
+        &self,
+        _: &str,
+    ) -> Result<Option<orchestrator_proto::usage_ledger::v1::AgentRun>, tonic::Status> {
+        Ok(None)
+    }
     async fn work_item(&self, k: &str) -> Result<WorkItem, tonic::Status> {
         Err(tonic::Status::not_found(k.to_owned()))
     }

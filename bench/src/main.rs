@@ -567,6 +567,7 @@ async fn record_run(bin: &Path, concurrency: usize, seconds: u64, runs: usize) -
                             work_item: format!("BENCH-{}", n % 50),
                             agent: "developer".into(),
                             output: sample.to_owned(),
+                            ..Default::default()
                         })
                         .await
                         .context("RecordRun")?;

@@ -78,6 +78,7 @@ async fn create_list_show_and_approve(storage: TestStorage) {
             work_item: "LOCAL-1".into(),
             agent: "analyst".into(),
             output: output.into(),
+            ..Default::default()
         })
         .await
         .expect("record");

@@ -48,6 +48,10 @@ struct Pass {
     feedback: Vec<String>,
     /// Runs (CLI sessions) the model server saw for the stage.
     model_runs: usize,
+    /// The text of every agent turn the model was asked for, in order.
+    received: Vec<String>,
+    /// Each job's log (its last attempt), read before the stack's directory goes.
+    logs: Vec<String>,
     status: String,
 }
 
@@ -166,6 +170,10 @@ async fn analysis_through_the_launcher(
     };
     let jobs = wait_for_ended_jobs(&stack).await;
     let launches = jobs.iter().map(|j| j.attempt).sum();
+    let logs = jobs
+        .iter()
+        .map(|j| std::fs::read_to_string(&j.log_path).unwrap_or_default())
+        .collect();
     let summary = c
         .usage_ledger
         .clone()
@@ -208,6 +216,13 @@ async fn analysis_through_the_launcher(
         finish_comments,
         feedback: server.control.stop_hook_feedback(),
         model_runs: server.control.runs(KEY, "analysis"),
+        logs,
+        received: server
+            .control
+            .received(KEY, "analysis")
+            .into_iter()
+            .map(|r| r.text)
+            .collect(),
         status,
     }
 }
@@ -281,7 +296,11 @@ async fn the_qg_hook_saves_a_launch(backend: &str) {
             b,
             &cli,
             Scenario::LazyFirstRun,
-            &[("ORCH_QG_HOOK_ENABLED", "false")],
+            // The retry starts cold here; resuming it is the next test.
+            &[
+                ("ORCH_QG_HOOK_ENABLED", "false"),
+                ("ORCH_RESUME_MAX_AGE_S", "0")
+            ],
             "awaiting_approval"
         ),
     );
@@ -358,6 +377,94 @@ async fn the_qg_hook_saves_a_launch(backend: &str) {
     );
 }
 
+/// The same lazy run without the hook, its retry resumed (#15): the gate fails the first
+/// run, stage-engine sends the analyst back with `resume`, and the launcher resumes the
+/// first run's CLI session (`--resume`, its transcript carried to the new checkout) with
+/// only what the gate lacks. Shown on what the MODEL received: the retry's first request
+/// holds the first run's own turn (the conversation went on) and "The quality gate still
+/// lacks"; the cold retry's holds neither. Launches and tokens of both are printed.
+async fn a_retry_resumes_the_session_instead_of_starting_cold(backend: &str) {
+    let name = format!("qg_hook::{backend}::a_retry_resumes_the_session_instead_of_starting_cold");
+    let Some(cli) = claude_cli_or_skip(&name) else {
+        return;
+    };
+    let (Some(a), Some(b)) = (storage(backend, &name).await, storage(backend, &name).await) else {
+        return;
+    };
+    let (resumed, cold) = tokio::join!(
+        analysis_through_the_launcher(
+            a,
+            &cli,
+            Scenario::LazyFirstRun,
+            &[("ORCH_QG_HOOK_ENABLED", "false")],
+            "awaiting_approval"
+        ),
+        analysis_through_the_launcher(
+            b,
+            &cli,
+            Scenario::LazyFirstRun,
+            &[
+                ("ORCH_QG_HOOK_ENABLED", "false"),
+                ("ORCH_RESUME_MAX_AGE_S", "0")
+            ],
+            "awaiting_approval"
+        ),
+    );
+    eprintln!(
+        "Retry after a failed gate, scripted lazy model (LazyFirstRun), analysis of {KEY} on {backend}:\n  {}\n  {}",
+        resumed.line("resumed retry"),
+        cold.line("cold retry")
+    );
+    for p in [&resumed, &cold] {
+        assert_eq!((p.jobs.len(), p.launches), (2, 2), "{p:#?}");
+        assert!(
+            p.jobs
+                .iter()
+                .all(|j| j.status == JobStatus::Succeeded as i32),
+            "{p:#?}"
+        );
+        assert_eq!(p.status, "awaiting_approval");
+        assert_eq!(p.usage.runs, 2, "{p:#?}");
+    }
+    let log = |p: &Pass| p.logs[1].clone();
+    assert!(
+        log(&resumed).contains("== resuming CLI session "),
+        "{}",
+        log(&resumed)
+    );
+    assert!(
+        log(&cold).contains("starting cold, not resuming job")
+            && log(&cold).contains("ORCH_RESUME_MAX_AGE_S=0"),
+        "{}",
+        log(&cold)
+    );
+    let lazy_turn = format!("analysis of {KEY} looks done to me");
+    let told = |p: &Pass| {
+        p.received
+            .iter()
+            .find(|t| t.contains("The quality gate still lacks"))
+            .cloned()
+    };
+    let retry_first = told(&resumed).expect("the resumed run was told what the gate lacks");
+    assert!(
+        retry_first.contains(&lazy_turn),
+        "the resumed conversation lacks the first run's turn:\n{retry_first}"
+    );
+    assert!(
+        retry_first.contains("check_analysis: docs/work-items/DEMO-10/analysis.md is missing"),
+        "{retry_first}"
+    );
+    assert!(told(&cold).is_none(), "the cold retry was resumed");
+    // The cold retry's first request: the whole task again, none of the first run's turns.
+    let cold_first = cold
+        .received
+        .iter()
+        .rev()
+        .find(|t| !t.contains(&lazy_turn))
+        .expect("the cold retry's requests");
+    assert!(cold_first.contains("# Your task"), "{cold_first}");
+}
+
 /// A model that never writes: blocked exactly ORCH_QG_HOOK_MAX_BLOCKS times in its run,
 /// then the run ends and the gate fails the stage (here blocked at once: no stage retry).
 async fn a_model_that_never_writes_is_blocked_max_blocks_times(backend: &str) {
@@ -430,6 +537,11 @@ mod sqlite {
     async fn a_model_that_never_writes_is_blocked_max_blocks_times() {
         super::a_model_that_never_writes_is_blocked_max_blocks_times("sqlite").await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_resumes_the_session_instead_of_starting_cold() {
+        super::a_retry_resumes_the_session_instead_of_starting_cold("sqlite").await;
+    }
 }
 
 mod postgres {
@@ -441,5 +553,10 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_model_that_never_writes_is_blocked_max_blocks_times() {
         super::a_model_that_never_writes_is_blocked_max_blocks_times("postgres").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_resumes_the_session_instead_of_starting_cold() {
+        super::a_retry_resumes_the_session_instead_of_starting_cold("postgres").await;
     }
 }

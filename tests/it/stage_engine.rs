@@ -317,6 +317,7 @@ async fn walk(
                 work_item: KEY.into(),
                 agent: job.agent.clone(),
                 output: output.clone(),
+                ..Default::default()
             })
             .await
             .expect("record run");

@@ -339,6 +339,7 @@ async fn records_every_cli_sample_and_sums_them(storage: TestStorage) {
                 work_item: "ORCH-7".into(),
                 agent: agents[i % agents.len()].into(),
                 output: log_of(file),
+                ..Default::default()
             })
             .await
             .unwrap_or_else(|e| panic!("{file}: {e}"))
@@ -428,6 +429,7 @@ async fn record_run_is_idempotent_per_attempt(storage: TestStorage) {
         work_item: "ORCH-9".into(),
         agent: "developer".into(),
         output,
+        ..Default::default()
     };
     let first = ledger
         .record_run(req(log.clone(), 1))
@@ -460,6 +462,15 @@ async fn record_run_is_idempotent_per_attempt(storage: TestStorage) {
         .expect("latest")
         .into_inner();
     assert_eq!(latest.attempt, 2);
+    // The CLI session, for a retry to resume (#15).
+    let sid = serde_json::from_str::<serde_json::Value>(&log_of(
+        "real-2.1.328/success-with-write-tool.stdout.json",
+    ))
+    .expect("json")["session_id"]
+        .as_str()
+        .map(str::to_owned);
+    assert!(sid.is_some());
+    assert_eq!(latest.session_id, sid);
     let comment = ledger
         .finish_comment(RunKey {
             job_id: "job-1".into(),
@@ -495,6 +506,7 @@ async fn bad_requests_name_the_field(storage: TestStorage) {
         work_item: "ORCH-1".into(),
         agent: "tester".into(),
         output: String::new(),
+        ..Default::default()
     };
     for (field, req) in [
         (
@@ -605,6 +617,7 @@ async fn concurrent_records_are_each_stored_once(storage: TestStorage) {
                     work_item: "ORCH-50".into(),
                     agent: "developer".into(),
                     output,
+                    ..Default::default()
                 })
                 .await
                 .expect("record")
@@ -634,7 +647,79 @@ async fn concurrent_records_are_each_stored_once(storage: TestStorage) {
     assert_eq!(total.output_tokens, 50 * 162);
 }
 
+/// A resumed CLI session reports its cost over the whole session (seen with the real CLI
+/// 2.1.328 in `qg_hook`'s resumed retry: 0.01538, then 0.03136), its tokens per run: the
+/// second run is recorded at what it cost itself, and the item's total is the session's.
+async fn a_resumed_session_is_not_counted_twice(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let mut ledger = stack.clients.usage_ledger.clone();
+    let sample = log_of("real-2.1.328/success-with-write-tool.stdout.json");
+    let with_cost = |cost: &str| {
+        let mut v: Value = serde_json::from_str(&sample).expect("json");
+        v["total_cost_usd"] = serde_json::from_str(cost).expect("number");
+        v.to_string()
+    };
+    for (job, cost, resumed) in [("job-1", "0.01538", false), ("job-2", "0.03136", true)] {
+        ledger
+            .record_run(RecordRunRequest {
+                job_id: job.into(),
+                attempt: 1,
+                work_item: "ORCH-12".into(),
+                agent: "analyst".into(),
+                output: with_cost(cost),
+                resumed,
+            })
+            .await
+            .expect("record");
+    }
+    let second = ledger
+        .get_run(RunKey {
+            job_id: "job-2".into(),
+            attempt: 1,
+        })
+        .await
+        .expect("run")
+        .into_inner();
+    let cost = second.total_cost_usd.expect("a cost");
+    assert!((cost - 0.01598).abs() < 1e-9, "{cost}");
+    let total = ledger
+        .work_item_summary(WorkItemSummaryRequest {
+            work_item: "ORCH-12".into(),
+        })
+        .await
+        .expect("summary")
+        .into_inner()
+        .total
+        .expect("total");
+    assert!((total.total_cost_usd - 0.03136).abs() < 1e-9, "{total:?}");
+    // Tokens are per run: both runs' counts, summed.
+    assert_eq!(total.output_tokens, 2 * 162);
+    // The same session id on a run that did not resume (a command that prints one id
+    // every time) is never taken for a resume: its whole reported cost counts.
+    ledger
+        .record_run(RecordRunRequest {
+            job_id: "job-3".into(),
+            attempt: 1,
+            work_item: "ORCH-12".into(),
+            agent: "analyst".into(),
+            output: with_cost("0.03136"),
+            resumed: false,
+        })
+        .await
+        .expect("record");
+    let third = ledger
+        .get_run(RunKey {
+            job_id: "job-3".into(),
+            attempt: 1,
+        })
+        .await
+        .expect("run")
+        .into_inner();
+    assert_eq!(third.total_cost_usd, Some(0.03136));
+}
+
 on_both_backends!(
+    a_resumed_session_is_not_counted_twice,
     concurrent_records_are_each_stored_once,
     records_every_cli_sample_and_sums_them,
     record_run_is_idempotent_per_attempt,

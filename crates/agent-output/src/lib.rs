@@ -33,6 +33,9 @@ pub struct AgentResult {
     pub duration_ms: Option<i64>,
     pub total_cost_usd: Option<f64>,
     pub usage: Usage,
+    /// The CLI session the run was (`session_id`): what `--resume` takes. Only a plain id
+    /// (letters, digits, `-`, `_`; at most 64): it becomes an argument and a file name.
+    pub session_id: Option<String>,
 }
 
 /// Token counts as the CLI reported them.
@@ -176,7 +179,18 @@ pub fn read_result(v: &Value) -> AgentResult {
             cache_read_tokens: count(&usage, "cache_read_input_tokens"),
             cache_creation_tokens: count(&usage, "cache_creation_input_tokens"),
         },
+        session_id: text(v, "session_id").filter(|s| is_session_id(s)),
     }
+}
+
+/// A CLI session id as the orchestrator accepts one: 1 to 64 letters, digits, `-` or `_`,
+/// starting with a letter or digit (the CLI's are UUIDs), so it is safe as an argument
+/// (never taken for an option) and as a file name.
+pub fn is_session_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 #[cfg(test)]
@@ -194,6 +208,30 @@ mod tests {
         assert_eq!(r.usage.cache_read_tokens, Some(38000));
         assert_eq!(r.usage.output_tokens, Some(12100));
         assert_eq!(r.total_cost_usd, Some(0.21));
+    }
+
+    #[test]
+    fn the_session_id_is_read_only_when_it_is_a_plain_id() {
+        let with = |id: &str| {
+            let v: Value = serde_json::from_str(SUCCESS).expect("json");
+            let mut v = v;
+            v["session_id"] = Value::String(id.to_owned());
+            read_result(&v).session_id
+        };
+        assert_eq!(
+            with("45deef7f-0fc5-4f26-9ab9-dea1bde1752a").as_deref(),
+            Some("45deef7f-0fc5-4f26-9ab9-dea1bde1752a")
+        );
+        for hostile in [
+            "",
+            "../../etc/passwd",
+            "a b",
+            "--dangerously-skip-permissions",
+            &"x".repeat(65),
+        ] {
+            assert_eq!(with(hostile), None, "{hostile}");
+        }
+        assert_eq!(parse_result(SUCCESS).expect("result").session_id, None);
     }
 
     #[test]

@@ -725,7 +725,11 @@ pub fn decide_in_run(
                 .to_owned(),
         );
     };
-    let feedback = all.contains("Stop hook feedback");
+    // Told that its work is not done — by the Stop hook, or by the launcher when it resumes
+    // the session after the gate failed (its prompt opens "The quality gate still lacks",
+    // services/launcher/src/resume.rs) — the model does the work, as a real one would.
+    let feedback =
+        all.contains("Stop hook feedback") || all.contains("The quality gate still lacks");
     let lazy = Turn::Text(format!("{stage} of {key} looks done to me."));
     let dir = working_directory(&texts);
     let in_checkout = |path: &str| match &dir {

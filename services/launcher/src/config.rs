@@ -105,6 +105,10 @@ pub struct LauncherConfig {
     pub deploy_lease: bool,
     /// `ORCH_LEASE_RETRY_S`: how long a deploy job waits when another holds the lease.
     pub lease_retry: Duration,
+    /// `ORCH_RESUME_MAX_AGE_S`: a retry of the same agent on the same stage resumes the
+    /// previous run's CLI session when it is at most this old; 0: never (see
+    /// [`crate::resume`]).
+    pub resume_max_age: Duration,
     pub forge: ForgeConfig,
     /// `ORCH_LAUNCHER_OUTBOX_POLL_MS`, `ORCH_LAUNCHER_OUTBOX_BACKOFF_BASE_MS`,
     /// `ORCH_LAUNCHER_OUTBOX_BACKOFF_MAX_MS`: how the end of a run (RecordRun, the finish
@@ -293,6 +297,7 @@ impl LauncherConfig {
             git_timeout: seconds(env, "ORCH_GIT_TIMEOUT_S", 300.0)?,
             deploy_lease: env.bool("ORCH_DEPLOY_LEASE_ENABLED", true)?,
             lease_retry: seconds(env, "ORCH_LEASE_RETRY_S", 10.0)?,
+            resume_max_age: seconds(env, "ORCH_RESUME_MAX_AGE_S", 3600.0)?,
             forge: ForgeConfig::from_env(env)?,
             outbox: OutboxConfig {
                 // A delivery is at most two RPCs (FinishComment, then AddComment) of

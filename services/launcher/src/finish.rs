@@ -64,6 +64,7 @@ impl Supervisor {
             attempt: job.attempt,
             agent: job.agent.clone(),
             output: tail.clone(),
+            resumed: files.resume_session.is_some(),
         }];
         let qg_hook_blocks = files.hook_state.as_deref().map(|p| {
             std::fs::read_to_string(p)

@@ -29,6 +29,7 @@ mod prepare;
 pub mod proc;
 mod prompt;
 pub mod reserved;
+mod resume;
 pub mod rules;
 pub mod run;
 mod service;

@@ -41,6 +41,9 @@ pub enum Effect {
         attempt: u32,
         agent: String,
         output: String,
+        /// The run resumed an earlier run's CLI session (its reported cost is the session's).
+        #[serde(default)]
+        resumed: bool,
     },
     /// `UsageLedger.FinishComment`'s line for the run, then `rest_html` (the PR, the
     /// artifacts, the notes), posted under the agent's bot with the idempotency key
@@ -170,6 +173,7 @@ impl Deliver for Delivery {
                 attempt,
                 agent,
                 output,
+                resumed,
             } => {
                 peers
                     .record_run(RecordRunRequest {
@@ -178,6 +182,7 @@ impl Deliver for Delivery {
                         work_item,
                         agent,
                         output,
+                        resumed,
                     })
                     .await?;
                 Ok("{}".to_owned())
@@ -309,6 +314,7 @@ mod tests {
                     attempt: 2,
                     agent: "analyst".into(),
                     output: "{}".into(),
+                    resumed: true,
                 },
                 "record_run",
                 "run",

@@ -12,7 +12,9 @@ use orchestrator_proto::stage_engine::v1::{
     AddCommentRequest, AdvanceStageRequest, AdvanceStageResponse, GetWorkItemRequest,
     ReportJobFailedRequest, WorkItem,
 };
-use orchestrator_proto::usage_ledger::v1::{RecordRunRequest, RunKey, WorkItemSummaryRequest};
+use orchestrator_proto::usage_ledger::v1::{
+    AgentRun, RecordRunRequest, RunKey, WorkItemSummaryRequest,
+};
 use tonic::Status;
 
 /// The services the launcher depends on.
@@ -24,6 +26,8 @@ pub trait Peers: Send + Sync + 'static {
     async fn finish_comment(&self, job_id: &str, attempt: u32) -> Result<String, Status>;
     /// `UsageLedger.WorkItemSummary`: what the work item has spent so far, in USD.
     async fn spent_usd(&self, work_item: &str) -> Result<f64, Status>;
+    /// `UsageLedger.GetRun` of the job's latest run; `None` when none is recorded.
+    async fn last_run(&self, job_id: &str) -> Result<Option<AgentRun>, Status>;
     /// `StageEngine.GetWorkItem`.
     async fn work_item(&self, key: &str) -> Result<WorkItem, Status>;
     /// `StageEngine.AddComment`: a comment under the bot of `author`'s role, delivered by
@@ -103,6 +107,23 @@ impl Peers for GrpcPeers {
             .await?
             .into_inner();
         Ok(s.total.map_or(0.0, |t| t.total_cost_usd))
+    }
+
+    async fn last_run(&self, job_id: &str) -> Result<Option<AgentRun>, Status> {
+        let r = self
+            .clients
+            .usage_ledger
+            .clone()
+            .get_run(RunKey {
+                job_id: job_id.to_owned(),
+                attempt: 0,
+            })
+            .await;
+        match r {
+            Ok(run) => Ok(Some(run.into_inner())),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
     }
 
     async fn work_item(&self, key: &str) -> Result<WorkItem, Status> {

@@ -13,6 +13,7 @@ use orchestrator_kit::time::{now_ms, rfc3339};
 use orchestrator_proto::merge_gate::v1::AcquireLeaseRequest;
 use serde_json::{Value, json};
 
+use crate::resume::ResumeAsk;
 use crate::rules::End;
 use crate::run::{again, log_line};
 use crate::store::{self, JobRow};
@@ -38,6 +39,8 @@ pub(crate) struct Ctx {
     pub needs_merge_lease: bool,
     /// Say on the tracker that the agent started (the payload's `announce_start`).
     pub announce_start: bool,
+    /// The previous run to resume (the payload's `resume`), see [`crate::resume`].
+    pub resume: Option<ResumeAsk>,
 }
 
 /// What a run left on disk: enough to finalize it, even from a later life of the launcher
@@ -50,6 +53,8 @@ pub(crate) struct RunFiles {
     pub log: PathBuf,
     pub hook_state: Option<PathBuf>,
     pub lease: bool,
+    /// The CLI session this run resumes (`--resume`), when it does.
+    pub resume_session: Option<String>,
 }
 
 impl RunFiles {
@@ -84,6 +89,7 @@ impl RunFiles {
             artifacts_dir: s("artifacts_dir").unwrap_or_default(),
             needs_merge_lease: v["lease"].as_bool().unwrap_or(false),
             announce_start: false,
+            resume: None,
         };
         let cwd = PathBuf::from(s("cwd")?);
         Some(RunFiles {
@@ -98,6 +104,7 @@ impl RunFiles {
             log: PathBuf::from(s("log")?),
             hook_state: s("hook_state").map(PathBuf::from),
             lease: v["lease"].as_bool().unwrap_or(false),
+            resume_session: None,
         })
     }
 }
@@ -180,6 +187,7 @@ impl Supervisor {
             },
             needs_merge_lease: payload["needs_merge_lease"].as_bool().unwrap_or(false),
             announce_start: payload["announce_start"].as_bool().unwrap_or(false),
+            resume: ResumeAsk::from_payload(&payload).map_err(bad_input)?,
         };
         let prompt_path = c.agents_dir.join(format!("{}.md", job.agent));
         let role_prompt = std::fs::read_to_string(&prompt_path).map_err(|e| {
@@ -213,7 +221,16 @@ impl Supervisor {
             })?;
         let _ =
             store::set_log_path(self.db(), &job.id, job.attempt, &log.display().to_string()).await;
-        let cwd = job_dir.join("checkout");
+        // A run that may resume its agent's previous session works where that run worked:
+        // the conversation it goes on with names that directory's files, and the CLI files
+        // the session under that directory. Its checkout was removed when it delivered; it
+        // is made again here, from the branch (a previous run of another machine: its own).
+        let cwd = match &ctx.resume {
+            Some(ask) if !c.resume_max_age.is_zero() && c.job_dir(&ask.job_id).is_dir() => {
+                c.job_dir(&ask.job_id).join("checkout")
+            }
+            _ => job_dir.join("checkout"),
+        };
         let checkout = if c.git {
             match self
                 .inner
@@ -246,6 +263,13 @@ impl Supervisor {
             .qg_hook
             .as_ref()
             .map(|_| job_dir.join(format!("qg-hook-blocks-{}", job.attempt)));
+        let resume_session = match &ctx.resume {
+            Some(ask) => {
+                self.resume_plan(job, ask, checkout.as_ref(), &cwd, &log)
+                    .await
+            }
+            None => None,
+        };
         let files = RunFiles {
             ctx,
             checkout,
@@ -253,9 +277,10 @@ impl Supervisor {
             log,
             hook_state,
             lease: *lease,
+            resume_session,
         };
         let prompt = job_dir.join(format!("prompt-{}.md", job.attempt));
-        std::fs::write(&prompt, self.prompt_text(job, &files.ctx, &role_prompt))
+        std::fs::write(&prompt, self.prompt_text(job, &files, &role_prompt))
             .and_then(|()| {
                 std::fs::write(run_file(&job_dir, job.attempt), files.to_json().to_string())
             })
@@ -315,15 +340,109 @@ impl Supervisor {
         }
     }
 
-    /// The role's prompt and the job's task, fed to the agent on stdin (see [`crate::prompt`]).
-    fn prompt_text(&self, job: &JobRow, ctx: &Ctx, role_prompt: &str) -> String {
+    /// The role's prompt and the job's task, fed to the agent on stdin (see [`crate::prompt`]);
+    /// for a resumed run, only what the gate still lacks.
+    fn prompt_text(&self, job: &JobRow, files: &RunFiles, role_prompt: &str) -> String {
         let run = crate::prompt::Run {
-            ctx,
+            ctx: &files.ctx,
             stage: &job.stage,
             attempt: job.attempt,
             previous: &job.reason,
         };
-        crate::prompt::prompt_text(&run, role_prompt)
+        match (&files.resume_session, &files.ctx.resume) {
+            (Some(_), Some(ask)) => crate::prompt::resumed_prompt_text(
+                &run,
+                &crate::resume::resume_prompt(&files.ctx.key, &job.stage, ask),
+            ),
+            _ => crate::prompt::prompt_text(&run, role_prompt),
+        }
+    }
+
+    /// Whether this run resumes the CLI session of the run stage-engine named, and if so
+    /// the session, its transcript carried to where the CLI will look. Anything missing
+    /// means a cold start with the whole task, said in the run's log; never a failed job.
+    async fn resume_plan(
+        &self,
+        job: &JobRow,
+        ask: &ResumeAsk,
+        checkout: Option<&Checkout>,
+        cwd: &Path,
+        log: &Path,
+    ) -> Option<String> {
+        let run = match self.inner.peers.last_run(&ask.job_id).await {
+            Ok(r) => r,
+            Err(s) => {
+                tracing::warn!(job_id = job.id, code = ?s.code(), error = s.message(), "usage-ledger cannot say which session to resume; starting cold");
+                None
+            }
+        };
+        let session = run
+            .as_ref()
+            .and_then(|r| r.session_id.as_deref().map(|s| (s, r.recorded_at_ms)));
+        let facts = crate::resume::Facts {
+            ask,
+            max_age: self.config().resume_max_age,
+            session,
+            now_ms: now_ms(),
+            checkout_head: checkout.map(|c| c.start_sha.as_str()),
+        };
+        let planned = match crate::resume::plan(&facts) {
+            crate::resume::Plan::Resume { session } => {
+                let real_cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+                let carried = match (
+                    self.cli_config_dir(&ask.job_id),
+                    self.cli_config_dir(&job.id),
+                ) {
+                    (Some(from), Some(to)) => {
+                        crate::resume::carry_transcript(&from, &to, &session, &real_cwd)
+                    }
+                    _ => Err("the agent's environment has no HOME for the CLI's sessions".into()),
+                };
+                carried.map(|_| session)
+            }
+            crate::resume::Plan::Cold { why } => Err(why),
+        };
+        match planned {
+            Ok(session) => {
+                log_line(
+                    log,
+                    &format!("resuming CLI session {session} of job {}", ask.job_id),
+                );
+                tracing::info!(
+                    job_id = job.id,
+                    resumed_job = ask.job_id,
+                    session,
+                    "resuming the previous run's CLI session"
+                );
+                Some(session)
+            }
+            Err(why) => {
+                log_line(
+                    log,
+                    &format!("starting cold, not resuming job {}: {why}", ask.job_id),
+                );
+                tracing::info!(
+                    job_id = job.id,
+                    resumed_job = ask.job_id,
+                    why,
+                    "starting cold"
+                );
+                None
+            }
+        }
+    }
+
+    /// Where the agent CLI of `job_id` keeps its state (`CLAUDE_CONFIG_DIR`, else
+    /// `$HOME/.claude` of the agent's environment). One place: where a job's HOME is.
+    pub(crate) fn cli_config_dir(&self, _job_id: &str) -> Option<PathBuf> {
+        let env = self.inner.agent_env.vars();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        match get("CLAUDE_CONFIG_DIR").filter(|v| !v.is_empty()) {
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => get("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| Path::new(h).join(".claude")),
+        }
     }
 }
 
@@ -346,6 +465,7 @@ mod tests {
                 artifacts_dir: "docs/work-items/ORCH-1".into(),
                 needs_merge_lease: true,
                 announce_start: false,
+                resume: None,
             },
             checkout: Some(Checkout {
                 dir: "/w/jobs/j/checkout".into(),
@@ -357,6 +477,7 @@ mod tests {
             log: "/w/jobs/j/attempt-1.log".into(),
             hook_state: None,
             lease: true,
+            resume_session: None,
         };
         let back = RunFiles::from_json(&f.to_json()).expect("parse");
         assert_eq!(back.checkout, f.checkout);

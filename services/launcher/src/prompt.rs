@@ -26,6 +26,22 @@ pub(crate) fn prompt_text(run: &Run<'_>, role_prompt: &str) -> String {
         }
         None => legacy_task(run, &mut p),
     }
+    run_lines(run, &mut p);
+    p
+}
+
+/// The prompt of a run that resumes its agent's previous CLI session: the conversation
+/// holds the role's prompt and the task already, so only `resume` (what the gate still
+/// lacks, [`crate::resume::resume_prompt`]) and the run's own lines.
+pub(crate) fn resumed_prompt_text(run: &Run<'_>, resume: &str) -> String {
+    let mut p = resume.trim_end().to_owned();
+    p.push_str("\n\n## This run\n\n");
+    run_lines(run, &mut p);
+    p
+}
+
+/// What only the launcher knows about this run.
+fn run_lines(run: &Run<'_>, p: &mut String) {
     if run.attempt > 1 && !run.previous.is_empty() {
         p.push_str(&format!(
             "- This is run {} of this job; the previous one ended with: {}\n",
@@ -33,7 +49,6 @@ pub(crate) fn prompt_text(run: &Run<'_>, role_prompt: &str) -> String {
         ));
     }
     p.push_str("- The orchestrator commits and pushes what you leave in the checkout; do not push yourself.\n");
-    p
 }
 
 /// The context of a job whose payload carries no task.
@@ -80,6 +95,7 @@ mod tests {
             artifacts_dir: "docs/work-items/ORCH-7".into(),
             needs_merge_lease: false,
             announce_start: false,
+            resume: None,
         }
     }
 

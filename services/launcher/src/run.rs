@@ -232,8 +232,9 @@ impl Supervisor {
             .delay(job.transient_attempts + 1)
     }
 
-    /// The command and the flags the launcher adds: the work item's remaining budget and
-    /// the quality gate as the Stop hook (never `--bare`: it would skip hooks).
+    /// The command and the flags the launcher adds: the work item's remaining budget, the
+    /// session it resumes, and the quality gate as the Stop hook (never `--bare`: it would
+    /// skip hooks).
     async fn argv(&self, job: &JobRow, files: &RunFiles) -> Result<Vec<String>, End> {
         let c = self.config();
         let mut argv = c.agent_command.clone();
@@ -276,6 +277,11 @@ impl Supervisor {
             }
             argv.push("--max-budget-usd".to_owned());
             argv.push(format!("{:.4}", budget - spent));
+        }
+        if let Some(session) = &files.resume_session {
+            // A plain id (checked when parsed and before the plan): never taken for an option.
+            argv.push("--resume".to_owned());
+            argv.push(session.clone());
         }
         if let (Some(hook), Some(state)) = (&c.qg_hook, &files.hook_state) {
             let command = format!(

@@ -407,6 +407,8 @@ fn flip_success_effects(job: &JobRow) -> Vec<Effect> {
             attempt: job.attempt,
             agent: job.agent.clone(),
             output: crate::run::read_tail(std::path::Path::new(&job.log_path)),
+            // Not known on the reaper's path: the reported cost stands (never less).
+            resumed: false,
         });
     }
     effects.push(Effect::AdvanceStage {

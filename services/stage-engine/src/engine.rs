@@ -715,13 +715,12 @@ impl Engine {
         )
         .await?;
         if let (Some(agent), Some(dedupe)) = (d.enqueue, &dedupe) {
-            outbox::insert(
-                &mut tx,
-                &item.key,
-                &crate::task::attach(self.enqueue_effect(&next, agent, dedupe, &d.reason), &task),
-                None,
-            )
-            .await?;
+            let mut effect =
+                crate::task::attach(self.enqueue_effect(&next, agent, dedupe, &d.reason), &task);
+            if let Some(resume) = resume_of(trigger, job, d, qg) {
+                effect = crate::task::with_payload_field(effect, "resume", resume);
+            }
+            outbox::insert(&mut tx, &item.key, &effect, None).await?;
         }
         if d.outcome == Outcome::Done {
             outbox::insert(&mut tx, &item.key, &Effect::SetStateDone, None).await?;
@@ -925,6 +924,37 @@ pub fn blocked_reason(key: &str, why: &str) -> String {
 
 /// The dedupe key of an enqueue: one per transition and agent, so a redelivered enqueue
 /// makes no second job. The launcher hands it back in AdvanceStage.
+/// When the agent that just failed its stage's gate runs that stage again (a retry, not a
+/// rollback to another agent), the payload's `resume`: the run to resume (`job_id`), the
+/// head it delivered (`head_sha`: a checkout that is not there any more was reset, and the
+/// launcher starts cold) and what the gate still lacks (`gate_lacks`, one line per failed
+/// check) — the launcher resumes the CLI session of that run with just that. Whether it
+/// can (the session, its age, the checkout) is the launcher's to find out.
+fn resume_of(
+    trigger: &Trigger,
+    job: Option<&JobRef>,
+    d: &Decision,
+    qg: &[CheckResult],
+) -> Option<serde_json::Value> {
+    let Trigger::AgentFinished { agent } = trigger else {
+        return None;
+    };
+    let job = job?;
+    if d.outcome != Outcome::Retried || d.enqueue != Some(agent.as_str()) {
+        return None;
+    }
+    let lacks: Vec<String> = qg
+        .iter()
+        .filter(|r| !r.outcome.passed())
+        .map(|r| format!("{}: {}", r.check, r.outcome.detail()))
+        .collect();
+    Some(serde_json::json!({
+        "job_id": job.job_id,
+        "head_sha": job.head_sha,
+        "gate_lacks": lacks,
+    }))
+}
+
 pub fn dedupe_key(key: &str, transition_id: &str, agent: &str) -> String {
     format!("{key}/{transition_id}/{agent}")
 }

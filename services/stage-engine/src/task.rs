@@ -541,6 +541,12 @@ pub(crate) async fn gather(
 
 /// `effect` (an Enqueue) with `task` in its payload; any other effect unchanged.
 pub fn attach(effect: Effect, task: &str) -> Effect {
+    with_payload_field(effect, "task", task.into())
+}
+
+/// `effect` (an Enqueue) with `key` set to `value` in its payload; any other effect
+/// unchanged.
+pub fn with_payload_field(effect: Effect, key: &str, value: serde_json::Value) -> Effect {
     match effect {
         Effect::Enqueue {
             repo,
@@ -552,7 +558,7 @@ pub fn attach(effect: Effect, task: &str) -> Effect {
             let mut payload: serde_json::Value =
                 serde_json::from_str(&payload_json).unwrap_or_else(|_| serde_json::json!({}));
             if let Some(fields) = payload.as_object_mut() {
-                fields.insert("task".to_owned(), task.into());
+                fields.insert(key.to_owned(), value);
             }
             Effect::Enqueue {
                 repo,

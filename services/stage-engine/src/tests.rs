@@ -1096,6 +1096,55 @@ async fn the_deploy_enqueues_its_finalizer_and_the_flags_ride_on_the_jobs(storag
     }
 }
 
+/// A gate that fails sends the same agent back to the same stage with `resume` in its
+/// payload: the run to resume, the head it delivered and what the gate lacks; the first
+/// enqueue carries none.
+async fn a_failed_gate_retries_the_same_agent_with_what_to_resume(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    let first = h.item().await.expected_dedupe_key;
+    // The analyst delivered head 0123abcd but no analysis.md: the gate fails.
+    let r = h
+        .svc
+        .advance_stage(Request::new(AdvanceStageRequest {
+            work_item: KEY.into(),
+            finished_agent: "analyst".into(),
+            job_id: "job-1".into(),
+            attempt: 1,
+            dedupe_key: first,
+            pr_number: 3,
+            head_sha: "0123abcd".into(),
+        }))
+        .await
+        .expect("advance")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Retried);
+    h.deliver().await;
+    let enqueued = h.enqueued.lock().expect("lock").clone();
+    assert_eq!(enqueued.len(), 2);
+    let first: serde_json::Value =
+        serde_json::from_str(&enqueued[0].payload_json).expect("payload");
+    assert!(first.get("resume").is_none(), "{first}");
+    let retry: serde_json::Value =
+        serde_json::from_str(&enqueued[1].payload_json).expect("payload");
+    assert_eq!(enqueued[1].agent, "analyst");
+    assert_eq!(retry["resume"]["job_id"], "job-1");
+    assert_eq!(retry["resume"]["head_sha"], "0123abcd");
+    let lacks = retry["resume"]["gate_lacks"]
+        .as_array()
+        .expect("gate_lacks");
+    assert_eq!(lacks.len(), 1, "{lacks:?}");
+    assert!(
+        lacks[0]
+            .as_str()
+            .is_some_and(|l| l.starts_with("check_analysis: ")),
+        "{lacks:?}"
+    );
+    // The full task rides along too: a launcher that cannot resume starts cold with it.
+    assert!(retry["task"].as_str().is_some_and(|t| !t.is_empty()));
+}
+
 /// A merge at any other stage completes the item (no post-deploy watch).
 async fn a_merge_at_review_is_done(storage: TestStorage) {
     let h = harness(storage, 0, false).await;
@@ -1627,6 +1676,7 @@ on_both_backends!(
     approval_human_yes_bot_no,
     bug_8_and_deploy_to_done,
     the_deploy_enqueues_its_finalizer_and_the_flags_ride_on_the_jobs,
+    a_failed_gate_retries_the_same_agent_with_what_to_resume,
     a_merge_at_review_is_done,
     an_unimplemented_launcher_is_retried,
     a_forge_that_is_down_changes_nothing,

@@ -173,6 +173,7 @@ mod tests {
             num_turns: None,
             duration_ms: None,
             recorded_at_ms: 0,
+            session_id: None,
         }
     }
 

@@ -39,6 +39,17 @@ impl UsageLedgerService {
         let agent = required_id("agent", &req.agent)?;
         let attempt = req.attempt.max(1);
         let parsed = parse_result(&req.output);
+        let session_id = parsed.as_ref().and_then(|r| r.session_id.clone());
+        // A resumed CLI session reports its cost over the whole session (2.1.328: the
+        // second run of a session says 0.03136 where it cost 0.01598), its tokens per run:
+        // this run's cost is what the session reached less what its earlier runs cost.
+        let mut total_cost_usd = parsed.as_ref().and_then(|r| r.total_cost_usd);
+        if req.resumed
+            && let (Some(total), Some(session)) = (total_cost_usd, &session_id)
+        {
+            let before = store::session_cost_before(&self.db, session, job_id, attempt).await?;
+            total_cost_usd = Some((total - before).max(0.0));
+        }
         let run = RunRecord {
             job_id: job_id.to_owned(),
             attempt,
@@ -46,13 +57,14 @@ impl UsageLedgerService {
             agent: agent.to_owned(),
             result_found: parsed.is_some(),
             usage: parsed.as_ref().map(|r| r.usage).unwrap_or_default(),
-            total_cost_usd: parsed.as_ref().and_then(|r| r.total_cost_usd),
+            total_cost_usd,
             is_error: parsed.as_ref().and_then(|r| r.is_error),
             subtype: parsed.as_ref().and_then(|r| r.subtype.clone()),
             api_error_status: parsed.as_ref().and_then(|r| r.api_error_status),
             num_turns: parsed.as_ref().and_then(|r| r.num_turns),
             duration_ms: parsed.as_ref().and_then(|r| r.duration_ms),
             recorded_at_ms: now_ms(),
+            session_id,
         };
         if self.writer.write(run.clone()).await? {
             tracing::debug!(
@@ -164,6 +176,7 @@ fn to_proto(r: RunRecord) -> AgentRun {
         num_turns: r.num_turns,
         duration_ms: r.duration_ms,
         recorded_at_ms: r.recorded_at_ms,
+        session_id: r.session_id,
     }
 }
 

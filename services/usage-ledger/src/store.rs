@@ -21,21 +21,23 @@ pub struct RunRecord {
     pub num_turns: Option<i64>,
     pub duration_ms: Option<i64>,
     pub recorded_at_ms: i64,
+    /// The CLI session of the run, when its result said (a plain id, checked on parse).
+    pub session_id: Option<String>,
 }
 
 const COLUMNS: &str = "job_id, attempt, work_item, agent, result_found, input_tokens, output_tokens, \
      cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, api_error_status, \
-     num_turns, duration_ms, recorded_at_ms";
+     num_turns, duration_ms, recorded_at_ms, session_id";
 
 /// Inserts each run unless its (job_id, attempt) is already recorded, in ONE statement.
 /// Returns, per run, whether it was inserted; of two runs with the same key in one call,
 /// only the first counts as inserted.
 pub async fn insert_many(db: &Db, runs: &[RunRecord]) -> Result<Vec<bool>, sqlx::Error> {
-    const COLS: usize = 16;
+    const COLS: usize = 17;
     let mut sql = String::from(
         "INSERT INTO agent_runs (job_id, attempt, work_item, agent, result_found, input_tokens, \
          output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, \
-         api_error_status, num_turns, duration_ms, recorded_at_ms) VALUES ",
+         api_error_status, num_turns, duration_ms, recorded_at_ms, session_id) VALUES ",
     );
     sql.push_str(&db.backend.values_rows(runs.len(), COLS));
     sql.push_str(" ON CONFLICT (job_id, attempt) DO NOTHING RETURNING job_id, attempt");
@@ -57,7 +59,8 @@ pub async fn insert_many(db: &Db, runs: &[RunRecord]) -> Result<Vec<bool>, sqlx:
             .bind(run.api_error_status.map(i64::from))
             .bind(run.num_turns)
             .bind(run.duration_ms)
-            .bind(run.recorded_at_ms);
+            .bind(run.recorded_at_ms)
+            .bind(run.session_id.clone());
     }
     let rows = q.fetch_all(&db.pool).await?;
     let mut inserted: Vec<(String, i64)> = rows
@@ -105,6 +108,34 @@ pub async fn get(db: &Db, job_id: &str, attempt: u32) -> Result<Option<RunRecord
     row.as_ref().map(from_row).transpose()
 }
 
+/// What the runs of CLI `session` other than (job_id, attempt) cost together: the part of
+/// a resumed session's reported total that is not this run's.
+pub async fn session_cost_before(
+    db: &Db,
+    session: &str,
+    job_id: &str,
+    attempt: u32,
+) -> Result<f64, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT total_cost_usd FROM agent_runs WHERE session_id = $1 \
+         AND NOT (job_id = $2 AND attempt = $3)",
+    )
+    .bind(session)
+    .bind(job_id)
+    .bind(i64::from(attempt))
+    .fetch_all(&db.pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            r.try_get::<Option<String>, _>("total_cost_usd")
+                .ok()
+                .flatten()
+        })
+        .filter_map(|c| c.parse::<f64>().ok())
+        .sum())
+}
+
 /// Returns a work item's runs in the order they were recorded.
 pub async fn list_for_work_item(db: &Db, work_item: &str) -> Result<Vec<RunRecord>, sqlx::Error> {
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -141,5 +172,6 @@ fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
         num_turns: row.try_get("num_turns")?,
         duration_ms: row.try_get("duration_ms")?,
         recorded_at_ms: row.try_get("recorded_at_ms")?,
+        session_id: row.try_get("session_id")?,
     })
 }

@@ -61,6 +61,12 @@ impl Peers for Tracker {
     async fn spent_usd(&self, _: &str) -> Result<f64, RpcStatus> {
         Ok(0.0)
     }
+    async fn last_run(
+        &self,
+        _: &str,
+    ) -> Result<Option<orchestrator_proto::usage_ledger::v1::AgentRun>, RpcStatus> {
+        Ok(None)
+    }
     async fn work_item(&self, key: &str) -> Result<WorkItem, RpcStatus> {
         Err(RpcStatus::not_found(key.to_owned()))
     }

@@ -122,6 +122,29 @@ impl Peers for FakePeers {
         Ok(self.with(|s| s.spent_usd))
     }
 
+    /// The job's latest recorded run, its session read from the output as usage-ledger
+    /// reads it.
+    async fn last_run(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<orchestrator_proto::usage_ledger::v1::AgentRun>, Status> {
+        self.with(|s| {
+            s.usage_ledger()?;
+            Ok(s.record_runs
+                .iter()
+                .rev()
+                .find(|r| r.job_id == job_id)
+                .map(|r| orchestrator_proto::usage_ledger::v1::AgentRun {
+                    job_id: r.job_id.clone(),
+                    attempt: r.attempt,
+                    session_id: orchestrator_agent_output::parse_result(&r.output)
+                        .and_then(|p| p.session_id),
+                    recorded_at_ms: orchestrator_kit::time::now_ms(),
+                    ..Default::default()
+                }))
+        })
+    }
+
     async fn work_item(&self, key: &str) -> Result<WorkItem, Status> {
         Err(Status::not_found(format!("work item {key} not found")))
     }
