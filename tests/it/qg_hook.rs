@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use orchestrator_forge::RepoName;
 use orchestrator_forge::local::LocalForge;
-use orchestrator_model_server::{ModelServer, Scenario, claude_cli_or_skip, cli_env};
+use orchestrator_model_server::{
+    ModelServer, RESUMED_HEADING, Scenario, claude_cli_or_skip, cli_env,
+};
 use orchestrator_proto::launcher::v1::{GetJobRequest, Job, JobStatus, ListJobsRequest};
 use orchestrator_proto::stage_engine::v1::{
     CreateWorkItemRequest, GetWorkItemRequest, ListCommentsRequest, ListTransitionsRequest,
@@ -442,7 +444,9 @@ async fn a_retry_resumes_the_session_instead_of_starting_cold(backend: &str) {
     let told = |p: &Pass| {
         p.received
             .iter()
-            .find(|t| t.contains("The quality gate still lacks"))
+            .find(|t| {
+                t.contains(&format!("\n{RESUMED_HEADING}\n")) || t.starts_with(RESUMED_HEADING)
+            })
             .cloned()
     };
     let retry_first = told(&resumed).expect("the resumed run was told what the gate lacks");

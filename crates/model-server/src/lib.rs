@@ -685,6 +685,9 @@ fn tool_results(request: &Value) -> usize {
         .unwrap_or(0)
 }
 
+/// The heading of the launcher's prompt when it resumes a session after a failed gate.
+pub const RESUMED_HEADING: &str = "# The quality gate still lacks";
+
 /// What the model answers to `request` in `scenario` (never a negative verdict).
 pub fn decide(scenario: Scenario, request: &Value) -> Turn {
     decide_with(scenario, request, &mut |_, _| false)
@@ -726,10 +729,14 @@ pub fn decide_in_run(
         );
     };
     // Told that its work is not done — by the Stop hook, or by the launcher when it resumes
-    // the session after the gate failed (its prompt opens "The quality gate still lacks",
-    // services/launcher/src/resume.rs) — the model does the work, as a real one would.
-    let feedback =
-        all.contains("Stop hook feedback") || all.contains("The quality gate still lacks");
+    // the session after the gate failed (its prompt is headed "# The quality gate still
+    // lacks", services/launcher/src/resume.rs; the role prompts only mention it inline) —
+    // the model does the work, as a real one would.
+    let feedback = all.contains("Stop hook feedback")
+        || texts.iter().any(|t| {
+            t.trim_start().starts_with(RESUMED_HEADING)
+                || t.contains(&format!("\n{RESUMED_HEADING}\n"))
+        });
     let lazy = Turn::Text(format!("{stage} of {key} looks done to me."));
     let dir = working_directory(&texts);
     let in_checkout = |path: &str| match &dir {
