@@ -181,9 +181,10 @@ where
 /// What the dispatcher must make of each sample: the state it ends in.
 fn expected_state(name: &str) -> &'static str {
     match name {
-        "plane-webhook-issue-created.json" | "gitea-webhook-pull_request-closed-merged.json" => {
-            "pending"
-        }
+        "plane-webhook-issue-created.json"
+        | "gitea-webhook-pull_request-closed-merged.json"
+        | "gitea-webhook-pull_request_review-rejected.json"
+        | "gitea-webhook-pull_request_review-approved.json" => "pending",
         _ => "ignored",
     }
 }

@@ -22,6 +22,7 @@ mod reaper_faults;
 mod reconcile;
 mod replicas;
 mod retry_cancel;
+mod reviews;
 mod scripted_agent;
 mod seams;
 mod stage_engine;

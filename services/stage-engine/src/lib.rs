@@ -12,6 +12,8 @@
 //! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
 //!   without a work item, deleted or closed issues, merges nobody reported).
 //! - [`task`]: the agent's task, composed when a transition enqueues an agent.
+//! - [`reviews`]: a human's PR review: changes requested roll the item back to development
+//!   with the review in the developer's task; an approval is recorded; bots are ignored.
 
 pub mod config;
 mod door;
@@ -24,6 +26,7 @@ pub mod peers;
 pub mod pipeline;
 pub mod qg;
 pub mod reconcile;
+pub mod reviews;
 mod service;
 pub mod store;
 pub mod task;

@@ -10,8 +10,9 @@ use orchestrator_proto::stage_engine::v1::{
     AdvanceStageResponse, ApproveRequest, Comment, CreateWorkItemRequest, CreateWorkItemResponse,
     GetWorkItemRequest, ListCommentsRequest, ListCommentsResponse, ListOutboxRequest,
     ListOutboxResponse, ListTransitionsRequest, ListTransitionsResponse, ListWorkItemsRequest,
-    ListWorkItemsResponse, OnPrMergedRequest, OutboxEntry, QgResult, RetryOutboxRequest,
-    RetryOutboxResponse, Transition, WorkItem, stage_engine_server::StageEngine,
+    ListWorkItemsResponse, OnPrMergedRequest, OnPrReviewRequest, OutboxEntry, QgResult,
+    RetryOutboxRequest, RetryOutboxResponse, Transition, WorkItem,
+    stage_engine_server::StageEngine,
 };
 use orchestrator_proto::stage_engine::v1::{
     CancelRequest, ItemCount, ReportJobFailedRequest, RetryRequest, SnapshotRequest,
@@ -395,6 +396,53 @@ impl StageEngine for StageEngineService {
             .engine
             .advance_stage(&item.key, Trigger::PrMerged, None, None)
             .await?;
+        Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, branch = %request.get_ref().branch, pr = request.get_ref().pr_number))]
+    async fn on_pr_review(
+        &self,
+        request: Request<OnPrReviewRequest>,
+    ) -> Result<Response<AdvanceStageResponse>, Status> {
+        let r = request.into_inner();
+        let invalid = |field: &'static str| {
+            move |e: orchestrator_git::InvalidName| EngineError::InvalidField {
+                field,
+                reason: e.to_string(),
+            }
+        };
+        let repo =
+            orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(invalid("repo"))?;
+        let branch = orchestrator_git::validate_branch(required("branch", &r.branch)?)
+            .map_err(invalid("branch"))?;
+        if r.pr_number == 0 {
+            return Err(EngineError::MissingField("pr_number").into());
+        }
+        let reviewer = required("reviewer", &r.reviewer)?.to_owned();
+        let state = match r.state.as_str() {
+            "approved" => orchestrator_forge::ReviewState::Approved,
+            "changes_requested" => orchestrator_forge::ReviewState::ChangesRequested,
+            "comment" => orchestrator_forge::ReviewState::Comment,
+            other => {
+                return Err(EngineError::InvalidField {
+                    field: "state",
+                    reason: format!(
+                        "'{}' is not approved, changes_requested or comment",
+                        other.chars().take(40).collect::<String>()
+                    ),
+                }
+                .into());
+            }
+        };
+        let ev = crate::reviews::ReviewEvent {
+            repo,
+            branch: branch.to_owned(),
+            pr_number: r.pr_number,
+            reviewer,
+            state,
+            body: r.body,
+        };
+        let a = self.engine.on_pr_review(&ev).await?;
         Ok(Response::new(advance_response(a)))
     }
 
