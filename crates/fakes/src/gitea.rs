@@ -26,6 +26,11 @@
 //!   (`GET .../pulls/{n}/reviews`, `GET .../pulls/{n}/reviews/{id}/comments`, shapes of
 //!   `gitea-api-pull-reviews.json` and `gitea-api-pull-review-comments.json`).
 //!
+//! - commit statuses (#18): [`FakeGitea::set_status`] records a CI context's status on a
+//!   commit, as a CI system posts it, and sends the `status` webhook
+//!   (`gitea-webhook-status.json`); `GET .../commits/{ref}/status` answers the combined
+//!   status (`gitea-api-combined-status.json`; no status yet: `pending`, no contexts).
+//!
 //! Not modelled: push and `synchronized` webhooks, issues, merge styles other than `merge`,
 //! branch protection, pending (draft) reviews.
 
@@ -119,6 +124,19 @@ fn review_events(state: ReviewState) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// A commit status as a CI system posted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeStatus {
+    pub id: u64,
+    pub context: String,
+    /// pending | success | error | failure | warning | skipped
+    pub state: String,
+    pub description: String,
+    pub target_url: String,
+    pub creator: String,
+    pub at_ms: i64,
+}
+
 /// Faults for the next merge request.
 #[derive(Debug, Clone, Default)]
 pub struct GiteaFaults {
@@ -142,6 +160,8 @@ pub struct GiteaData {
     pub repos: BTreeMap<String, u64>,
     /// (`owner/name`, number) -> what Gitea keeps about the PR.
     pub pulls: BTreeMap<(String, u64), PrMeta>,
+    /// (`owner/name`, commit) -> its statuses, oldest first.
+    pub statuses: BTreeMap<(String, String), Vec<FakeStatus>>,
     /// (`owner/name`, number) -> the PR's reviews, oldest first.
     pub reviews: BTreeMap<(String, u64), Vec<FakeReview>>,
     pub hook: Option<Hook>,
@@ -414,6 +434,36 @@ impl FakeGitea {
             None => None,
         };
         (id, delivery)
+    }
+
+    /// Posts a status — `[context, state, description, target_url]` — on commit `sha` as
+    /// `login` (a CI account), and waits for its `status` webhook (none without a hook).
+    pub async fn set_status(
+        &self,
+        full_name: &str,
+        sha: &str,
+        login: &str,
+        [context, state, description, target_url]: [&str; 4],
+    ) -> Option<Delivery> {
+        let status = {
+            let mut d = self.inner.lock();
+            let status = FakeStatus {
+                id: d.next_id(),
+                context: context.to_owned(),
+                state: state.to_owned(),
+                description: description.to_owned(),
+                target_url: target_url.to_owned(),
+                creator: login.to_owned(),
+                at_ms: now_ms(),
+            };
+            d.statuses
+                .entry((full_name.to_owned(), sha.to_owned()))
+                .or_default()
+                .push(status.clone());
+            status
+        };
+        let out = status_webhook(&self.inner, full_name, sha, &status)?;
+        Some(webhook::send(&self.inner.http, &self.inner.deliveries, out).await)
     }
 
     /// Sends `delivery`'s bytes again under a new delivery id (Gitea's "redeliver").
@@ -786,6 +836,115 @@ async fn review_webhook(
         payload.to_go_indented().into_bytes(),
     );
     Some(out)
+}
+
+/// The `status` webhook (`CommitStatusPayload`, `gitea-webhook-status.json`'s keys).
+fn status_webhook(inner: &Inner, full: &str, sha: &str, s: &FakeStatus) -> Option<Outgoing> {
+    let d = inner.lock();
+    let hook = d.hook.clone()?;
+    let sender = d.user(&s.creator).cloned().unwrap_or(GiteaUser {
+        id: 0,
+        login: s.creator.clone(),
+        token: None,
+    });
+    let mut payload = sample_json("gitea-webhook-status.json");
+    let mut commit = payload.get("commit").cloned().unwrap_or(Json::Null);
+    commit
+        .set("id", sha)
+        .set("url", format!("{}/{full}/commit/{sha}", inner.url));
+    payload
+        .set("commit", commit)
+        .set("context", &s.context)
+        .set("created_at", time(s.at_ms))
+        .set("description", &s.description)
+        .set("id", s.id)
+        .set("repository", repo_json(&inner.url, &d, full))
+        .set("sender", user_json(&inner.url, &sender))
+        .set("sha", sha)
+        .set("state", &s.state)
+        .set("target_url", &s.target_url)
+        .set("updated_at", time(s.at_ms));
+    Some(gitea_outgoing(
+        &hook,
+        "status",
+        "status",
+        format!("status {} {} on {sha}", s.context, s.state),
+        payload.to_go_indented().into_bytes(),
+    ))
+}
+
+/// `GET .../commits/{ref}/status`: the latest status of each context on the commit `git_ref`
+/// names, combined (an error or failure wins, then pending; none at all is pending).
+async fn combined_status_answer(inner: &Inner, full: &str, git_ref: &str) -> Answer {
+    let dir = inner.forge.repo_dir(&repo_name(full));
+    let sha = if git_ref.len() == 40 && git_ref.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(git_ref.to_owned())
+    } else {
+        inner
+            .git
+            .rev_parse(&dir, &format!("refs/heads/{git_ref}"))
+            .await
+            .ok()
+            .flatten()
+    };
+    let Some(sha) = sha else {
+        return not_found();
+    };
+    let d = inner.lock();
+    let mut latest: Vec<FakeStatus> = Vec::new();
+    for s in d
+        .statuses
+        .get(&(full.to_owned(), sha.clone()))
+        .cloned()
+        .unwrap_or_default()
+    {
+        latest.retain(|l| l.context != s.context);
+        latest.push(s);
+    }
+    let state = if latest.iter().any(|s| s.state == "error") {
+        "error"
+    } else if latest.iter().any(|s| s.state == "failure") {
+        "failure"
+    } else if latest.is_empty() || latest.iter().any(|s| s.state == "pending") {
+        "pending"
+    } else {
+        "success"
+    };
+    let mut j = sample_json("gitea-api-combined-status.json");
+    let template = match j.get("statuses") {
+        Some(Json::Array(items)) => items.first().cloned().expect("a status in the sample"),
+        _ => panic!("gitea-api-combined-status.json has statuses"),
+    };
+    let api = format!("{}/api/v1/repos/{full}", inner.url);
+    let statuses: Vec<Json> = latest
+        .iter()
+        .map(|s| {
+            let creator = d.user(&s.creator).cloned().unwrap_or(GiteaUser {
+                id: 0,
+                login: s.creator.clone(),
+                token: None,
+            });
+            let mut t = template.clone();
+            t.set("id", s.id)
+                .set("status", &s.state)
+                .set("target_url", &s.target_url)
+                .set("description", &s.description)
+                .set("url", format!("{api}/statuses/{sha}"))
+                .set("context", &s.context)
+                .set("creator", user_json(&inner.url, &creator))
+                .set("created_at", time(s.at_ms))
+                .set("updated_at", time(s.at_ms));
+            t
+        })
+        .collect();
+    j.set("state", state)
+        .set("sha", &sha)
+        .set("total_count", statuses.len() as u64)
+        .set("statuses", Json::Array(statuses))
+        .set("repository", repo_json(&inner.url, &d, full))
+        .set("commit_url", format!("{api}/commits/{sha}"))
+        .set("url", format!("{api}/commits/{sha}/status"));
+    ok(StatusCode::OK, &j)
 }
 
 /// `PullReview` objects (`gitea-api-pull-reviews.json`'s field set) of PR `number`.
@@ -1171,6 +1330,9 @@ async fn rest_api(
                 "body": text, "assets": [], "created_at": now.to_value(), "updated_at": now.to_value()
             });
             (StatusCode::CREATED, j.to_string(), Vec::new())
+        }
+        (Method::GET, ["commits", git_ref @ .., "status"]) if !git_ref.is_empty() => {
+            combined_status_answer(inner, &full, &git_ref.join("/")).await
         }
         (Method::GET, ["branches", branch @ ..]) if !branch.is_empty() => {
             branch_answer(inner, &full, &branch.join("/")).await

@@ -13,7 +13,8 @@ use orchestrator_fakes::webhook::{hmac_sha1_hex, hmac_sha256_hex, sample_json};
 use orchestrator_forge::config::GiteaConfig;
 use orchestrator_forge::gitea::GiteaForge;
 use orchestrator_forge::{
-    Forge, ForgeError, MergeOutcome, PrState, RepoName, ReviewComment, ReviewState,
+    CiState, CommitStatus, Forge, ForgeError, MergeOutcome, PrState, RepoName, ReviewComment,
+    ReviewState,
 };
 use orchestrator_git::Git;
 use orchestrator_kit::Secret;
@@ -513,5 +514,104 @@ async fn reviews_are_sent_as_gitea_sends_them_and_read_back_by_the_forge_client(
         assert_eq!(v["pull_request"]["merged"], false);
         assert_eq!(keys(&v), keys(&sample));
     }
+    gitea.check();
+}
+
+#[tokio::test]
+async fn commit_statuses_combine_as_gitea_combines_them_and_send_the_status_webhook() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gitea = started(dir.path()).await;
+    let hook = Receiver::start().await;
+    let f = client(&gitea, Some(TOKEN));
+    let head = gitea
+        .commit(REPO, "orch/ORCH-3", &[("a.txt", "a\n")], "a")
+        .await;
+    // Nothing reported yet: pending, no contexts.
+    let c = f
+        .combined_status(&repo(), "orch/ORCH-3")
+        .await
+        .expect("status");
+    assert_eq!((c.state, c.statuses.len()), (CiState::Pending, 0));
+    assert_eq!(c.sha, head);
+    gitea.set_webhook(Some(Hook {
+        url: hook.url.clone(),
+        secret: Some(SECRET.into()),
+    }));
+    let url = "https://ci.example.com/builds/1";
+    gitea
+        .set_status(
+            REPO,
+            &head,
+            "ci-bot",
+            ["ci/lint", "success", "lint ok", url],
+        )
+        .await;
+    gitea
+        .set_status(
+            REPO,
+            &head,
+            "ci-bot",
+            ["ci/build", "pending", "running", url],
+        )
+        .await;
+    let c = f.combined_status(&repo(), &head).await.expect("status");
+    assert_eq!(c.state, CiState::Pending);
+    gitea
+        .set_status(
+            REPO,
+            &head,
+            "ci-bot",
+            ["ci/build", "failure", "2 tests failed", url],
+        )
+        .await;
+    let c = f
+        .combined_status(&repo(), "orch/ORCH-3")
+        .await
+        .expect("status");
+    assert_eq!(c.state, CiState::Failure);
+    assert_eq!(
+        c.statuses,
+        [
+            CommitStatus {
+                context: "ci/lint".into(),
+                state: CiState::Success,
+                description: "lint ok".into(),
+                target_url: url.into(),
+            },
+            CommitStatus {
+                context: "ci/build".into(),
+                state: CiState::Failure,
+                description: "2 tests failed".into(),
+                target_url: url.into(),
+            },
+        ]
+    );
+    gitea
+        .set_status(REPO, &head, "ci-bot", ["ci/build", "success", "green", url])
+        .await;
+    let c = f.combined_status(&repo(), &head).await.expect("status");
+    assert_eq!(c.state, CiState::Success);
+    // The webhooks: `status`, signed, the sample's keys.
+    let got = hook.wait_for(4).await;
+    let sample = sample_json("gitea-webhook-status.json").to_value();
+    let mut sample_keys: Vec<&String> = sample.as_object().expect("object").keys().collect();
+    sample_keys.sort();
+    for r in &got {
+        assert_eq!(r.header("x-gitea-event"), "status");
+        assert_eq!(
+            r.header("x-gitea-signature"),
+            hmac_sha256_hex(SECRET.as_bytes(), &r.body)
+        );
+        let v: Value = serde_json::from_slice(&r.body).expect("json");
+        let mut keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        keys.sort();
+        assert_eq!(keys, sample_keys);
+        assert_eq!(v["sha"], json!(head));
+    }
+    let last: Value = serde_json::from_slice(&got[3].body).expect("json");
+    assert_eq!(
+        (last["context"].as_str(), last["state"].as_str()),
+        (Some("ci/build"), Some("success"))
+    );
     gitea.check();
 }

@@ -7,8 +7,8 @@ use serde::Deserialize;
 
 use crate::config::{ForgeKind, GiteaConfig};
 use crate::{
-    EnsuredPr, Forge, ForgeError, MergeOutcome, PrReview, PrState, PullRequest, ReviewComment,
-    ReviewState, validate_ref,
+    CiState, CombinedStatus, CommitStatus, EnsuredPr, Forge, ForgeError, MergeOutcome, PrReview,
+    PrState, PullRequest, ReviewComment, ReviewState, validate_ref,
 };
 
 /// A Gitea instance.
@@ -100,6 +100,30 @@ struct GiteaReviewComment {
     original_position: u64,
     #[serde(default)]
     body: String,
+}
+
+/// A `CombinedStatus` (swagger definitions): the commit's latest status per context.
+#[derive(Debug, Deserialize)]
+struct GiteaCombinedStatus {
+    #[serde(default)]
+    sha: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    statuses: Vec<GiteaCommitStatus>,
+}
+
+/// A `CommitStatus`: its state is `status` in 1.27.1 (`state` in older servers).
+#[derive(Debug, Deserialize)]
+struct GiteaCommitStatus {
+    #[serde(default)]
+    context: String,
+    #[serde(default, alias = "state")]
+    status: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    target_url: String,
 }
 
 /// Gitea's page size cap (`MAX_RESPONSE_ITEMS` defaults to 50).
@@ -474,6 +498,47 @@ impl Forge for GiteaForge {
                 body: c.body,
             })
             .collect())
+    }
+
+    async fn combined_status(
+        &self,
+        repo: &RepoName,
+        git_ref: &str,
+    ) -> Result<CombinedStatus, ForgeError> {
+        validate_ref(git_ref)?;
+        let mut segments = vec!["commits"];
+        segments.extend(git_ref.split('/'));
+        segments.push("status");
+        let mut url = self.api_url(repo, &segments)?;
+        url.query_pairs_mut()
+            .append_pair("limit", &PAGE_LIMIT.to_string());
+        let (status, text) = self.send(Method::GET, url, None).await?;
+        if status != StatusCode::OK {
+            return Err(status_error("combined commit status", status, &text));
+        }
+        let c: GiteaCombinedStatus = serde_json::from_str(&text)
+            .map_err(|e| ForgeError::Protocol(format!("combined status: {e}")))?;
+        let statuses: Vec<CommitStatus> = c
+            .statuses
+            .into_iter()
+            .map(|s| CommitStatus {
+                state: CiState::from_gitea(&s.status),
+                context: s.context,
+                description: s.description,
+                target_url: s.target_url,
+            })
+            .collect();
+        // No context reported yet: Gitea leaves the state empty; nothing has passed.
+        let state = if statuses.is_empty() {
+            CiState::Pending
+        } else {
+            CiState::from_gitea(&c.state)
+        };
+        Ok(CombinedStatus {
+            sha: c.sha,
+            state,
+            statuses,
+        })
     }
 
     fn pr_url(&self, repo: &RepoName, number: u64) -> String {

@@ -95,6 +95,56 @@ pub struct ReviewComment {
     pub body: String,
 }
 
+/// A commit status's state (Gitea's `CommitStatusState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CiState {
+    Pending,
+    Success,
+    Failure,
+    Error,
+}
+
+impl CiState {
+    /// Parses Gitea's state; `warning` and `skipped` do not stop a merge (Gitea's own
+    /// combination ranks them with success), an unknown state counts as pending.
+    pub fn from_gitea(state: &str) -> CiState {
+        match state {
+            "success" | "warning" | "skipped" => CiState::Success,
+            "failure" => CiState::Failure,
+            "error" => CiState::Error,
+            _ => CiState::Pending,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CiState::Pending => "pending",
+            CiState::Success => "success",
+            CiState::Failure => "failure",
+            CiState::Error => "error",
+        }
+    }
+}
+
+/// One CI context's status on a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitStatus {
+    /// The CI job's name, e.g. `ci/build`.
+    pub context: String,
+    pub state: CiState,
+    pub description: String,
+    pub target_url: String,
+}
+
+/// The combined status of a commit: every context's latest status, and their combination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CombinedStatus {
+    pub sha: String,
+    /// `Pending` when no context reported yet.
+    pub state: CiState,
+    pub statuses: Vec<CommitStatus>,
+}
+
 /// Whether a pull request is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrState {
@@ -236,6 +286,20 @@ pub trait Forge: Send + Sync + 'static {
         _review_id: u64,
     ) -> Result<Vec<ReviewComment>, ForgeError> {
         Ok(Vec::new())
+    }
+
+    /// Returns the combined commit status of `git_ref` (a branch or a commit). A forge that
+    /// keeps no commit statuses (the local forge) refuses: a repository that requires CI
+    /// cannot pass there.
+    async fn combined_status(
+        &self,
+        _repo: &RepoName,
+        git_ref: &str,
+    ) -> Result<CombinedStatus, ForgeError> {
+        Err(ForgeError::Rejected {
+            status: 501,
+            message: format!("this forge keeps no commit statuses (asked for {git_ref})"),
+        })
     }
 
     /// Where a person sees PR `number`.
