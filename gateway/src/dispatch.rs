@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use orchestrator_kit::retry;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest, OnPrReviewRequest,
-    RetryRequest, UpdateDescriptionRequest,
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnCommitStatusRequest,
+    OnPrMergedRequest, OnPrReviewRequest, RetryRequest, UpdateDescriptionRequest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -418,6 +418,32 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 Err(s) if s.code() == Code::NotFound => {
                     Outcome::Ignored(format!("no work item for {repo} branch {branch}"))
                 }
+                Err(s) => failed(s),
+            }
+        }
+        Command::OnCommitStatus {
+            repo,
+            sha,
+            context,
+            state,
+        } => {
+            let req = OnCommitStatusRequest {
+                repo: repo.clone(),
+                sha: sha.clone(),
+                context: context.clone(),
+                state: state.clone(),
+            };
+            let started = Instant::now();
+            let res = se.on_commit_status(req).await;
+            observe(shared, "OnCommitStatus", &res, started);
+            match res {
+                Ok(r) => Outcome::Applied {
+                    reason: format!(
+                        "commit status {context} {state} on {repo}@{sha}: {} waiting item(s) checked again",
+                        r.into_inner().rechecked
+                    ),
+                    work_item: String::new(),
+                },
                 Err(s) => failed(s),
             }
         }

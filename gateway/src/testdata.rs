@@ -73,6 +73,7 @@ pub fn webhook_samples() -> Vec<(&'static str, &'static str, &'static str, &'sta
             "pull_request_approved",
             "pull_request_review_approved",
         ),
+        ("gitea-webhook-status.json", "gitea", "status", "status"),
     ]
 }
 

@@ -184,7 +184,8 @@ fn expected_state(name: &str) -> &'static str {
         "plane-webhook-issue-created.json"
         | "gitea-webhook-pull_request-closed-merged.json"
         | "gitea-webhook-pull_request_review-rejected.json"
-        | "gitea-webhook-pull_request_review-approved.json" => "pending",
+        | "gitea-webhook-pull_request_review-approved.json"
+        | "gitea-webhook-status.json" => "pending",
         _ => "ignored",
     }
 }

@@ -17,6 +17,8 @@
 //!   review: `action: reviewed`, from a branch of the same repository) -> `OnPrReview`.
 //!   Whether the reviewer is a bot, and whether the PR is the work item's, stage-engine
 //!   decides (it holds the bot list and the items).
+//! - Gitea `status` (a CI status on a commit) -> `OnCommitStatus`: the repository's items
+//!   that wait for CI are checked again.
 //! - Any other known event -> ignored. An unknown event or a body that lacks what its event
 //!   needs -> [`BadPayload`] (the sender gets 400).
 
@@ -68,6 +70,13 @@ pub enum Command {
         state: String,
         body: String,
     },
+    /// A Gitea commit status: the repository's work items waiting for CI are checked again.
+    OnCommitStatus {
+        repo: String,
+        sha: String,
+        context: String,
+        state: String,
+    },
     /// A Plane issue's description changed: its work item's follows (no new item, no stage
     /// change; an issue without a work item is ignored at dispatch).
     UpdateDescription {
@@ -85,6 +94,7 @@ impl Command {
             Command::Retry { .. } => "Retry",
             Command::OnPrMerged { .. } => "OnPrMerged",
             Command::OnPrReview { .. } => "OnPrReview",
+            Command::OnCommitStatus { .. } => "OnCommitStatus",
             Command::UpdateDescription { .. } => "UpdateDescription",
         }
     }
@@ -398,6 +408,9 @@ pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
     if let Some(state) = review_state(event) {
         return gitea_review(event, state, body);
     }
+    if event == "status" {
+        return gitea_status(body);
+    }
     if event != "pull_request" {
         return ignore(format!("gitea event '{event}' is not used"));
     }
@@ -461,6 +474,28 @@ fn review_state(event: &str) -> Option<&'static str> {
         "pull_request_comment" => Some("comment"),
         _ => None,
     }
+}
+
+/// A `CommitStatusPayload` (modules/structs/hook.go): which repository, which commit.
+fn gitea_status(body: &Value) -> Result<Translation, BadPayload> {
+    let repo = str_at(body, &["repository", "full_name"])
+        .ok_or_else(|| bad("repository.full_name is required"))?;
+    orchestrator_git::validate_repo(repo)
+        .map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    let sha = str_at(body, &["sha"]).ok_or_else(|| bad("sha is required"))?;
+    if sha.is_empty() || sha.len() > 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("sha: expected a commit id (hex)"));
+    }
+    let state = str_at(body, &["state"]).unwrap_or_default();
+    Ok(Translation::Apply {
+        ordering_key: format!("gitea:{repo}:ci"),
+        command: Command::OnCommitStatus {
+            repo: repo.to_owned(),
+            sha: sha.to_owned(),
+            context: clip(str_at(body, &["context"]).unwrap_or_default()).to_owned(),
+            state: clip(state).to_owned(),
+        },
+    })
 }
 
 /// The longest review text passed on: the forge's own copy is read back anyway.
@@ -598,6 +633,32 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_status_becomes_on_commit_status_and_a_bad_sha_is_refused() {
+        let body = parse("gitea-webhook-status.json");
+        let Ok(Translation::Apply {
+            command:
+                Command::OnCommitStatus {
+                    repo,
+                    sha,
+                    context,
+                    state,
+                },
+            ..
+        }) = gitea("status", &body)
+        else {
+            panic!("a status is OnCommitStatus");
+        };
+        assert_eq!(
+            (repo.as_str(), context.as_str(), state.as_str()),
+            ("anbraten/test-repo", "ci/build", "failure")
+        );
+        assert_eq!(sha.len(), 40);
+        let mut evil = body;
+        evil["sha"] = json!("--output=/etc/passwd");
+        assert!(gitea("status", &evil).is_err());
+    }
+
+    #[test]
     fn every_sample_translates_as_expected() {
         let t = triggers();
         // (sample, expected rpc or the start of the ignore reason)
@@ -646,6 +707,7 @@ mod tests {
                 "gitea-webhook-pull_request_review-approved.json",
                 "OnPrReview",
             ),
+            ("gitea-webhook-status.json", "OnCommitStatus"),
         ];
         for (name, source, event, _) in crate::testdata::webhook_samples() {
             let want = cases.iter().find(|(n, _)| *n == name).expect("case").1;

@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod ci_gate;
 mod demo;
 mod deploy;
 mod door;
@@ -22,7 +23,7 @@ mod reaper_faults;
 mod reconcile;
 mod replicas;
 mod retry_cancel;
-mod reviews;
+pub mod reviews;
 mod scripted_agent;
 mod seams;
 mod stage_engine;

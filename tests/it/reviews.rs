@@ -22,8 +22,8 @@ use orchestrator_testkit::{TestStorage, on_both_backends};
 
 use crate::common::{Stack, start};
 
-const REPO: &str = "acme/app";
-const KEY: &str = "REV-1";
+pub const REPO: &str = "acme/app";
+pub const KEY: &str = "REV-1";
 const GITEA_TOKEN: &str = "gitea-token-orchestrator";
 const GITEA_SECRET: &str = "gitea-webhook-secret-reviews";
 /// How long one step may take on a loaded machine.
@@ -32,9 +32,9 @@ const STEP: Duration = Duration::from_secs(120);
 const REVIEW_TEXT: &str = "Please handle the empty name: greet(\"\") prints \"Hello, !\".";
 const LINE_COMMENT: &str = "An empty name falls through here.";
 
-struct World {
-    stack: Stack,
-    gitea: FakeGitea,
+pub struct World {
+    pub stack: Stack,
+    pub gitea: FakeGitea,
     root: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -67,6 +67,11 @@ exec python3 {agent} "$@"
 }
 
 async fn setup(storage: TestStorage) -> World {
+    setup_with(storage, true, &[]).await
+}
+
+/// The stack and the fake Gitea; `hold` holds the reviewer's runs; `extra` variables.
+pub async fn setup_with(storage: TestStorage, hold: bool, extra: &[(&str, &str)]) -> World {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     let gitea = FakeGitea::start(&root.join("gitea")).await;
@@ -87,7 +92,9 @@ async fn setup(storage: TestStorage) -> World {
         )
         .expect("prompt");
     }
-    std::fs::write(root.join("hold-reviewer"), "").expect("hold");
+    if hold {
+        std::fs::write(root.join("hold-reviewer"), "").expect("hold");
+    }
     let s = |p: &Path| p.display().to_string();
     let env: Vec<(String, String)> = [
         ("GITEA_BASE_URL", gitea.url.clone()),
@@ -106,6 +113,11 @@ async fn setup(storage: TestStorage) -> World {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
+    .chain(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    )
     .collect();
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let stack = start(storage, &refs).await;
@@ -122,7 +134,7 @@ async fn setup(storage: TestStorage) -> World {
 }
 
 impl World {
-    async fn item(&self) -> WorkItem {
+    pub async fn item(&self) -> WorkItem {
         self.stack
             .clients
             .stage_engine
@@ -133,7 +145,7 @@ impl World {
             .into_inner()
     }
 
-    async fn transitions(&self) -> Vec<Transition> {
+    pub async fn transitions(&self) -> Vec<Transition> {
         self.stack
             .clients
             .stage_engine
@@ -148,7 +160,7 @@ impl World {
     }
 
     /// The prompts the agents were given, in order: (agent, text).
-    fn prompts(&self) -> Vec<(String, String)> {
+    pub fn prompts(&self) -> Vec<(String, String)> {
         let mut names: Vec<String> = std::fs::read_dir(self.root.join("prompts"))
             .expect("prompts")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
@@ -169,7 +181,7 @@ impl World {
             .collect()
     }
 
-    async fn wait<T, F: std::future::Future<Output = Option<T>>>(
+    pub async fn wait<T, F: std::future::Future<Output = Option<T>>>(
         &self,
         what: &str,
         mut f: impl FnMut() -> F,
@@ -190,7 +202,7 @@ impl World {
     }
 
     /// The stage-engine's approvals rows of the item: (comment id, author, accepted).
-    async fn approvals(&self) -> Vec<(String, String, i64)> {
+    pub async fn approvals(&self) -> Vec<(String, String, i64)> {
         let db = orchestrator_kit::db::open(
             ServiceName::StageEngine,
             &self.stack.storage_location(),
@@ -208,6 +220,44 @@ impl World {
     }
 }
 
+impl World {
+    /// Creates the work item and approves it at the human gate as a person.
+    pub async fn create_and_approve(&self) {
+        let se = self.stack.clients.stage_engine.clone();
+        se.clone()
+            .create_work_item(CreateWorkItemRequest {
+                tracker_issue_id: KEY.into(),
+                key: KEY.into(),
+                title: "Greet by name".into(),
+                description: "Say hello to the name given.".into(),
+                repo: REPO.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create");
+        self.wait("the human gate", || async {
+            (self.item().await.status == "awaiting_approval").then_some(())
+        })
+        .await;
+        se.clone()
+            .approve(ApproveRequest {
+                work_item: KEY.into(),
+                author: "ada".into(),
+                comment_id: "approve-1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("approve");
+    }
+
+    /// The PR the launcher opened.
+    pub fn pr_number(&self) -> u64 {
+        self.gitea
+            .with(|d| d.pulls.keys().find(|(r, _)| r == REPO).map(|(_, n)| *n))
+            .expect("the launcher opened a PR")
+    }
+}
+
 /// A human's changes-requested review at review rolls the item back to development, with
 /// the review's text and line comment in the developer's task; a bot's review before it
 /// changes nothing; a repeat changes nothing; a human's approval is recorded.
@@ -216,30 +266,7 @@ async fn a_humans_changes_requested_review_sends_the_work_back_with_the_review(
 ) {
     let w = setup(storage).await;
     let se = w.stack.clients.stage_engine.clone();
-    se.clone()
-        .create_work_item(CreateWorkItemRequest {
-            tracker_issue_id: KEY.into(),
-            key: KEY.into(),
-            title: "Greet by name".into(),
-            description: "Say hello to the name given.".into(),
-            repo: REPO.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create");
-    w.wait("the human gate", || async {
-        (w.item().await.status == "awaiting_approval").then_some(())
-    })
-    .await;
-    se.clone()
-        .approve(ApproveRequest {
-            work_item: KEY.into(),
-            author: "ada".into(),
-            comment_id: "approve-1".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("approve");
+    w.create_and_approve().await;
     // The reviewer runs (held): the item is at review with its PR open.
     w.wait("the reviewer's run", || async {
         w.prompts()
@@ -253,12 +280,8 @@ async fn a_humans_changes_requested_review_sends_the_work_back_with_the_review(
         (item.stage.as_str(), item.status.as_str()),
         ("review", "active")
     );
-    let pr = w
-        .gitea
-        .with(|d| d.pulls.keys().find(|(r, _)| r == REPO).map(|(_, n)| *n))
-        .expect("the launcher opened a PR");
+    let pr = w.pr_number();
     let transitions_before = w.transitions().await.len();
-
     // A bot's changes-requested: accepted by the gateway, changes nothing.
     let (_, delivery) = w
         .gitea
@@ -397,7 +420,7 @@ async fn a_humans_changes_requested_review_sends_the_work_back_with_the_review(
 
 impl World {
     /// The reasons the gateway's inbox recorded for its deliveries.
-    async fn gateway_inbox_reasons(&self) -> Vec<String> {
+    pub async fn gateway_inbox_reasons(&self) -> Vec<String> {
         let db = orchestrator_kit::db::open(
             ServiceName::Gateway,
             &self.stack.storage_location(),

@@ -540,6 +540,7 @@ impl Engine {
             artifacts: BTreeMap::new(),
             pr: None,
             mergeable: None,
+            ci: None,
         };
         let forge_err = |what: &str, e: orchestrator_forge::ForgeError| {
             if e.is_transient() {
@@ -572,6 +573,7 @@ impl Engine {
                         head_sha: p.head_sha,
                     }));
                 }
+                Input::CiStatus => inputs.ci = Some(crate::ci::gather(self, item).await?),
                 Input::Mergeable => {
                     let m = self
                         .peers

@@ -12,9 +12,12 @@
 //! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
 //!   without a work item, deleted or closed issues, merges nobody reported).
 //! - [`task`]: the agent's task, composed when a transition enqueues an agent.
+//! - [`ci`]: `ci_green` for `ORCH_CI_REQUIRED_REPOS`: a pending CI holds the item with no
+//!   agent launched, checked again on Gitea's `status` delivery and every `ORCH_CI_POLL_S`;
 //! - [`reviews`]: a human's PR review: changes requested roll the item back to development
 //!   with the review in the developer's task; an approval is recorded; bots are ignored.
 
+pub mod ci;
 pub mod config;
 mod door;
 pub mod engine;

@@ -10,9 +10,9 @@ use orchestrator_proto::stage_engine::v1::{
     AdvanceStageResponse, ApproveRequest, Comment, CreateWorkItemRequest, CreateWorkItemResponse,
     GetWorkItemRequest, ListCommentsRequest, ListCommentsResponse, ListOutboxRequest,
     ListOutboxResponse, ListTransitionsRequest, ListTransitionsResponse, ListWorkItemsRequest,
-    ListWorkItemsResponse, OnPrMergedRequest, OnPrReviewRequest, OutboxEntry, QgResult,
-    RetryOutboxRequest, RetryOutboxResponse, Transition, WorkItem,
-    stage_engine_server::StageEngine,
+    ListWorkItemsResponse, OnCommitStatusRequest, OnCommitStatusResponse, OnPrMergedRequest,
+    OnPrReviewRequest, OutboxEntry, QgResult, RetryOutboxRequest, RetryOutboxResponse, Transition,
+    WorkItem, stage_engine_server::StageEngine,
 };
 use orchestrator_proto::stage_engine::v1::{
     CancelRequest, ItemCount, ReportJobFailedRequest, RetryRequest, SnapshotRequest,
@@ -58,6 +58,7 @@ impl StageEngineService {
             shutdown.clone(),
         ));
         tokio::spawn(service.engine.dispatcher().run(shutdown.clone()));
+        tokio::spawn(crate::ci::run(service.engine.clone(), shutdown.clone()));
         tokio::spawn(service.engine.stall_watchdog().run(shutdown));
         Ok(service)
     }
@@ -340,8 +341,18 @@ impl StageEngine for StageEngineService {
         };
         let a = self
             .engine
-            .advance_stage(&key, Trigger::AgentFinished { agent }, job, None)
+            .advance_stage(
+                &key,
+                Trigger::AgentFinished {
+                    agent: agent.clone(),
+                },
+                job.clone(),
+                None,
+            )
             .await?;
+        crate::ci::note(&self.engine, &key, &agent, job.as_ref(), &a)
+            .await
+            .map_err(EngineError::from)?;
         Ok(Response::new(advance_response(a)))
     }
 
@@ -444,6 +455,22 @@ impl StageEngine for StageEngineService {
         };
         let a = self.engine.on_pr_review(&ev).await?;
         Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, sha = %request.get_ref().sha))]
+    async fn on_commit_status(
+        &self,
+        request: Request<OnCommitStatusRequest>,
+    ) -> Result<Response<OnCommitStatusResponse>, Status> {
+        let r = request.into_inner();
+        let repo = orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(|e| {
+            EngineError::InvalidField {
+                field: "repo",
+                reason: e.to_string(),
+            }
+        })?;
+        let rechecked = self.engine.on_commit_status(&repo.to_string()).await?;
+        Ok(Response::new(OnCommitStatusResponse { rechecked }))
     }
 
     #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item))]
