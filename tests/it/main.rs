@@ -13,6 +13,7 @@ mod gateway;
 mod item;
 mod launcher;
 mod merge_gate;
+mod notify;
 mod plane;
 mod post_deploy;
 mod process;

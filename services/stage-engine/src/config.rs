@@ -42,6 +42,7 @@ pub struct StageEngineConfig {
     pub watchdog: WatchdogConfig,
     pub reconcile: ReconcileConfig,
     pub ci: crate::ci::CiConfig,
+    pub notify: crate::notify::NotifyConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
 }
@@ -107,6 +108,7 @@ impl StageEngineConfig {
                 intake: orchestrator_tracker::intake::Intake::from_env(env)?,
             },
             ci: crate::ci::CiConfig::from_env(env)?,
+            notify: crate::notify::NotifyConfig::from_env(env)?,
             tracker: TrackerConfig::from_env(env)?,
             forge,
         })

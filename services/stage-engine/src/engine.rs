@@ -123,6 +123,8 @@ impl Engine {
                     .plane
                     .as_ref()
                     .and_then(|p| p.project_id.clone()),
+                notify: self.config.notify.clone(),
+                http: reqwest::Client::new(),
             }),
             config: self.config.outbox.clone(),
             notify: self.notify.clone(),
@@ -665,7 +667,7 @@ impl Engine {
         store::insert_transition(
             &mut tx,
             &TransitionRow {
-                id: transition_id,
+                id: transition_id.clone(),
                 work_item: item.key.clone(),
                 from_stage: item.stage.as_str().to_owned(),
                 to_stage: next.stage.as_str().to_owned(),
@@ -690,6 +692,16 @@ impl Engine {
                 at_ms: now,
             };
             store::insert_approval(&mut *tx, &row).await?;
+        }
+        if let Some((n, key)) = crate::notify::for_transition(
+            &self.config.notify,
+            &transition_id,
+            &item.key,
+            item.stage,
+            d.outcome,
+            &d.reason,
+        ) {
+            outbox::insert(&mut tx, &item.key, &n, Some(&key)).await?;
         }
         let html = self.transition_comment(item, &next, d, qg);
         outbox::insert(

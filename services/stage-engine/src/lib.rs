@@ -14,6 +14,8 @@
 //! - [`task`]: the agent's task, composed when a transition enqueues an agent.
 //! - [`ci`]: `ci_green` for `ORCH_CI_REQUIRED_REPOS`: a pending CI holds the item with no
 //!   agent launched, checked again on Gitea's `status` delivery and every `ORCH_CI_POLL_S`;
+//! - [`notify`]: the outgoing webhook when a human must act (awaiting approval, blocked,
+//!   the rollback budget spent), once per event through the outbox;
 //! - [`reviews`]: a human's PR review: changes requested roll the item back to development
 //!   with the review in the developer's task; an approval is recorded; bots are ignored.
 
@@ -23,6 +25,7 @@ mod door;
 pub mod engine;
 mod error;
 pub mod hook;
+pub mod notify;
 pub mod outbox;
 pub mod park;
 pub mod peers;

@@ -63,6 +63,12 @@ pub enum Effect {
         dedupe_key: String,
         reason: String,
     },
+    /// The outgoing notify webhook (`notify`): a human must act.
+    Notify {
+        event_id: String,
+        event: String,
+        text: String,
+    },
 }
 
 impl Effect {
@@ -74,6 +80,7 @@ impl Effect {
             Effect::Enqueue { .. } => "enqueue",
             Effect::ArmWatch { .. } => "arm_watch",
             Effect::CancelJob { .. } => "cancel_job",
+            Effect::Notify { .. } => "notify",
         }
     }
 
@@ -83,6 +90,8 @@ impl Effect {
             Effect::Comment { .. } | Effect::SetStateDone | Effect::UsageSummary => "tracker",
             Effect::Enqueue { .. } | Effect::CancelJob { .. } => "launcher",
             Effect::ArmWatch { .. } => "post_deploy",
+            // Its own channel: an endpoint that is down holds back nothing else.
+            Effect::Notify { .. } => "notify",
         }
     }
 }
@@ -143,9 +152,16 @@ pub struct DeliveryError {
 }
 
 impl DeliveryError {
-    fn permanent(message: impl Into<String>) -> Self {
+    pub(crate) fn permanent(message: impl Into<String>) -> Self {
         DeliveryError {
             transient: false,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn transient(message: impl Into<String>) -> Self {
+        DeliveryError {
+            transient: true,
             message: message.into(),
         }
     }
@@ -198,6 +214,8 @@ pub struct Delivery {
     pub(crate) peers: Arc<dyn Peers>,
     /// `PLANE_PROJECT_ID`, for work items created without a project.
     pub(crate) default_project: Option<String>,
+    pub(crate) notify: crate::notify::NotifyConfig,
+    pub(crate) http: reqwest::Client,
 }
 
 #[async_trait]
@@ -314,6 +332,21 @@ impl Delivery {
                     monitor = queued.job.map(|j| j.id).unwrap_or_default();
                 }
                 Ok(serde_json::json!({"armed": resp.armed, "created": resp.created, "reason": resp.reason, "monitor_job_id": monitor}).to_string())
+            }
+            Effect::Notify {
+                event_id,
+                event,
+                text,
+            } => {
+                crate::notify::send(
+                    &self.http,
+                    &self.notify,
+                    &entry.work_item,
+                    &event_id,
+                    &event,
+                    &text,
+                )
+                .await
             }
             Effect::CancelJob {
                 job_id,

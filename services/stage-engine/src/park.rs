@@ -446,6 +446,7 @@ impl Engine {
             tx.rollback().await?;
             return Ok(Applied::JobAlreadyConsumed);
         }
+        let transition_id = c.transition_id.clone();
         store::insert_transition(
             &mut tx,
             &TransitionRow {
@@ -479,6 +480,16 @@ impl Engine {
         }
         for effect in &c.effects {
             outbox::insert(&mut tx, &item.key, effect, None).await?;
+        }
+        if let Some((n, key)) = crate::notify::for_transition(
+            &self.config.notify,
+            &transition_id,
+            &item.key,
+            item.stage,
+            c.outcome,
+            &c.cause,
+        ) {
+            outbox::insert(&mut tx, &item.key, &n, Some(&key)).await?;
         }
         tx.commit().await?;
         self.notify.notify_one();
