@@ -178,7 +178,125 @@ async fn a_notify_endpoint_down_for_the_whole_test_delays_nothing(storage: TestS
     );
 }
 
+/// post-deploy's alerts reach people (#18): a rollback of a degraded deploy is told through
+/// stage-engine's `Notify` — the webhook, signed, and the stream bot's tracker comment.
+async fn a_post_deploy_rollback_is_told_to_people(storage: TestStorage) {
+    use orchestrator_proto::post_deploy::v1::{Action, ArmRequest, TickRequest};
+    let (url, got) = receiver().await;
+    // A production that is down from the start.
+    let prod = axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let prod_url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, prod).await });
+    let targets = serde_json::json!({
+        crate::reviews::REPO: {
+            "health_url": format!("{prod_url}/healthz"),
+            "rollback_command": "true",
+        }
+    })
+    .to_string();
+    let logs = tempfile::tempdir().expect("logs");
+    let logs_dir = logs.path().display().to_string();
+    let w = setup_with(
+        storage,
+        true,
+        &[
+            ("ORCH_NOTIFY_WEBHOOK_URL", url.as_str()),
+            ("ORCH_NOTIFY_WEBHOOK_SECRET", SECRET),
+            ("ORCH_SELF_REPO", "ops/orchestrator"),
+            ("ORCH_POST_DEPLOY_REPOS", crate::reviews::REPO),
+            ("ORCH_POST_DEPLOY_TARGETS_JSON", &targets),
+            ("ORCH_POST_DEPLOY_FAIL_THRESHOLD", "2"),
+            ("ORCH_POST_DEPLOY_TICK_S", "5"),
+            ("ORCH_POST_DEPLOY_LOG_DIR", &logs_dir),
+        ],
+    )
+    .await;
+    w.create_and_approve().await;
+    let mut pd = w.stack.clients.post_deploy.clone();
+    let armed = pd
+        .arm(ArmRequest {
+            work_item: KEY.into(),
+            repo: crate::reviews::REPO.into(),
+            deployed_sha: "2222222".into(),
+            previous_sha: "1111111".into(),
+        })
+        .await
+        .expect("arm")
+        .into_inner();
+    assert!(armed.armed, "{armed:?}");
+    let mut action = Action::Continue;
+    for _ in 0..5 {
+        action = pd
+            .tick(TickRequest {
+                work_item: KEY.into(),
+            })
+            .await
+            .expect("tick")
+            .into_inner()
+            .action();
+        if action == Action::Rollback {
+            break;
+        }
+    }
+    assert_eq!(action, Action::Rollback);
+    let (headers, body) = w
+        .wait("the rollback's notification", || async {
+            got.lock()
+                .expect("lock")
+                .iter()
+                .find(|(_, b)| {
+                    serde_json::from_slice::<Value>(b)
+                        .is_ok_and(|v| v["event"] == "post_deploy_rollback")
+                })
+                .cloned()
+        })
+        .await;
+    let v: Value = serde_json::from_slice(&body).expect("json");
+    assert!(
+        v["text"]
+            .as_str()
+            .is_some_and(|t| t.contains(KEY) && t.contains("post-deploy of acme/app")),
+        "{v}"
+    );
+    assert_eq!(
+        headers["x-orchestrator-signature"].to_str().expect("ascii"),
+        stage_engine::notify::signature(SECRET.as_bytes(), &body)
+    );
+    w.wait("the rollback's tracker comment", || async {
+        comments(&w)
+            .await
+            .iter()
+            .any(|c| c.contains("post-deploy of acme/app"))
+            .then_some(())
+    })
+    .await;
+    // Told once, whatever the later ticks do.
+    for _ in 0..2 {
+        let _ = pd
+            .tick(TickRequest {
+                work_item: KEY.into(),
+            })
+            .await;
+    }
+    let rollbacks = got
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(_, b)| {
+            serde_json::from_slice::<Value>(b).is_ok_and(|v| v["event"] == "post_deploy_rollback")
+        })
+        .count();
+    assert_eq!(rollbacks, 1);
+}
+
 on_both_backends!(
     a_human_is_told_once_per_event_signed,
     a_notify_endpoint_down_for_the_whole_test_delays_nothing,
+    a_post_deploy_rollback_is_told_to_people,
 );

@@ -127,6 +127,31 @@ pub fn for_transition(
     ))
 }
 
+/// The notification of an event another service reports (`Notify`: post-deploy's alerts),
+/// with its idempotency key; `None` when no webhook is configured.
+pub fn for_event(
+    config: &NotifyConfig,
+    event_id: &str,
+    key: &str,
+    event: &str,
+    text: &str,
+) -> Option<(Effect, String)> {
+    config.webhook_url.as_ref()?;
+    let text = match &config.dashboard_url {
+        Some(base) => format!("{key}: {text} <{base}/items/{key}|open {key}>"),
+        None => format!("{key}: {text}"),
+    };
+    let idempotency = format!("notify:{event_id}");
+    Some((
+        Effect::Notify {
+            event_id: idempotency.clone(),
+            event: event.to_owned(),
+            text,
+        },
+        idempotency,
+    ))
+}
+
 /// Lowercase hex HMAC-SHA256 of `body` keyed with `secret`.
 pub fn signature(secret: &[u8], body: &[u8]) -> String {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("any key length");

@@ -10,9 +10,10 @@ use orchestrator_proto::stage_engine::v1::{
     AdvanceStageResponse, ApproveRequest, Comment, CreateWorkItemRequest, CreateWorkItemResponse,
     GetWorkItemRequest, ListCommentsRequest, ListCommentsResponse, ListOutboxRequest,
     ListOutboxResponse, ListTransitionsRequest, ListTransitionsResponse, ListWorkItemsRequest,
-    ListWorkItemsResponse, OnCommitStatusRequest, OnCommitStatusResponse, OnPrMergedRequest,
-    OnPrReviewRequest, OutboxEntry, QgResult, RetryOutboxRequest, RetryOutboxResponse, Transition,
-    WorkItem, stage_engine_server::StageEngine,
+    ListWorkItemsResponse, NotifyRequest, NotifyResponse, OnCommitStatusRequest,
+    OnCommitStatusResponse, OnPrMergedRequest, OnPrReviewRequest, OutboxEntry, QgResult,
+    RetryOutboxRequest, RetryOutboxResponse, Transition, WorkItem,
+    stage_engine_server::StageEngine,
 };
 use orchestrator_proto::stage_engine::v1::{
     CancelRequest, ItemCount, ReportJobFailedRequest, RetryRequest, SnapshotRequest,
@@ -455,6 +456,59 @@ impl StageEngine for StageEngineService {
         };
         let a = self.engine.on_pr_review(&ev).await?;
         Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, event = %request.get_ref().event))]
+    async fn notify(
+        &self,
+        request: Request<NotifyRequest>,
+    ) -> Result<Response<NotifyResponse>, Status> {
+        let r = request.into_inner();
+        let item = self.item(&r.work_item).await?;
+        let event = required("event", &r.event)?;
+        let event_id = required("event_id", &r.event_id)?;
+        let text = r.text.trim();
+        if text.is_empty() {
+            return Err(EngineError::MissingField("text").into());
+        }
+        if text.len() > 10_000 {
+            return Err(EngineError::InvalidField {
+                field: "text",
+                reason: "longer than 10000 bytes".to_owned(),
+            }
+            .into());
+        }
+        let comment = Effect::Comment {
+            html: format!("<p>{}</p>", outbox::escape(text)),
+            author: "stream".to_owned(),
+        };
+        let mut tx = self
+            .engine
+            .db
+            .pool
+            .begin()
+            .await
+            .map_err(EngineError::from)?;
+        let (_, created) = outbox::insert(
+            &mut tx,
+            &item.key,
+            &comment,
+            Some(&format!("{event_id}:comment")),
+        )
+        .await
+        .map_err(EngineError::from)?;
+        if let Some((n, key)) =
+            crate::notify::for_event(&self.engine.config.notify, event_id, &item.key, event, text)
+        {
+            outbox::insert(&mut tx, &item.key, &n, Some(&key))
+                .await
+                .map_err(EngineError::from)?;
+        }
+        tx.commit().await.map_err(EngineError::from)?;
+        if created {
+            self.engine.notify.notify_one();
+        }
+        Ok(Response::new(NotifyResponse { created }))
     }
 
     #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, sha = %request.get_ref().sha))]
