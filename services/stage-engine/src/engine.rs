@@ -445,6 +445,7 @@ impl Engine {
                 (Vec::new(), Inputs::default())
             };
             let decision = decide(at, &trigger, &qg, self.config.limits);
+            let decision = crate::loops::guard(self, &item, decision, &qg).await?;
             if decision.outcome == Outcome::Unchanged {
                 if let (Some(a), Trigger::Approval { author, .. }) = (&approval, &trigger) {
                     let row = ApprovalRow {
