@@ -279,7 +279,10 @@ fn routes(
     let auth = auth.clone();
     match part {
         ServiceName::PostDeploy => Routes::new(PostDeployServer::with_interceptor(
-            ::post_deploy::PostDeployService::new(db, clients, post_deploy_config.clone()),
+            ::post_deploy::PostDeployService::new(db, clients.clone(), post_deploy_config.clone())
+                .with_alert_sink(std::sync::Arc::new(::post_deploy::StageEngineSink::new(
+                    clients.stage_engine.clone(),
+                ))),
             auth,
         )),
         // The launcher, stage-engine, merge-gate and the reaper are built in `Node::start`

@@ -8,7 +8,8 @@
 //! Delivery to stage-engine is at least once: a gateway killed after a call succeeded and
 //! before it recorded that success calls again after a restart. The calls are idempotent on
 //! their own keys (CreateWorkItem on the tracker issue id, Approve and Retry on the comment id,
-//! OnPrMerged on the PR and merge sha), so a repeat changes nothing.
+//! OnPrMerged on the PR and merge sha, OnPrReview on the forge's review id), so a repeat
+//! changes nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +17,8 @@ use std::time::{Duration, Instant};
 use orchestrator_kit::retry;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::stage_engine::v1::{
-    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnPrMergedRequest, RetryRequest,
-    UpdateDescriptionRequest,
+    AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnCommitStatusRequest,
+    OnPrMergedRequest, OnPrReviewRequest, RetryRequest, UpdateDescriptionRequest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -379,6 +380,70 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                         work_item: key,
                     }
                 }
+                Err(s) => failed(s),
+            }
+        }
+        Command::OnPrReview {
+            repo,
+            branch,
+            pr_number,
+            reviewer,
+            state,
+            body,
+        } => {
+            let req = OnPrReviewRequest {
+                repo: repo.clone(),
+                branch: branch.clone(),
+                pr_number: *pr_number,
+                reviewer: reviewer.clone(),
+                state: state.clone(),
+                body: body.clone(),
+            };
+            let started = Instant::now();
+            let res = se.on_pr_review(req).await;
+            observe(shared, "OnPrReview", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let key = r.work_item.map(|w| w.key).unwrap_or_default();
+                    Outcome::Applied {
+                        reason: format!(
+                            "pr review {repo}#{pr_number} by {reviewer} ({key}): {}",
+                            outcome_name(r.outcome)
+                        ),
+                        work_item: key,
+                    }
+                }
+                // A review of a PR that is not a work item's: nothing to do.
+                Err(s) if s.code() == Code::NotFound => {
+                    Outcome::Ignored(format!("no work item for {repo} branch {branch}"))
+                }
+                Err(s) => failed(s),
+            }
+        }
+        Command::OnCommitStatus {
+            repo,
+            sha,
+            context,
+            state,
+        } => {
+            let req = OnCommitStatusRequest {
+                repo: repo.clone(),
+                sha: sha.clone(),
+                context: context.clone(),
+                state: state.clone(),
+            };
+            let started = Instant::now();
+            let res = se.on_commit_status(req).await;
+            observe(shared, "OnCommitStatus", &res, started);
+            match res {
+                Ok(r) => Outcome::Applied {
+                    reason: format!(
+                        "commit status {context} {state} on {repo}@{sha}: {} waiting item(s) checked again",
+                        r.into_inner().rechecked
+                    ),
+                    work_item: String::new(),
+                },
                 Err(s) => failed(s),
             }
         }

@@ -61,6 +61,19 @@ pub fn webhook_samples() -> Vec<(&'static str, &'static str, &'static str, &'sta
             "issue_comment",
             "issue_comment",
         ),
+        (
+            "gitea-webhook-pull_request_review-rejected.json",
+            "gitea",
+            "pull_request_rejected",
+            "pull_request_review_rejected",
+        ),
+        (
+            "gitea-webhook-pull_request_review-approved.json",
+            "gitea",
+            "pull_request_approved",
+            "pull_request_review_approved",
+        ),
+        ("gitea-webhook-status.json", "gitea", "status", "status"),
     ]
 }
 

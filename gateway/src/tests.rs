@@ -181,9 +181,11 @@ where
 /// What the dispatcher must make of each sample: the state it ends in.
 fn expected_state(name: &str) -> &'static str {
     match name {
-        "plane-webhook-issue-created.json" | "gitea-webhook-pull_request-closed-merged.json" => {
-            "pending"
-        }
+        "plane-webhook-issue-created.json"
+        | "gitea-webhook-pull_request-closed-merged.json"
+        | "gitea-webhook-pull_request_review-rejected.json"
+        | "gitea-webhook-pull_request_review-approved.json"
+        | "gitea-webhook-status.json" => "pending",
         _ => "ignored",
     }
 }

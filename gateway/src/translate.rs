@@ -13,6 +13,12 @@
 //!   `ORCH_PLANE_BOT_USERS` -> `Approve`; holding `:retry:` (the same rules) -> `Retry`.
 //! - Gitea `pull_request` `closed` with `merged: true` (from a branch of the same
 //!   repository) -> `OnPrMerged`.
+//! - Gitea `pull_request_approved` / `pull_request_rejected` / `pull_request_comment` (a PR
+//!   review: `action: reviewed`, from a branch of the same repository) -> `OnPrReview`.
+//!   Whether the reviewer is a bot, and whether the PR is the work item's, stage-engine
+//!   decides (it holds the bot list and the items).
+//! - Gitea `status` (a CI status on a commit) -> `OnCommitStatus`: the repository's items
+//!   that wait for CI are checked again.
 //! - Any other known event -> ignored. An unknown event or a body that lacks what its event
 //!   needs -> [`BadPayload`] (the sender gets 400).
 
@@ -55,6 +61,22 @@ pub enum Command {
         pr_number: u64,
         merge_sha: String,
     },
+    /// A Gitea PR review; `state` is approved | changes_requested | comment.
+    OnPrReview {
+        repo: String,
+        branch: String,
+        pr_number: u64,
+        reviewer: String,
+        state: String,
+        body: String,
+    },
+    /// A Gitea commit status: the repository's work items waiting for CI are checked again.
+    OnCommitStatus {
+        repo: String,
+        sha: String,
+        context: String,
+        state: String,
+    },
     /// A Plane issue's description changed: its work item's follows (no new item, no stage
     /// change; an issue without a work item is ignored at dispatch).
     UpdateDescription {
@@ -71,6 +93,8 @@ impl Command {
             Command::Approve { .. } => "Approve",
             Command::Retry { .. } => "Retry",
             Command::OnPrMerged { .. } => "OnPrMerged",
+            Command::OnPrReview { .. } => "OnPrReview",
+            Command::OnCommitStatus { .. } => "OnCommitStatus",
             Command::UpdateDescription { .. } => "UpdateDescription",
         }
     }
@@ -381,6 +405,12 @@ pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
     if !body.is_object() {
         return Err(bad("the body must be a JSON object"));
     }
+    if let Some(state) = review_state(event) {
+        return gitea_review(event, state, body);
+    }
+    if event == "status" {
+        return gitea_status(body);
+    }
     if event != "pull_request" {
         return ignore(format!("gitea event '{event}' is not used"));
     }
@@ -435,6 +465,96 @@ pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
     })
 }
 
+/// The review state a Gitea review event stands for (modules/webhook/type.go: the event
+/// types `pull_request_review_{approved,rejected,comment}` are sent as these events).
+fn review_state(event: &str) -> Option<&'static str> {
+    match event {
+        "pull_request_approved" => Some("approved"),
+        "pull_request_rejected" => Some("changes_requested"),
+        "pull_request_comment" => Some("comment"),
+        _ => None,
+    }
+}
+
+/// A `CommitStatusPayload` (modules/structs/hook.go): which repository, which commit.
+fn gitea_status(body: &Value) -> Result<Translation, BadPayload> {
+    let repo = str_at(body, &["repository", "full_name"])
+        .ok_or_else(|| bad("repository.full_name is required"))?;
+    orchestrator_git::validate_repo(repo)
+        .map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    let sha = str_at(body, &["sha"]).ok_or_else(|| bad("sha is required"))?;
+    if sha.is_empty() || sha.len() > 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("sha: expected a commit id (hex)"));
+    }
+    let state = str_at(body, &["state"]).unwrap_or_default();
+    Ok(Translation::Apply {
+        ordering_key: format!("gitea:{repo}:ci"),
+        command: Command::OnCommitStatus {
+            repo: repo.to_owned(),
+            sha: sha.to_owned(),
+            context: clip(str_at(body, &["context"]).unwrap_or_default()).to_owned(),
+            state: clip(state).to_owned(),
+        },
+    })
+}
+
+/// The longest review text passed on: the forge's own copy is read back anyway.
+const REVIEW_BODY_MAX_BYTES: usize = 16 * 1024;
+
+/// A `PullRequestPayload` with `action: reviewed` (services/webhook/notifier.go
+/// `PullRequestReview`): the reviewer is the sender, the text is `review.content`.
+fn gitea_review(event: &str, state: &str, body: &Value) -> Result<Translation, BadPayload> {
+    let action = str_at(body, &["action"]).ok_or_else(|| bad("action is required"))?;
+    if action != "reviewed" {
+        return ignore(format!(
+            "gitea {event} action '{}' is not used",
+            clip(action)
+        ));
+    }
+    let pr = body
+        .get("pull_request")
+        .filter(|p| p.is_object())
+        .ok_or_else(|| bad("pull_request is required"))?;
+    let repo = str_at(body, &["repository", "full_name"])
+        .ok_or_else(|| bad("repository.full_name is required"))?;
+    orchestrator_git::validate_repo(repo)
+        .map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    let branch =
+        str_at(pr, &["head", "ref"]).ok_or_else(|| bad("pull_request.head.ref is required"))?;
+    orchestrator_git::validate_branch(branch)
+        .map_err(|why| bad(format!("pull_request.head.ref: {why}")))?;
+    if let Some(head_repo) = str_at(pr, &["head", "repo", "full_name"])
+        && head_repo != repo
+    {
+        return ignore("gitea review of a pull request from another repository (a fork)");
+    }
+    let pr_number = body
+        .get("number")
+        .and_then(Value::as_u64)
+        .or_else(|| pr.get("number").and_then(Value::as_u64))
+        .ok_or_else(|| bad("number is required"))?;
+    let reviewer = str_at(body, &["sender", "login"])
+        .or_else(|| str_at(body, &["requested_reviewer", "login"]))
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| bad("sender.login is required"))?;
+    let text = str_at(body, &["review", "content"]).unwrap_or_default();
+    let mut cut = text.len().min(REVIEW_BODY_MAX_BYTES);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Ok(Translation::Apply {
+        ordering_key: format!("gitea:{repo}:{branch}"),
+        command: Command::OnPrReview {
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
+            pr_number,
+            reviewer: clip(reviewer).to_owned(),
+            state: state.to_owned(),
+            body: text[..cut].to_owned(),
+        },
+    })
+}
+
 /// At most 80 characters of something from outside, for a reason or a log line.
 fn clip(s: &str) -> &str {
     match s.char_indices().nth(80) {
@@ -459,6 +579,83 @@ mod tests {
 
     fn parse(name: &str) -> Value {
         serde_json::from_slice(&sample(name)).expect("sample parses")
+    }
+
+    #[test]
+    fn a_review_becomes_on_pr_review_with_the_reviewer_and_the_text() {
+        let got = gitea(
+            "pull_request_rejected",
+            &parse("gitea-webhook-pull_request_review-rejected.json"),
+        );
+        assert_eq!(
+            got,
+            Ok(Translation::Apply {
+                ordering_key: "gitea:anbraten/test-repo:anbraten-patch-1".into(),
+                command: Command::OnPrReview {
+                    repo: "anbraten/test-repo".into(),
+                    branch: "anbraten-patch-1".into(),
+                    pr_number: 1,
+                    reviewer: "ada".into(),
+                    state: "changes_requested".into(),
+                    body: "Please handle the empty name: `greet(\"\")` prints \"Hello, !\".".into(),
+                },
+            })
+        );
+        let approved = parse("gitea-webhook-pull_request_review-approved.json");
+        let Ok(Translation::Apply {
+            command: Command::OnPrReview { state, .. },
+            ..
+        }) = gitea("pull_request_approved", &approved)
+        else {
+            panic!("an approval is a review");
+        };
+        assert_eq!(state, "approved");
+        // A review request is not a review; a fork's PR is not ours; a bad branch is 400.
+        let mut other = approved.clone();
+        other["action"] = json!("review_requested");
+        assert!(rpc_or_reason(gitea("pull_request_approved", &other)).starts_with("ignore:"));
+        let mut fork = approved.clone();
+        fork["pull_request"]["head"]["repo"]["full_name"] = json!("mallory/test-repo");
+        assert!(
+            rpc_or_reason(gitea("pull_request_approved", &fork))
+                .starts_with("ignore: gitea review")
+        );
+        let mut evil = approved.clone();
+        evil["pull_request"]["head"]["ref"] = json!("--upload-pack=x");
+        assert!(gitea("pull_request_approved", &evil).is_err());
+        let mut anonymous = approved;
+        anonymous["sender"] = Value::Null;
+        anonymous["requested_reviewer"] = Value::Null;
+        assert_eq!(
+            gitea("pull_request_approved", &anonymous),
+            Err(BadPayload("sender.login is required".into()))
+        );
+    }
+
+    #[test]
+    fn a_commit_status_becomes_on_commit_status_and_a_bad_sha_is_refused() {
+        let body = parse("gitea-webhook-status.json");
+        let Ok(Translation::Apply {
+            command:
+                Command::OnCommitStatus {
+                    repo,
+                    sha,
+                    context,
+                    state,
+                },
+            ..
+        }) = gitea("status", &body)
+        else {
+            panic!("a status is OnCommitStatus");
+        };
+        assert_eq!(
+            (repo.as_str(), context.as_str(), state.as_str()),
+            ("anbraten/test-repo", "ci/build", "failure")
+        );
+        assert_eq!(sha.len(), 40);
+        let mut evil = body;
+        evil["sha"] = json!("--output=/etc/passwd");
+        assert!(gitea("status", &evil).is_err());
     }
 
     #[test]
@@ -502,6 +699,15 @@ mod tests {
                 "gitea-webhook-issue_comment-on-issue.json",
                 "ignore: gitea event 'issue_comment'",
             ),
+            (
+                "gitea-webhook-pull_request_review-rejected.json",
+                "OnPrReview",
+            ),
+            (
+                "gitea-webhook-pull_request_review-approved.json",
+                "OnPrReview",
+            ),
+            ("gitea-webhook-status.json", "OnCommitStatus"),
         ];
         for (name, source, event, _) in crate::testdata::webhook_samples() {
             let want = cases.iter().find(|(n, _)| *n == name).expect("case").1;

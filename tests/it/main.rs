@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod ci_gate;
 mod demo;
 mod deploy;
 mod door;
@@ -12,6 +13,7 @@ mod gateway;
 mod item;
 mod launcher;
 mod merge_gate;
+mod notify;
 mod plane;
 mod post_deploy;
 mod process;
@@ -22,6 +24,7 @@ mod reaper_faults;
 mod reconcile;
 mod replicas;
 mod retry_cancel;
+pub mod reviews;
 mod scripted_agent;
 mod seams;
 mod stage_engine;

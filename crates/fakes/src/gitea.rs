@@ -18,8 +18,21 @@
 //!   `X-Gitea-Delivery`, `X-Gitea-Event`, `X-Gitea-Event-Type`, `X-Gitea-Signature` (and the
 //!   `X-Gogs-*`, `X-GitHub-*`, `X-Hub-Signature*` copies).
 //!
-//! Not modelled: push and `synchronized` webhooks, issues, reviews, merge styles other than
-//! `merge`, branch protection.
+//! - PR reviews (#18): [`FakeGitea::submit_review`] stores a review with its line comments,
+//!   as a person submits one in the UI, and sends its webhook — a `PullRequestPayload` with
+//!   `action: reviewed` and `review: {type, content}`, under `X-Gitea-Event`
+//!   `pull_request_approved` / `pull_request_rejected` / `pull_request_comment`
+//!   (`gitea-webhook-pull_request_review-*.json`); the REST API lists them
+//!   (`GET .../pulls/{n}/reviews`, `GET .../pulls/{n}/reviews/{id}/comments`, shapes of
+//!   `gitea-api-pull-reviews.json` and `gitea-api-pull-review-comments.json`).
+//!
+//! - commit statuses (#18): [`FakeGitea::set_status`] records a CI context's status on a
+//!   commit, as a CI system posts it, and sends the `status` webhook
+//!   (`gitea-webhook-status.json`); `GET .../commits/{ref}/status` answers the combined
+//!   status (`gitea-api-combined-status.json`; no status yet: `pending`, no contexts).
+//!
+//! Not modelled: push and `synchronized` webhooks, issues, merge styles other than `merge`,
+//! branch protection, pending (draft) reviews.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -34,7 +47,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use orchestrator_forge::local::LocalForge;
-use orchestrator_forge::{Forge, MergeOutcome, PrState, PullRequest, RepoName};
+use orchestrator_forge::{Forge, MergeOutcome, PrState, PullRequest, RepoName, ReviewState};
 use orchestrator_git::Git;
 use orchestrator_kit::time::{now_ms, rfc3339};
 use serde_json::json;
@@ -65,6 +78,65 @@ pub struct PrMeta {
     pub merged_by: Option<String>,
 }
 
+/// A submitted PR review, as Gitea keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeReview {
+    pub id: u64,
+    pub user: String,
+    pub state: ReviewState,
+    pub body: String,
+    /// The PR's head when the review was submitted.
+    pub commit_id: String,
+    pub dismissed: bool,
+    pub submitted_at_ms: i64,
+    pub comments: Vec<FakeReviewComment>,
+}
+
+/// A line comment of a review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeReviewComment {
+    pub id: u64,
+    pub path: String,
+    /// The line in the new file.
+    pub line: u64,
+    pub body: String,
+}
+
+/// Gitea's `ReviewStateType` of `state`.
+fn gitea_review_state(state: ReviewState) -> &'static str {
+    match state {
+        ReviewState::Approved => "APPROVED",
+        ReviewState::ChangesRequested => "REQUEST_CHANGES",
+        ReviewState::Comment => "COMMENT",
+        ReviewState::Pending => "PENDING",
+    }
+}
+
+/// The webhook event type and event of a review (modules/webhook/type.go).
+fn review_events(state: ReviewState) -> Option<(&'static str, &'static str)> {
+    match state {
+        ReviewState::Approved => Some(("pull_request_review_approved", "pull_request_approved")),
+        ReviewState::ChangesRequested => {
+            Some(("pull_request_review_rejected", "pull_request_rejected"))
+        }
+        ReviewState::Comment => Some(("pull_request_review_comment", "pull_request_comment")),
+        ReviewState::Pending => None,
+    }
+}
+
+/// A commit status as a CI system posted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeStatus {
+    pub id: u64,
+    pub context: String,
+    /// pending | success | error | failure | warning | skipped
+    pub state: String,
+    pub description: String,
+    pub target_url: String,
+    pub creator: String,
+    pub at_ms: i64,
+}
+
 /// Faults for the next merge request.
 #[derive(Debug, Clone, Default)]
 pub struct GiteaFaults {
@@ -88,6 +160,10 @@ pub struct GiteaData {
     pub repos: BTreeMap<String, u64>,
     /// (`owner/name`, number) -> what Gitea keeps about the PR.
     pub pulls: BTreeMap<(String, u64), PrMeta>,
+    /// (`owner/name`, commit) -> its statuses, oldest first.
+    pub statuses: BTreeMap<(String, String), Vec<FakeStatus>>,
+    /// (`owner/name`, number) -> the PR's reviews, oldest first.
+    pub reviews: BTreeMap<(String, u64), Vec<FakeReview>>,
     pub hook: Option<Hook>,
     pub faults: GiteaFaults,
     /// How long a merge takes (widens race windows).
@@ -306,6 +382,88 @@ impl FakeGitea {
             last = Some(webhook::send(&self.inner.http, &self.inner.deliveries, out).await);
         }
         (status.as_u16(), last)
+    }
+
+    /// Submits a review of PR `number` as `login` would in Gitea's UI — `comments` are
+    /// line comments (path, line, text) — and waits for its webhook. Returns the review's
+    /// id and the delivery (none without a hook, or for a pending review).
+    pub async fn submit_review(
+        &self,
+        full_name: &str,
+        number: u64,
+        login: &str,
+        state: ReviewState,
+        body: &str,
+        comments: &[(&str, u64, &str)],
+    ) -> (u64, Option<Delivery>) {
+        let pr = self
+            .pr(full_name, number)
+            .await
+            .unwrap_or_else(|| panic!("no PR {full_name}#{number} to review"));
+        let id = {
+            let mut d = self.inner.lock();
+            let id = d.next_id();
+            let comments = comments
+                .iter()
+                .map(|(path, line, text)| FakeReviewComment {
+                    id: d.next_id(),
+                    path: (*path).to_owned(),
+                    line: *line,
+                    body: (*text).to_owned(),
+                })
+                .collect();
+            d.reviews
+                .entry((full_name.to_owned(), number))
+                .or_default()
+                .push(FakeReview {
+                    id,
+                    user: login.to_owned(),
+                    state,
+                    body: body.to_owned(),
+                    commit_id: pr.head_sha.clone(),
+                    dismissed: false,
+                    submitted_at_ms: now_ms(),
+                    comments,
+                });
+            id
+        };
+        let delivery = match review_webhook(&self.inner, full_name, number, login, state, body)
+            .await
+        {
+            Some(out) => Some(webhook::send(&self.inner.http, &self.inner.deliveries, out).await),
+            None => None,
+        };
+        (id, delivery)
+    }
+
+    /// Posts a status — `[context, state, description, target_url]` — on commit `sha` as
+    /// `login` (a CI account), and waits for its `status` webhook (none without a hook).
+    pub async fn set_status(
+        &self,
+        full_name: &str,
+        sha: &str,
+        login: &str,
+        [context, state, description, target_url]: [&str; 4],
+    ) -> Option<Delivery> {
+        let status = {
+            let mut d = self.inner.lock();
+            let status = FakeStatus {
+                id: d.next_id(),
+                context: context.to_owned(),
+                state: state.to_owned(),
+                description: description.to_owned(),
+                target_url: target_url.to_owned(),
+                creator: login.to_owned(),
+                at_ms: now_ms(),
+            };
+            d.statuses
+                .entry((full_name.to_owned(), sha.to_owned()))
+                .or_default()
+                .push(status.clone());
+            status
+        };
+        let out = status_webhook(&self.inner, full_name, sha, &status)?;
+        Some(webhook::send(&self.inner.http, &self.inner.deliveries, out).await)
     }
 
     /// Sends `delivery`'s bytes again under a new delivery id (Gitea's "redeliver").
@@ -640,6 +798,254 @@ async fn pr_webhook(
     ))
 }
 
+/// The review webhook (services/webhook/notifier.go `PullRequestReview`): the PR payload
+/// with `action: reviewed`, the reviewer as `requested_reviewer` and `sender`, and
+/// `review: {type: <event type>, content}`.
+async fn review_webhook(
+    inner: &Inner,
+    full: &str,
+    number: u64,
+    reviewer: &str,
+    state: ReviewState,
+    content: &str,
+) -> Option<Outgoing> {
+    let (event_type, event) = review_events(state)?;
+    let mut out = pr_webhook(inner, full, number, "reviewed", reviewer).await?;
+    let d = inner.lock();
+    let hook = d.hook.clone()?;
+    let user = d.user(reviewer).cloned().unwrap_or(GiteaUser {
+        id: 0,
+        login: reviewer.to_owned(),
+        token: None,
+    });
+    let mut payload = Json::parse(std::str::from_utf8(&out.body).ok()?).ok()?;
+    payload
+        .set("requested_reviewer", user_json(&inner.url, &user))
+        .set(
+            "review",
+            crate::json::object([
+                ("type", Json::from(event_type)),
+                ("content", Json::from(content)),
+            ]),
+        );
+    out = gitea_outgoing(
+        &hook,
+        event,
+        event_type,
+        format!("{event_type} #{number} by {reviewer}"),
+        payload.to_go_indented().into_bytes(),
+    );
+    Some(out)
+}
+
+/// The `status` webhook (`CommitStatusPayload`, `gitea-webhook-status.json`'s keys).
+fn status_webhook(inner: &Inner, full: &str, sha: &str, s: &FakeStatus) -> Option<Outgoing> {
+    let d = inner.lock();
+    let hook = d.hook.clone()?;
+    let sender = d.user(&s.creator).cloned().unwrap_or(GiteaUser {
+        id: 0,
+        login: s.creator.clone(),
+        token: None,
+    });
+    let mut payload = sample_json("gitea-webhook-status.json");
+    let mut commit = payload.get("commit").cloned().unwrap_or(Json::Null);
+    commit
+        .set("id", sha)
+        .set("url", format!("{}/{full}/commit/{sha}", inner.url));
+    payload
+        .set("commit", commit)
+        .set("context", &s.context)
+        .set("created_at", time(s.at_ms))
+        .set("description", &s.description)
+        .set("id", s.id)
+        .set("repository", repo_json(&inner.url, &d, full))
+        .set("sender", user_json(&inner.url, &sender))
+        .set("sha", sha)
+        .set("state", &s.state)
+        .set("target_url", &s.target_url)
+        .set("updated_at", time(s.at_ms));
+    Some(gitea_outgoing(
+        &hook,
+        "status",
+        "status",
+        format!("status {} {} on {sha}", s.context, s.state),
+        payload.to_go_indented().into_bytes(),
+    ))
+}
+
+/// `GET .../commits/{ref}/status`: the latest status of each context on the commit `git_ref`
+/// names, combined (an error or failure wins, then pending; none at all is pending).
+async fn combined_status_answer(inner: &Inner, full: &str, git_ref: &str) -> Answer {
+    let dir = inner.forge.repo_dir(&repo_name(full));
+    let sha = if git_ref.len() == 40 && git_ref.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Some(git_ref.to_owned())
+    } else {
+        inner
+            .git
+            .rev_parse(&dir, &format!("refs/heads/{git_ref}"))
+            .await
+            .ok()
+            .flatten()
+    };
+    let Some(sha) = sha else {
+        return not_found();
+    };
+    let d = inner.lock();
+    let mut latest: Vec<FakeStatus> = Vec::new();
+    for s in d
+        .statuses
+        .get(&(full.to_owned(), sha.clone()))
+        .cloned()
+        .unwrap_or_default()
+    {
+        latest.retain(|l| l.context != s.context);
+        latest.push(s);
+    }
+    let state = if latest.iter().any(|s| s.state == "error") {
+        "error"
+    } else if latest.iter().any(|s| s.state == "failure") {
+        "failure"
+    } else if latest.is_empty() || latest.iter().any(|s| s.state == "pending") {
+        "pending"
+    } else {
+        "success"
+    };
+    let mut j = sample_json("gitea-api-combined-status.json");
+    let template = match j.get("statuses") {
+        Some(Json::Array(items)) => items.first().cloned().expect("a status in the sample"),
+        _ => panic!("gitea-api-combined-status.json has statuses"),
+    };
+    let api = format!("{}/api/v1/repos/{full}", inner.url);
+    let statuses: Vec<Json> = latest
+        .iter()
+        .map(|s| {
+            let creator = d.user(&s.creator).cloned().unwrap_or(GiteaUser {
+                id: 0,
+                login: s.creator.clone(),
+                token: None,
+            });
+            let mut t = template.clone();
+            t.set("id", s.id)
+                .set("status", &s.state)
+                .set("target_url", &s.target_url)
+                .set("description", &s.description)
+                .set("url", format!("{api}/statuses/{sha}"))
+                .set("context", &s.context)
+                .set("creator", user_json(&inner.url, &creator))
+                .set("created_at", time(s.at_ms))
+                .set("updated_at", time(s.at_ms));
+            t
+        })
+        .collect();
+    j.set("state", state)
+        .set("sha", &sha)
+        .set("total_count", statuses.len() as u64)
+        .set("statuses", Json::Array(statuses))
+        .set("repository", repo_json(&inner.url, &d, full))
+        .set("commit_url", format!("{api}/commits/{sha}"))
+        .set("url", format!("{api}/commits/{sha}/status"));
+    ok(StatusCode::OK, &j)
+}
+
+/// `PullReview` objects (`gitea-api-pull-reviews.json`'s field set) of PR `number`.
+fn reviews_json(inner: &Inner, full: &str, number: u64) -> Json {
+    let d = inner.lock();
+    let template = match sample_json("gitea-api-pull-reviews.json") {
+        Json::Array(items) => items.into_iter().next().expect("a review in the sample"),
+        _ => panic!("gitea-api-pull-reviews.json is a list"),
+    };
+    let reviews = d
+        .reviews
+        .get(&(full.to_owned(), number))
+        .cloned()
+        .unwrap_or_default();
+    Json::Array(
+        reviews
+            .iter()
+            .map(|r| {
+                let user = d.user(&r.user).cloned().unwrap_or(GiteaUser {
+                    id: 0,
+                    login: r.user.clone(),
+                    token: None,
+                });
+                let mut j = template.clone();
+                j.set("id", r.id)
+                    .set("user", user_json(&inner.url, &user))
+                    .set("state", gitea_review_state(r.state))
+                    .set("body", &r.body)
+                    .set("commit_id", &r.commit_id)
+                    .set("stale", false)
+                    .set("dismissed", r.dismissed)
+                    .set("comments_count", r.comments.len() as u64)
+                    .set("submitted_at", time(r.submitted_at_ms))
+                    .set("updated_at", time(r.submitted_at_ms))
+                    .set(
+                        "html_url",
+                        format!("{}/{full}/pulls/{number}#issuecomment-{}", inner.url, r.id),
+                    )
+                    .set(
+                        "pull_request_url",
+                        format!("{}/{full}/pulls/{number}", inner.url),
+                    );
+                j
+            })
+            .collect(),
+    )
+}
+
+/// `PullReviewComment` objects of review `id` (`gitea-api-pull-review-comments.json`), or
+/// `None` when PR `number` has no such review.
+fn review_comments_json(inner: &Inner, full: &str, number: u64, id: u64) -> Option<Json> {
+    let d = inner.lock();
+    let review = d
+        .reviews
+        .get(&(full.to_owned(), number))?
+        .iter()
+        .find(|r| r.id == id)?
+        .clone();
+    let template = match sample_json("gitea-api-pull-review-comments.json") {
+        Json::Array(items) => items.into_iter().next().expect("a comment in the sample"),
+        _ => panic!("gitea-api-pull-review-comments.json is a list"),
+    };
+    let user = d.user(&review.user).cloned().unwrap_or(GiteaUser {
+        id: 0,
+        login: review.user.clone(),
+        token: None,
+    });
+    Some(Json::Array(
+        review
+            .comments
+            .iter()
+            .map(|c| {
+                let mut j = template.clone();
+                j.set("id", c.id)
+                    .set("body", &c.body)
+                    .set("user", user_json(&inner.url, &user))
+                    .set("pull_request_review_id", review.id)
+                    .set("created_at", time(review.submitted_at_ms))
+                    .set("updated_at", time(review.submitted_at_ms))
+                    .set("path", &c.path)
+                    .set("commit_id", &review.commit_id)
+                    .set("original_commit_id", &review.commit_id)
+                    .set("position", c.line)
+                    .set("original_position", c.line)
+                    .set(
+                        "html_url",
+                        format!(
+                            "{}/{full}/pulls/{number}/files#issuecomment-{}",
+                            inner.url, c.id
+                        ),
+                    )
+                    .set(
+                        "pull_request_url",
+                        format!("{}/{full}/pulls/{number}", inner.url),
+                    );
+                j
+            })
+            .collect(),
+    ))
+}
+
 /// Headers as services/webhook/deliver.go sets them (signature headers empty without a
 /// secret).
 fn gitea_outgoing(
@@ -873,6 +1279,23 @@ async fn rest_api(
             }
             merge(inner, &full, n, &login, &b).await
         }
+        (Method::GET, ["pulls", index, "reviews"]) if index.parse::<u64>().is_ok() => {
+            let n = index.parse::<u64>().unwrap_or_default();
+            if !inner.lock().pulls.contains_key(&(full.clone(), n)) {
+                return not_found();
+            }
+            // One page holds them all (Gitea's `limit` caps at 50; tests stay below it).
+            ok(StatusCode::OK, &reviews_json(inner, &full, n))
+        }
+        (Method::GET, ["pulls", index, "reviews", id, "comments"]) => {
+            match (index.parse::<u64>(), id.parse::<u64>()) {
+                (Ok(n), Ok(id)) => match review_comments_json(inner, &full, n, id) {
+                    Some(j) => ok(StatusCode::OK, &j),
+                    None => not_found(),
+                },
+                _ => not_found(),
+            }
+        }
         (Method::GET, ["pulls", base, head @ ..]) if !head.is_empty() => {
             let head = head.join("/");
             match inner.forge.find_pr(&repo, &head, base).await {
@@ -907,6 +1330,9 @@ async fn rest_api(
                 "body": text, "assets": [], "created_at": now.to_value(), "updated_at": now.to_value()
             });
             (StatusCode::CREATED, j.to_string(), Vec::new())
+        }
+        (Method::GET, ["commits", git_ref @ .., "status"]) if !git_ref.is_empty() => {
+            combined_status_answer(inner, &full, &git_ref.join("/")).await
         }
         (Method::GET, ["branches", branch @ ..]) if !branch.is_empty() => {
             branch_answer(inner, &full, &branch.join("/")).await

@@ -12,7 +12,10 @@ use orchestrator_fakes::gitea::FakeGitea;
 use orchestrator_fakes::webhook::{hmac_sha1_hex, hmac_sha256_hex, sample_json};
 use orchestrator_forge::config::GiteaConfig;
 use orchestrator_forge::gitea::GiteaForge;
-use orchestrator_forge::{Forge, MergeOutcome, PrState, RepoName};
+use orchestrator_forge::{
+    CiState, CommitStatus, Forge, ForgeError, MergeOutcome, PrState, RepoName, ReviewComment,
+    ReviewState,
+};
 use orchestrator_git::Git;
 use orchestrator_kit::Secret;
 use serde_json::{Value, json};
@@ -373,4 +376,242 @@ async fn git_fetches_and_pushes_over_smart_http_with_the_token_header() {
         "{:?}",
         gitea.errors()
     );
+}
+
+#[tokio::test]
+async fn reviews_are_sent_as_gitea_sends_them_and_read_back_by_the_forge_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gitea = started(dir.path()).await;
+    let hook = Receiver::start().await;
+    let f = client(&gitea, Some(TOKEN));
+    let head = gitea
+        .commit(
+            REPO,
+            "orch/ORCH-2",
+            &[("greeter.py", "print('hi')\n")],
+            "greet",
+        )
+        .await;
+    f.ensure_pr(&repo(), "orch/ORCH-2", "main", "ORCH-2", "")
+        .await
+        .expect("PR");
+    assert_eq!(f.list_pr_reviews(&repo(), 1).await.expect("none yet"), []);
+    gitea.set_webhook(Some(Hook {
+        url: hook.url.clone(),
+        secret: Some(SECRET.into()),
+    }));
+
+    let (rejected, _) = gitea
+        .submit_review(
+            REPO,
+            1,
+            "ada",
+            ReviewState::ChangesRequested,
+            "Handle the empty name.",
+            &[("greeter.py", 1, "An empty name falls through here.")],
+        )
+        .await;
+    let (approved, _) = gitea
+        .submit_review(
+            REPO,
+            1,
+            "ada",
+            ReviewState::Approved,
+            "Now it is fine.",
+            &[],
+        )
+        .await;
+
+    let reviews = f.list_pr_reviews(&repo(), 1).await.expect("reviews");
+    assert_eq!(reviews.len(), 2, "{reviews:?}");
+    assert_eq!(
+        (reviews[0].id, reviews[0].state, reviews[0].author.as_str()),
+        (rejected, ReviewState::ChangesRequested, "ada")
+    );
+    assert_eq!(reviews[0].body, "Handle the empty name.");
+    assert_eq!(reviews[0].commit_id, head);
+    assert_eq!(
+        (reviews[1].id, reviews[1].state),
+        (approved, ReviewState::Approved)
+    );
+    let comments = f
+        .list_review_comments(&repo(), 1, rejected)
+        .await
+        .expect("comments");
+    assert_eq!(
+        comments,
+        [ReviewComment {
+            author: "ada".into(),
+            path: "greeter.py".into(),
+            line: 1,
+            body: "An empty name falls through here.".into(),
+        }]
+    );
+    assert_eq!(
+        f.list_review_comments(&repo(), 1, approved)
+            .await
+            .expect("none"),
+        []
+    );
+    // An unknown review or PR is 404, as Gitea answers.
+    assert!(matches!(
+        f.list_review_comments(&repo(), 1, 999_999).await,
+        Err(ForgeError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.list_pr_reviews(&repo(), 7).await,
+        Err(ForgeError::NotFound(_))
+    ));
+    // The REST objects have the sample's keys.
+    let raw: Value = reqwest::Client::new()
+        .get(format!("{}/api/v1/repos/{REPO}/pulls/1/reviews", gitea.url))
+        .header("Authorization", format!("token {TOKEN}"))
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json");
+    let sample = sample_json("gitea-api-pull-reviews.json").to_value();
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&raw[0]), keys(&sample[0]));
+
+    // The webhooks: the event names of modules/webhook/type.go, signed, the sample's keys.
+    let got = hook.wait_for(2).await;
+    let want = [
+        (
+            "pull_request_rejected",
+            "pull_request_review_rejected",
+            "Handle the empty name.",
+        ),
+        (
+            "pull_request_approved",
+            "pull_request_review_approved",
+            "Now it is fine.",
+        ),
+    ];
+    let sample = sample_json("gitea-webhook-pull_request_review-rejected.json").to_value();
+    for (r, (event, event_type, content)) in got.iter().zip(want) {
+        assert_eq!(r.header("x-gitea-event"), event);
+        assert_eq!(r.header("x-gitea-event-type"), event_type);
+        assert_eq!(
+            r.header("x-gitea-signature"),
+            hmac_sha256_hex(SECRET.as_bytes(), &r.body)
+        );
+        let v: Value = serde_json::from_slice(&r.body).expect("json");
+        assert_eq!(v["action"], "reviewed");
+        assert_eq!(v["review"], json!({"type": event_type, "content": content}));
+        assert_eq!(v["sender"]["login"], "ada");
+        assert_eq!(v["requested_reviewer"]["login"], "ada");
+        assert_eq!(v["pull_request"]["head"]["ref"], "orch/ORCH-2");
+        assert_eq!(v["pull_request"]["merged"], false);
+        assert_eq!(keys(&v), keys(&sample));
+    }
+    gitea.check();
+}
+
+#[tokio::test]
+async fn commit_statuses_combine_as_gitea_combines_them_and_send_the_status_webhook() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gitea = started(dir.path()).await;
+    let hook = Receiver::start().await;
+    let f = client(&gitea, Some(TOKEN));
+    let head = gitea
+        .commit(REPO, "orch/ORCH-3", &[("a.txt", "a\n")], "a")
+        .await;
+    // Nothing reported yet: pending, no contexts.
+    let c = f
+        .combined_status(&repo(), "orch/ORCH-3")
+        .await
+        .expect("status");
+    assert_eq!((c.state, c.statuses.len()), (CiState::Pending, 0));
+    assert_eq!(c.sha, head);
+    gitea.set_webhook(Some(Hook {
+        url: hook.url.clone(),
+        secret: Some(SECRET.into()),
+    }));
+    let url = "https://ci.example.com/builds/1";
+    gitea
+        .set_status(
+            REPO,
+            &head,
+            "ci-bot",
+            ["ci/lint", "success", "lint ok", url],
+        )
+        .await;
+    gitea
+        .set_status(
+            REPO,
+            &head,
+            "ci-bot",
+            ["ci/build", "pending", "running", url],
+        )
+        .await;
+    let c = f.combined_status(&repo(), &head).await.expect("status");
+    assert_eq!(c.state, CiState::Pending);
+    gitea
+        .set_status(
+            REPO,
+            &head,
+            "ci-bot",
+            ["ci/build", "failure", "2 tests failed", url],
+        )
+        .await;
+    let c = f
+        .combined_status(&repo(), "orch/ORCH-3")
+        .await
+        .expect("status");
+    assert_eq!(c.state, CiState::Failure);
+    assert_eq!(
+        c.statuses,
+        [
+            CommitStatus {
+                context: "ci/lint".into(),
+                state: CiState::Success,
+                description: "lint ok".into(),
+                target_url: url.into(),
+            },
+            CommitStatus {
+                context: "ci/build".into(),
+                state: CiState::Failure,
+                description: "2 tests failed".into(),
+                target_url: url.into(),
+            },
+        ]
+    );
+    gitea
+        .set_status(REPO, &head, "ci-bot", ["ci/build", "success", "green", url])
+        .await;
+    let c = f.combined_status(&repo(), &head).await.expect("status");
+    assert_eq!(c.state, CiState::Success);
+    // The webhooks: `status`, signed, the sample's keys.
+    let got = hook.wait_for(4).await;
+    let sample = sample_json("gitea-webhook-status.json").to_value();
+    let mut sample_keys: Vec<&String> = sample.as_object().expect("object").keys().collect();
+    sample_keys.sort();
+    for r in &got {
+        assert_eq!(r.header("x-gitea-event"), "status");
+        assert_eq!(
+            r.header("x-gitea-signature"),
+            hmac_sha256_hex(SECRET.as_bytes(), &r.body)
+        );
+        let v: Value = serde_json::from_slice(&r.body).expect("json");
+        let mut keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        keys.sort();
+        assert_eq!(keys, sample_keys);
+        assert_eq!(v["sha"], json!(head));
+    }
+    let last: Value = serde_json::from_slice(&got[3].body).expect("json");
+    assert_eq!(
+        (last["context"].as_str(), last["state"].as_str()),
+        (Some("ci/build"), Some("success"))
+    );
+    gitea.check();
 }

@@ -6,7 +6,10 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 use crate::config::{ForgeKind, GiteaConfig};
-use crate::{EnsuredPr, Forge, ForgeError, MergeOutcome, PrState, PullRequest, validate_ref};
+use crate::{
+    CiState, CombinedStatus, CommitStatus, EnsuredPr, Forge, ForgeError, MergeOutcome, PrReview,
+    PrState, PullRequest, ReviewComment, ReviewState, validate_ref,
+};
 
 /// A Gitea instance.
 #[derive(Debug, Clone)]
@@ -56,6 +59,77 @@ impl From<GiteaPr> for PullRequest {
         }
     }
 }
+
+#[derive(Debug, Deserialize, Default)]
+struct GiteaUser {
+    #[serde(default)]
+    login: String,
+}
+
+/// A `PullReview` (swagger definitions; `gitea-api-pull-reviews.json`).
+#[derive(Debug, Deserialize)]
+struct GiteaReview {
+    id: u64,
+    #[serde(default)]
+    user: Option<GiteaUser>,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    commit_id: String,
+    #[serde(default)]
+    dismissed: bool,
+    #[serde(default)]
+    stale: bool,
+    #[serde(default)]
+    submitted_at: String,
+}
+
+/// A `PullReviewComment` (`gitea-api-pull-review-comments.json`).
+#[derive(Debug, Deserialize)]
+struct GiteaReviewComment {
+    #[serde(default)]
+    user: Option<GiteaUser>,
+    #[serde(default)]
+    path: String,
+    /// The line in the new file; `original_position` for a comment on an older diff.
+    #[serde(default)]
+    position: u64,
+    #[serde(default)]
+    original_position: u64,
+    #[serde(default)]
+    body: String,
+}
+
+/// A `CombinedStatus` (swagger definitions): the commit's latest status per context.
+#[derive(Debug, Deserialize)]
+struct GiteaCombinedStatus {
+    #[serde(default)]
+    sha: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    statuses: Vec<GiteaCommitStatus>,
+}
+
+/// A `CommitStatus`: its state is `status` in 1.27.1 (`state` in older servers).
+#[derive(Debug, Deserialize)]
+struct GiteaCommitStatus {
+    #[serde(default)]
+    context: String,
+    #[serde(default, alias = "state")]
+    status: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    target_url: String,
+}
+
+/// Gitea's page size cap (`MAX_RESPONSE_ITEMS` defaults to 50).
+const PAGE_LIMIT: usize = 50;
+/// A bound on the pages read, so that a forge that keeps answering full pages ends.
+const MAX_PAGES: usize = 20;
 
 /// The error body Gitea sends (`APIError`); other shapes are shown raw.
 #[derive(Debug, Deserialize)]
@@ -356,6 +430,115 @@ impl Forge for GiteaForge {
             StatusCode::NOT_FOUND => Ok(None),
             s => Err(status_error("read file", s, &text)),
         }
+    }
+
+    async fn list_pr_reviews(
+        &self,
+        repo: &RepoName,
+        number: u64,
+    ) -> Result<Vec<PrReview>, ForgeError> {
+        let n = number.to_string();
+        let mut out = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let mut url = self.api_url(repo, &["pulls", &n, "reviews"])?;
+            url.query_pairs_mut()
+                .append_pair("page", &page.to_string())
+                .append_pair("limit", &PAGE_LIMIT.to_string());
+            let (status, text) = self.send(Method::GET, url, None).await?;
+            if status != StatusCode::OK {
+                return Err(status_error("list PR reviews", status, &text));
+            }
+            let batch: Vec<GiteaReview> = serde_json::from_str(&text)
+                .map_err(|e| ForgeError::Protocol(format!("PR reviews: {e}")))?;
+            let full = batch.len() >= PAGE_LIMIT;
+            // A state we do not know (a newer Gitea's) is left out rather than guessed.
+            out.extend(batch.into_iter().filter_map(|r| {
+                Some(PrReview {
+                    state: ReviewState::from_gitea(&r.state)?,
+                    id: r.id,
+                    author: r.user.unwrap_or_default().login,
+                    body: r.body,
+                    commit_id: r.commit_id,
+                    dismissed: r.dismissed,
+                    stale: r.stale,
+                    submitted_at: r.submitted_at,
+                })
+            }));
+            if !full {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_review_comments(
+        &self,
+        repo: &RepoName,
+        number: u64,
+        review_id: u64,
+    ) -> Result<Vec<ReviewComment>, ForgeError> {
+        let (n, id) = (number.to_string(), review_id.to_string());
+        let url = self.api_url(repo, &["pulls", &n, "reviews", &id, "comments"])?;
+        let (status, text) = self.send(Method::GET, url, None).await?;
+        if status != StatusCode::OK {
+            return Err(status_error("list review comments", status, &text));
+        }
+        let comments: Vec<GiteaReviewComment> = serde_json::from_str(&text)
+            .map_err(|e| ForgeError::Protocol(format!("review comments: {e}")))?;
+        Ok(comments
+            .into_iter()
+            .map(|c| ReviewComment {
+                author: c.user.unwrap_or_default().login,
+                path: c.path,
+                line: if c.position > 0 {
+                    c.position
+                } else {
+                    c.original_position
+                },
+                body: c.body,
+            })
+            .collect())
+    }
+
+    async fn combined_status(
+        &self,
+        repo: &RepoName,
+        git_ref: &str,
+    ) -> Result<CombinedStatus, ForgeError> {
+        validate_ref(git_ref)?;
+        let mut segments = vec!["commits"];
+        segments.extend(git_ref.split('/'));
+        segments.push("status");
+        let mut url = self.api_url(repo, &segments)?;
+        url.query_pairs_mut()
+            .append_pair("limit", &PAGE_LIMIT.to_string());
+        let (status, text) = self.send(Method::GET, url, None).await?;
+        if status != StatusCode::OK {
+            return Err(status_error("combined commit status", status, &text));
+        }
+        let c: GiteaCombinedStatus = serde_json::from_str(&text)
+            .map_err(|e| ForgeError::Protocol(format!("combined status: {e}")))?;
+        let statuses: Vec<CommitStatus> = c
+            .statuses
+            .into_iter()
+            .map(|s| CommitStatus {
+                state: CiState::from_gitea(&s.status),
+                context: s.context,
+                description: s.description,
+                target_url: s.target_url,
+            })
+            .collect();
+        // No context reported yet: Gitea leaves the state empty; nothing has passed.
+        let state = if statuses.is_empty() {
+            CiState::Pending
+        } else {
+            CiState::from_gitea(&c.state)
+        };
+        Ok(CombinedStatus {
+            sha: c.sha,
+            state,
+            statuses,
+        })
     }
 
     fn pr_url(&self, repo: &RepoName, number: u64) -> String {

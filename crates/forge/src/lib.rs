@@ -31,6 +31,120 @@ pub struct PullRequest {
     pub merge_sha: Option<String>,
 }
 
+/// What a reviewer asked for (Gitea's `ReviewStateType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReviewState {
+    Approved,
+    /// "Request changes" (Gitea's `REQUEST_CHANGES`; its webhook says `rejected`).
+    ChangesRequested,
+    Comment,
+    /// A review not yet submitted, or one requested and not given.
+    Pending,
+}
+
+impl ReviewState {
+    /// Parses Gitea's `state` of a `PullReview`; `None` for a state we do not know.
+    pub fn from_gitea(state: &str) -> Option<ReviewState> {
+        match state {
+            "APPROVED" => Some(ReviewState::Approved),
+            "REQUEST_CHANGES" => Some(ReviewState::ChangesRequested),
+            "COMMENT" => Some(ReviewState::Comment),
+            "PENDING" | "REQUEST_REVIEW" => Some(ReviewState::Pending),
+            _ => None,
+        }
+    }
+
+    /// The name used in our proto, logs and docs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewState::Approved => "approved",
+            ReviewState::ChangesRequested => "changes_requested",
+            ReviewState::Comment => "comment",
+            ReviewState::Pending => "pending",
+        }
+    }
+}
+
+/// A submitted review of a pull request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrReview {
+    /// The forge's id of the review (the key a repeated delivery is recognised by).
+    pub id: u64,
+    /// The reviewer's login.
+    pub author: String,
+    pub state: ReviewState,
+    pub body: String,
+    /// The head commit the review was given on.
+    pub commit_id: String,
+    /// Dismissed by a maintainer: it no longer counts.
+    pub dismissed: bool,
+    /// The head moved since the review was given.
+    pub stale: bool,
+    /// RFC 3339, as the forge gives it.
+    pub submitted_at: String,
+}
+
+/// A line comment of a review.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewComment {
+    pub author: String,
+    /// The file, relative to the repository's root.
+    pub path: String,
+    /// The line in the new version of the file (0 when the forge gives none).
+    pub line: u64,
+    pub body: String,
+}
+
+/// A commit status's state (Gitea's `CommitStatusState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CiState {
+    Pending,
+    Success,
+    Failure,
+    Error,
+}
+
+impl CiState {
+    /// Parses Gitea's state; `warning` and `skipped` do not stop a merge (Gitea's own
+    /// combination ranks them with success), an unknown state counts as pending.
+    pub fn from_gitea(state: &str) -> CiState {
+        match state {
+            "success" | "warning" | "skipped" => CiState::Success,
+            "failure" => CiState::Failure,
+            "error" => CiState::Error,
+            _ => CiState::Pending,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CiState::Pending => "pending",
+            CiState::Success => "success",
+            CiState::Failure => "failure",
+            CiState::Error => "error",
+        }
+    }
+}
+
+/// One CI context's status on a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitStatus {
+    /// The CI job's name, e.g. `ci/build`.
+    pub context: String,
+    pub state: CiState,
+    pub description: String,
+    pub target_url: String,
+}
+
+/// The combined status of a commit: every context's latest status, and their combination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CombinedStatus {
+    pub sha: String,
+    /// `Pending` when no context reported yet.
+    pub state: CiState,
+    pub statuses: Vec<CommitStatus>,
+}
+
 /// Whether a pull request is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrState {
@@ -153,6 +267,40 @@ pub trait Forge: Send + Sync + 'static {
         git_ref: &str,
         path: &str,
     ) -> Result<Option<String>, ForgeError>;
+
+    /// Returns the submitted reviews of PR `number`, oldest first. A forge that has no
+    /// reviews (the local forge) has none.
+    async fn list_pr_reviews(
+        &self,
+        _repo: &RepoName,
+        _number: u64,
+    ) -> Result<Vec<PrReview>, ForgeError> {
+        Ok(Vec::new())
+    }
+
+    /// Returns the line comments of review `review_id` of PR `number`.
+    async fn list_review_comments(
+        &self,
+        _repo: &RepoName,
+        _number: u64,
+        _review_id: u64,
+    ) -> Result<Vec<ReviewComment>, ForgeError> {
+        Ok(Vec::new())
+    }
+
+    /// Returns the combined commit status of `git_ref` (a branch or a commit). A forge that
+    /// keeps no commit statuses (the local forge) refuses: a repository that requires CI
+    /// cannot pass there.
+    async fn combined_status(
+        &self,
+        _repo: &RepoName,
+        git_ref: &str,
+    ) -> Result<CombinedStatus, ForgeError> {
+        Err(ForgeError::Rejected {
+            status: 501,
+            message: format!("this forge keeps no commit statuses (asked for {git_ref})"),
+        })
+    }
 
     /// Where a person sees PR `number`.
     fn pr_url(&self, repo: &RepoName, number: u64) -> String;

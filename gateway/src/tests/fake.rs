@@ -9,7 +9,8 @@ use orchestrator_kit::ServiceName;
 use orchestrator_proto::stage_engine::v1::stage_engine_server::{StageEngine, StageEngineServer};
 use orchestrator_proto::stage_engine::v1::{
     AdvanceOutcome, AdvanceStageResponse, ApproveRequest, CreateWorkItemRequest,
-    CreateWorkItemResponse, OnPrMergedRequest, WorkItem,
+    CreateWorkItemResponse, OnCommitStatusRequest, OnCommitStatusResponse, OnPrMergedRequest,
+    OnPrReviewRequest, WorkItem,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
@@ -182,6 +183,32 @@ impl StageEngine for Fake {
             outcome: AdvanceOutcome::Advanced as i32,
             ..AdvanceStageResponse::default()
         }))
+    }
+
+    async fn on_pr_review(
+        &self,
+        request: Request<OnPrReviewRequest>,
+    ) -> Result<Response<AdvanceStageResponse>, Status> {
+        self.gate()?;
+        let r = request.into_inner();
+        self.record(format!(
+            "OnPrReview:{}:{}:{}:{}:{}",
+            r.repo, r.branch, r.pr_number, r.reviewer, r.state
+        ));
+        Ok(Response::new(AdvanceStageResponse {
+            outcome: AdvanceOutcome::RolledBack as i32,
+            ..AdvanceStageResponse::default()
+        }))
+    }
+
+    async fn on_commit_status(
+        &self,
+        request: Request<OnCommitStatusRequest>,
+    ) -> Result<Response<OnCommitStatusResponse>, Status> {
+        self.gate()?;
+        let r = request.into_inner();
+        self.record(format!("OnCommitStatus:{}:{}", r.repo, r.sha));
+        Ok(Response::new(OnCommitStatusResponse { rechecked: 0 }))
     }
 
     async fn on_pr_merged(

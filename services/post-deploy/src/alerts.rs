@@ -1,7 +1,9 @@
-//! Where alerts and rollbacks are told to people. The tracker layer (Plane comments under
-//! the `stream` bot) plugs in here as an [`AlertSink`]; until it does, [`LogSink`] writes
-//! them to the log. Either way every alert is first recorded in post-deploy's own `alerts`
-//! table (served by `GetWatch`), and one the sink refused is offered again on later ticks.
+//! Where alerts and rollbacks are told to people. [`StageEngineSink`] (what `orchestrator
+//! up` and `serve` wire, #18) hands each to stage-engine's `Notify`: the stream bot's
+//! comment on the work item's tracker issue and the notify webhook, once per alert, through
+//! stage-engine's outbox. [`LogSink`] writes them to the log only. Either way every alert is
+//! first recorded in post-deploy's own `alerts` table (served by `GetWatch`), and one the
+//! sink refused is offered again on later ticks.
 
 /// What an alert is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,5 +62,49 @@ impl AlertSink for LogSink {
             "post-deploy alert"
         );
         Ok(())
+    }
+}
+
+/// Tells people through stage-engine's `Notify` (a tracker comment under the stream bot and
+/// the notify webhook). An alert about a work item stage-engine does not know is logged and
+/// taken as told: there is no issue to comment on.
+#[derive(Clone)]
+pub struct StageEngineSink {
+    client: orchestrator_kit::clients::StageEngineClient,
+}
+
+impl StageEngineSink {
+    pub fn new(client: orchestrator_kit::clients::StageEngineClient) -> Self {
+        StageEngineSink { client }
+    }
+}
+
+#[tonic::async_trait]
+impl AlertSink for StageEngineSink {
+    async fn post(&self, alert: &AlertNote) -> Result<(), String> {
+        use orchestrator_proto::stage_engine::v1::NotifyRequest;
+        let req = NotifyRequest {
+            work_item: alert.work_item.clone(),
+            event: format!("post_deploy_{}", alert.kind),
+            text: format!("post-deploy of {}: {}", alert.repo, alert.text),
+            // One alert, one event: offered again after an error, told once.
+            event_id: format!(
+                "post-deploy:{}:{}:{}",
+                alert.work_item, alert.kind, alert.at_ms
+            ),
+        };
+        match self.client.clone().notify(req).await {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                LogSink.post(alert).await?;
+                tracing::info!(work_item = %alert.work_item, "post-deploy alert for a work item stage-engine does not know: logged only");
+                Ok(())
+            }
+            Err(s) => Err(format!(
+                "stage-engine Notify: {:?}: {}",
+                s.code(),
+                s.message()
+            )),
+        }
     }
 }

@@ -17,7 +17,7 @@ pub mod signals;
 pub mod store;
 pub mod validate;
 
-pub use alerts::{AlertKind, AlertNote, AlertSink, LogSink};
+pub use alerts::{AlertKind, AlertNote, AlertSink, LogSink, StageEngineSink};
 pub use config::{PostDeployConfig, Target};
 pub use decide::{
     Action, Classification, DecideInput, Decision, Health, Progress, Thresholds, classify,

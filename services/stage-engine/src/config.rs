@@ -41,6 +41,8 @@ pub struct StageEngineConfig {
     pub outbox: OutboxConfig,
     pub watchdog: WatchdogConfig,
     pub reconcile: ReconcileConfig,
+    pub ci: crate::ci::CiConfig,
+    pub notify: crate::notify::NotifyConfig,
     pub tracker: TrackerConfig,
     pub forge: ForgeConfig,
 }
@@ -105,6 +107,8 @@ impl StageEngineConfig {
                 .filter(|d| !d.is_zero()),
                 intake: orchestrator_tracker::intake::Intake::from_env(env)?,
             },
+            ci: crate::ci::CiConfig::from_env(env)?,
+            notify: crate::notify::NotifyConfig::from_env(env)?,
             tracker: TrackerConfig::from_env(env)?,
             forge,
         })

@@ -127,6 +127,8 @@ impl Engine {
                     .plane
                     .as_ref()
                     .and_then(|p| p.project_id.clone()),
+                notify: self.config.notify.clone(),
+                http: reqwest::Client::new(),
             }),
             config: self.config.outbox.clone(),
             notify: self.notify.clone(),
@@ -450,6 +452,7 @@ impl Engine {
                 (Vec::new(), Inputs::default())
             };
             let decision = decide(at, &trigger, &qg, self.config.limits);
+            let decision = crate::loops::guard(self, &item, decision, &qg).await?;
             if decision.outcome == Outcome::Unchanged {
                 if let (Some(a), Trigger::Approval { author, .. }) = (&approval, &trigger) {
                     let row = ApprovalRow {
@@ -547,6 +550,7 @@ impl Engine {
             artifacts: BTreeMap::new(),
             pr: None,
             mergeable: None,
+            ci: None,
         };
         let forge_err = |what: &str, e: orchestrator_forge::ForgeError| {
             if e.is_transient() {
@@ -579,6 +583,7 @@ impl Engine {
                         head_sha: p.head_sha,
                     }));
                 }
+                Input::CiStatus => inputs.ci = Some(crate::ci::gather(self, item).await?),
                 Input::Mergeable => {
                     let m = self
                         .peers
@@ -677,7 +682,7 @@ impl Engine {
         store::insert_transition(
             &mut tx,
             &TransitionRow {
-                id: transition_id,
+                id: transition_id.clone(),
                 work_item: item.key.clone(),
                 from_stage: item.stage.as_str().to_owned(),
                 to_stage: next.stage.as_str().to_owned(),
@@ -702,6 +707,16 @@ impl Engine {
                 at_ms: now,
             };
             store::insert_approval(&mut *tx, &row).await?;
+        }
+        if let Some((n, key)) = crate::notify::for_transition(
+            &self.config.notify,
+            &transition_id,
+            &item.key,
+            item.stage,
+            d.outcome,
+            &d.reason,
+        ) {
+            outbox::insert(&mut tx, &item.key, &n, Some(&key)).await?;
         }
         let html = self.transition_comment(item, &next, d, qg);
         outbox::insert(

@@ -12,18 +12,29 @@
 //! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
 //!   without a work item, deleted or closed issues, merges nobody reported).
 //! - [`task`]: the agent's task, composed when a transition enqueues an agent.
+//! - [`ci`]: `ci_green` for `ORCH_CI_REQUIRED_REPOS`: a pending CI holds the item with no
+//!   agent launched, checked again on Gitea's `status` delivery and every `ORCH_CI_POLL_S`;
+//! - [`loops`]: the loop detector: the same gate failure of a stage three times parks it;
+//! - [`notify`]: the outgoing webhook when a human must act (awaiting approval, blocked,
+//!   the rollback budget spent), once per event through the outbox;
+//! - [`reviews`]: a human's PR review: changes requested roll the item back to development
+//!   with the review in the developer's task; an approval is recorded; bots are ignored.
 
+pub mod ci;
 pub mod config;
 mod door;
 pub mod engine;
 mod error;
 pub mod hook;
+pub mod loops;
+pub mod notify;
 pub mod outbox;
 pub mod park;
 pub mod peers;
 pub mod pipeline;
 pub mod qg;
 pub mod reconcile;
+pub mod reviews;
 mod service;
 pub mod store;
 pub mod task;

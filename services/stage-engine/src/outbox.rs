@@ -73,6 +73,12 @@ pub enum Effect {
         dedupe_key: String,
         reason: String,
     },
+    /// The outgoing notify webhook (`notify`): a human must act.
+    Notify {
+        event_id: String,
+        event: String,
+        text: String,
+    },
 }
 
 impl Effect {
@@ -85,6 +91,7 @@ impl Effect {
             Effect::EnqueueReserved { .. } => "enqueue_reserved",
             Effect::ArmWatch { .. } => "arm_watch",
             Effect::CancelJob { .. } => "cancel_job",
+            Effect::Notify { .. } => "notify",
         }
     }
 
@@ -96,6 +103,8 @@ impl Effect {
                 "launcher"
             }
             Effect::ArmWatch { .. } => "post_deploy",
+            // Its own channel: an endpoint that is down holds back nothing else.
+            Effect::Notify { .. } => "notify",
         }
     }
 }
@@ -156,9 +165,16 @@ pub struct DeliveryError {
 }
 
 impl DeliveryError {
-    fn permanent(message: impl Into<String>) -> Self {
+    pub(crate) fn permanent(message: impl Into<String>) -> Self {
         DeliveryError {
             transient: false,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn transient(message: impl Into<String>) -> Self {
+        DeliveryError {
+            transient: true,
             message: message.into(),
         }
     }
@@ -211,6 +227,8 @@ pub struct Delivery {
     pub(crate) peers: Arc<dyn Peers>,
     /// `PLANE_PROJECT_ID`, for work items created without a project.
     pub(crate) default_project: Option<String>,
+    pub(crate) notify: crate::notify::NotifyConfig,
+    pub(crate) http: reqwest::Client,
 }
 
 #[async_trait]
@@ -358,6 +376,21 @@ impl Delivery {
                     monitor = queued.job.map(|j| j.id).unwrap_or_default();
                 }
                 Ok(serde_json::json!({"armed": resp.armed, "created": resp.created, "reason": resp.reason, "monitor_job_id": monitor}).to_string())
+            }
+            Effect::Notify {
+                event_id,
+                event,
+                text,
+            } => {
+                crate::notify::send(
+                    &self.http,
+                    &self.notify,
+                    &entry.work_item,
+                    &event_id,
+                    &event,
+                    &text,
+                )
+                .await
             }
             Effect::CancelJob {
                 job_id,

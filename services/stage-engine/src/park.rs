@@ -27,20 +27,21 @@ pub struct FailedJob {
 }
 
 /// A change decided here (not by `decide`): the new row, its audit line and its effects.
-struct Change {
-    transition_id: String,
-    next: WorkItemRow,
-    outcome: Outcome,
-    cause: String,
-    finished_agent: String,
+/// `reviews` writes its changes the same way.
+pub(crate) struct Change {
+    pub(crate) transition_id: String,
+    pub(crate) next: WorkItemRow,
+    pub(crate) outcome: Outcome,
+    pub(crate) cause: String,
+    pub(crate) finished_agent: String,
     /// The job whose end this applies (consumed: the same end twice changes nothing).
-    job: Option<JobRef>,
+    pub(crate) job: Option<JobRef>,
     /// A human's command, recorded by its comment id (a repeat changes nothing).
-    command: Option<(String, String)>,
-    effects: Vec<Effect>,
+    pub(crate) command: Option<(String, String)>,
+    pub(crate) effects: Vec<Effect>,
 }
 
-fn stream_comment(html: String) -> Effect {
+pub(crate) fn stream_comment(html: String) -> Effect {
     Effect::Comment {
         html,
         author: "stream".to_owned(),
@@ -417,7 +418,11 @@ impl Engine {
 
     /// Writes `c` if `item` is still at its version: the row, the consumed job, the
     /// transition, the human's command and the effects, in one transaction.
-    async fn commit(&self, item: &WorkItemRow, c: Change) -> Result<Applied, EngineError> {
+    pub(crate) async fn commit(
+        &self,
+        item: &WorkItemRow,
+        c: Change,
+    ) -> Result<Applied, EngineError> {
         let now = now_ms();
         let mut next = c.next;
         next.updated_at_ms = now;
@@ -441,6 +446,7 @@ impl Engine {
             tx.rollback().await?;
             return Ok(Applied::JobAlreadyConsumed);
         }
+        let transition_id = c.transition_id.clone();
         store::insert_transition(
             &mut tx,
             &TransitionRow {
@@ -474,6 +480,16 @@ impl Engine {
         }
         for effect in &c.effects {
             outbox::insert(&mut tx, &item.key, effect, None).await?;
+        }
+        if let Some((n, key)) = crate::notify::for_transition(
+            &self.config.notify,
+            &transition_id,
+            &item.key,
+            item.stage,
+            c.outcome,
+            &c.cause,
+        ) {
+            outbox::insert(&mut tx, &item.key, &n, Some(&key)).await?;
         }
         tx.commit().await?;
         self.notify.notify_one();

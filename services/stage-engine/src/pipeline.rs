@@ -246,6 +246,13 @@ pub const ROLLBACKS: &[RollbackRule] = &[
         cause: "the reviewer asked for changes",
     },
     RollbackRule {
+        stage: Stage::Review,
+        agent: "reviewer",
+        check: "ci_green",
+        to: Stage::Development,
+        cause: "CI failed",
+    },
+    RollbackRule {
         stage: Stage::Testing,
         agent: "tester",
         check: "check_test_status",
@@ -533,6 +540,13 @@ pub fn decide(at: Position, trigger: &Trigger, qg: &[CheckResult], limits: Limit
             ),
             done_by_deploy: false,
         };
+    }
+    // Only a verdict still to come (CI running): wait, launch nothing; `ci` checks again.
+    if failed
+        .iter()
+        .all(|r| matches!(r.outcome, CheckOutcome::Pending(_)))
+    {
+        return Decision::unchanged(at, format!("waiting: {what_failed}"));
     }
     if at.stage_retries >= limits.max_stage_retries {
         return blocked(
@@ -855,11 +869,83 @@ mod tests {
             ROLLBACKS.iter().map(|r| r.stage).collect::<Vec<_>>(),
             vec![
                 Stage::Review,
+                Stage::Review,
                 Stage::Testing,
                 Stage::DeployStaging,
                 Stage::Deploy
             ]
         );
+    }
+
+    /// A verdict still to come (CI running) waits: nothing changes, nothing is enqueued;
+    /// beside a missing artifact the stage is retried, beside a negative verdict it rolls back.
+    #[test]
+    fn a_pending_check_waits_unless_something_else_failed() {
+        let review = at(Stage::Review, Status::Active);
+        let pending = CheckResult {
+            check: "ci_green",
+            outcome: CheckOutcome::Pending("CI is running on abc: ci/build".into()),
+        };
+        let verdict = |o: CheckOutcome| CheckResult {
+            check: "check_review_verdict",
+            outcome: o,
+        };
+        let d = decide(
+            review,
+            &finished("reviewer"),
+            &[verdict(CheckOutcome::Pass), pending.clone()],
+            LIMITS,
+        );
+        assert_eq!(
+            (d.outcome, d.enqueue, d.to),
+            (Outcome::Unchanged, None, review)
+        );
+        assert!(
+            d.reason.starts_with("waiting: ci_green: CI is running"),
+            "{}",
+            d.reason
+        );
+        let d = decide(
+            review,
+            &finished("reviewer"),
+            &[
+                verdict(CheckOutcome::Fail("missing".into())),
+                pending.clone(),
+            ],
+            LIMITS,
+        );
+        assert_eq!((d.outcome, d.enqueue), (Outcome::Retried, Some("reviewer")));
+        let d = decide(
+            review,
+            &finished("reviewer"),
+            &[
+                verdict(CheckOutcome::Negative("CHANGES_REQUESTED".into())),
+                pending,
+            ],
+            LIMITS,
+        );
+        assert_eq!(
+            (d.outcome, d.to.stage),
+            (Outcome::RolledBack, Stage::Development)
+        );
+        // CI failing is a rollback of its own.
+        let d = decide(
+            review,
+            &finished("reviewer"),
+            &[
+                verdict(CheckOutcome::Pass),
+                CheckResult {
+                    check: "ci_green",
+                    outcome: CheckOutcome::Negative("CI failure on abc".into()),
+                },
+            ],
+            LIMITS,
+        );
+        assert_eq!(
+            (d.outcome, d.to.stage),
+            (Outcome::RolledBack, Stage::Development)
+        );
+        assert!(d.reason.starts_with("CI failed"), "{}", d.reason);
     }
 
     #[test]

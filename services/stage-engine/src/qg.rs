@@ -32,6 +32,9 @@ pub enum CheckOutcome {
     /// The agent gave a negative verdict (changes requested, tests failed, FAILED): the
     /// agent-specific rollback branch applies.
     Negative(String),
+    /// Not decided yet (CI still running): the item waits where it is, no agent is
+    /// launched, and the gate is checked again (`ci`).
+    Pending(String),
 }
 
 impl CheckOutcome {
@@ -42,7 +45,7 @@ impl CheckOutcome {
     pub fn detail(&self) -> &str {
         match self {
             CheckOutcome::Pass => "ok",
-            CheckOutcome::Fail(d) | CheckOutcome::Negative(d) => d,
+            CheckOutcome::Fail(d) | CheckOutcome::Negative(d) | CheckOutcome::Pending(d) => d,
         }
     }
 }
@@ -63,6 +66,22 @@ pub enum Input {
     Pr,
     /// `MergeGate.CheckBranchMergeable(repo, branch)`.
     Mergeable,
+    /// The combined commit status of the PR's head (`ORCH_CI_REQUIRED_REPOS`).
+    CiStatus,
+}
+
+/// What the CI gate found for the PR's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CiInput {
+    /// The repository is not in `ORCH_CI_REQUIRED_REPOS`.
+    NotRequired,
+    /// The combined status of `head` (the PR head the gate pins).
+    Status {
+        head: String,
+        status: orchestrator_forge::CombinedStatus,
+    },
+    /// The status cannot be known (no PR, or a forge that keeps no statuses).
+    Unknown(String),
 }
 
 /// The PR as the checks see it.
@@ -91,6 +110,7 @@ pub struct Inputs {
     /// `None` inside: no PR. Outer `None`: not gathered.
     pub pr: Option<Option<PrInfo>>,
     pub mergeable: Option<Mergeability>,
+    pub ci: Option<CiInput>,
 }
 
 /// One entry of the registry.
@@ -139,6 +159,12 @@ pub const QG_CHECKS: &[QgCheck] = &[
         stage: Stage::Review,
         input: Input::Artifact(artifact::REVIEW),
         eval: check_review_verdict,
+    },
+    QgCheck {
+        name: "ci_green",
+        stage: Stage::Review,
+        input: Input::CiStatus,
+        eval: ci_green,
     },
     QgCheck {
         name: "check_test_status",
@@ -270,6 +296,62 @@ fn verdict(inputs: &Inputs, name: &str, field: &str, pass: &str, negative: &str)
         None => CheckOutcome::Fail(format!(
             "{path} lacks {field}: (expected: {field}: {pass} or {negative})"
         )),
+    }
+}
+
+/// `ci_green`: the PR head's combined commit status, for the repositories that require CI.
+/// Success passes; pending waits; failure or error is a negative verdict naming each failing
+/// context with its description and link.
+fn ci_green(i: &Inputs) -> CheckOutcome {
+    use orchestrator_forge::CiState;
+    match &i.ci {
+        None => CheckOutcome::Fail("the CI status was not gathered".into()),
+        Some(CiInput::NotRequired) => CheckOutcome::Pass,
+        Some(CiInput::Unknown(why)) => CheckOutcome::Fail(why.clone()),
+        Some(CiInput::Status { head, status }) => {
+            let short = &head[..head.len().min(12)];
+            match status.state {
+                CiState::Success => CheckOutcome::Pass,
+                CiState::Pending => {
+                    let running: Vec<&str> = status
+                        .statuses
+                        .iter()
+                        .filter(|s| s.state == CiState::Pending)
+                        .map(|s| s.context.as_str())
+                        .collect();
+                    CheckOutcome::Pending(if running.is_empty() {
+                        format!("CI has not reported on {short} yet")
+                    } else {
+                        format!("CI is running on {short}: {}", running.join(", "))
+                    })
+                }
+                CiState::Failure | CiState::Error => {
+                    let failing: Vec<String> = status
+                        .statuses
+                        .iter()
+                        .filter(|s| matches!(s.state, CiState::Failure | CiState::Error))
+                        .map(|s| {
+                            format!(
+                                "{} ({}): {} <{}>",
+                                s.context,
+                                s.state.as_str(),
+                                s.description,
+                                s.target_url
+                            )
+                        })
+                        .collect();
+                    CheckOutcome::Negative(format!(
+                        "CI {} on {short}: {}",
+                        status.state.as_str(),
+                        if failing.is_empty() {
+                            "no context named".to_owned()
+                        } else {
+                            failing.join("; ")
+                        }
+                    ))
+                }
+            }
+        }
     }
 }
 
@@ -567,5 +649,73 @@ mod tests {
             ]
         );
         assert!(r.iter().all(|c| !c.outcome.passed()));
+    }
+}
+
+#[cfg(test)]
+mod ci_green_tests {
+    use orchestrator_forge::{CiState, CombinedStatus, CommitStatus};
+
+    use super::*;
+
+    fn with_ci(ci: Option<CiInput>) -> CheckOutcome {
+        ci_green(&Inputs {
+            ci,
+            ..Inputs::default()
+        })
+    }
+
+    fn status(state: CiState, contexts: &[(&str, CiState)]) -> Option<CiInput> {
+        Some(CiInput::Status {
+            head: "0123456789abcdef0123".into(),
+            status: CombinedStatus {
+                sha: "0123456789abcdef0123".into(),
+                state,
+                statuses: contexts
+                    .iter()
+                    .map(|(c, s)| CommitStatus {
+                        context: (*c).into(),
+                        state: *s,
+                        description: format!("{c} said {}", s.as_str()),
+                        target_url: format!("https://ci.example.com/{c}"),
+                    })
+                    .collect(),
+            },
+        })
+    }
+
+    #[test]
+    fn ci_green_over_every_state() {
+        use CiState::*;
+        assert_eq!(with_ci(Some(CiInput::NotRequired)), CheckOutcome::Pass);
+        assert_eq!(
+            with_ci(status(Success, &[("ci/build", Success)])),
+            CheckOutcome::Pass
+        );
+        assert_eq!(
+            with_ci(status(Pending, &[])),
+            CheckOutcome::Pending("CI has not reported on 0123456789ab yet".into())
+        );
+        assert_eq!(
+            with_ci(status(
+                Pending,
+                &[("ci/lint", Success), ("ci/build", Pending)]
+            )),
+            CheckOutcome::Pending("CI is running on 0123456789ab: ci/build".into())
+        );
+        assert_eq!(
+            with_ci(status(
+                Failure,
+                &[("ci/lint", Success), ("ci/build", Failure), ("ci/e2e", Error)]
+            )),
+            CheckOutcome::Negative(
+                "CI failure on 0123456789ab: ci/build (failure): ci/build said failure <https://ci.example.com/ci/build>; ci/e2e (error): ci/e2e said error <https://ci.example.com/ci/e2e>".into()
+            )
+        );
+        assert!(matches!(
+            with_ci(Some(CiInput::Unknown("no PR".into()))),
+            CheckOutcome::Fail(_)
+        ));
+        assert!(matches!(with_ci(None), CheckOutcome::Fail(_)));
     }
 }

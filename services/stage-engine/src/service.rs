@@ -10,8 +10,10 @@ use orchestrator_proto::stage_engine::v1::{
     AdvanceStageResponse, ApproveRequest, Comment, CreateWorkItemRequest, CreateWorkItemResponse,
     GetWorkItemRequest, ListCommentsRequest, ListCommentsResponse, ListOutboxRequest,
     ListOutboxResponse, ListTransitionsRequest, ListTransitionsResponse, ListWorkItemsRequest,
-    ListWorkItemsResponse, OnPrMergedRequest, OutboxEntry, QgResult, RetryOutboxRequest,
-    RetryOutboxResponse, Transition, WorkItem, stage_engine_server::StageEngine,
+    ListWorkItemsResponse, NotifyRequest, NotifyResponse, OnCommitStatusRequest,
+    OnCommitStatusResponse, OnPrMergedRequest, OnPrReviewRequest, OutboxEntry, QgResult,
+    RetryOutboxRequest, RetryOutboxResponse, Transition, WorkItem,
+    stage_engine_server::StageEngine,
 };
 use orchestrator_proto::stage_engine::v1::{
     CancelRequest, ItemCount, ReportJobFailedRequest, RetryRequest, SnapshotRequest,
@@ -57,6 +59,7 @@ impl StageEngineService {
             shutdown.clone(),
         ));
         tokio::spawn(service.engine.dispatcher().run(shutdown.clone()));
+        tokio::spawn(crate::ci::run(service.engine.clone(), shutdown.clone()));
         tokio::spawn(service.engine.stall_watchdog().run(shutdown));
         Ok(service)
     }
@@ -344,8 +347,18 @@ impl StageEngine for StageEngineService {
         };
         let a = self
             .engine
-            .advance_stage(&key, Trigger::AgentFinished { agent }, job, None)
+            .advance_stage(
+                &key,
+                Trigger::AgentFinished {
+                    agent: agent.clone(),
+                },
+                job.clone(),
+                None,
+            )
             .await?;
+        crate::ci::note(&self.engine, &key, &agent, job.as_ref(), &a)
+            .await
+            .map_err(EngineError::from)?;
         Ok(Response::new(advance_response(a)))
     }
 
@@ -401,6 +414,122 @@ impl StageEngine for StageEngineService {
             .advance_stage(&item.key, Trigger::PrMerged, None, None)
             .await?;
         Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, branch = %request.get_ref().branch, pr = request.get_ref().pr_number))]
+    async fn on_pr_review(
+        &self,
+        request: Request<OnPrReviewRequest>,
+    ) -> Result<Response<AdvanceStageResponse>, Status> {
+        let r = request.into_inner();
+        let invalid = |field: &'static str| {
+            move |e: orchestrator_git::InvalidName| EngineError::InvalidField {
+                field,
+                reason: e.to_string(),
+            }
+        };
+        let repo =
+            orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(invalid("repo"))?;
+        let branch = orchestrator_git::validate_branch(required("branch", &r.branch)?)
+            .map_err(invalid("branch"))?;
+        if r.pr_number == 0 {
+            return Err(EngineError::MissingField("pr_number").into());
+        }
+        let reviewer = required("reviewer", &r.reviewer)?.to_owned();
+        let state = match r.state.as_str() {
+            "approved" => orchestrator_forge::ReviewState::Approved,
+            "changes_requested" => orchestrator_forge::ReviewState::ChangesRequested,
+            "comment" => orchestrator_forge::ReviewState::Comment,
+            other => {
+                return Err(EngineError::InvalidField {
+                    field: "state",
+                    reason: format!(
+                        "'{}' is not approved, changes_requested or comment",
+                        other.chars().take(40).collect::<String>()
+                    ),
+                }
+                .into());
+            }
+        };
+        let ev = crate::reviews::ReviewEvent {
+            repo,
+            branch: branch.to_owned(),
+            pr_number: r.pr_number,
+            reviewer,
+            state,
+            body: r.body,
+        };
+        let a = self.engine.on_pr_review(&ev).await?;
+        Ok(Response::new(advance_response(a)))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, event = %request.get_ref().event))]
+    async fn notify(
+        &self,
+        request: Request<NotifyRequest>,
+    ) -> Result<Response<NotifyResponse>, Status> {
+        let r = request.into_inner();
+        let item = self.item(&r.work_item).await?;
+        let event = required("event", &r.event)?;
+        let event_id = required("event_id", &r.event_id)?;
+        let text = r.text.trim();
+        if text.is_empty() {
+            return Err(EngineError::MissingField("text").into());
+        }
+        if text.len() > 10_000 {
+            return Err(EngineError::InvalidField {
+                field: "text",
+                reason: "longer than 10000 bytes".to_owned(),
+            }
+            .into());
+        }
+        let comment = Effect::Comment {
+            html: format!("<p>{}</p>", outbox::escape(text)),
+            author: "stream".to_owned(),
+        };
+        let mut tx = self
+            .engine
+            .db
+            .pool
+            .begin()
+            .await
+            .map_err(EngineError::from)?;
+        let (_, created) = outbox::insert(
+            &mut tx,
+            &item.key,
+            &comment,
+            Some(&format!("{event_id}:comment")),
+        )
+        .await
+        .map_err(EngineError::from)?;
+        if let Some((n, key)) =
+            crate::notify::for_event(&self.engine.config.notify, event_id, &item.key, event, text)
+        {
+            outbox::insert(&mut tx, &item.key, &n, Some(&key))
+                .await
+                .map_err(EngineError::from)?;
+        }
+        tx.commit().await.map_err(EngineError::from)?;
+        if created {
+            self.engine.notify.notify_one();
+        }
+        Ok(Response::new(NotifyResponse { created }))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, sha = %request.get_ref().sha))]
+    async fn on_commit_status(
+        &self,
+        request: Request<OnCommitStatusRequest>,
+    ) -> Result<Response<OnCommitStatusResponse>, Status> {
+        let r = request.into_inner();
+        let repo = orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(|e| {
+            EngineError::InvalidField {
+                field: "repo",
+                reason: e.to_string(),
+            }
+        })?;
+        let rechecked = self.engine.on_commit_status(&repo.to_string()).await?;
+        Ok(Response::new(OnCommitStatusResponse { rechecked }))
     }
 
     #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item))]

@@ -63,6 +63,18 @@ pub struct Verdict {
     pub files: Vec<(String, String)>,
     /// The failed checks: `check_name: detail`.
     pub gate: Vec<String>,
+    /// A human's review on the PR that sent the work back (issue #18).
+    pub review: Option<ReviewVerdict>,
+}
+
+/// A human's PR review as the task quotes it: its text and its line comments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReviewVerdict {
+    pub reviewer: String,
+    /// approved | changes_requested | comment
+    pub state: String,
+    pub body: String,
+    pub comments: Vec<orchestrator_forge::ReviewComment>,
 }
 
 /// How often this stage and this item have been sent back.
@@ -263,12 +275,36 @@ fn verdict_section(t: &TaskInputs) -> String {
     let Some(v) = &t.verdict else {
         return String::new();
     };
-    let why = if v.rolled_back {
-        format!("the {} stage sent the work back", v.from)
-    } else {
-        format!("the {} stage's quality gate did not pass", v.from)
+    let why = match (&v.review, v.rolled_back) {
+        (Some(r), _) => format!(
+            "a human's review of the PR at {} sent the work back: {}",
+            v.from,
+            one_line(&r.reviewer, LABEL_CHARS)
+        ),
+        (None, true) => format!("the {} stage sent the work back", v.from),
+        (None, false) => format!("the {} stage's quality gate did not pass", v.from),
     };
     let mut s = format!("## The verdict ({why})\n\n");
+    if let Some(r) = &v.review {
+        s.push_str(&format!(
+            "The review ({}, quoted):\n\n",
+            r.state.replace('_', " ")
+        ));
+        s.push_str(&quote(head(&r.body, t.max_bytes)));
+        s.push('\n');
+        if !r.comments.is_empty() {
+            s.push_str("Its line comments (file, line, text; quoted):\n\n");
+            for c in &r.comments {
+                let at = if c.line > 0 {
+                    format!("{} line {}", one_line(&c.path, 300), c.line)
+                } else {
+                    one_line(&c.path, 300)
+                };
+                s.push_str(&quote(&format!("{at}: {}", head(&c.body, t.max_bytes))));
+            }
+            s.push('\n');
+        }
+    }
     if !v.gate.is_empty() {
         s.push_str("What the quality gate found (quoted):\n\n");
         s.push_str(&quote(&v.gate.join("\n")));
@@ -474,6 +510,7 @@ pub fn verdict_of(
         rolled_back,
         files,
         gate,
+        review: None,
     })
 }
 
@@ -528,6 +565,36 @@ pub(crate) async fn gather(
         description: description_text(engine.tracker.kind(), &next.description),
         comments: read_comments(engine, next).await,
         verdict: verdict_of(outcome, from, qg, inputs),
+        attempt: Attempt {
+            rollback_count: next.rollback_count,
+            max_rollbacks: limits.max_rollbacks,
+            stage_retries: next.stage_retries,
+            max_stage_retries: limits.max_stage_retries,
+        },
+        reason: reason.to_owned(),
+        max_bytes: engine.config.task_max_bytes,
+    })
+}
+
+/// The task of the agent enqueued for `next` when a human's PR review sent the work back:
+/// everything [`gather`] tells, with `verdict` (the review) as the verdict section.
+pub(crate) async fn gather_for_review(
+    engine: &Engine,
+    next: &WorkItemRow,
+    verdict: Verdict,
+    reason: &str,
+) -> String {
+    let limits = engine.config.limits;
+    compose(&TaskInputs {
+        key: next.key.clone(),
+        stage: next.stage,
+        repo: next.repo.clone(),
+        branch: next.branch.clone(),
+        base: engine.config.base_branch.clone(),
+        title: next.title.clone(),
+        description: description_text(engine.tracker.kind(), &next.description),
+        comments: read_comments(engine, next).await,
+        verdict: Some(verdict),
         attempt: Attempt {
             rollback_count: next.rollback_count,
             max_rollbacks: limits.max_rollbacks,

@@ -1686,7 +1686,38 @@ on_both_backends!(
     cancel_ends_the_item_and_its_job,
     a_failed_merge_after_done_parks_at_deploy,
     the_watchdog_repairs_what_a_seam_lost,
+    the_loop_detector_parks_a_stage_that_fails_the_same_way_three_times,
 );
+
+/// The loop detector (#18): the analysis gate failing on the same missing artifact three
+/// times parks the item as blocked with that reason, even with stage retries left (the
+/// retry budget is put back between the failures, as a human's retry would).
+async fn the_loop_detector_parks_a_stage_that_fails_the_same_way_three_times(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    for n in 1..=2 {
+        let (o, why) = h.advance("analyst", "", "").await;
+        assert_eq!(o, AdvanceOutcome::Retried, "failure {n}: {why}");
+        assert!(why.contains("check_analysis"), "{why}");
+        sqlx::query("UPDATE work_items SET stage_retries = 0")
+            .execute(&h.svc.engine().db.pool)
+            .await
+            .expect("a fresh retry budget");
+    }
+    let (o, why) = h.advance("analyst", "", "").await;
+    assert_eq!(o, AdvanceOutcome::Blocked, "{why}");
+    assert_eq!(
+        why,
+        "loop detected: the quality gate of analysis failed the same way 3 times (check_analysis)"
+    );
+    let item = h.item().await;
+    assert_eq!(item.stage_retries, 0, "the budget was not what parked it");
+    assert!(
+        item.status_reason.starts_with(&why),
+        "{}",
+        item.status_reason
+    );
+}
 
 /// The stall watchdog, one pass over items idle for longer than ORCH_STALL_S: a success
 /// that never reached AdvanceStage is applied, a failure parks its item, a lost enqueue is

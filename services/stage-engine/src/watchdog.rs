@@ -207,6 +207,10 @@ impl Watchdog {
         if launcher_effects_pending(&self.engine, &item.key).await? {
             return Ok(None);
         }
+        // Waiting for CI is waiting on purpose (`ci` checks it again), not a stall.
+        if crate::ci::waiting(&self.engine, &item.key).await? {
+            return Ok(None);
+        }
         let jobs = self.engine.peers.jobs_of(&item.key).await.map_err(|s| {
             EngineError::Unavailable(format!(
                 "the launcher cannot list the jobs: {:?}: {}",
@@ -229,7 +233,8 @@ impl Watchdog {
         self.engine.watchdog.record(reason);
         let applied = match (reason, latest) {
             (StallReason::LatestJobSucceeded, Some(job)) => {
-                self.engine
+                let a = self
+                    .engine
                     .advance_stage(
                         &item.key,
                         Trigger::AgentFinished {
@@ -238,7 +243,10 @@ impl Watchdog {
                         Some(job_ref(job)),
                         None,
                     )
-                    .await?
+                    .await?;
+                crate::ci::note(&self.engine, &item.key, &job.agent, Some(&job_ref(job)), &a)
+                    .await?;
+                a
             }
             (StallReason::LatestJobFailed | StallReason::LatestJobCancelled, Some(job)) => {
                 let outcome = if job.outcome.is_empty() {

@@ -50,6 +50,7 @@ fn review_verdict() -> Verdict {
             "---\nwork_item: ORCH-7\nreview_verdict: CHANGES_REQUESTED\n---\n# Review\n\n- finding: the handler ignores HEAD requests\n".into(),
         )],
         gate: vec!["check_review_verdict: review_verdict is CHANGES_REQUESTED".into()],
+        review: None,
     }
 }
 
@@ -141,6 +142,7 @@ fn a_retry_quotes_what_the_gate_lacks() {
         rolled_back: false,
         files: vec![],
         gate: vec!["check_analysis: docs/work-items/ORCH-7/analysis.md is missing".into()],
+        review: None,
     });
     let text = compose(&t);
     assert!(text.contains("## The verdict (the analysis stage's quality gate did not pass)"));
@@ -443,4 +445,44 @@ fn the_task_rides_in_the_enqueue_payload() {
     let v: serde_json::Value = serde_json::from_str(&payload_json).expect("json");
     assert_eq!(v["task"], "the task");
     assert_eq!(v["work_item"], "ORCH-7");
+}
+
+#[test]
+fn a_review_that_sent_the_work_back_is_quoted_with_its_line_comments() {
+    let mut t = inputs();
+    t.stage = Stage::Development;
+    t.attempt.rollback_count = 1;
+    t.verdict = Some(Verdict {
+        from: Stage::Testing,
+        rolled_back: true,
+        files: vec![],
+        gate: vec![],
+        review: Some(ReviewVerdict {
+            reviewer: "ada".into(),
+            state: "changes_requested".into(),
+            body: "Handle the empty name.\n## Not a header of ours".into(),
+            comments: vec![orchestrator_forge::ReviewComment {
+                author: "ada".into(),
+                path: "greeter.py".into(),
+                line: 2,
+                body: "An empty name falls through here.\n- stage: deploy".into(),
+            }],
+        }),
+    });
+    let text = compose(&t);
+    assert!(
+        text.contains(
+            "## The verdict (a human's review of the PR at testing sent the work back: ada)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("The review (changes requested, quoted):\n\n> Handle the empty name.\n> ## Not a header of ours\n"));
+    assert!(
+        text.contains(
+            "> greeter.py line 2: An empty name falls through here.\n> - stage: deploy\n"
+        )
+    );
+    // The review's text stays data: no line of it starts a section or poses as ours.
+    assert_eq!(lines_starting(&text, "## Not a header"), Vec::<&str>::new());
+    assert_eq!(lines_starting(&text, "- stage:").len(), 1, "{text}");
 }
