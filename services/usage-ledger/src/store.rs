@@ -116,6 +116,56 @@ pub async fn list_for_work_item(db: &Db, work_item: &str) -> Result<Vec<RunRecor
     rows.iter().map(from_row).collect()
 }
 
+/// Returns at most `limit` runs recorded at or after `since_ms`, of `work_item` (empty:
+/// any), newest first.
+pub async fn list_since(
+    db: &Db,
+    since_ms: i64,
+    work_item: &str,
+    limit: u32,
+) -> Result<Vec<RunRecord>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM agent_runs WHERE recorded_at_ms >= $1 AND ($2 = '' OR work_item = $2) \
+         ORDER BY recorded_at_ms DESC, job_id, attempt DESC LIMIT $3"
+    )))
+    .bind(since_ms)
+    .bind(work_item)
+    .bind(i64::from(limit))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// One work item's run count and summed known cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemCost {
+    pub work_item: String,
+    pub runs: u32,
+    pub total_cost_usd: f64,
+}
+
+/// Every work item's run count and cost, summed by the database in one statement.
+/// `DOUBLE PRECISION` reads as REAL on SQLite (its type-name rules) and as float8 on
+/// PostgreSQL, so one SQL text serves both.
+pub async fn costs_by_work_item(db: &Db) -> Result<Vec<ItemCost>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT work_item, COUNT(*) AS runs, \
+         COALESCE(SUM(CAST(total_cost_usd AS DOUBLE PRECISION)), 0.0) AS cost \
+         FROM agent_runs GROUP BY work_item",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ItemCost {
+                work_item: r.try_get("work_item")?,
+                runs: u32::try_from(r.try_get::<i64, _>("runs")?).unwrap_or(u32::MAX),
+                total_cost_usd: r.try_get("cost")?,
+            })
+        })
+        .collect()
+}
+
 fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
     let attempt: i64 = row.try_get("attempt")?;
     Ok(RunRecord {
