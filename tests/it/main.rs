@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod dashboard;
 mod demo;
 mod deploy;
 mod door;
@@ -27,3 +28,4 @@ mod seams;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;
+mod webdriver;
