@@ -461,3 +461,141 @@ async fn off_loopback_the_dashboard_refuses_without_a_token_and_signs_in_with_on
     assert_eq!(r.headers()["location"], "/signin");
     stop_signed.cancel();
 }
+
+/// The board's server time at scale (docs/benchmarks.md): 10,000 work items and 100,000
+/// runs seeded on SQLite, then `GET /` timed from a client on loopback. Ignored by
+/// default (a measurement, not a check):
+/// `cargo test --release --test it dashboard::board_server_time -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it with --ignored"]
+async fn board_server_time_with_10000_items_and_100000_runs() {
+    const ITEMS: usize = 10_000;
+    const RUNS_PER_ITEM: usize = 10;
+    const REQUESTS: usize = 200;
+    let storage = TestStorage::sqlite();
+    let now = orchestrator_kit::time::now_ms();
+    // The statuses of a system that has run for a while: most items finished.
+    let status_of = |i: usize| match i % 100 {
+        0..=79 => ("done", "done"),
+        80..=89 => ("cancelled", "development"),
+        90..=95 => (
+            "active",
+            [
+                "analysis",
+                "architecture",
+                "development",
+                "review",
+                "testing",
+                "deploy",
+            ][i % 6],
+        ),
+        96..=97 => ("blocked", "development"),
+        _ => ("awaiting_approval", "analysis"),
+    };
+    {
+        let se = orchestrator_kit::db::open(
+            ServiceName::StageEngine,
+            &storage.location,
+            &stage_engine::MIGRATOR,
+        )
+        .await
+        .expect("stage-engine storage");
+        let mut tx = se.pool.begin().await.expect("tx");
+        for i in 0..ITEMS {
+            let (status, stage) = status_of(i);
+            let key = format!("BENCH-{i}");
+            sqlx::query(
+                "INSERT INTO work_items (key, tracker_issue_id, title, repo, branch, stage, status, \
+                 created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(key.clone())
+            .bind(key.clone())
+            .bind(format!("Work item number {i}: make the thing do the other thing"))
+            .bind(format!("acme/repo-{}", i % 5))
+            .bind(format!("orch/{key}"))
+            .bind(stage)
+            .bind(status)
+            .bind(now - (ITEMS - i) as i64 * 60_000)
+            .bind(now - (ITEMS - i) as i64 * 30_000)
+            .execute(&mut *tx)
+            .await
+            .expect("insert work item");
+        }
+        tx.commit().await.expect("commit");
+        let ul = orchestrator_kit::db::open(
+            ServiceName::UsageLedger,
+            &storage.location,
+            &usage_ledger::MIGRATOR,
+        )
+        .await
+        .expect("usage-ledger storage");
+        let mut tx = ul.pool.begin().await.expect("tx");
+        for i in 0..ITEMS * RUNS_PER_ITEM {
+            let item = i / RUNS_PER_ITEM;
+            sqlx::query(
+                "INSERT INTO agent_runs (job_id, attempt, work_item, agent, result_found, input_tokens, \
+                 output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, \
+                 duration_ms, recorded_at_ms) VALUES ($1, 1, $2, $3, 1, $4, $5, $6, $7, $8, 0, $9, $10)",
+            )
+            .bind(format!("job-{i}"))
+            .bind(format!("BENCH-{item}"))
+            .bind(["analyst", "architect", "developer", "reviewer", "tester"][i % 5])
+            .bind(1_000 + (i % 900) as i64)
+            .bind(2_000 + (i % 700) as i64)
+            .bind(30_000 + (i % 5_000) as i64)
+            .bind(500_i64)
+            .bind(format!("0.{:04}", 100 + i % 9_000))
+            .bind(20_000_i64)
+            .bind(now - (ITEMS * RUNS_PER_ITEM - i) as i64 * 3_000)
+            .execute(&mut *tx)
+            .await
+            .expect("insert run");
+        }
+        tx.commit().await.expect("commit");
+    }
+    let stack = start(
+        storage,
+        &[
+            ("ORCH_STALL_S", "100000"),
+            ("ORCH_RECONCILE_INTERVAL_S", "0"),
+            ("ORCH_TRACKER", "local"),
+        ],
+    )
+    .await;
+    let url = format!("{}/", stack.config.url(ServiceName::Gateway));
+    let http = reqwest::Client::new();
+    let mut times = Vec::with_capacity(REQUESTS);
+    let mut bytes = 0;
+    for i in 0..REQUESTS + 10 {
+        let started = Instant::now();
+        let r = http.get(&url).send().await.expect("GET /");
+        assert_eq!(r.status(), 200);
+        let body = r.text().await.expect("body");
+        let took = started.elapsed();
+        assert!(
+            body.contains("data-key=\"BENCH-9999\""),
+            "the newest item is on the board"
+        );
+        assert!(!body.contains("class=\"error\""), "every part answered");
+        bytes = body.len();
+        if i >= 10 {
+            times.push(took);
+        }
+    }
+    times.sort();
+    let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).min(times.len()) - 1];
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "board: {ITEMS} items, {} runs, {REQUESTS} requests after 10 warm-ups, {bytes} bytes: \
+         p50 {:?} p95 {:?} p99 {:?} max {:?}; load average {}",
+        ITEMS * RUNS_PER_ITEM,
+        pct(0.50),
+        pct(0.95),
+        pct(0.99),
+        times[times.len() - 1],
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}

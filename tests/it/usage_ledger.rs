@@ -479,7 +479,7 @@ async fn records_every_cli_sample_and_sums_them(storage: TestStorage) {
         ["other-1"]
     );
     let mut costs = ledger
-        .work_item_costs(WorkItemCostsRequest {})
+        .work_item_costs(WorkItemCostsRequest::default())
         .await
         .expect("work_item_costs")
         .into_inner()

@@ -71,33 +71,13 @@ pub(crate) async fn render(shared: &Shared, access: &Access, filter: &Filter) ->
         .filter(|(s, _)| filter.status.is_empty() || *s == filter.status)
         .collect();
     let lists = futures_join_all(shared, &statuses, &filter.repo);
-    let costs = async {
-        shared
-            .clients
-            .usage_ledger
-            .clone()
-            .work_item_costs(WorkItemCostsRequest {})
-            .await
-    };
-    let queue = async {
-        shared
-            .clients
-            .launcher
-            .clone()
-            .queue_snapshot(QueueSnapshotRequest {})
-            .await
-    };
-    let counts = async {
-        shared
-            .clients
-            .stage_engine
-            .clone()
-            .snapshot(SnapshotRequest {})
-            .await
-    };
-    let (lists, costs, queue, counts) = tokio::join!(lists, costs, queue, counts);
-
-    let mut out = String::with_capacity(64 * 1024);
+    let mut launcher = shared.clients.launcher.clone();
+    let mut stage_engine = shared.clients.stage_engine.clone();
+    let (lists, queue, counts) = tokio::join!(
+        lists,
+        launcher.queue_snapshot(QueueSnapshotRequest {}),
+        stage_engine.snapshot(SnapshotRequest {}),
+    );
     let mut errors = Vec::new();
     let mut items: Vec<WorkItem> = Vec::new();
     for (status, res) in lists {
@@ -106,6 +86,17 @@ pub(crate) async fn render(shared: &Shared, access: &Access, filter: &Filter) ->
             Err(e) => errors.push(format!("work items ({status}): {}", e.message())),
         }
     }
+    // The costs of the items shown only: a read through the ledger's index, not a sum
+    // over every run ever recorded.
+    let costs = shared
+        .clients
+        .usage_ledger
+        .clone()
+        .work_item_costs(WorkItemCostsRequest {
+            work_items: items.iter().map(|i| i.key.clone()).collect(),
+        })
+        .await;
+    let mut out = String::with_capacity(64 * 1024);
     let costs: HashMap<String, (u32, f64)> = match costs {
         Ok(r) => r
             .into_inner()

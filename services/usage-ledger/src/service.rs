@@ -234,9 +234,9 @@ impl UsageLedger for UsageLedgerService {
     #[tracing::instrument(skip_all)]
     async fn work_item_costs(
         &self,
-        _request: Request<WorkItemCostsRequest>,
+        request: Request<WorkItemCostsRequest>,
     ) -> Result<Response<WorkItemCostsResponse>, Status> {
-        let costs = store::costs_by_work_item(&self.db)
+        let costs = store::costs_by_work_item(&self.db, &request.get_ref().work_items)
             .await
             .map_err(LedgerError::from)?;
         Ok(Response::new(WorkItemCostsResponse {

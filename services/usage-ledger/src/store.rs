@@ -144,17 +144,33 @@ pub struct ItemCost {
     pub total_cost_usd: f64,
 }
 
-/// Every work item's run count and cost, summed by the database in one statement.
-/// `DOUBLE PRECISION` reads as REAL on SQLite (its type-name rules) and as float8 on
-/// PostgreSQL, so one SQL text serves both.
-pub async fn costs_by_work_item(db: &Db) -> Result<Vec<ItemCost>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT work_item, COUNT(*) AS runs, \
-         COALESCE(SUM(CAST(total_cost_usd AS DOUBLE PRECISION)), 0.0) AS cost \
-         FROM agent_runs GROUP BY work_item",
-    )
-    .fetch_all(&db.pool)
-    .await?;
+/// The run count and summed cost of each of `work_items` that has runs (every item's
+/// when empty), summed by the database: one statement per 500 keys, through the
+/// `(work_item, recorded_at_ms)` index. `DOUBLE PRECISION` reads as REAL on SQLite (its
+/// type-name rules) and as float8 on PostgreSQL, so one SQL text serves both.
+pub async fn costs_by_work_item(
+    db: &Db,
+    work_items: &[String],
+) -> Result<Vec<ItemCost>, sqlx::Error> {
+    const SELECT: &str = "SELECT work_item, COUNT(*) AS runs, \
+         COALESCE(SUM(CAST(total_cost_usd AS DOUBLE PRECISION)), 0.0) AS cost FROM agent_runs";
+    let mut rows = Vec::new();
+    if work_items.is_empty() {
+        rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} GROUP BY work_item")))
+            .fetch_all(&db.pool)
+            .await?;
+    }
+    for chunk in work_items.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT} WHERE work_item IN ({}) GROUP BY work_item",
+            placeholders.join(", ")
+        )));
+        for key in chunk {
+            q = q.bind(key.clone());
+        }
+        rows.extend(q.fetch_all(&db.pool).await?);
+    }
     rows.iter()
         .map(|r| {
             Ok(ItemCost {
