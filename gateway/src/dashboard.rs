@@ -15,6 +15,8 @@ pub(crate) mod html;
 mod item;
 mod log;
 mod machine;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
