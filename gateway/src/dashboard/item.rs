@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use orchestrator_agent_output::Usage;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::launcher::v1::{Job, JobStatus, ListJobsRequest};
+use orchestrator_proto::post_deploy::v1::GetWatchRequest;
 use orchestrator_proto::stage_engine::v1::{
     GetWorkItemRequest, ListCommentsRequest, ListOutboxRequest, ListTransitionsRequest, Transition,
     WorkItem,
@@ -64,7 +65,8 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
     );
     let mut launcher = shared.clients.launcher.clone();
     let mut ledger = shared.clients.usage_ledger.clone();
-    let (transitions, jobs, runs, comments, outbox) = tokio::join!(
+    let mut post_deploy = shared.clients.post_deploy.clone();
+    let (transitions, jobs, runs, comments, outbox, watch) = tokio::join!(
         se1.list_transitions(ListTransitionsRequest {
             work_item: key.clone()
         }),
@@ -84,6 +86,9 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
             work_item: key.clone(),
             state: "failed".to_owned(),
             limit: 100,
+        }),
+        post_deploy.get_watch(GetWatchRequest {
+            work_item: key.clone()
         }),
     );
     let mut out = String::with_capacity(32 * 1024);
@@ -200,6 +205,34 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
             let _ = write!(
                 out,
                 "<p class=\"error\">Cannot read the outbox: {}</p>",
+                Esc(e.message())
+            );
+        }
+    }
+
+    match watch {
+        Ok(w) => {
+            let w = w.into_inner();
+            let _ = write!(
+                out,
+                "<section><h2>Post-deploy watch</h2><dl class=\"facts\"><dt>state</dt><dd>{}</dd>\
+                 <dt>deployed</dt><dd><code>{}</code> (before: <code>{}</code>)</dd><dt>armed</dt><dd>{}</dd>\
+                 <dt>window ends</dt><dd>{}</dd><dt>health failures in a row</dt><dd>{}</dd>\
+                 <dt>last action</dt><dd>{}</dd></dl></section>",
+                Esc(&w.state),
+                Esc(&w.deployed_sha),
+                Esc(&w.previous_sha),
+                html::time(now, w.armed_at_ms),
+                html::time(now, w.window_end_ms),
+                w.consecutive_health_failures,
+                Esc(&w.last_action)
+            );
+        }
+        Err(e) if e.code() == tonic::Code::NotFound => {}
+        Err(e) => {
+            let _ = write!(
+                out,
+                "<p class=\"muted\">Post-deploy watch unavailable: {}</p>",
                 Esc(e.message())
             );
         }
