@@ -25,6 +25,10 @@ const KEY: &str = "DASH-1";
 const TITLE: &str = "Render <script>window.__owned = 1</script> as text";
 /// What the architect prints before it waits for the test.
 const LIVE_LINE: &str = "architect-is-thinking-about-DASH-1";
+/// What it prints once released.
+const RESUMED_LINE: &str = "architect-resumes-DASH-1";
+/// The stack's per-call RPC deadline: the live log must outlive it.
+const RPC_TIMEOUT_MS: &str = "1500";
 /// How long one stage may take on a loaded machine.
 const STEP: Duration = Duration::from_secs(120);
 
@@ -41,7 +45,8 @@ fn agent(root: &Path) -> String {
             r#"task=$(cat)
 case "$task" in *"- stage: architecture"*)
   echo "{LIVE_LINE}"
-  i=0; while [ ! -f {release} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;;
+  i=0; while [ ! -f {release} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  echo "{RESUMED_LINE}";;
 esac
 printf '%s' "$task" | exec python3 {scripted} "$@"
 "#,
@@ -86,6 +91,7 @@ fn env(root: &Path) -> Vec<(String, String)> {
         ("ORCH_LEASE_RETRY_S".into(), "1".into()),
         ("ORCH_BACKOFF_BASE_S".into(), "1".into()),
         ("ORCH_BACKOFF_MAX_S".into(), "5".into()),
+        ("ORCH_RPC_TIMEOUT_MS".into(), RPC_TIMEOUT_MS.into()),
     ]
 }
 
@@ -300,7 +306,22 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         "the line showed while the architect still ran: {architect:?}"
     );
     save(&browser, "item.png").await;
+    // The stream outlives the RPC deadline (a log is followed for as long as the run lasts):
+    // the agent is released only after it, and what it prints then still arrives.
+    tokio::time::sleep(Duration::from_millis(
+        RPC_TIMEOUT_MS.parse::<u64>().expect("ms") * 2,
+    ))
+    .await;
     std::fs::write(root.path().join("release"), "").expect("release");
+    until("the line printed after the RPC deadline", STEP, || async {
+        let text = browser
+            .run("var l = document.getElementById('live-log'); return l ? l.textContent : '';")
+            .await;
+        text.as_str()
+            .is_some_and(|t| t.contains(RESUMED_LINE))
+            .then_some(())
+    })
+    .await;
 
     // The board follows the item to done.
     watch(&browser, &gateway, &mut seen, STEP * 6, |c| {
