@@ -958,6 +958,10 @@ fn keep_banner(
     let se = addr(ServiceName::StageEngine);
     let ul = addr(ServiceName::UsageLedger);
     let body = format!("'{{\"work_item\":\"{KEY}\"}}'");
+    println!(
+        "The dashboard: http://{}/ (loopback only, no sign-in)",
+        addr(ServiceName::Gateway)
+    );
     println!("Try:");
     println!("  curl -s http://{}/queue", addr(ServiceName::Gateway));
     println!("  grpcurl -plaintext {se} list");

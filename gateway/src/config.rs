@@ -27,6 +27,9 @@ pub struct GatewayConfig {
     /// `ORCH_GATEWAY_INBOX_RETENTION_DAYS`: applied and ignored deliveries older than this
     /// are deleted (dead letters stay); `None` (0) keeps everything.
     pub retention_days: Option<u32>,
+    /// `ORCH_DASHBOARD_TOKEN`: the dashboard's sign-in token; unset, the dashboard answers
+    /// only when the gateway listens on a loopback address.
+    pub dashboard_token: Option<Secret>,
     pub triggers: Triggers,
     pub repos: RepoMap,
     pub dispatch: DispatchConfig,
@@ -141,6 +144,7 @@ impl GatewayConfig {
             max_concurrent_requests,
             retention_days: Some(env.parse("ORCH_GATEWAY_INBOX_RETENTION_DAYS", 30u32)?)
                 .filter(|d| *d > 0),
+            dashboard_token: env.secret("ORCH_DASHBOARD_TOKEN"),
             triggers: Triggers {
                 state: intake.trigger_state,
                 label: intake.trigger_label,

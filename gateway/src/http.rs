@@ -29,6 +29,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/webhooks/gitea", post(gitea))
         .route("/queue", get(queue_handler))
         .route("/metrics", get(metrics_handler))
+        .merge(crate::dashboard::router())
         .layer(middleware::from_fn_with_state(Arc::clone(&shared), limits))
         .with_state(shared)
 }

@@ -9,6 +9,7 @@
 //! applied. See `docs/gateway.md`.
 
 pub mod config;
+mod dashboard;
 pub mod dispatch;
 mod http;
 pub mod inbox;
@@ -52,6 +53,7 @@ pub(crate) struct Shared {
     pub(crate) wake: Notify,
     /// Requests handled at once (`ORCH_GATEWAY_MAX_CONCURRENT_REQUESTS`).
     pub(crate) limiter: Arc<Semaphore>,
+    pub(crate) dashboard: dashboard::Dashboard,
 }
 
 /// A gateway over its storage, its configuration and the clients of the services.
@@ -73,6 +75,7 @@ impl Gateway {
                     inbox::MAX_BATCH,
                 ),
                 db,
+                dashboard: dashboard::Dashboard::new(config.dashboard_token.clone()),
                 config,
                 clients,
                 metrics: metrics::Metrics::default(),
@@ -85,6 +88,12 @@ impl Gateway {
     /// The routes, testable without a socket.
     pub fn router(&self) -> Router {
         http::router(Arc::clone(&self.shared))
+    }
+
+    /// Tells the dashboard the address the gateway serves on (`serve` does it): without
+    /// `ORCH_DASHBOARD_TOKEN` it answers only on a loopback address.
+    pub fn set_listen_addr(&self, addr: std::net::SocketAddr) {
+        self.shared.dashboard.set_listen_addr(addr);
     }
 
     /// The gateway's storage.
@@ -110,6 +119,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     gateway.shared.config.warn_at_start();
+    gateway.set_listen_addr(listener.local_addr()?);
     let dispatcher = gateway.spawn_dispatcher(shutdown.clone());
     let stop = shutdown.clone();
     let served = axum::serve(listener, gateway.router())

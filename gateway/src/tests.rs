@@ -2,7 +2,7 @@
 //! point), the inbox on SQLite and PostgreSQL, and stage-engine stood in for by a fake gRPC
 //! server that counts every call.
 
-mod fake;
+pub(crate) mod fake;
 mod fuzz;
 
 use std::time::Duration;

@@ -306,6 +306,17 @@ async fn keep_leaves_the_stack_up_for_get_queue_until_sigterm() {
         .expect("json");
     assert_eq!(queue["launcher"]["counts"]["SUCCEEDED"], 8, "{queue}");
     assert!(head.contains("orchestrator.usage_ledger.v1.UsageLedger/WorkItemSummary"));
+    // The dashboard's address is printed, and it answers there (loopback, no sign-in).
+    assert!(
+        head.contains(&format!("The dashboard: http://{gateway}/")),
+        "{head}"
+    );
+    let board = reqwest::get(format!("http://{gateway}/"))
+        .await
+        .expect("GET /");
+    assert_eq!(board.status(), 200);
+    let board = board.text().await.expect("board html");
+    assert!(board.contains("data-key=\"DEMO-1\""), "{board}");
 
     // SAFETY: a signal to our own child.
     #[allow(unsafe_code)]

@@ -5,6 +5,7 @@ mod common;
 
 mod auth;
 mod ci_gate;
+mod dashboard;
 mod demo;
 mod deploy;
 mod door;
@@ -30,3 +31,4 @@ mod seams;
 mod stage_engine;
 mod staging_check;
 mod usage_ledger;
+mod webdriver;

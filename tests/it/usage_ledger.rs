@@ -3,7 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use orchestrator_proto::usage_ledger::v1::{RecordRunRequest, RunKey, WorkItemSummaryRequest};
+use orchestrator_proto::usage_ledger::v1::{
+    ListRunsRequest, RecordRunRequest, RunKey, WorkItemCostsRequest, WorkItemSummaryRequest,
+};
 use orchestrator_testkit::{TestStorage, on_both_backends};
 use serde_json::Value;
 use tonic::Code;
@@ -417,6 +419,88 @@ async fn records_every_cli_sample_and_sums_them(storage: TestStorage) {
         summary.text
     );
     assert!(summary.text.ends_with(&total.line), "{}", summary.text);
+
+    // The dashboard's reads: every run back, newest first, and the same sum per item.
+    ledger
+        .record_run(RecordRunRequest {
+            job_id: "other-1".into(),
+            attempt: 1,
+            work_item: "ORCH-8".into(),
+            agent: "analyst".into(),
+            output: log_of(SAMPLES[SAMPLES.len() - 1].0),
+            resumed: false,
+        })
+        .await
+        .expect("another item's run");
+    let runs = ledger
+        .list_runs(ListRunsRequest::default())
+        .await
+        .expect("list_runs")
+        .into_inner()
+        .runs;
+    assert_eq!(runs.len(), SAMPLES.len() + 1);
+    assert_eq!(runs[0].job_id, "other-1", "newest first");
+    assert!(
+        runs.windows(2)
+            .all(|w| w[0].recorded_at_ms >= w[1].recorded_at_ms)
+    );
+    let limited = ledger
+        .list_runs(ListRunsRequest {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .expect("list_runs limited")
+        .into_inner()
+        .runs;
+    assert_eq!(limited.len(), 2);
+    let future = ledger
+        .list_runs(ListRunsRequest {
+            since_ms: runs[0].recorded_at_ms + 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list_runs since")
+        .into_inner()
+        .runs;
+    assert!(future.is_empty(), "{future:?}");
+    let of_item = ledger
+        .list_runs(ListRunsRequest {
+            work_item: "ORCH-8".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list_runs of an item")
+        .into_inner()
+        .runs;
+    assert_eq!(
+        of_item
+            .iter()
+            .map(|r| r.job_id.as_str())
+            .collect::<Vec<_>>(),
+        ["other-1"]
+    );
+    let mut costs = ledger
+        .work_item_costs(WorkItemCostsRequest::default())
+        .await
+        .expect("work_item_costs")
+        .into_inner()
+        .costs;
+    costs.sort_by(|a, b| a.work_item.cmp(&b.work_item));
+    assert_eq!(
+        costs
+            .iter()
+            .map(|c| (c.work_item.as_str(), c.runs))
+            .collect::<Vec<_>>(),
+        [("ORCH-7", SAMPLES.len() as u32), ("ORCH-8", 1)]
+    );
+    assert!(
+        (costs[0].total_cost_usd - total.total_cost_usd).abs() < 1e-9,
+        "{} vs {}",
+        costs[0].total_cost_usd,
+        total.total_cost_usd
+    );
+    assert!((costs[1].total_cost_usd - SAMPLES[SAMPLES.len() - 1].6.unwrap_or(0.0)).abs() < 1e-9);
 }
 
 async fn record_run_is_idempotent_per_attempt(storage: TestStorage) {

@@ -2,8 +2,10 @@ use orchestrator_agent_output::parse_result;
 use orchestrator_kit::Db;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::usage_ledger::v1::{
-    AgentRun, AgentUsage, FinishCommentResponse, RecordRunRequest, RecordRunResponse, RunKey,
-    WorkItemSummaryRequest, WorkItemSummaryResponse, usage_ledger_server::UsageLedger,
+    AgentRun, AgentUsage, FinishCommentResponse, ListRunsRequest, ListRunsResponse,
+    RecordRunRequest, RecordRunResponse, RunKey, WorkItemCost, WorkItemCostsRequest,
+    WorkItemCostsResponse, WorkItemSummaryRequest, WorkItemSummaryResponse,
+    usage_ledger_server::UsageLedger,
 };
 use tonic::{Request, Response, Status};
 
@@ -129,6 +131,9 @@ impl UsageLedgerService {
     }
 }
 
+/// The most runs one `ListRuns` answers with.
+pub const LIST_RUNS_MAX: u32 = 10_000;
+
 /// Checks an id that is required: present, short, printable.
 fn required_id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, LedgerError> {
     let v = value.trim();
@@ -218,6 +223,44 @@ impl UsageLedger for UsageLedgerService {
         let run = self.get_run(request.get_ref()).await?;
         Ok(Response::new(FinishCommentResponse {
             text: format::finish_line(&run),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(since_ms = request.get_ref().since_ms))]
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => LIST_RUNS_MAX,
+            n => n.min(LIST_RUNS_MAX),
+        };
+        let runs = store::list_since(&self.db, req.since_ms, req.work_item.trim(), limit)
+            .await
+            .map_err(LedgerError::from)?;
+        Ok(Response::new(ListRunsResponse {
+            runs: runs.into_iter().map(to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn work_item_costs(
+        &self,
+        request: Request<WorkItemCostsRequest>,
+    ) -> Result<Response<WorkItemCostsResponse>, Status> {
+        let costs = store::costs_by_work_item(&self.db, &request.get_ref().work_items)
+            .await
+            .map_err(LedgerError::from)?;
+        Ok(Response::new(WorkItemCostsResponse {
+            costs: costs
+                .into_iter()
+                .map(|c| WorkItemCost {
+                    work_item: c.work_item,
+                    runs: c.runs,
+                    total_cost_usd: c.total_cost_usd,
+                })
+                .collect(),
         }))
     }
 }

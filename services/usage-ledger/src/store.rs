@@ -147,6 +147,72 @@ pub async fn list_for_work_item(db: &Db, work_item: &str) -> Result<Vec<RunRecor
     rows.iter().map(from_row).collect()
 }
 
+/// Returns at most `limit` runs recorded at or after `since_ms`, of `work_item` (empty:
+/// any), newest first.
+pub async fn list_since(
+    db: &Db,
+    since_ms: i64,
+    work_item: &str,
+    limit: u32,
+) -> Result<Vec<RunRecord>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM agent_runs WHERE recorded_at_ms >= $1 AND ($2 = '' OR work_item = $2) \
+         ORDER BY recorded_at_ms DESC, job_id, attempt DESC LIMIT $3"
+    )))
+    .bind(since_ms)
+    .bind(work_item)
+    .bind(i64::from(limit))
+    .fetch_all(&db.pool)
+    .await?;
+    rows.iter().map(from_row).collect()
+}
+
+/// One work item's run count and summed known cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemCost {
+    pub work_item: String,
+    pub runs: u32,
+    pub total_cost_usd: f64,
+}
+
+/// The run count and summed cost of each of `work_items` that has runs (every item's
+/// when empty), summed by the database: one statement per 500 keys, through the
+/// `(work_item, recorded_at_ms)` index. `DOUBLE PRECISION` reads as REAL on SQLite (its
+/// type-name rules) and as float8 on PostgreSQL, so one SQL text serves both.
+pub async fn costs_by_work_item(
+    db: &Db,
+    work_items: &[String],
+) -> Result<Vec<ItemCost>, sqlx::Error> {
+    const SELECT: &str = "SELECT work_item, COUNT(*) AS runs, \
+         COALESCE(SUM(CAST(total_cost_usd AS DOUBLE PRECISION)), 0.0) AS cost FROM agent_runs";
+    let mut rows = Vec::new();
+    if work_items.is_empty() {
+        rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT} GROUP BY work_item")))
+            .fetch_all(&db.pool)
+            .await?;
+    }
+    for chunk in work_items.chunks(500) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT} WHERE work_item IN ({}) GROUP BY work_item",
+            placeholders.join(", ")
+        )));
+        for key in chunk {
+            q = q.bind(key.clone());
+        }
+        rows.extend(q.fetch_all(&db.pool).await?);
+    }
+    rows.iter()
+        .map(|r| {
+            Ok(ItemCost {
+                work_item: r.try_get("work_item")?,
+                runs: u32::try_from(r.try_get::<i64, _>("runs")?).unwrap_or(u32::MAX),
+                total_cost_usd: r.try_get("cost")?,
+            })
+        })
+        .collect()
+}
+
 fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
     let attempt: i64 = row.try_get("attempt")?;
     Ok(RunRecord {
