@@ -1,0 +1,292 @@
+//! The agent sandbox (bubblewrap, ARCHITECTURE §3.13) with real processes: a hostile
+//! shell-script agent, driven through the launcher like any other, tries what a wrong
+//! model or a prompt injection would — the launcher's environment through /proc, a
+//! service's SQLite file, another job's checkout, the operator's `~/.ssh`, writes outside
+//! its checkout — and fails at each, while the same run builds and runs a project's tests
+//! (`python3 -m unittest`) in its checkout and succeeds. The same script with
+//! `ORCH_AGENT_SANDBOX=off` reaches every one of them: the probes can tell.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{H, WRITE_ARTIFACT};
+use launcher::store::Status;
+use orchestrator_kit::ServiceName;
+use orchestrator_kit::db::Location;
+use orchestrator_proto::launcher::v1::Sandbox;
+use orchestrator_testkit::TestStorage;
+
+const SECS: Duration = Duration::from_secs(30);
+
+/// What the agent tries to reach, by name, each a shell command that succeeds only when it
+/// got there. `{pid}` is the launcher's pid (this test process: it runs the launcher).
+const READS: [(&str, &str); 5] = [
+    (
+        "launcher_environ",
+        "tr '\\0' '\\n' < /proc/{pid}/environ | grep -q CARGO_MANIFEST_DIR",
+    ),
+    (
+        "any_environ",
+        "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -q CARGO_MANIFEST_DIR",
+    ),
+    (
+        "sqlite",
+        "head -c 15 {root}/var/launcher.db | grep -q 'SQLite format'",
+    ),
+    (
+        "other_job",
+        "grep -q other-job-secret {root}/work/jobs/other-job/checkout/secret.txt",
+    ),
+    ("ssh", "grep -q ssh-secret {ssh}"),
+];
+
+/// Writes outside the checkout: the test's root, the job's own directory (beside its
+/// prompt file).
+const WRITES: [(&str, &str); 2] = [
+    ("write_root", "echo x > {root}/escaped"),
+    ("write_job_dir", "echo x > \"$ORCH_PROMPT_FILE.escaped\""),
+];
+
+/// A canary in the operator's `~/.ssh` (this process's HOME: /root here), removed on drop.
+struct Canary(PathBuf);
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn ssh_canary(test: &str) -> Canary {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".to_owned());
+    let dir = Path::new(&home).join(".ssh");
+    std::fs::create_dir_all(&dir).expect("~/.ssh");
+    let path = dir.join(format!(
+        "orchestrator-sandbox-canary-{}-{test}",
+        std::process::id()
+    ));
+    std::fs::write(&path, "ssh-secret\n").expect("canary");
+    Canary(path)
+}
+
+fn script(root: &Path, ssh: &Path, host_tmp: &Path, sandboxed: bool) -> String {
+    let fill = |c: &str| {
+        c.replace("{pid}", &std::process::id().to_string())
+            .replace("{root}", &root.display().to_string())
+            .replace("{ssh}", &ssh.display().to_string())
+            .replace("{host_tmp}", &host_tmp.display().to_string())
+    };
+    let mut s = String::from(
+        "probe() { if sh -c \"$2\" >/dev/null 2>&1; then echo \"PROBE $1 REACHED\"; else echo \"PROBE $1 DENIED\"; fi; }\n",
+    );
+    for (name, cmd) in READS.iter().chain(&WRITES) {
+        s.push_str(&format!(
+            "probe {name} '{}'\n",
+            fill(cmd).replace('\'', "'\\''")
+        ));
+    }
+    // The agent's /tmp is its own: this write succeeds in the sandbox, and must not reach
+    // the host's.
+    s.push_str(&format!(
+        "probe write_tmp 'echo x > {}'\n",
+        host_tmp.display()
+    ));
+    if sandboxed {
+        // Not tried bare: as root it would write into the host's /etc.
+        s.push_str("probe write_etc 'echo x > /etc/orchestrator-sandbox-escaped'\n");
+    }
+    // The project's own tests, built and run in the checkout.
+    s.push_str(
+        r#"mkdir -p calc
+printf 'def add(a, b):\n    return a + b\n' > calc/__init__.py
+printf 'import unittest\nimport calc\n\nclass T(unittest.TestCase):\n    def test_add(self):\n        self.assertEqual(calc.add(2, 3), 5)\n' > test_calc.py
+python3 -m unittest -v test_calc 2>&1
+echo "PROBE unittest_exit $?"
+"#,
+    );
+    s.push_str(WRITE_ARTIFACT);
+    s.push_str("\ncat {contracts}/real-2.1.328/success-with-write-tool.stdout.json\n");
+    s
+}
+
+struct Run {
+    /// Kept alive: its drop removes the root.
+    _h: H,
+    log: String,
+    status: Status,
+    root: PathBuf,
+    host_tmp: PathBuf,
+    snapshot_sandbox: Sandbox,
+}
+
+/// One developer run of the hostile script under `mode`, with the orchestrator's places
+/// laid out as a real one has them (outside /tmp, which the sandbox hides whole).
+async fn run(mode: &str, ssh: &Path) -> Run {
+    let dir =
+        Arc::new(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a root outside /tmp"));
+    let root = std::fs::canonicalize(dir.path()).expect("real root");
+    // A service's real SQLite file in the data dir.
+    orchestrator_kit::db::open(
+        ServiceName::Launcher,
+        &Location::SqliteDir(root.join("var")),
+        &launcher::MIGRATOR,
+    )
+    .await
+    .expect("a SQLite file in the data dir");
+    let other = root.join("work/jobs/other-job/checkout");
+    std::fs::create_dir_all(&other).expect("other job");
+    std::fs::write(other.join("secret.txt"), "other-job-secret\n").expect("secret");
+    let host_tmp = std::env::temp_dir().join(format!(
+        "orchestrator-sandbox-escaped-{}-{mode}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&host_tmp);
+    let body = script(&root, ssh, &host_tmp, mode != "off");
+    let data_dir = root.join("var").display().to_string();
+    let h = H::start_on(
+        Arc::new(TestStorage::sqlite()),
+        dir,
+        "sandbox-test",
+        &body,
+        &[
+            ("ORCH_AGENT_SANDBOX", mode),
+            ("ORCH_DATA_DIR", &data_dir),
+            // The system's python3, not a shim under a home (which the sandbox hides;
+            // ORCH_AGENT_SANDBOX_READ_ONLY is how an operator would expose one).
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        ],
+    )
+    .await;
+    let job = h.enqueue("developer", "development", "{}").await;
+    let done = h.wait_done(&job.id, SECS).await;
+    let snapshot_sandbox = h.snapshot().await.sandbox();
+    Run {
+        log: h.log(&done),
+        status: done.status,
+        root,
+        host_tmp,
+        snapshot_sandbox,
+        _h: h,
+    }
+}
+
+fn probe<'a>(log: &'a str, name: &str) -> &'a str {
+    let prefix = format!("PROBE {name} ");
+    log.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no probe {name} in the log:\n{log}"))
+}
+
+/// Whether bubblewrap works here; otherwise SKIPPED (a failure where it must, as in CI).
+fn sandbox_works(test: &str) -> bool {
+    let c = launcher::LauncherConfig::from_env(&orchestrator_kit::Env::default()).expect("config");
+    match c.sandbox.for_launch(c.search_path.as_deref()) {
+        Ok(Some(_)) => true,
+        _ => {
+            orchestrator_testkit::skip(test, "bubblewrap does not work on this machine");
+            false
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_reaches_nothing_of_ours_and_runs_its_tests() {
+    if !sandbox_works("a_hostile_agent_reaches_nothing_of_ours_and_runs_its_tests") {
+        return;
+    }
+    let ssh = ssh_canary("required");
+    let r = run("required", &ssh.0).await;
+    for (name, _) in READS.iter().chain(&WRITES) {
+        assert_eq!(probe(&r.log, name), "DENIED", "{name}:\n{}", r.log);
+    }
+    assert_eq!(probe(&r.log, "write_etc"), "DENIED", "{}", r.log);
+    assert!(!r.root.join("escaped").exists());
+    assert!(
+        std::fs::read_dir(r.root.join("work/jobs"))
+            .expect("jobs")
+            .flatten()
+            .all(|j| !j.path().join("prompt-1.md.escaped").exists())
+    );
+    assert!(!r.host_tmp.exists(), "the agent's /tmp is its own");
+    assert!(!Path::new("/etc/orchestrator-sandbox-escaped").exists());
+    // Its own work: the tests ran and passed in the checkout, and the run succeeded.
+    assert_eq!(probe(&r.log, "unittest_exit"), "0", "{}", r.log);
+    assert!(r.log.contains("test_add (test_calc.T"), "{}", r.log);
+    assert_eq!(r.status, Status::Succeeded, "{}", r.log);
+    assert_eq!(r.snapshot_sandbox, Sandbox::On);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_sandbox_the_same_agent_reaches_everything() {
+    let ssh = ssh_canary("off");
+    let r = run("off", &ssh.0).await;
+    for (name, _) in READS.iter().chain(&WRITES) {
+        assert_eq!(probe(&r.log, name), "REACHED", "{name}:\n{}", r.log);
+    }
+    assert!(r.root.join("escaped").exists());
+    assert_eq!(probe(&r.log, "write_tmp"), "REACHED");
+    assert!(r.host_tmp.exists());
+    let _ = std::fs::remove_file(&r.host_tmp);
+    assert_eq!(probe(&r.log, "unittest_exit"), "0", "{}", r.log);
+    assert_eq!(r.status, Status::Succeeded, "{}", r.log);
+    assert_eq!(r.snapshot_sandbox, Sandbox::Off);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_without_a_working_bubblewrap_launches_nothing() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let marker = dir.path().join("ran");
+    let h = H::start_on(
+        Arc::new(TestStorage::sqlite()),
+        dir,
+        "sandbox-test",
+        &format!("touch {}\necho '{{}}'", marker.display()),
+        &[
+            ("ORCH_AGENT_SANDBOX", "required"),
+            ("ORCH_AGENT_SANDBOX_BWRAP", "/nonexistent/bwrap"),
+        ],
+    )
+    .await;
+    let job = h.enqueue("developer", "development", "{}").await;
+    let done = h.wait_done(&job.id, SECS).await;
+    assert_eq!(done.status, Status::Failed, "{done:#?}");
+    assert_eq!(done.outcome, "sandbox_unavailable");
+    assert!(
+        done.reason.contains("ORCH_AGENT_SANDBOX=required")
+            && done.reason.contains("/nonexistent/bwrap"),
+        "{}",
+        done.reason
+    );
+    assert!(!marker.exists(), "the agent must not have run");
+    assert_eq!(h.snapshot().await.sandbox(), Sandbox::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_without_a_working_bubblewrap_runs_bare_and_says_so() {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let marker = dir.path().join("ran");
+    let h = H::start_on(
+        Arc::new(TestStorage::sqlite()),
+        dir,
+        "sandbox-test",
+        &format!(
+            "{WRITE_ARTIFACT}\ntouch {}\ncat {{contracts}}/real-2.1.328/success-with-write-tool.stdout.json",
+            marker.display()
+        ),
+        &[
+            ("ORCH_AGENT_SANDBOX", "auto"),
+            ("ORCH_AGENT_SANDBOX_BWRAP", "/nonexistent/bwrap"),
+        ],
+    )
+    .await;
+    assert_eq!(h.snapshot().await.sandbox(), Sandbox::Unavailable);
+    let job = h.enqueue("developer", "development", "{}").await;
+    let done = h.wait_done(&job.id, SECS).await;
+    assert_eq!(done.status, Status::Succeeded, "{}", h.log(&done));
+    assert!(
+        marker.exists(),
+        "auto runs the agent bare where the sandbox does not work"
+    );
+}
