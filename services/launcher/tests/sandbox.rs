@@ -290,3 +290,108 @@ async fn auto_without_a_working_bubblewrap_runs_bare_and_says_so() {
         "auto runs the agent bare where the sandbox does not work"
     );
 }
+
+/// `--die-with-parent`: the launcher's argv for a run, started by a parent that is then
+/// SIGKILLed (as a launcher killed by the OOM killer would be): the agent inside stops at
+/// once, where a bare one runs on as an orphan.
+#[test]
+fn a_sandboxed_agent_dies_with_its_launcher() {
+    if !sandbox_works("a_sandboxed_agent_dies_with_its_launcher") {
+        return;
+    }
+    let c = launcher::LauncherConfig::from_env(&orchestrator_kit::Env::default()).expect("config");
+    let bwrap = c
+        .sandbox
+        .for_launch(c.search_path.as_deref())
+        .expect("works")
+        .expect("on");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
+    let job = std::fs::canonicalize(dir.path()).expect("real");
+    let checkout = job.join("checkout");
+    std::fs::create_dir_all(&checkout).expect("checkout");
+    let prompt = job.join("prompt-1.md");
+    std::fs::write(&prompt, "x").expect("prompt");
+    let agent = vec![
+        "sh".to_owned(),
+        "-c".to_owned(),
+        "while true; do date +%s%N > beat; sleep 0.05; done".to_owned(),
+    ];
+    let jail = launcher::sandbox::Jail::for_run(
+        bwrap,
+        &job,
+        &checkout,
+        &prompt,
+        None,
+        &agent,
+        None,
+        c.search_path.as_deref(),
+    );
+    jail.prepare().expect("prepare");
+    let w = jail.wrap(&c.sandbox, &agent);
+    // The "launcher": a shell that starts the sandbox and waits; killed with SIGKILL.
+    let quoted: Vec<String> = w
+        .argv
+        .iter()
+        .map(|a| launcher::config::shell_quote(a))
+        .collect();
+    let mut parent = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{} & wait", quoted.join(" ")))
+        .spawn()
+        .expect("the parent");
+    let beat = checkout.join("beat");
+    let read = || std::fs::read_to_string(&beat).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the agent never beat");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Alive: it beats.
+    let first = read();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_ne!(read(), first, "the agent beats while its launcher lives");
+    parent.kill().expect("SIGKILL the launcher");
+    let _ = parent.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = read();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        read(),
+        after,
+        "the agent went on beating after its launcher died"
+    );
+
+    // The same agent bare: an orphan that beats on (then killed with its group here).
+    use std::os::unix::process::CommandExt;
+    let bare_beat = job.join("bare-beat");
+    let mut parent = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "sh -c 'while true; do date +%s%N > {}; sleep 0.05; done' & wait",
+            bare_beat.display()
+        ))
+        .process_group(0)
+        .spawn()
+        .expect("the bare parent");
+    let group = i32::try_from(parent.id()).expect("pid");
+    let read = || std::fs::read_to_string(&bare_beat).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bare agent never beat"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    parent.kill().expect("SIGKILL the bare launcher");
+    let _ = parent.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = read();
+    std::thread::sleep(Duration::from_millis(300));
+    let beat_on = read() != after;
+    let _ = launcher::proc::signal_group(group, launcher::proc::Signal::Kill);
+    assert!(
+        beat_on,
+        "a bare agent outlives its launcher: the probe can tell"
+    );
+}
