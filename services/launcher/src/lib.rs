@@ -19,6 +19,7 @@
 pub mod agent;
 pub mod classify;
 pub mod config;
+pub mod egress;
 mod error;
 pub mod outbox;
 pub mod peers;

@@ -210,8 +210,37 @@ impl Supervisor {
                 return;
             }
         };
+        // The isolated sandbox's way out, for as long as the run lasts.
+        let _egress = match sandbox.as_ref().and_then(|(_, j)| j.egress.as_ref()) {
+            None => None,
+            Some(plan) => {
+                match crate::egress::Egress::start(&plan.socket, plan.allow.clone(), job.id.clone())
+                {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        let reason = format!(
+                            "cannot listen on the egress socket {}: {e}",
+                            plan.socket.display()
+                        );
+                        log_line(&files.log, &format!("not started: {reason}"));
+                        let end = End::Permanent {
+                            outcome: "spawn_failed",
+                            reason,
+                            retry: true,
+                        };
+                        self.end_run(&job, end, None, None).await;
+                        self.release_lease(&job, files.lease).await;
+                        return;
+                    }
+                }
+            }
+        };
         let mut profile = self.config().profiles.for_agent(&job.agent).to_json();
         profile["sandbox"] = json!(if sandbox.is_some() { "on" } else { "off" });
+        profile["network"] = match sandbox.as_ref().and_then(|(_, j)| j.egress.as_ref()) {
+            Some(plan) => json!({"isolated": true, "allowed": plan.allow.0}),
+            None => json!({"isolated": false, "allowed": profile["network"].clone()}),
+        };
         let _ = store::set_profile(self.db(), &job.id, job.attempt, &profile.to_string()).await;
         let launch = Launch {
             argv: argv.clone(),
@@ -366,7 +395,7 @@ impl Supervisor {
             }
             return Ok(None);
         };
-        let jail = crate::sandbox::Jail::for_run(
+        let mut jail = crate::sandbox::Jail::for_run(
             bwrap,
             &c.job_dir(&job.id),
             &files.cwd,
@@ -376,6 +405,20 @@ impl Supervisor {
             c.qg_hook.as_ref().map(|h| h.command.as_str()),
             c.search_path.as_deref(),
         );
+        if c.sandbox.network == crate::sandbox::NetworkMode::Isolated {
+            let model_url = self
+                .inner
+                .agent_env
+                .vars()
+                .iter()
+                .find(|(k, _)| k == "ANTHROPIC_BASE_URL")
+                .map(|(_, v)| v.as_str());
+            jail.egress = Some(crate::sandbox::EgressPlan::new(
+                c.job_dir(&job.id).join("egress.sock"),
+                model_url,
+                &profile.network,
+            ));
+        }
         Ok(Some((&c.sandbox, jail)))
     }
 

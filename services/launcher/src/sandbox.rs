@@ -44,6 +44,51 @@ impl SandboxMode {
     }
 }
 
+/// `ORCH_AGENT_SANDBOX_NETWORK`: the sandbox's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// The host's network namespace: every host, and the services' loopback ports.
+    Shared,
+    /// Its own network namespace: only the model API and the profile's `network` hosts,
+    /// through the launcher's egress proxy ([`crate::egress`]).
+    Isolated,
+}
+
+/// The loopback port inside an isolated sandbox where the egress proxy answers
+/// (`HTTPS_PROXY`, `HTTP_PROXY`).
+pub const PROXY_PORT: u16 = 18080;
+
+/// How an isolated run reaches out: the proxy's socket, the hosts it lets through, and the
+/// loopback ports (the model API's, when it is on loopback) forwarded to it as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressPlan {
+    pub socket: PathBuf,
+    pub allow: crate::egress::AllowList,
+    pub forwards: Vec<u16>,
+}
+
+impl EgressPlan {
+    /// The plan for a run whose model API is `model_url` (the agent's `ANTHROPIC_BASE_URL`,
+    /// default `https://api.anthropic.com`) and whose profile allows `network`.
+    pub fn new(socket: PathBuf, model_url: Option<&str>, network: &[String]) -> EgressPlan {
+        let url = model_url.unwrap_or("https://api.anthropic.com");
+        let mut allow = network.to_vec();
+        let mut forwards = Vec::new();
+        if let Some((host, port)) = crate::egress::host_port(url) {
+            let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1");
+            if loopback && url.starts_with("http://") && port != PROXY_PORT {
+                forwards.push(port);
+            }
+            allow.push(host);
+        }
+        EgressPlan {
+            socket,
+            allow: crate::egress::AllowList(allow),
+            forwards,
+        }
+    }
+}
+
 /// Whether agents run sandboxed on this machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Availability {
@@ -67,6 +112,8 @@ pub struct SandboxConfig {
     /// `ORCH_AGENT_SANDBOX_READ_ONLY`: paths inside a hidden place an agent may still read
     /// (a toolchain under `/root`, say).
     pub read_only: Vec<PathBuf>,
+    /// `ORCH_AGENT_SANDBOX_NETWORK`: `shared` (default) or `isolated`.
+    pub network: NetworkMode,
     availability: Arc<OnceLock<(Availability, Option<PathBuf>)>>,
 }
 
@@ -122,11 +169,26 @@ impl SandboxConfig {
             hidden.push(PathBuf::from(home));
         }
         hidden.extend(csv_paths(env, "ORCH_AGENT_SANDBOX_HIDE")?);
+        let network = match env
+            .get("ORCH_AGENT_SANDBOX_NETWORK")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref()
+        {
+            None | Some("" | "shared") => NetworkMode::Shared,
+            Some("isolated") => NetworkMode::Isolated,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "ORCH_AGENT_SANDBOX_NETWORK",
+                    format!("invalid value '{other}': expected shared or isolated"),
+                ));
+            }
+        };
         Ok(SandboxConfig {
             mode,
             bwrap,
             hidden: dedup(hidden),
             read_only: csv_paths(env, "ORCH_AGENT_SANDBOX_READ_ONLY")?,
+            network,
             availability: Arc::new(OnceLock::new()),
         })
     }
@@ -286,6 +348,8 @@ pub struct Jail {
     pub programs: Vec<PathBuf>,
     /// The directories on the agent's PATH.
     pub path_dirs: Vec<PathBuf>,
+    /// Set when the network is isolated: the run's way out.
+    pub egress: Option<EgressPlan>,
 }
 
 /// The bubblewrap command around `argv`, and the variables the agent gets in place of the
@@ -353,6 +417,7 @@ impl Jail {
                 .filter(|d| d.starts_with('/'))
                 .map(PathBuf::from)
                 .collect(),
+            egress: None,
         }
     }
 
@@ -375,9 +440,10 @@ impl Jail {
     pub fn wrap(&self, config: &SandboxConfig, argv: &[String]) -> Wrapped {
         let mut a: Vec<String> = vec![self.bwrap.display().to_string()];
         a.extend(BASE.iter().map(|s| (*s).to_owned()));
-        // The network is shared for now (the model API must be reachable; see
-        // docs/security.md: no egress allow-list yet).
-        a.push("--share-net".to_owned());
+        // Shared, or its own (only loopback) with the egress proxy as the way out.
+        if self.egress.is_none() {
+            a.push("--share-net".to_owned());
+        }
         a.extend(["--tmpfs".to_owned(), "/tmp".to_owned()]);
         let mut hidden: Vec<PathBuf> = vec![PathBuf::from("/tmp")];
         for h in &config.hidden {
@@ -459,6 +525,10 @@ impl Jail {
                 d.display().to_string(),
             ]);
         }
+        if let Some(e) = &self.egress {
+            let s = e.socket.display().to_string();
+            a.extend(["--bind".to_owned(), s.clone(), s]);
+        }
         // The tmpfs over each hidden place took the mount points of what was bound into
         // it; read-only now, so that a write there fails instead of vanishing.
         let mut emptied: Vec<&String> = Vec::new();
@@ -472,20 +542,54 @@ impl Jail {
             .flat_map(|d| ["--remount-ro".to_owned(), d.clone()])
             .collect();
         a.extend(remount);
+        let mut env = vec![
+            ("HOME".to_owned(), self.home.display().to_string()),
+            ("TMPDIR".to_owned(), "/tmp".to_owned()),
+        ];
         a.extend([
             "--chdir".to_owned(),
             self.checkout.display().to_string(),
             "--".to_owned(),
         ]);
-        a.extend(argv.iter().cloned());
-        Wrapped {
-            argv: a,
-            env: vec![
-                ("HOME".to_owned(), self.home.display().to_string()),
-                ("TMPDIR".to_owned(), "/tmp".to_owned()),
-            ],
+        match &self.egress {
+            None => a.extend(argv.iter().cloned()),
+            Some(e) => {
+                // socat bridges loopback ports inside to the proxy's socket; the agent
+                // starts once the proxy's port answers.
+                a.extend([
+                    "/bin/sh".to_owned(),
+                    "-c".to_owned(),
+                    bridge_script(e),
+                    "orchestrator-egress".to_owned(),
+                ]);
+                a.extend(argv.iter().cloned());
+                let proxy = format!("http://127.0.0.1:{PROXY_PORT}");
+                for k in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+                    env.push((k.to_owned(), proxy.clone()));
+                }
+                env.push(("NO_PROXY".to_owned(), String::new()));
+                env.push(("no_proxy".to_owned(), String::new()));
+            }
         }
+        Wrapped { argv: a, env }
     }
+}
+
+/// The shell that starts the socat bridges, waits until the proxy's port answers (at most
+/// 2 s), then becomes the agent (`exec "$@"`). The socket path is the job's, validated
+/// names only; quoted all the same.
+fn bridge_script(e: &EgressPlan) -> String {
+    let sock = crate::config::shell_quote(&e.socket.display().to_string());
+    let mut s = String::new();
+    for port in std::iter::once(PROXY_PORT).chain(e.forwards.iter().copied()) {
+        s.push_str(&format!(
+            "socat TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr UNIX-CONNECT:{sock} 2>/dev/null &\n"
+        ));
+    }
+    s.push_str(&format!(
+        "i=0; while ! socat -u OPEN:/dev/null TCP:127.0.0.1:{PROXY_PORT} 2>/dev/null; do i=$((i+1)); [ $i -ge 200 ] && break; sleep 0.01; done\nexec \"$@\"\n"
+    ));
+    s
 }
 
 /// Files a toolchain root keeps that hold credentials (cargo's registry tokens), hidden even
@@ -515,6 +619,7 @@ mod tests {
             bwrap: "bwrap".into(),
             hidden: hidden.iter().map(|p| p.to_path_buf()).collect(),
             read_only: Vec::new(),
+            network: NetworkMode::Shared,
             availability: Arc::new(OnceLock::new()),
         }
     }
@@ -600,6 +705,7 @@ mod tests {
             readable_files: vec![job.join("prompt-1.md")],
             programs: vec![tools.join("bin/agent")],
             path_dirs: vec![PathBuf::from("/nonexistent/bin")],
+            egress: None,
         };
         // `tools` itself is hidden here (as a home would be), its program bound back; the
         // data dir below it stays hidden even so.
@@ -669,6 +775,7 @@ mod tests {
             readable_files: vec![],
             programs: vec![],
             path_dirs: vec![],
+            egress: None,
         };
         let mut c = config(&[&root, &data]);
         c.read_only = vec![root.join("app")];
@@ -711,6 +818,7 @@ mod tests {
                 home.join(".cargo/bin"),
                 home.join("bin"),
             ],
+            egress: None,
         };
         let m = mounts(&jail.wrap(&config(&[&home]), &["a".to_owned()]).argv);
         let d = |p: &Path| p.display().to_string();

@@ -120,7 +120,8 @@ network = ["pypi.org"]
     let profile: serde_json::Value = serde_json::from_str(&j.profile_json).expect("profile_json");
     assert_eq!(profile["profile"], "developer");
     assert_eq!(profile["max_turns"], 12);
-    assert_eq!(profile["network"][0], "pypi.org");
+    assert_eq!(profile["network"]["allowed"][0], "pypi.org");
+    assert_eq!(profile["network"]["isolated"], false);
     assert_eq!(profile["sandbox"], "off", "the harness runs agents bare");
     // A name the file has no table for, and no [default]: the safe profile, no shell.
     let other = h.enqueue_for("ORCH-2", "noop", "noop", "").await;

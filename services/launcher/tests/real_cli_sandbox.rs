@@ -1,7 +1,8 @@
 //! The REAL Claude Code CLI (pinned, `scripts/install-claude-cli`) as the agent, inside the
-//! launcher's bubblewrap sandbox, against the scripted model: the model's Bash tool calls run
-//! the project's tests in the checkout (they pass) and try to read a secret outside it (the
-//! call fails), and the run succeeds. SKIPPED where the CLI or a working bubblewrap is
+//! launcher's bubblewrap sandbox with its network isolated, against the scripted model
+//! (reached through the egress proxy): the model's Bash tool calls run the project's tests
+//! in the checkout (they pass), try to read a secret outside it (the call fails) and to
+//! reach a host outside the allow-list (the proxy refuses it, 403), and the run succeeds. SKIPPED where the CLI or a working bubblewrap is
 //! missing (`ORCH_REQUIRE_CLAUDE_CLI` / `ORCH_REQUIRE_POSTGRES` make that a failure).
 
 mod common;
@@ -36,6 +37,8 @@ async fn the_real_cli_runs_the_tests_in_its_sandbox_and_reads_no_secret() {
     server.control.run_bash(&[
         "printf 'def add(a, b):\\n    return a + b\\n' > calc.py && printf 'import unittest\\nimport calc\\n\\nclass T(unittest.TestCase):\\n    def test_add(self):\\n        self.assertEqual(calc.add(2, 3), 5)\\n' > test_calc.py && python3 -m unittest -v test_calc 2>&1; echo unittest-exit=$?",
         &format!("cat {} 2>&1; echo cat-exit=$?", secret.display()),
+        // A host outside the allow-list, through the egress proxy (the only way out).
+        "curl -sS -m 10 https://example.com/ 2>&1; echo curl-exit=$?",
     ]);
     let command = format!("{} -p --output-format json", cli.display());
     let data_dir = root.join("var").display().to_string();
@@ -46,6 +49,8 @@ async fn the_real_cli_runs_the_tests_in_its_sandbox_and_reads_no_secret() {
     vars.extend(
         [
             ("ORCH_AGENT_SANDBOX", "required"),
+            // Its own network: the scripted model (on loopback) and nothing else.
+            ("ORCH_AGENT_SANDBOX_NETWORK", "isolated"),
             ("ORCH_AGENT_COMMAND", command.as_str()),
             ("ORCH_DATA_DIR", data_dir.as_str()),
             ("ORCH_AGENT_TIMEOUT_SECONDS", "120"),
@@ -67,12 +72,17 @@ async fn the_real_cli_runs_the_tests_in_its_sandbox_and_reads_no_secret() {
     let done = h.wait_done(&job.id, Duration::from_secs(150)).await;
     let outputs = server.control.tool_outputs();
     let why = format!("tool outputs: {outputs:#?}\nlog:\n{}", h.log(&done));
-    assert_eq!(outputs.len(), 2, "{why}");
+    assert_eq!(outputs.len(), 3, "{why}");
     assert!(
         outputs[0].contains("unittest-exit=0") && outputs[0].contains("OK"),
         "{why}"
     );
     assert!(outputs[1].contains("cat-exit=1"), "{why}");
+    // Refused by the proxy (403), not merely unroutable.
+    assert!(
+        outputs[2].contains("403") && !outputs[2].contains("curl-exit=0"),
+        "{why}"
+    );
     assert!(
         !outputs
             .iter()

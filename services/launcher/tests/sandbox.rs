@@ -395,3 +395,94 @@ fn a_sandboxed_agent_dies_with_its_launcher() {
         "a bare agent outlives its launcher: the probe can tell"
     );
 }
+
+/// `ORCH_AGENT_SANDBOX_NETWORK=isolated`: the agent has only its own loopback and the
+/// launcher's egress proxy, which lets through the profile's `network` hosts and nothing
+/// else. A web server on the host's loopback is reached by an allowed name (`localhost`)
+/// through the proxy; the same server by a name not allowed (`127.0.0.1`) is refused 403;
+/// a direct connection to it (or to any of the services' ports) finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_agent_reaches_only_its_allow_list() {
+    if !sandbox_works("an_isolated_agent_reaches_only_its_allow_list") {
+        return;
+    }
+    // The host's web server: answers every request with a marker.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = server.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = server.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let body = "host-web-server-marker\n";
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    let dir = Arc::new(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("root"));
+    std::fs::create_dir_all(dir.path().join("agents")).expect("agents");
+    std::fs::write(
+        dir.path().join("agents/profiles.toml"),
+        "[developer]\nallowed_tools = [\"Bash\"]\nnetwork = [\"localhost\"]\n",
+    )
+    .expect("profiles");
+    let fetch = "import sys, urllib.request\ntry:\n    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())\nexcept Exception as e:\n    print('error', e)\n";
+    let script = format!(
+        r#"cat > fetch.py <<'PY'
+{fetch}PY
+echo "ALLOWED $(python3 fetch.py http://localhost:{port}/)"
+echo "REFUSED $(python3 fetch.py http://127.0.0.1:{port}/)"
+if python3 -c "import socket; socket.create_connection(('127.0.0.1', {port}), 2)" 2>/dev/null; then echo "DIRECT reached"; else echo "DIRECT none"; fi
+rm fetch.py
+{WRITE_ARTIFACT}
+cat {{contracts}}/real-2.1.328/success-with-write-tool.stdout.json"#
+    );
+    let h = H::start_on(
+        Arc::new(TestStorage::sqlite()),
+        dir,
+        "sandbox-test",
+        &script,
+        &[
+            ("ORCH_AGENT_SANDBOX", "required"),
+            ("ORCH_AGENT_SANDBOX_NETWORK", "isolated"),
+            ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        ],
+    )
+    .await;
+    let job = h.enqueue("developer", "development", "{}").await;
+    let done = h.wait_done(&job.id, SECS).await;
+    let log = h.log(&done);
+    let line = |p: &str| {
+        log.lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or_else(|| panic!("no {p} line in:\n{log}"))
+            .to_owned()
+    };
+    assert_eq!(line("ALLOWED "), "ALLOWED host-web-server-marker", "{log}");
+    let refused = line("REFUSED ");
+    assert!(
+        refused.contains("403") && !refused.contains("marker"),
+        "{log}"
+    );
+    assert_eq!(line("DIRECT "), "DIRECT none", "{log}");
+    assert_eq!(done.status, Status::Succeeded, "{log}");
+    let j = h.get_job(&job.id).await;
+    let profile: serde_json::Value = serde_json::from_str(&j.profile_json).expect("profile");
+    assert_eq!(profile["network"]["isolated"], true, "{profile}");
+    assert_eq!(profile["network"]["allowed"][0], "localhost");
+    assert_eq!(profile["network"]["allowed"][1], "api.anthropic.com");
+}
