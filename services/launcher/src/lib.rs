@@ -23,7 +23,7 @@ pub mod egress;
 mod error;
 pub mod outbox;
 pub mod peers;
-mod preflight;
+pub mod preflight;
 pub mod proc;
 pub mod profiles;
 mod prompt;

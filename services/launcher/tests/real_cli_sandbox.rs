@@ -27,6 +27,13 @@ async fn the_real_cli_runs_the_tests_in_its_sandbox_and_reads_no_secret() {
         orchestrator_testkit::skip(TEST, "bubblewrap does not work on this machine");
         return;
     }
+    if launcher::preflight::find_command("socat", std::env::var("PATH").ok().as_deref()).is_none() {
+        orchestrator_testkit::skip(
+            TEST,
+            "socat (the isolated network's bridge) is not installed",
+        );
+        return;
+    }
     let dir = Arc::new(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("root"));
     let root = std::fs::canonicalize(dir.path()).expect("real root");
     // A secret of the orchestrator's, outside the checkout: the data dir's .env-like file.

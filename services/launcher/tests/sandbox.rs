@@ -406,6 +406,13 @@ async fn an_isolated_agent_reaches_only_its_allow_list() {
     if !sandbox_works("an_isolated_agent_reaches_only_its_allow_list") {
         return;
     }
+    if launcher::preflight::find_command("socat", std::env::var("PATH").ok().as_deref()).is_none() {
+        orchestrator_testkit::skip(
+            "an_isolated_agent_reaches_only_its_allow_list",
+            "socat (the isolated network's bridge) is not installed",
+        );
+        return;
+    }
     // The host's web server: answers every request with a marker.
     let server = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
