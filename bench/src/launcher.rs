@@ -172,6 +172,11 @@ async fn launcher(
             "ORCH_AGENT_SANDBOX",
             std::env::var("ORCH_AGENT_SANDBOX").unwrap_or_else(|_| "auto".into()),
         ),
+        // And of its isolated network (the socat bridge, the egress proxy).
+        (
+            "ORCH_AGENT_SANDBOX_NETWORK",
+            std::env::var("ORCH_AGENT_SANDBOX_NETWORK").unwrap_or_else(|_| "shared".into()),
+        ),
     ]);
     let config = LauncherConfig::from_env(&env)?;
     let db = db::open(
