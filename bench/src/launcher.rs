@@ -153,10 +153,11 @@ async fn launcher(
     std::fs::create_dir_all(&agents)?;
     std::fs::write(agents.join("noop.md"), "Do nothing.\n")?;
     let script = dir.join("agent.sh");
-    // No fork before the first line: the start time is the agent's own.
+    // No fork before the first line: the start time is the agent's own. Written into its
+    // working directory, the one place a sandboxed agent may write.
     std::fs::write(
         &script,
-        "echo \"$EPOCHREALTIME\" > \"${ORCH_PROMPT_FILE%/*}/started\"\n\
+        "echo \"$EPOCHREALTIME\" > \"$PWD/started\"\n\
          echo '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"ok\",\"total_cost_usd\":0}'\n",
     )?;
     let workdir = dir.join("work");
@@ -172,6 +173,16 @@ async fn launcher(
         ("ORCH_LAUNCHER_INSTANCE_ID", "bench".into()),
         ("ORCH_FORGE", "local".into()),
         ("ORCH_FORGE_LOCAL_DIR", s(&dir.join("forge"))),
+        // The agent sandbox's cost per launch: `ORCH_AGENT_SANDBOX=off` against the default.
+        (
+            "ORCH_AGENT_SANDBOX",
+            std::env::var("ORCH_AGENT_SANDBOX").unwrap_or_else(|_| "auto".into()),
+        ),
+        // And of its isolated network (the socat bridge, the egress proxy).
+        (
+            "ORCH_AGENT_SANDBOX_NETWORK",
+            std::env::var("ORCH_AGENT_SANDBOX_NETWORK").unwrap_or_else(|_| "shared".into()),
+        ),
     ]);
     let config = LauncherConfig::from_env(&env)?;
     let db = db::open(
@@ -206,7 +217,7 @@ fn now_s() -> f64 {
 }
 
 fn started_at(workdir: &Path, job_id: &str) -> Option<f64> {
-    std::fs::read_to_string(workdir.join("jobs").join(job_id).join("started"))
+    std::fs::read_to_string(workdir.join("jobs").join(job_id).join("checkout/started"))
         .ok()
         .and_then(|t| t.trim().parse().ok())
 }
@@ -248,7 +259,12 @@ async fn latency(postgres: &Option<String>, n: usize) -> anyhow::Result<()> {
     }
     lat.sort_by(f64::total_cmp);
     println!(
-        "enqueue -> agent process started ({n} sequential jobs): p50 {}  p90 {}  p99 {}  max {}",
+        "enqueue -> agent process started ({n} sequential jobs, sandbox {:?}): p50 {}  p90 {}  p99 {}  max {}",
+        l.svc
+            .supervisor()
+            .config()
+            .sandbox
+            .availability(l.svc.supervisor().config().search_path.as_deref()),
         ms(crate::stack::percentile(&lat, 0.50)),
         ms(crate::stack::percentile(&lat, 0.90)),
         ms(crate::stack::percentile(&lat, 0.99)),

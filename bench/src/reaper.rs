@@ -375,7 +375,8 @@ async fn doomed_replica(
         .env("ORCH_LAUNCHER_HEARTBEAT_MS", heartbeat_ms.to_string())
         .env("ORCH_WORKDIR", dir.join("doomed"))
         .env("ORCH_AGENTS_DIR", &agents)
-        .env("ORCH_AGENT_COMMAND", "sleep 100000")
+        // Through sh: the flags the launcher adds (the profile's) go to sh, not to sleep.
+        .env("ORCH_AGENT_COMMAND", "sh -c 'sleep 100000'")
         .env("ORCH_LAUNCHER_GIT", "false")
         .env("ORCH_QG_HOOK_ENABLED", "false")
         .env("ORCH_FORGE", "local")

@@ -83,6 +83,9 @@ impl World {
         let s = |p: &Path| p.display().to_string();
         let env = [
             ("ORCH_AGENT_COMMAND", agent.command()),
+            // The recording agent writes its records outside the checkout, which the
+            // sandbox forbids.
+            ("ORCH_AGENT_SANDBOX", "off".into()),
             ("ORCH_AGENTS_DIR", s(&agents)),
             ("ORCH_FORGE", "local".into()),
             ("ORCH_FORGE_LOCAL_DIR", s(&forge)),

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::launcher::v1::{
-    AgentCommand, Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse,
+    AgentCommand, Job, JobKind, JobStatus, QueueSnapshotRequest, QueueSnapshotResponse, Sandbox,
 };
 use orchestrator_proto::post_deploy::v1::{ListWatchesRequest, Watch};
 use orchestrator_proto::reaper::v1::{ReaperSnapshot, SnapshotRequest};
@@ -198,6 +198,12 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
             AgentCommand::NotFound => "not found",
             AgentCommand::Unspecified => "unknown",
         },
+        "sandbox": match s.sandbox() {
+            Sandbox::On => "on",
+            Sandbox::Unavailable => "unavailable",
+            Sandbox::Off => "off",
+            Sandbox::Unspecified => "unknown",
+        },
         "breaker": s.breaker.as_ref().map(|b| json!({
             "state": b.state,
             "consecutive_transient": b.consecutive_transient,
@@ -296,6 +302,7 @@ mod tests {
                 ..BreakerState::default()
             }),
             agent_command: AgentCommand::Unspecified as i32,
+            sandbox: Sandbox::Unspecified as i32,
             outbox_pending: 2,
             outbox_failed: 1,
         };
@@ -314,6 +321,18 @@ mod tests {
             ..s
         };
         assert_eq!(launcher_json(&missing)["agent_command"], "not found");
+        assert_eq!(v["sandbox"], "unknown");
+        for (state, shown) in [
+            (Sandbox::On, "on"),
+            (Sandbox::Unavailable, "unavailable"),
+            (Sandbox::Off, "off"),
+        ] {
+            let s = QueueSnapshotResponse {
+                sandbox: state as i32,
+                ..missing.clone()
+            };
+            assert_eq!(launcher_json(&s)["sandbox"], shown);
+        }
     }
 
     #[test]

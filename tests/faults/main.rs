@@ -63,7 +63,7 @@ const SERVICE_TOKEN: &str = "plane_api_orchestrator";
 const LAUNCHERS: usize = 3;
 
 /// The test-speed settings every process gets; printed with the figures.
-const SETTINGS: [(&str, &str); 33] = [
+const SETTINGS: [(&str, &str); 34] = [
     ("ORCH_MAX_CONCURRENCY", "4"),
     ("ORCH_MAX_ATTEMPTS", "5"),
     ("ORCH_AGENT_TIMEOUT_SECONDS", "45"),
@@ -96,6 +96,9 @@ const SETTINGS: [(&str, &str); 33] = [
     ("ORCH_POST_DEPLOY_WINDOW_S", "3"),
     ("ORCH_POST_DEPLOY_TICK_S", "1"),
     ("ORCH_QG_HOOK_ENABLED", "false"),
+    // The recording agent writes its records outside the checkout, which the sandbox
+    // forbids (services/launcher/tests/sandbox.rs runs agents inside it).
+    ("ORCH_AGENT_SANDBOX", "off"),
     ("ORCH_RPC_CONNECT_TIMEOUT_MS", "1000"),
     ("ORCH_RPC_TIMEOUT_MS", "5000"),
 ];

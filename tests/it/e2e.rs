@@ -855,7 +855,8 @@ async fn grpcurl_lists_describes_and_reads_every_service() {
             ("GITEA_BASE_URL", &gitea.url),
             ("GITEA_TOKEN", GITEA_TOKEN),
             // The analyst "runs" for a while: the queue has something to show.
-            ("ORCH_AGENT_COMMAND", "sleep 120"),
+            // Through sh: the flags the launcher adds (the profile's) go to sh, not to sleep.
+            ("ORCH_AGENT_COMMAND", "sh -c 'sleep 120'"),
             ("ORCH_LAUNCHER_GIT", "false"),
             ("ORCH_QG_HOOK_ENABLED", "false"),
             ("ORCH_AGENTS_DIR", &agents),

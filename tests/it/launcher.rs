@@ -76,6 +76,9 @@ cat {sample}
             ("ORCH_DATA_DIR", &data),
             ("ORCH_OUTBOX_POLL_MS", "50"),
             ("ORCH_LAUNCHER_POLL_MS", "100"),
+            // The agent writes its arguments under the test's root, outside its checkout,
+            // which the sandbox forbids (services/launcher/tests/sandbox.rs runs inside it).
+            ("ORCH_AGENT_SANDBOX", "off"),
         ],
     )
     .await;

@@ -570,6 +570,9 @@ async fn a_job_that_never_ends_is_killed_and_flipped_by_the_backstop(storage: Te
             ("ORCH_AGENTS_DIR", s(root.join("agents"))),
             ("ORCH_LAUNCHER_GIT", "false".into()),
             ("ORCH_QG_HOOK_ENABLED", "false".into()),
+            // The agents record their pids under the test's root and must outlive a
+            // SIGKILLed launcher, as bare processes do (see reaper_faults/world.rs).
+            ("ORCH_AGENT_SANDBOX", "off".into()),
             ("ORCH_REAPER_INTERVAL_S", "1".into()),
             ("ORCH_REAPER_MAX_RUNNING_S", "2".into()),
             (

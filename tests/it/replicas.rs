@@ -71,6 +71,9 @@ async fn three_launcher_replicas_share_the_cap_and_run_each_job_once() {
             ("ORCH_AGENTS_DIR", &agents),
             ("ORCH_LAUNCHER_GIT", "false"),
             ("ORCH_QG_HOOK_ENABLED", "false"),
+            // The recording agent writes its records outside the checkout, which the
+            // sandbox forbids (services/launcher/tests/sandbox.rs runs agents inside it).
+            ("ORCH_AGENT_SANDBOX", "off"),
             ("ORCH_MAX_CONCURRENCY", &cap),
             // Every replica looks for work often, so they compete for every free slot.
             ("ORCH_LAUNCHER_POLL_MS", "20"),

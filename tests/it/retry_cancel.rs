@@ -93,6 +93,9 @@ async fn workspace(root: &Path) -> Vec<(String, String)> {
         ("ORCH_LAUNCHER_POLL_MS".into(), "100".into()),
         // One attempt: the first failure is final.
         ("ORCH_MAX_ATTEMPTS".into(), "1".into()),
+        // The agent is "fixed" by a file under the test's root, which the sandbox would
+        // hide (services/launcher/tests/sandbox.rs runs agents inside it).
+        ("ORCH_AGENT_SANDBOX".into(), "off".into()),
         ("ORCH_STALL_S".into(), "1".into()),
         ("ORCH_STALL_CHECK_INTERVAL_S".into(), "1".into()),
     ]

@@ -104,6 +104,9 @@ cat {sample}
             ("ORCH_FORGE", "local"),
             ("ORCH_FORGE_LOCAL_DIR", &forge),
             ("ORCH_QG_HOOK_ENABLED", "false"),
+            // The agent waits for the test's go, a file under the test's root that the
+            // sandbox would hide (services/launcher/tests/sandbox.rs runs inside it).
+            ("ORCH_AGENT_SANDBOX", "off"),
             ("ORCH_LAUNCHER_POLL_MS", "100"),
             ("ORCH_OUTBOX_POLL_MS", "100"),
             ("ORCH_OUTBOX_BACKOFF_BASE_MS", "100"),

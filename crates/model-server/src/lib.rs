@@ -128,6 +128,11 @@ struct Inner {
     feedback: Vec<String>,
     /// Every agent turn asked for, in order.
     received: Vec<Received>,
+    /// Commands the agent runs with its Bash tool, one per turn, before it ends its turn
+    /// (set by [`Control::run_bash`]; the scenario is not consulted while set).
+    bash: Vec<String>,
+    /// The tool results of the latest agent turn, in order (their text).
+    tool_outputs: Vec<String>,
 }
 
 /// A request for an agent turn (one with the `Write` tool), as received.
@@ -154,6 +159,40 @@ impl Control {
 
     pub fn set_scenario(&self, s: Scenario) {
         self.with(|i| i.scenario = s);
+    }
+
+    /// The agent runs `commands` with its Bash tool, one per turn, then ends its turn with
+    /// text: what a model probing its sandbox would do.
+    pub fn run_bash(&self, commands: &[&str]) {
+        self.with(|i| i.bash = commands.iter().map(|c| (*c).to_owned()).collect());
+    }
+
+    /// The text of each tool result the CLI sent back in the latest agent turn (the Bash
+    /// commands' output, or their error), in order.
+    pub fn tool_outputs(&self) -> Vec<String> {
+        self.with(|i| i.tool_outputs.clone())
+    }
+
+    /// The Bash turn of [`Control::run_bash`] for an agent turn (`None`: not set, or a side
+    /// request of the CLI).
+    fn bash_turn(&self, request: &Value) -> Option<Turn> {
+        let agent_turn = request["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "Bash"));
+        self.with(|i| {
+            if i.bash.is_empty() || !agent_turn {
+                return None;
+            }
+            i.tool_outputs = tool_result_texts(request);
+            let done = i.tool_outputs.len();
+            Some(match i.bash.get(done) {
+                Some(command) => Turn::Bash {
+                    id: format!("toolu_scripted_bash_{done:02}"),
+                    command: command.clone(),
+                },
+                None => Turn::Text(format!("Ran {done} command(s).")),
+            })
+        })
     }
 
     /// Every request fails with `f` until [`Control::clear_failure`].
@@ -379,12 +418,14 @@ async fn messages(State(control): State<Control>, headers: HeaderMap, body: Stri
             (status, h, axum::Json(body)).into_response()
         }
         Ok(scenario) => {
-            let turn = decide_in_run(
-                scenario,
-                &request,
-                &mut |k, s| control.rejects(k, s),
-                &mut |k, s| control.run_index(k, s, &session),
-            );
+            let turn = control.bash_turn(&request).unwrap_or_else(|| {
+                decide_in_run(
+                    scenario,
+                    &request,
+                    &mut |k, s| control.rejects(k, s),
+                    &mut |k, s| control.run_index(k, s, &session),
+                )
+            });
             let sse = if request["stream"].as_bool() == Some(false) {
                 // Not streamed: the whole message as JSON (the CLI streams; kept for curl).
                 return axum::Json(message_json(&turn)).into_response();
@@ -669,6 +710,29 @@ fn commit_in_tool_results(request: &Value) -> Option<String> {
             .find(|w| w.len() == 40)
             .map(str::to_owned)
     })
+}
+
+/// The text of every tool result in the conversation, in order (a string content, or its
+/// text blocks joined).
+fn tool_result_texts(request: &Value) -> Vec<String> {
+    let Some(msgs) = request["messages"].as_array() else {
+        return Vec::new();
+    };
+    msgs.iter()
+        .filter(|m| m["role"] == "user")
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .filter(|b| b["type"] == "tool_result")
+        .map(|b| match &b["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        })
+        .collect()
 }
 
 fn tool_results(request: &Value) -> usize {

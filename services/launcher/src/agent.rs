@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{DEFAULT_PASSTHROUGH, NEVER_PASSED};
 use crate::proc::{self, Signal};
+use crate::sandbox::{Jail, SandboxConfig};
 
 /// The variables every agent gets from the launcher's environment. Values may be secrets
 /// the agent needs (`ANTHROPIC_API_KEY`): `Debug` shows the names only.
@@ -91,6 +92,8 @@ pub struct Launch<'a> {
     pub env: &'a AgentEnv,
     /// Variables describing the job (ORCH_JOB_ID, ...).
     pub job_vars: Vec<(String, String)>,
+    /// The sandbox the agent runs in (`None`: bare, as `ORCH_AGENT_SANDBOX` allows).
+    pub sandbox: Option<(&'a SandboxConfig, Jail)>,
 }
 
 /// Why the agent could not be started; the message names what to fix.
@@ -111,12 +114,38 @@ pub enum SpawnError {
     },
 }
 
-/// Starts the agent as the leader of its own process group, with only `env` and the job's
-/// variables, stdout and stderr appended to the log and the prompt on stdin.
+/// Starts the agent as the leader of its own process group (inside its sandbox when there
+/// is one), with only `env` and the job's variables, stdout and stderr appended to the log
+/// and the prompt on stdin.
 pub fn spawn(l: &Launch<'_>) -> Result<Child, SpawnError> {
-    let Some((program, args)) = l.argv.split_first() else {
+    if l.argv.is_empty() {
         return Err(SpawnError::NotFound(String::new()));
+    }
+    let (argv, sandbox_env) = match &l.sandbox {
+        Some((config, jail)) => {
+            // Inside the sandbox a missing program is bubblewrap's exit 1; said here as
+            // what it is.
+            let program = &l.argv[0];
+            let path = l.env.vars().iter().find(|(k, _)| k == "PATH");
+            let found = if program.contains('/') {
+                crate::preflight::find_command(&l.cwd.join(program).display().to_string(), None)
+            } else {
+                crate::preflight::find_command(program, path.map(|(_, v)| v.as_str()))
+            };
+            if found.is_none() {
+                return Err(SpawnError::NotFound(program.clone()));
+            }
+            jail.prepare().map_err(|source| SpawnError::Open {
+                what: "the sandbox's home",
+                path: jail.home.display().to_string(),
+                source,
+            })?;
+            let w = jail.wrap(config, &l.argv);
+            (w.argv, w.env)
+        }
+        None => (l.argv.clone(), Vec::new()),
     };
+    let (program, args) = argv.split_first().expect("not empty");
     let open = |what, path: &Path, f: std::io::Result<File>| {
         f.map_err(|source| SpawnError::Open {
             what,
@@ -140,6 +169,7 @@ pub fn spawn(l: &Launch<'_>) -> Result<Child, SpawnError> {
         .env_clear()
         .envs(l.env.vars().iter().map(|(k, v)| (k, v)))
         .envs(l.job_vars.iter().map(|(k, v)| (k, v)))
+        .envs(sandbox_env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err))

@@ -8,6 +8,9 @@ use orchestrator_forge::ForgeConfig;
 use orchestrator_kit::outbox::{self, OutboxConfig};
 use orchestrator_kit::{ConfigError, Env};
 
+use crate::profiles::Profiles;
+use crate::sandbox::SandboxConfig;
+
 /// The agent command when `ORCH_AGENT_COMMAND` is unset: the Claude Code CLI in print mode
 /// with JSON output, allowed to edit files in its checkout. The prompt goes on stdin.
 pub const DEFAULT_AGENT_COMMAND: &str =
@@ -118,6 +121,11 @@ pub struct LauncherConfig {
     /// `ORCH_TEST_FAILPOINT`: where the launcher kills itself, for the fault tests only;
     /// `None` (unset) in every real deployment.
     pub failpoint: Option<Failpoint>,
+    /// `ORCH_AGENT_SANDBOX` and its settings (see [`crate::sandbox`]).
+    pub sandbox: SandboxConfig,
+    /// The agents' profiles: `ORCH_AGENT_PROFILES`, else `<ORCH_AGENTS_DIR>/profiles.toml`,
+    /// else the shipped ones (see [`crate::profiles`]).
+    pub profiles: Profiles,
 }
 
 /// A point in a run where a fault test makes the launcher die by SIGKILL — a real signal,
@@ -266,11 +274,24 @@ impl LauncherConfig {
                 "must be above 0",
             ));
         }
+        let forge = ForgeConfig::from_env(env)?;
+        // The orchestrator's own places, hidden from every agent.
+        let sandbox = SandboxConfig::from_env(
+            env,
+            &[data_dir.clone(), workdir.clone(), forge.local_dir.clone()],
+        )?;
+        let agents_dir = env.dir("ORCH_AGENTS_DIR", || PathBuf::from("./examples/agents"))?;
+        let profiles_path = match env.get("ORCH_AGENT_PROFILES") {
+            Some(_) => Some(env.dir("ORCH_AGENT_PROFILES", PathBuf::new)?),
+            None => Some(agents_dir.join("profiles.toml")).filter(|p| p.is_file()),
+        };
+        let profiles = Profiles::load(profiles_path.as_deref())
+            .map_err(|e| ConfigError::new("ORCH_AGENT_PROFILES", e.to_string()))?;
         Ok(LauncherConfig {
             instance_id,
             host,
             workdir,
-            agents_dir: env.dir("ORCH_AGENTS_DIR", || PathBuf::from("./examples/agents"))?,
+            agents_dir,
             agent_command,
             search_path: env
                 .get("PATH")
@@ -298,7 +319,7 @@ impl LauncherConfig {
             deploy_lease: env.bool("ORCH_DEPLOY_LEASE_ENABLED", true)?,
             lease_retry: seconds(env, "ORCH_LEASE_RETRY_S", 10.0)?,
             resume_max_age: seconds(env, "ORCH_RESUME_MAX_AGE_S", 3600.0)?,
-            forge: ForgeConfig::from_env(env)?,
+            forge,
             outbox: OutboxConfig {
                 // A delivery is at most two RPCs (FinishComment, then AddComment) of
                 // ORCH_RPC_TIMEOUT_MS (10 s by default) each: a claim of a launcher killed
@@ -316,14 +337,18 @@ impl LauncherConfig {
                 )?
             },
             failpoint: Failpoint::from_env(env)?,
+            sandbox,
+            profiles,
         })
     }
 
-    /// The timeout of `agent`'s runs.
+    /// The timeout of `agent`'s runs: `ORCH_AGENT_TIMEOUT_OVERRIDES_JSON`, else its
+    /// profile's `timeout_s`, else `ORCH_AGENT_TIMEOUT_SECONDS`.
     pub fn timeout_for(&self, agent: &str) -> Duration {
         self.timeout_overrides
             .get(agent)
             .copied()
+            .or_else(|| self.profiles.for_agent(agent).timeout)
             .unwrap_or(self.agent_timeout)
     }
 

@@ -37,6 +37,7 @@ impl LauncherConfig {
             ));
         }
         tracing::info!(agents_dir = %dir.display(), "the agents' prompts are read from here");
+        self.check_profiles()?;
         // A newcomer's trap (docs/local-mode.md): the command runs in each job's checkout,
         // so `python3 examples/agents/scripted-agent.py` names a file of the repository being
         // worked on, not the one beside the orchestrator. Said, never rewritten: a command
@@ -59,6 +60,31 @@ impl LauncherConfig {
                  fail until it is installed"
             );
         }
+        Ok(())
+    }
+
+    /// Refuses a profile that allows everything unless the sandbox is on, and says where
+    /// the profiles come from.
+    fn check_profiles(&self) -> Result<(), ConfigError> {
+        let file = self.profiles.source.as_ref().map_or_else(
+            || "the shipped examples/agents/profiles.toml".to_owned(),
+            |p| p.display().to_string(),
+        );
+        let everything = self.profiles.allowing_everything();
+        if let Some(name) = everything.first() {
+            let sandbox = self.sandbox.availability(self.search_path.as_deref());
+            if sandbox != crate::sandbox::Availability::On {
+                return Err(ConfigError::new(
+                    "ORCH_AGENT_PROFILES",
+                    format!(
+                        "{file}: [{name}] allows everything (dangerously_skip_permissions or \
+                         bypassPermissions), which is refused unless the agent sandbox is on \
+                         (ORCH_AGENT_SANDBOX; here: {sandbox:?})"
+                    ),
+                ));
+            }
+        }
+        tracing::info!(profiles = %file, "the agents' profiles are read from here");
         Ok(())
     }
 

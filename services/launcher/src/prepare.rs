@@ -389,9 +389,16 @@ impl Supervisor {
         let planned = match crate::resume::plan(&facts) {
             crate::resume::Plan::Resume { session } => {
                 let real_cwd = std::fs::canonicalize(cwd).unwrap_or_else(|_| cwd.to_path_buf());
+                // Where this run's CLI will look: a sandboxed run's HOME is its job's own.
+                let sandboxed = matches!(
+                    self.config()
+                        .sandbox
+                        .for_launch(self.config().search_path.as_deref()),
+                    Ok(Some(_))
+                );
                 let carried = match (
-                    self.cli_config_dir(&ask.job_id),
-                    self.cli_config_dir(&job.id),
+                    self.cli_config_dir(&ask.job_id, None),
+                    self.cli_config_dir(&job.id, Some(sandboxed)),
                 ) {
                     (Some(from), Some(to)) => {
                         crate::resume::carry_transcript(&from, &to, &session, &real_cwd)
@@ -432,17 +439,27 @@ impl Supervisor {
         }
     }
 
-    /// Where the agent CLI of `job_id` keeps its state (`CLAUDE_CONFIG_DIR`, else
-    /// `$HOME/.claude` of the agent's environment). One place: where a job's HOME is.
-    pub(crate) fn cli_config_dir(&self, _job_id: &str) -> Option<PathBuf> {
+    /// Where the agent CLI of `job_id` keeps (or kept) its state: `CLAUDE_CONFIG_DIR` when
+    /// the agent's environment sets one; else `.claude` in its HOME — a sandboxed run's is its
+    /// job's `home/` ([`crate::sandbox`]), a bare run's the agent environment's. `sandboxed`:
+    /// whether the run is (`None`: a past run, found by what it left).
+    pub(crate) fn cli_config_dir(&self, job_id: &str, sandboxed: Option<bool>) -> Option<PathBuf> {
         let env = self.inner.agent_env.vars();
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        match get("CLAUDE_CONFIG_DIR").filter(|v| !v.is_empty()) {
-            Some(dir) => Some(PathBuf::from(dir)),
-            None => get("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| Path::new(h).join(".claude")),
+        if let Some(dir) = get("CLAUDE_CONFIG_DIR").filter(|v| !v.is_empty()) {
+            return Some(PathBuf::from(dir));
         }
+        let job_home = self.config().job_dir(job_id).join("home").join(".claude");
+        let in_job_home = match sandboxed {
+            Some(on) => on,
+            None => job_home.is_dir(),
+        };
+        if in_job_home {
+            return Some(job_home);
+        }
+        get("HOME")
+            .filter(|v| !v.is_empty())
+            .map(|h| Path::new(h).join(".claude"))
     }
 }
 

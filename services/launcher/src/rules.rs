@@ -195,6 +195,7 @@ mod tests {
             outcome: String::new(),
             reason: String::new(),
             qg_hook_blocks: 0,
+            profile_json: String::new(),
         }
     }
 

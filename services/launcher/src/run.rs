@@ -94,6 +94,51 @@ impl Supervisor {
             ),
             ("ORCH_PROMPT_FILE".to_owned(), prompt.display().to_string()),
         ];
+        let sandbox = match self.jail(&job, &files, &prompt) {
+            Ok(s) => s,
+            Err(reason) => {
+                log_line(&files.log, &format!("not started: {reason}"));
+                let end = End::Failed {
+                    outcome: "sandbox_unavailable",
+                    reason,
+                };
+                self.end_run(&job, end, None, None).await;
+                self.release_lease(&job, files.lease).await;
+                return;
+            }
+        };
+        // The isolated sandbox's way out, for as long as the run lasts.
+        let _egress = match sandbox.as_ref().and_then(|(_, j)| j.egress.as_ref()) {
+            None => None,
+            Some(plan) => {
+                match crate::egress::Egress::start(&plan.socket, plan.allow.clone(), job.id.clone())
+                {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        let reason = format!(
+                            "cannot listen on the egress socket {}: {e}",
+                            plan.socket.display()
+                        );
+                        log_line(&files.log, &format!("not started: {reason}"));
+                        let end = End::Permanent {
+                            outcome: "spawn_failed",
+                            reason,
+                            retry: true,
+                        };
+                        self.end_run(&job, end, None, None).await;
+                        self.release_lease(&job, files.lease).await;
+                        return;
+                    }
+                }
+            }
+        };
+        let mut profile = self.config().profiles.for_agent(&job.agent).to_json();
+        profile["sandbox"] = json!(if sandbox.is_some() { "on" } else { "off" });
+        profile["network"] = match sandbox.as_ref().and_then(|(_, j)| j.egress.as_ref()) {
+            Some(plan) => json!({"isolated": true, "allowed": plan.allow.0}),
+            None => json!({"isolated": false, "allowed": profile["network"].clone()}),
+        };
+        let _ = store::set_profile(self.db(), &job.id, job.attempt, &profile.to_string()).await;
         let launch = Launch {
             argv: argv.clone(),
             cwd: &files.cwd,
@@ -101,6 +146,7 @@ impl Supervisor {
             log: &files.log,
             env: &self.inner.agent_env,
             job_vars,
+            sandbox,
         };
         let mut child = match agent::spawn(&launch) {
             Ok(c) => c,
@@ -227,17 +273,68 @@ impl Supervisor {
         self.finalize(&job, &files, exit, timeout).await;
     }
 
+    /// The sandbox of this run (`None`: bare, as `ORCH_AGENT_SANDBOX` allows); `Err` when
+    /// the sandbox is required and does not work here.
+    fn jail(
+        &self,
+        job: &JobRow,
+        files: &RunFiles,
+        prompt: &Path,
+    ) -> Result<Option<(&crate::sandbox::SandboxConfig, crate::sandbox::Jail)>, String> {
+        let c = self.config();
+        let profile = c.profiles.for_agent(&job.agent);
+        let Some(bwrap) = c.sandbox.for_launch(c.search_path.as_deref())? else {
+            if profile.allows_everything() {
+                return Err(format!(
+                    "the profile [{}] allows everything (dangerously_skip_permissions or \
+                     bypassPermissions) and the agent sandbox is not on",
+                    profile.name
+                ));
+            }
+            return Ok(None);
+        };
+        let mut jail = crate::sandbox::Jail::for_run(
+            bwrap,
+            &c.job_dir(&job.id),
+            &files.cwd,
+            prompt,
+            files.hook_state.as_deref(),
+            &c.agent_command,
+            c.qg_hook.as_ref().map(|h| h.command.as_str()),
+            c.search_path.as_deref(),
+        );
+        if c.sandbox.network == crate::sandbox::NetworkMode::Isolated {
+            let model_url = self
+                .inner
+                .agent_env
+                .vars()
+                .iter()
+                .find(|(k, _)| k == "ANTHROPIC_BASE_URL")
+                .map(|(_, v)| v.as_str());
+            jail.egress = Some(crate::sandbox::EgressPlan::new(
+                c.job_dir(&job.id).join("egress.sock"),
+                model_url,
+                &profile.network,
+            ));
+        }
+        Ok(Some((&c.sandbox, jail)))
+    }
+
     pub(crate) fn backoff(&self, job: &JobRow) -> Duration {
         Backoff::new(self.config().backoff_base, self.config().backoff_max)
             .delay(job.transient_attempts + 1)
     }
 
-    /// The command and the flags the launcher adds: the work item's remaining budget, the
+    /// The command and the flags the launcher adds: the agent's profile (its tools, model,
+    /// turns), the budget (the smaller of the profile's and the work item's remaining), the
     /// session it resumes, and the quality gate as the Stop hook (never `--bare`: it would
     /// skip hooks).
     async fn argv(&self, job: &JobRow, files: &RunFiles) -> Result<Vec<String>, End> {
         let c = self.config();
         let mut argv = c.agent_command.clone();
+        let profile = c.profiles.for_agent(&job.agent);
+        argv.extend(profile.cli_flags());
+        let mut budget_usd = profile.budget_usd;
         if let Some(budget) = c.work_item_budget_usd {
             let spent = match self.inner.peers.spent_usd(&files.ctx.key).await {
                 Ok(s) => s,
@@ -275,8 +372,12 @@ impl Supervisor {
                     reason,
                 });
             }
+            let rest = budget - spent;
+            budget_usd = Some(budget_usd.map_or(rest, |b| b.min(rest)));
+        }
+        if let Some(b) = budget_usd {
             argv.push("--max-budget-usd".to_owned());
-            argv.push(format!("{:.4}", budget - spent));
+            argv.push(format!("{b:.4}"));
         }
         if let Some(session) = &files.resume_session {
             // A plain id (checked when parsed and before the plan): never taken for an option.

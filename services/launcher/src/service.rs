@@ -17,7 +17,8 @@ use orchestrator_proto::launcher::v1::{
     JobStatus, LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
     ListJobsResponse, ListRunningRequest, ListRunningResponse, Liveness, LogChunk,
     ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe, QueueSnapshotRequest,
-    QueueSnapshotResponse, RunningJob, StatusCount, TailLogRequest, launcher_server::Launcher,
+    QueueSnapshotResponse, RunningJob, Sandbox, StatusCount, TailLogRequest,
+    launcher_server::Launcher,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -31,6 +32,7 @@ use crate::outbox::{Effect, OUTBOX};
 use crate::peers::{GrpcPeers, Peers};
 use crate::reserved::RESERVED;
 use crate::rules::End;
+use crate::sandbox::Availability;
 use crate::store::{self, JobRow, Kind, NewJob, Status as JobState};
 use crate::supervisor::{StopReason, Supervisor, job_dedupe_key};
 use crate::workspace::Workspace;
@@ -128,6 +130,8 @@ impl LauncherService {
             command = ?config.agent_command.first(),
             "launcher configured"
         );
+        // Probed once, here at start-up: one WARN when it does not work.
+        let _ = config.sandbox.availability(config.search_path.as_deref());
         if let Some(f) = config.failpoint {
             tracing::warn!(failpoint = ?f, "ORCH_TEST_FAILPOINT is set: this launcher will kill itself on purpose (fault tests only)");
         }
@@ -474,6 +478,7 @@ pub fn to_proto(j: &JobRow) -> Job {
         dedupe_key: j.dedupe_key.clone().unwrap_or_default(),
         // Filled by GetJob and ListJobs, which read the outbox.
         pending_effects: 0,
+        profile_json: j.profile_json.clone(),
     }
 }
 
@@ -569,8 +574,9 @@ impl Launcher for LauncherService {
                 .sum()
         };
         let config = self.sup.config().clone();
+        let found = config.clone();
         let agent_command =
-            match tokio::task::spawn_blocking(move || config.agent_command_found()).await {
+            match tokio::task::spawn_blocking(move || found.agent_command_found()).await {
                 Ok(Some(_)) => AgentCommand::Found,
                 Ok(None) => AgentCommand::NotFound,
                 Err(_) => AgentCommand::Unspecified,
@@ -594,6 +600,11 @@ impl Launcher for LauncherService {
                 })
                 .collect(),
             agent_command: agent_command as i32,
+            sandbox: match config.sandbox.availability(config.search_path.as_deref()) {
+                Availability::On => Sandbox::On,
+                Availability::Unavailable(_) => Sandbox::Unavailable,
+                Availability::Off => Sandbox::Off,
+            } as i32,
             max_concurrency: self.sup.config().max_concurrency,
             breaker: Some(BreakerState {
                 state: breaker.state,

@@ -121,11 +121,13 @@ pub struct JobRow {
     pub outcome: String,
     pub reason: String,
     pub qg_hook_blocks: u32,
+    /// The profile in force for the latest run (JSON), `""` before one started.
+    pub profile_json: String,
 }
 
 const COLUMNS: &str = "id, work_item, repo, agent, stage, kind, payload_json, dedupe_key, status, attempt, \
      max_attempts, failures, transient_attempts, not_before_ms, instance_id, pid, exit_code, enqueued_at_ms, \
-     started_at_ms, heartbeat_at_ms, finished_at_ms, log_path, outcome, reason, qg_hook_blocks";
+     started_at_ms, heartbeat_at_ms, finished_at_ms, log_path, outcome, reason, qg_hook_blocks, profile_json";
 
 fn u32_of(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
@@ -167,6 +169,7 @@ fn from_row(row: &AnyRow) -> Result<JobRow, sqlx::Error> {
         outcome: row.try_get("outcome")?,
         reason: row.try_get("reason")?,
         qg_hook_blocks: u32_of(row.try_get("qg_hook_blocks")?),
+        profile_json: row.try_get("profile_json")?,
     })
 }
 
@@ -438,6 +441,24 @@ pub async fn claim_reserved(
     let mut jobs: Vec<JobRow> = rows.iter().map(from_row).collect::<Result<_, _>>()?;
     jobs.sort_by(|a, b| (a.enqueued_at_ms, &a.id).cmp(&(b.enqueued_at_ms, &b.id)));
     Ok(jobs)
+}
+
+/// Records the profile in force for this run (before the spawn).
+pub async fn set_profile(
+    db: &Db,
+    id: &str,
+    attempt: u32,
+    profile_json: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE jobs SET profile_json = $3 WHERE id = $1 AND attempt = $2 AND status = 'running'",
+    )
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(profile_json)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Records where the run's log is (before the spawn, so a spawn failure can be read).

@@ -143,7 +143,8 @@ async fn the_reapers_flip_races_the_launchers_own_finalize(storage: TestStorage)
         ("ORCH_AGENTS_DIR", s(root.join("agents"))),
         // One process per run that prints nothing: a permanent failure ("no result"). The
         // runs of a round start one after the other, so their exits spread over ~100 ms.
-        ("ORCH_AGENT_COMMAND", "sleep 0.05".into()),
+        // Through sh: the flags the launcher adds (the profile's) go to sh, not to sleep.
+        ("ORCH_AGENT_COMMAND", "sh -c 'sleep 0.05'".into()),
         ("ORCH_LAUNCHER_GIT", "false".into()),
         ("ORCH_QG_HOOK_ENABLED", "false".into()),
         ("ORCH_MAX_CONCURRENCY", PER_ROUND.to_string()),

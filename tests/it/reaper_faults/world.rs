@@ -271,6 +271,10 @@ impl World {
             .env("ORCH_FORGE", "local")
             .env("ORCH_FORGE_LOCAL_DIR", root.join("forge"))
             .env("ORCH_QG_HOOK_ENABLED", "false")
+            // The agents record their pids under the test's root and must outlive a
+            // SIGKILLed launcher, as bare processes do: the sandbox's --die-with-parent
+            // would take them along (services/launcher/tests/sandbox.rs runs inside it).
+            .env("ORCH_AGENT_SANDBOX", "off")
             .env("ORCH_MAX_CONCURRENCY", "1")
             .env("ORCH_LAUNCHER_POLL_MS", "100")
             .env("ORCH_LAUNCHER_HEARTBEAT_MS", "200")

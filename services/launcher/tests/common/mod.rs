@@ -293,6 +293,9 @@ fn base_env(root: &Path, instance: &str) -> Vec<(String, String)> {
             format!("sh {}", root.join("agent.sh").display()),
         ),
         ("ORCH_QG_HOOK_ENABLED", "false".to_owned()),
+        // These tests' agents report through files under the test's root, outside their
+        // checkout, which the sandbox forbids: tests/sandbox.rs runs agents inside it.
+        ("ORCH_AGENT_SANDBOX", "off".to_owned()),
         ("ORCH_LAUNCHER_POLL_MS", "200".to_owned()),
         ("ORCH_LAUNCHER_HEARTBEAT_MS", "200".to_owned()),
         ("ORCH_LAUNCHER_INSTANCE_STALE_MS", "2000".to_owned()),
