@@ -204,6 +204,26 @@ async fn key_of(
     Ok(required("work_item", work_item)?.to_owned())
 }
 
+/// A request's `repo`, present and valid (the git layer's one rule).
+fn repo_field(value: &str) -> Result<orchestrator_forge::RepoName, EngineError> {
+    orchestrator_git::validate_repo(required("repo", value)?).map_err(|e| {
+        EngineError::InvalidField {
+            field: "repo",
+            reason: e.to_string(),
+        }
+    })
+}
+
+/// A request's `branch`, present and valid (the git layer's one rule).
+fn branch_field(value: &str) -> Result<&str, EngineError> {
+    orchestrator_git::validate_branch(required("branch", value)?).map_err(|e| {
+        EngineError::InvalidField {
+            field: "branch",
+            reason: e.to_string(),
+        }
+    })
+}
+
 /// The agents that finish stages (the ones `AdvanceStage` accepts).
 const AGENTS: [&str; 6] = crate::pipeline::ROLES;
 
@@ -390,19 +410,8 @@ impl StageEngine for StageEngineService {
         request: Request<OnPrMergedRequest>,
     ) -> Result<Response<AdvanceStageResponse>, Status> {
         let r = request.into_inner();
-        let repo = orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(|e| {
-            EngineError::InvalidField {
-                field: "repo",
-                reason: e.to_string(),
-            }
-        })?;
-        let branch =
-            orchestrator_git::validate_branch(required("branch", &r.branch)?).map_err(|e| {
-                EngineError::InvalidField {
-                    field: "branch",
-                    reason: e.to_string(),
-                }
-            })?;
+        let repo = repo_field(&r.repo)?;
+        let branch = branch_field(&r.branch)?;
         let item = store::find_by_branch(&self.engine.db, &repo.to_string(), branch)
             .await
             .map_err(EngineError::from)?
@@ -422,16 +431,8 @@ impl StageEngine for StageEngineService {
         request: Request<OnPrReviewRequest>,
     ) -> Result<Response<AdvanceStageResponse>, Status> {
         let r = request.into_inner();
-        let invalid = |field: &'static str| {
-            move |e: orchestrator_git::InvalidName| EngineError::InvalidField {
-                field,
-                reason: e.to_string(),
-            }
-        };
-        let repo =
-            orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(invalid("repo"))?;
-        let branch = orchestrator_git::validate_branch(required("branch", &r.branch)?)
-            .map_err(invalid("branch"))?;
+        let repo = repo_field(&r.repo)?;
+        let branch = branch_field(&r.branch)?;
         if r.pr_number == 0 {
             return Err(EngineError::MissingField("pr_number").into());
         }
@@ -522,12 +523,7 @@ impl StageEngine for StageEngineService {
         request: Request<OnCommitStatusRequest>,
     ) -> Result<Response<OnCommitStatusResponse>, Status> {
         let r = request.into_inner();
-        let repo = orchestrator_git::validate_repo(required("repo", &r.repo)?).map_err(|e| {
-            EngineError::InvalidField {
-                field: "repo",
-                reason: e.to_string(),
-            }
-        })?;
+        let repo = repo_field(&r.repo)?;
         let rechecked = self.engine.on_commit_status(&repo.to_string()).await?;
         Ok(Response::new(OnCommitStatusResponse { rechecked }))
     }
