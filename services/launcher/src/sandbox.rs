@@ -481,6 +481,9 @@ impl Jail {
         // A PATH directory in a hidden place is a toolchain's (`~/.pyenv/shims`,
         // `~/.cargo/bin`): its shims need the rest of it, so the directory above it is
         // readable — never a whole home, and never the credentials a toolchain keeps.
+        // The places as configured, also those that a hidden ancestor already covers (a
+        // home under /tmp): the directory above a PATH dir is never one of them.
+        let places: Vec<PathBuf> = config.hidden.iter().filter_map(|h| real(h)).collect();
         let mut tool_roots: Vec<PathBuf> = Vec::new();
         for p in &self.path_dirs {
             let Some(r) = real(p) else { continue };
@@ -488,7 +491,11 @@ impl Jail {
                 continue;
             }
             let root = match r.parent() {
-                Some(up) if hidden.iter().any(|d| under(up, d)) => up.to_path_buf(),
+                Some(up)
+                    if hidden.iter().any(|d| under(up, d)) && !places.iter().any(|d| d == up) =>
+                {
+                    up.to_path_buf()
+                }
                 _ => r.clone(),
             };
             expose(&mut a, &root, &root);
@@ -624,10 +631,11 @@ mod tests {
         }
     }
 
-    /// A directory outside /tmp (which the sandbox hides whole), removed on drop.
+    /// A directory outside /tmp (which the sandbox hides whole), removed on drop: under
+    /// /var/tmp, not the repository's target/, which a CI clone puts under /tmp.
     fn outside_tmp() -> tempfile::TempDir {
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tmp");
-        std::fs::create_dir_all(&base).expect("target/tmp");
+        let base = Path::new("/var/tmp/orchestrator-tests");
+        std::fs::create_dir_all(base).expect("/var/tmp/orchestrator-tests");
         tempfile::tempdir_in(base).expect("dir")
     }
 
@@ -793,8 +801,15 @@ mod tests {
 
     #[test]
     fn a_toolchain_on_path_in_a_home_is_readable_but_not_the_home_nor_its_credentials() {
-        let root = outside_tmp();
-        let root = std::fs::canonicalize(root.path()).expect("real");
+        // A home of its own, and one that a hidden ancestor (/tmp) already covers.
+        let (outside, inside) = (outside_tmp(), tempfile::tempdir().expect("tempdir"));
+        for root in [outside.path(), inside.path()] {
+            toolchain_in_a_home(root);
+        }
+    }
+
+    fn toolchain_in_a_home(root: &Path) {
+        let root = std::fs::canonicalize(root).expect("real");
         let home = root.join("home");
         for d in [
             ".pyenv/shims",

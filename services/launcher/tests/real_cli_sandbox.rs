@@ -34,7 +34,7 @@ async fn the_real_cli_runs_the_tests_in_its_sandbox_and_reads_no_secret() {
         );
         return;
     }
-    let dir = Arc::new(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("root"));
+    let dir = Arc::new(common::outside_tmp());
     let root = std::fs::canonicalize(dir.path()).expect("real root");
     // A secret of the orchestrator's, outside the checkout: the data dir's .env-like file.
     std::fs::create_dir_all(root.join("var")).expect("data dir");

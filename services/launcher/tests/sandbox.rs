@@ -124,8 +124,7 @@ struct Run {
 /// One developer run of the hostile script under `mode`, with the orchestrator's places
 /// laid out as a real one has them (outside /tmp, which the sandbox hides whole).
 async fn run(mode: &str, ssh: &Path) -> Run {
-    let dir =
-        Arc::new(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a root outside /tmp"));
+    let dir = Arc::new(common::outside_tmp());
     let root = std::fs::canonicalize(dir.path()).expect("real root");
     // A service's real SQLite file in the data dir.
     orchestrator_kit::db::open(
@@ -305,7 +304,7 @@ fn a_sandboxed_agent_dies_with_its_launcher() {
         .for_launch(c.search_path.as_deref())
         .expect("works")
         .expect("on");
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("dir");
+    let dir = common::outside_tmp();
     let job = std::fs::canonicalize(dir.path()).expect("real");
     let checkout = job.join("checkout");
     std::fs::create_dir_all(&checkout).expect("checkout");
@@ -440,7 +439,7 @@ async fn an_isolated_agent_reaches_only_its_allow_list() {
             });
         }
     });
-    let dir = Arc::new(tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("root"));
+    let dir = Arc::new(common::outside_tmp());
     std::fs::create_dir_all(dir.path().join("agents")).expect("agents");
     std::fs::write(
         dir.path().join("agents/profiles.toml"),

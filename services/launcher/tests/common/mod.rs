@@ -548,3 +548,12 @@ impl H {
             .into_inner()
     }
 }
+
+/// A directory outside /tmp, removed on drop: the sandbox gives an agent a /tmp of its own,
+/// so what a test hides from it must live elsewhere for the hiding to be what is tested —
+/// under /var/tmp, not target/, which a CI clone puts under /tmp.
+pub fn outside_tmp() -> tempfile::TempDir {
+    let base = std::path::Path::new("/var/tmp/orchestrator-tests");
+    std::fs::create_dir_all(base).expect("/var/tmp/orchestrator-tests");
+    tempfile::tempdir_in(base).expect("a directory outside /tmp")
+}
