@@ -298,6 +298,20 @@ mod tests {
     }
 
     #[test]
+    fn the_orchestrator_secrets_are_named_once() {
+        for v in [
+            "GITEA_TOKEN",
+            "ORCH_INTERNAL_TOKEN",
+            "PLANE_BOT_TOKEN_DEPLOYER",
+        ] {
+            assert!(is_orchestrator_secret(v), "{v}");
+        }
+        for v in ["PATH", "HOME", "AWS_PROFILE", "ORCH_DEPLOY_TARGETS_JSON"] {
+            assert!(!is_orchestrator_secret(v), "{v}");
+        }
+    }
+
+    #[test]
     fn bad_targets_name_the_repo_and_the_key() {
         for (raw, needle) in [
             ("{", "invalid JSON"),
