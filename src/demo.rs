@@ -195,7 +195,9 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
     let git = Git::new();
     let main_sha = create_sample_repo(&git, &root.join("sample"), &bare).await?;
 
-    let env = demo_env(&data_dir, &agents_dir, &agent, &reject, args.max_rollbacks)?;
+    let targets = demo_targets(&root, &reject).map_err(setup("cannot write the deploy script"))?;
+    let env = demo_env(&data_dir, &agents_dir, &agent, &reject, args.max_rollbacks)?
+        .with("ORCH_DEPLOY_TARGETS_JSON", targets);
     let config = Config::from_env(env).map_err(|e| DemoError::Setup(e.to_string()))?;
     let node = Node::start(config, &ServiceName::ALL, stop.clone())
         .await
@@ -263,7 +265,16 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
         println!("{}", header());
         let mut timeline = Timeline::new(&clients, t0);
         let end = timeline.follow(clock + deadline, &stop, &stack).await?;
-        report(&clients, &git, &bare, &end, clock).await
+        report(&clients, &git, &bare, &end, clock).await?;
+        for (name, dir) in [("Staging", "staging"), ("Production", "prod")] {
+            let sha = std::fs::read_to_string(root.join(dir).join("DEPLOYED_SHA"))
+                .unwrap_or_else(|_| "nothing deployed".to_owned());
+            println!(
+                "{name} (<workspace>/{dir}, by its deploy command): {}",
+                sha.trim()
+            );
+        }
+        Ok(())
     }
     .await;
     if let Err(e) = &result {
@@ -390,6 +401,52 @@ async fn create_sample_repo(git: &Git, work: &Path, bare: &Path) -> Result<Strin
     // Only the forge's copy matters from here on.
     let _ = std::fs::remove_dir_all(work);
     Ok(sha)
+}
+
+/// The demo's deploy script: a tiny local "staging" and "production", each a directory
+/// under the workspace holding the deployed tree (`git archive` of the sha) and its
+/// `DEPLOYED_SHA`. `reject-once` fails the first deploy to that place, as `--reject` asks.
+const DEPLOY_SCRIPT: &str = r#"set -e
+place=$1 sha=$2 root=$3 mode=$4
+if [ "$mode" = reject-once ] && [ ! -e "$root/$place.rejected" ]; then
+  : > "$root/$place.rejected"
+  echo "the demo refuses the first deploy to $place (--reject)"
+  exit 1
+fi
+rm -rf "$root/$place.new" && mkdir -p "$root/$place.new"
+git archive "$sha" | tar -x -C "$root/$place.new"
+echo "$sha" > "$root/$place.new/DEPLOYED_SHA"
+rm -rf "$root/$place" && mv "$root/$place.new" "$root/$place"
+echo "deployed $sha to $root/$place"
+"#;
+
+/// Writes [`DEPLOY_SCRIPT`] and returns the sample repo's `ORCH_DEPLOY_TARGETS_JSON`.
+fn demo_targets(root: &Path, reject: &[String]) -> std::io::Result<String> {
+    let script = root.join("deploy.sh");
+    std::fs::write(&script, DEPLOY_SCRIPT)?;
+    let command = |place: &str, stage: &str| {
+        let mode = if reject.iter().any(|r| r == stage) {
+            "reject-once"
+        } else {
+            "once"
+        };
+        serde_json::json!([
+            "sh",
+            script.display().to_string(),
+            place,
+            "{sha}",
+            root.display().to_string(),
+            mode
+        ])
+    };
+    Ok(serde_json::json!({
+        REPO: {
+            "staging_command": command("staging", "deploy-staging"),
+            "deploy_command": command("prod", "deploy"),
+            "timeout_s": 60,
+        }
+    })
+    .to_string())
 }
 
 /// The stack's configuration: built here, never read from `./.env` or the environment.

@@ -169,6 +169,21 @@ fn assert_done_and_summarised(stdout: &str, runs: usize) {
         stdout.contains("Merge pull request #1 from orch/DEMO-1 into main"),
         "{stdout}"
     );
+    // Staging and production were deployed for real, by the target's commands.
+    for place in [
+        "Staging (<workspace>/staging",
+        "Production (<workspace>/prod",
+    ] {
+        let sha = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(place))
+            .and_then(|l| l.strip_prefix(", by its deploy command): "))
+            .unwrap_or_else(|| panic!("{place}: {stdout}"));
+        assert!(
+            sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{place}: {sha}"
+        );
+    }
     // The merge brought the developer's real code change and every stage's artifact.
     for file in [
         "scripted/demo_1.py",
@@ -352,6 +367,21 @@ fn the_demo_runs_the_real_claude_cli_through_a_rollback() {
         "{stdout}"
     );
     assert_done_and_summarised(&stdout, 9);
+    assert_eq!(stderr, "", "{stderr}");
+}
+
+#[test]
+fn a_deploy_command_that_fails_rolls_back_and_the_next_deploy_ships() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let tmp = tempfile::tempdir().expect("tmp");
+    // --reject deploy: the demo's deploy command refuses its first deploy (exit 1) and the
+    // scripted deployer agrees; that the exit status alone decides is shown by
+    // services/launcher/tests/deploy_targets.rs, where the agent claims SUCCESS.
+    let (code, stdout, stderr) = run(&mut demo(cwd.path(), tmp.path(), &["--reject", "deploy"]));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let want = expected(Some(Stage::Deploy));
+    assert_eq!(events(&stdout), want, "{stdout}");
+    assert_done_and_summarised(&stdout, want.len() - 2);
     assert_eq!(stderr, "", "{stderr}");
 }
 

@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod config;
 pub mod db;
+pub mod deploy_target;
 pub mod group_commit;
 pub mod grpc;
 pub mod outbox;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use orchestrator_forge::ForgeConfig;
+use orchestrator_kit::deploy_target::{DeployTarget, parse_targets};
 use orchestrator_kit::outbox::{self, OutboxConfig};
 use orchestrator_kit::{ConfigError, Env};
 
@@ -126,6 +127,9 @@ pub struct LauncherConfig {
     /// The agents' profiles: `ORCH_AGENT_PROFILES`, else `<ORCH_AGENTS_DIR>/profiles.toml`,
     /// else the shipped ones (see [`crate::profiles`]).
     pub profiles: Profiles,
+    /// `ORCH_DEPLOY_TARGETS_JSON`: per repo, the staging and deploy commands the launcher
+    /// runs after the deployer's run (see [`crate::deploy`]); `None` when unset.
+    pub deploy_targets: Option<BTreeMap<String, DeployTarget>>,
 }
 
 /// A point in a run where a fault test makes the launcher die by SIGKILL — a real signal,
@@ -319,6 +323,13 @@ impl LauncherConfig {
             deploy_lease: env.bool("ORCH_DEPLOY_LEASE_ENABLED", true)?,
             lease_retry: seconds(env, "ORCH_LEASE_RETRY_S", 10.0)?,
             resume_max_age: seconds(env, "ORCH_RESUME_MAX_AGE_S", 3600.0)?,
+            deploy_targets: match env.get("ORCH_DEPLOY_TARGETS_JSON") {
+                None => None,
+                Some(raw) => Some(
+                    parse_targets(raw)
+                        .map_err(|e| ConfigError::new("ORCH_DEPLOY_TARGETS_JSON", e))?,
+                ),
+            },
             forge,
             outbox: OutboxConfig {
                 // A delivery is at most two RPCs (FinishComment, then AddComment) of

@@ -164,6 +164,9 @@ impl Supervisor {
         let mut links: Vec<(String, String)> = Vec::new();
         let mut pr: Option<PullRequest> = None;
         if let Some(co) = &files.checkout {
+            if let Some(note) = self.run_deploy_target(job, ctx, co, &files.log).await {
+                notes.push(note);
+            }
             let message = format!(
                 "{} {}: {} (job {}, attempt {})",
                 ctx.key, job.stage, job.agent, job.id, job.attempt

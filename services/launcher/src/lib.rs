@@ -14,12 +14,14 @@
 //!   `AdvanceStage` or `ReportJobFailed`), written with the job's end and delivered for as
 //!   long as a peer is down (the kit's one outbox mechanism);
 //! - [`reserved`]: the no-LLM jobs (`deploy-finalizer`, `post-deploy-monitor`) as RPCs;
+//! - [`deploy`]: the deploy target's staging or deploy command, run after the deployer's run;
 //! - [`classify`] and [`rules`]: what a run came to and where the job goes next, as pure
 //!   functions.
 
 pub mod agent;
 pub mod classify;
 pub mod config;
+mod deploy;
 pub mod egress;
 mod error;
 mod finish;

@@ -53,6 +53,16 @@ impl LauncherConfig {
                 );
             }
         }
+        match &self.deploy_targets {
+            None => tracing::warn!(
+                "ORCH_DEPLOY_TARGETS_JSON is not set: the deploy-staging and deploy statuses \
+                 are the deployer agent's word, not a command's (docs/deploy.md)"
+            ),
+            Some(t) => tracing::info!(
+                repos = %t.keys().cloned().collect::<Vec<_>>().join(","),
+                "deploy targets: the launcher runs their staging and deploy commands"
+            ),
+        }
         if self.agent_command_found().is_none() {
             tracing::warn!(
                 command = %self.agent_command[0],

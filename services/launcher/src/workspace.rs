@@ -145,6 +145,16 @@ impl Workspace {
         Ok(true)
     }
 
+    /// The commit `rev` names in the checkout, if any.
+    pub async fn rev(&self, co: &Checkout, rev: &str) -> Option<String> {
+        let out = self
+            .git
+            .ok(&co.dir, &["rev-parse", "--verify", "--quiet", rev])
+            .await
+            .ok()?;
+        Some(out.trim().to_owned()).filter(|s| !s.is_empty())
+    }
+
     async fn head(&self, dir: &Path) -> Result<String, WorkspaceError> {
         Ok(self
             .git

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use orchestrator_kit::deploy_target;
 use orchestrator_kit::{ConfigError, Env};
 use serde::Deserialize;
 
@@ -152,11 +153,17 @@ impl PostDeployConfig {
         }
         let probe_timeout_ms: u64 = env.parse("ORCH_POST_DEPLOY_PROBE_TIMEOUT_MS", 5_000)?;
         let rollback_timeout_s: u64 = env.parse("ORCH_POST_DEPLOY_ROLLBACK_TIMEOUT_S", 600)?;
-        let targets = match env.get("ORCH_POST_DEPLOY_TARGETS_JSON") {
+        let mut targets = match env.get("ORCH_POST_DEPLOY_TARGETS_JSON") {
             None => BTreeMap::new(),
             Some(raw) => parse_targets(raw)
                 .map_err(|e| ConfigError::new("ORCH_POST_DEPLOY_TARGETS_JSON", e))?,
         };
+        if let Some(raw) = env.get("ORCH_DEPLOY_TARGETS_JSON") {
+            let deploy = deploy_target::parse_targets(raw)
+                .map_err(|e| ConfigError::new("ORCH_DEPLOY_TARGETS_JSON", e))?;
+            merge_deploy_targets(&mut targets, deploy)
+                .map_err(|e| ConfigError::new("ORCH_DEPLOY_TARGETS_JSON", e))?;
+        }
         let log_dir = env.dir("ORCH_POST_DEPLOY_LOG_DIR", || data_dir.join("post-deploy"))?;
 
         Ok(PostDeployConfig {
@@ -228,6 +235,35 @@ pub fn parse_targets(raw: &str) -> Result<BTreeMap<String, Target>, String> {
     Ok(map)
 }
 
+/// Adds the watch half of `ORCH_DEPLOY_TARGETS_JSON` (the one home of deploy targets) to
+/// the targets of `ORCH_POST_DEPLOY_TARGETS_JSON`, which keeps working. A repo in both is
+/// refused, by name: two answers to "where is production" would be a guess.
+fn merge_deploy_targets(
+    targets: &mut BTreeMap<String, Target>,
+    deploy: BTreeMap<String, deploy_target::DeployTarget>,
+) -> Result<(), String> {
+    for (repo, t) in deploy {
+        if t.health_url.is_empty() && t.metrics_url.is_empty() {
+            continue; // deployed, not watched
+        }
+        if targets.contains_key(&repo) {
+            return Err(format!(
+                "'{repo}' is also in ORCH_POST_DEPLOY_TARGETS_JSON: give it in one of them"
+            ));
+        }
+        let raw = serde_json::json!({
+            repo.clone(): {
+                "health_url": t.health_url,
+                "metrics_url": t.metrics_url,
+                "rollback_command": t.rollback_command,
+            }
+        });
+        // The same checks as the older variable's, so both say the same of the same target.
+        targets.extend(parse_targets(&raw.to_string())?);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +331,57 @@ mod tests {
                 .expect_err(value);
             assert_eq!(err.var, var, "{value}: {err}");
         }
+    }
+
+    #[test]
+    fn the_deploy_targets_are_watched_too_and_a_repo_in_both_is_refused() {
+        let deploy = r#"{"acme/shop":{"deploy_command":["ship","{sha}"],
+            "health_url":"http://shop/healthz","rollback_command":"back {previous_sha}"},
+            "acme/quiet":{"deploy_command":"ship"}}"#;
+        let c = PostDeployConfig::from_env(
+            &env(&[
+                ("ORCH_DEPLOY_TARGETS_JSON", deploy),
+                (
+                    "ORCH_POST_DEPLOY_TARGETS_JSON",
+                    r#"{"acme/old":{"health_url":"http://old/h"}}"#,
+                ),
+            ]),
+            Path::new("/d"),
+        )
+        .expect("valid");
+        let t = &c.targets["acme/shop"];
+        assert_eq!(t.health_url, "http://shop/healthz");
+        assert_eq!(t.rollback_command, "back {previous_sha}");
+        assert_eq!(t.requests_metric, "http_requests_total");
+        assert_eq!(c.targets["acme/old"].health_url, "http://old/h");
+        // Deployed but with nothing to probe: not a watch target.
+        assert!(!c.targets.contains_key("acme/quiet"));
+
+        let e = PostDeployConfig::from_env(
+            &env(&[
+                ("ORCH_DEPLOY_TARGETS_JSON", deploy),
+                (
+                    "ORCH_POST_DEPLOY_TARGETS_JSON",
+                    r#"{"acme/shop":{"health_url":"http://old/h"}}"#,
+                ),
+            ]),
+            Path::new("/d"),
+        )
+        .expect_err("ambiguous");
+        let e = e.to_string();
+        assert!(
+            e.contains("ORCH_DEPLOY_TARGETS_JSON") && e.contains("'acme/shop'"),
+            "{e}"
+        );
+        let e = PostDeployConfig::from_env(
+            &env(&[(
+                "ORCH_DEPLOY_TARGETS_JSON",
+                r#"{"acme/shop":{"health_url":"ftp://x"}}"#,
+            )]),
+            Path::new("/d"),
+        )
+        .expect_err("bad url");
+        assert!(e.to_string().contains("'acme/shop'.health_url"), "{e}");
     }
 
     #[test]

@@ -25,17 +25,6 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long we wait for the output pipe to close once the command has ended.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
-/// Variables that hold the orchestrator's own secrets; a rollback command never sees them.
-const SECRET_VARS: &[&str] = &[
-    "ORCH_INTERNAL_TOKEN",
-    "ORCH_DATABASE_URL",
-    "PLANE_API_TOKEN",
-    "PLANE_WEBHOOK_SECRET",
-    "GITEA_TOKEN",
-    "GITEA_WEBHOOK_SECRET",
-];
-const SECRET_PREFIXES: &[&str] = &["PLANE_BOT_TOKEN_"];
-
 /// What the rollback is of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RollbackVars<'a> {
@@ -92,9 +81,10 @@ pub async fn run_rollback(
     run_with_env(template, vars, timeout, inherited.into_iter()).await
 }
 
-/// Whether a variable holds one of the orchestrator's own secrets.
+/// Whether a variable holds one of the orchestrator's own secrets: the one list, shared
+/// with the launcher's deploy commands.
 fn is_secret(name: &str) -> bool {
-    SECRET_VARS.contains(&name) || SECRET_PREFIXES.iter().any(|p| name.starts_with(p))
+    orchestrator_kit::deploy_target::is_orchestrator_secret(name)
 }
 
 /// [`run_rollback`] with the environment it inherits given explicitly.
