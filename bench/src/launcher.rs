@@ -66,6 +66,15 @@ impl Peers for NoopPeers {
     async fn spent_usd(&self, _: &str) -> Result<f64, tonic::Status> {
         Ok(0.0)
     }
+    async fn spent_since(&self, _: i64, _: &str) -> Result<f64, tonic::Status> {
+        Ok(0.0)
+    }
+    async fn notify(
+        &self,
+        _: orchestrator_proto::stage_engine::v1::NotifyRequest,
+    ) -> Result<bool, tonic::Status> {
+        Ok(true)
+    }
     async fn last_run(
         &self,
         _: &str,

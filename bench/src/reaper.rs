@@ -64,6 +64,15 @@ impl Peers for QuietPeers {
     async fn spent_usd(&self, _: &str) -> Result<f64, RpcStatus> {
         Ok(0.0)
     }
+    async fn spent_since(&self, _: i64, _: &str) -> Result<f64, RpcStatus> {
+        Ok(0.0)
+    }
+    async fn notify(
+        &self,
+        _: orchestrator_proto::stage_engine::v1::NotifyRequest,
+    ) -> Result<bool, RpcStatus> {
+        Ok(true)
+    }
     async fn last_run(
         &self,
         _: &str,

@@ -378,6 +378,36 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
                     c.count
                 );
             }
+            out.push_str("# HELP orchestrator_llm_jobs_waiting_for_budget LLM jobs queued because a spending ceiling is reached.\n");
+            out.push_str("# TYPE orchestrator_llm_jobs_waiting_for_budget gauge\n");
+            let _ = writeln!(
+                out,
+                "orchestrator_llm_jobs_waiting_for_budget {}",
+                s.budget_waiting
+            );
+            out.push_str("# HELP orchestrator_budget_ceiling_usd A spending ceiling in force, by period and repository (\"\" = every one).\n");
+            out.push_str("# TYPE orchestrator_budget_ceiling_usd gauge\n");
+            for c in &s.budget_ceilings {
+                let _ = writeln!(
+                    out,
+                    "orchestrator_budget_ceiling_usd{{period=\"{}\",repo=\"{}\"}} {}",
+                    escape(&c.period),
+                    escape(&c.repo),
+                    c.ceiling_usd
+                );
+            }
+            out.push_str("# HELP orchestrator_budget_spent_usd What was spent against a ceiling in its current UTC period (absent when usage-ledger could not say).\n");
+            out.push_str("# TYPE orchestrator_budget_spent_usd gauge\n");
+            for c in &s.budget_ceilings {
+                if let Some(spent) = c.spent_usd {
+                    let _ = writeln!(
+                        out,
+                        "orchestrator_budget_spent_usd{{period=\"{}\",repo=\"{}\"}} {spent}",
+                        escape(&c.period),
+                        escape(&c.repo)
+                    );
+                }
+            }
             1
         }
         Err(_) => 0,

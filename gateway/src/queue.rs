@@ -211,6 +211,18 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
         })),
         // The launcher's outbox: the end of runs waiting for a peer, and dead letters.
         "outbox": {"pending": s.outbox_pending, "failed": s.outbox_failed},
+        // The spending ceilings (#18): each with its spend, and the LLM jobs waiting.
+        "budget": {
+            "ceilings": s.budget_ceilings.iter().map(|c| json!({
+                "period": c.period,
+                "repo": if c.repo.is_empty() { Value::Null } else { json!(c.repo) },
+                "ceiling_usd": c.ceiling_usd,
+                "spent_usd": c.spent_usd,
+                "reached": c.spent_usd.map(|spent| spent >= c.ceiling_usd),
+                "resets_at_ms": c.resets_at_ms,
+            })).collect::<Vec<_>>(),
+            "waiting": s.budget_waiting,
+        },
     })
 }
 
@@ -267,7 +279,7 @@ pub fn watch_json(w: &Watch) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use orchestrator_proto::launcher::v1::{BreakerState, RunningJob, StatusCount};
+    use orchestrator_proto::launcher::v1::{BreakerState, BudgetCeiling, RunningJob, StatusCount};
 
     #[test]
     fn code_names_are_canonical() {
@@ -305,8 +317,33 @@ mod tests {
             sandbox: Sandbox::Unspecified as i32,
             outbox_pending: 2,
             outbox_failed: 1,
+            budget_ceilings: vec![
+                BudgetCeiling {
+                    period: "daily".into(),
+                    repo: String::new(),
+                    ceiling_usd: 5.0,
+                    spent_usd: Some(5.5),
+                    resets_at_ms: 86_400_000,
+                },
+                BudgetCeiling {
+                    period: "monthly".into(),
+                    repo: "acme/app".into(),
+                    ceiling_usd: 50.0,
+                    spent_usd: None,
+                    resets_at_ms: 2_678_400_000,
+                },
+            ],
+            budget_waiting: 4,
         };
         let v = launcher_json(&s);
+        assert_eq!(v["budget"]["waiting"], 4);
+        assert_eq!(v["budget"]["ceilings"][0]["period"], "daily");
+        assert_eq!(v["budget"]["ceilings"][0]["repo"], Value::Null);
+        assert_eq!(v["budget"]["ceilings"][0]["spent_usd"], 5.5);
+        assert_eq!(v["budget"]["ceilings"][0]["reached"], true);
+        assert_eq!(v["budget"]["ceilings"][1]["repo"], "acme/app");
+        assert_eq!(v["budget"]["ceilings"][1]["spent_usd"], Value::Null);
+        assert_eq!(v["budget"]["ceilings"][1]["reached"], Value::Null);
         assert_eq!(v["counts"]["QUEUED"], 3);
         assert_eq!(v["running"][0]["id"], "j1");
         assert_eq!(v["running"][0]["status"], "RUNNING");

@@ -4,6 +4,7 @@
 mod common;
 
 mod auth;
+mod budgets;
 mod ci_gate;
 mod dashboard;
 mod demo;

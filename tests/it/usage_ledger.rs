@@ -4,7 +4,8 @@
 use std::collections::BTreeSet;
 
 use orchestrator_proto::usage_ledger::v1::{
-    ListRunsRequest, RecordRunRequest, RunKey, WorkItemCostsRequest, WorkItemSummaryRequest,
+    ListRunsRequest, RecordRunRequest, RunKey, SpentSinceRequest, WorkItemCostsRequest,
+    WorkItemSummaryRequest,
 };
 use orchestrator_testkit::{TestStorage, on_both_backends};
 use serde_json::Value;
@@ -429,6 +430,7 @@ async fn records_every_cli_sample_and_sums_them(storage: TestStorage) {
             agent: "analyst".into(),
             output: log_of(SAMPLES[SAMPLES.len() - 1].0),
             resumed: false,
+            repo: String::new(),
         })
         .await
         .expect("another item's run");
@@ -752,6 +754,7 @@ async fn a_resumed_session_is_not_counted_twice(storage: TestStorage) {
                 agent: "analyst".into(),
                 output: with_cost(cost),
                 resumed,
+                repo: String::new(),
             })
             .await
             .expect("record");
@@ -788,6 +791,7 @@ async fn a_resumed_session_is_not_counted_twice(storage: TestStorage) {
             agent: "analyst".into(),
             output: with_cost("0.03136"),
             resumed: false,
+            repo: String::new(),
         })
         .await
         .expect("record");
@@ -802,7 +806,85 @@ async fn a_resumed_session_is_not_counted_twice(storage: TestStorage) {
     assert_eq!(third.total_cost_usd, Some(0.03136));
 }
 
+/// The spending ceilings' sum (#18): the runs since a time, of one repository or all; a run
+/// without a cost counts as a run and adds nothing; a bad repo is refused by name.
+async fn spent_since_sums_by_time_and_repository(storage: TestStorage) {
+    let stack = start(storage, &[]).await;
+    let mut ledger = stack.clients.usage_ledger.clone();
+    let sample = log_of("real-2.1.328/success-with-write-tool.stdout.json");
+    let with_cost = |cost: &str| {
+        let mut v: Value = serde_json::from_str(&sample).expect("json");
+        v["total_cost_usd"] = serde_json::from_str(cost).expect("number");
+        v.to_string()
+    };
+    let reader = ledger.clone();
+    let spent = |since_ms: i64, repo: &str| {
+        let mut ledger = reader.clone();
+        let repo = repo.to_owned();
+        async move {
+            let r = ledger
+                .spent_since(SpentSinceRequest { since_ms, repo })
+                .await
+                .expect("spent_since")
+                .into_inner();
+            (r.runs, r.total_cost_usd)
+        }
+    };
+    assert_eq!(spent(0, "").await, (0, 0.0));
+    for (job, repo, output) in [
+        ("job-1", "acme/app", with_cost("0.25")),
+        ("job-2", "acme/app", with_cost("0.5")),
+        ("job-3", "acme/web", with_cost("1.25")),
+        ("job-4", "", with_cost("2")),
+        ("job-5", "acme/web", "no result at all".to_owned()),
+    ] {
+        ledger
+            .record_run(RecordRunRequest {
+                job_id: job.into(),
+                attempt: 1,
+                work_item: "ORCH-30".into(),
+                agent: "developer".into(),
+                output,
+                resumed: false,
+                repo: repo.into(),
+            })
+            .await
+            .expect("record");
+    }
+    let (runs, all) = spent(0, "").await;
+    assert_eq!(runs, 5);
+    assert!((all - 4.0).abs() < 1e-9, "{all}");
+    let (runs, app) = spent(0, "acme/app").await;
+    assert_eq!(runs, 2);
+    assert!((app - 0.75).abs() < 1e-9, "{app}");
+    let (runs, web) = spent(0, "acme/web").await;
+    assert_eq!(runs, 2, "the run without a cost is counted");
+    assert!((web - 1.25).abs() < 1e-9, "{web}");
+    let recorded = ledger
+        .get_run(RunKey {
+            job_id: "job-3".into(),
+            attempt: 1,
+        })
+        .await
+        .expect("run")
+        .into_inner();
+    assert_eq!(recorded.repo, "acme/web");
+    // Nothing was recorded after now.
+    let later = recorded.recorded_at_ms + 60_000;
+    assert_eq!(spent(later, "").await, (0, 0.0));
+    let err = ledger
+        .spent_since(SpentSinceRequest {
+            since_ms: 0,
+            repo: "a\nb".into(),
+        })
+        .await
+        .expect_err("a control character");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("repo:"), "{}", err.message());
+}
+
 on_both_backends!(
+    spent_since_sums_by_time_and_repository,
     a_resumed_session_is_not_counted_twice,
     concurrent_records_are_each_stored_once,
     records_every_cli_sample_and_sums_them,

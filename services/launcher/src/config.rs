@@ -98,6 +98,8 @@ pub struct LauncherConfig {
     pub breaker_cooldown: Duration,
     /// `ORCH_WORK_ITEM_BUDGET_USD`: what one work item may spend; none when unset.
     pub work_item_budget_usd: Option<f64>,
+    /// The spending ceilings (`ORCH_BUDGET_*`), checked before every LLM launch.
+    pub ceilings: crate::ceilings::Ceilings,
     /// `ORCH_QG_HOOK_ENABLED` (default true) and its settings.
     pub qg_hook: Option<QgHookConfig>,
     /// `ORCH_LAUNCHER_GIT`: check out the branch, then commit, push and ensure the PR.
@@ -317,6 +319,7 @@ impl LauncherConfig {
             breaker_threshold: env.parse("ORCH_BREAKER_THRESHOLD", 3u32)?,
             breaker_cooldown: seconds(env, "ORCH_BREAKER_COOLDOWN_S", 300.0)?,
             work_item_budget_usd,
+            ceilings: crate::ceilings::Ceilings::from_env(env)?,
             qg_hook,
             git: env.bool("ORCH_LAUNCHER_GIT", true)?,
             git_timeout: seconds(env, "ORCH_GIT_TIMEOUT_S", 300.0)?,

@@ -65,6 +65,7 @@ impl Supervisor {
             agent: job.agent.clone(),
             output: tail.clone(),
             resumed: files.resume_session.is_some(),
+            repo: job.repo.clone(),
         }];
         let qg_hook_blocks = files.hook_state.as_deref().map(|p| {
             std::fs::read_to_string(p)

@@ -8,6 +8,7 @@
 //! - one LLM run, by responsibility: `prepare` (the payload validated, the checkout, the
 //!   prompt and run files), [`run`] and [`agent`] (spawn in its own process group, pid
 //!   stamp, watch), `finish` (classify; commit, push, PR; the job's end and its effects);
+//! - [`ceilings`]: the daily and monthly spending ceilings, checked before every LLM launch;
 //! - `prompt`: the agent's prompt file: the role's prompt, then the task stage-engine
 //!   composed for the job;
 //! - [`outbox`]: the end of a run toward the peers (RecordRun, the finish comment,
@@ -19,6 +20,7 @@
 //!   functions.
 
 pub mod agent;
+pub mod ceilings;
 pub mod classify;
 pub mod config;
 mod deploy;

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use orchestrator_kit::outbox::{self, Deliver, DeliveryError, Entry, NewEntry, Outbox};
 use orchestrator_kit::retry::is_retryable_status;
 use orchestrator_proto::stage_engine::v1::{
-    AddCommentRequest, AdvanceStageRequest, ReportJobFailedRequest,
+    AddCommentRequest, AdvanceStageRequest, NotifyRequest, ReportJobFailedRequest,
 };
 use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,10 @@ pub enum Effect {
         /// The run resumed an earlier run's CLI session (its reported cost is the session's).
         #[serde(default)]
         resumed: bool,
+        /// The job's repository (for the per-repository spending ceilings); `""` in
+        /// entries written before #18.
+        #[serde(default)]
+        repo: String,
     },
     /// `UsageLedger.FinishComment`'s line for the run, then `rest_html` (the PR, the
     /// artifacts, the notes), posted under the agent's bot with the idempotency key
@@ -73,6 +77,13 @@ pub enum Effect {
         #[serde(default)]
         head_sha: String,
     },
+    /// `StageEngine.Notify`: people must act (a spending ceiling reached), told once per
+    /// `event_id` by stage-engine (the issue comment and the webhook).
+    Notify {
+        event: String,
+        text: String,
+        event_id: String,
+    },
     /// `StageEngine.ReportJobFailed`: the job ended failed for good.
     ReportJobFailed {
         job_id: String,
@@ -92,6 +103,7 @@ impl Effect {
             Effect::Comment { .. } => "comment",
             Effect::AdvanceStage { .. } => "advance_stage",
             Effect::ReportJobFailed { .. } => "report_job_failed",
+            Effect::Notify { .. } => "notify",
         }
     }
 
@@ -102,6 +114,8 @@ impl Effect {
             Effect::Comment { .. }
             | Effect::AdvanceStage { .. }
             | Effect::ReportJobFailed { .. } => "run",
+            // Its own channel: a notification waits for nothing of a run, nor a run for it.
+            Effect::Notify { .. } => "notify",
         }
     }
 
@@ -111,6 +125,7 @@ impl Effect {
             Effect::Comment {
                 idempotency_key, ..
             } => idempotency_key.clone(),
+            Effect::Notify { event_id, .. } => format!("notify:{event_id}"),
             Effect::RecordRun {
                 job_id, attempt, ..
             }
@@ -174,6 +189,7 @@ impl Deliver for Delivery {
                 agent,
                 output,
                 resumed,
+                repo,
             } => {
                 peers
                     .record_run(RecordRunRequest {
@@ -183,6 +199,7 @@ impl Deliver for Delivery {
                         agent,
                         output,
                         resumed,
+                        repo,
                     })
                     .await?;
                 Ok("{}".to_owned())
@@ -215,6 +232,21 @@ impl Deliver for Delivery {
                     })
                     .await?;
                 Ok(serde_json::json!({ "line": line }).to_string())
+            }
+            Effect::Notify {
+                event,
+                text,
+                event_id,
+            } => {
+                let created = peers
+                    .notify(NotifyRequest {
+                        work_item,
+                        event,
+                        text,
+                        event_id,
+                    })
+                    .await?;
+                Ok(serde_json::json!({ "created": created }).to_string())
             }
             Effect::Comment {
                 html,
@@ -315,6 +347,7 @@ mod tests {
                     agent: "analyst".into(),
                     output: "{}".into(),
                     resumed: true,
+                    repo: "acme/app".into(),
                 },
                 "record_run",
                 "run",

@@ -10,10 +10,10 @@ use orchestrator_proto::merge_gate::v1::{
 use orchestrator_proto::post_deploy::v1::{TickRequest, TickResponse};
 use orchestrator_proto::stage_engine::v1::{
     AddCommentRequest, AdvanceStageRequest, AdvanceStageResponse, GetWorkItemRequest,
-    ReportJobFailedRequest, WorkItem,
+    NotifyRequest, ReportJobFailedRequest, WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::{
-    AgentRun, RecordRunRequest, RunKey, WorkItemSummaryRequest,
+    AgentRun, RecordRunRequest, RunKey, SpentSinceRequest, WorkItemSummaryRequest,
 };
 use tonic::Status;
 
@@ -26,6 +26,9 @@ pub trait Peers: Send + Sync + 'static {
     async fn finish_comment(&self, job_id: &str, attempt: u32) -> Result<String, Status>;
     /// `UsageLedger.WorkItemSummary`: what the work item has spent so far, in USD.
     async fn spent_usd(&self, work_item: &str) -> Result<f64, Status>;
+    /// `UsageLedger.SpentSince`: what the runs recorded since `since_ms` cost, of `repo`
+    /// (empty: every repository), in USD.
+    async fn spent_since(&self, since_ms: i64, repo: &str) -> Result<f64, Status>;
     /// `UsageLedger.GetRun` of the job's latest run; `None` when none is recorded.
     async fn last_run(&self, job_id: &str) -> Result<Option<AgentRun>, Status>;
     /// `StageEngine.GetWorkItem`.
@@ -33,6 +36,8 @@ pub trait Peers: Send + Sync + 'static {
     /// `StageEngine.AddComment`: a comment under the bot of `author`'s role, delivered by
     /// stage-engine's outbox (retried while the tracker is down).
     async fn add_comment(&self, request: AddCommentRequest) -> Result<(), Status>;
+    /// `StageEngine.Notify`: tells people (once per event id); whether it was new.
+    async fn notify(&self, request: NotifyRequest) -> Result<bool, Status>;
     /// `StageEngine.AdvanceStage`.
     async fn advance_stage(
         &self,
@@ -109,6 +114,20 @@ impl Peers for GrpcPeers {
         Ok(s.total.map_or(0.0, |t| t.total_cost_usd))
     }
 
+    async fn spent_since(&self, since_ms: i64, repo: &str) -> Result<f64, Status> {
+        Ok(self
+            .clients
+            .usage_ledger
+            .clone()
+            .spent_since(SpentSinceRequest {
+                since_ms,
+                repo: repo.to_owned(),
+            })
+            .await?
+            .into_inner()
+            .total_cost_usd)
+    }
+
     async fn last_run(&self, job_id: &str) -> Result<Option<AgentRun>, Status> {
         let r = self
             .clients
@@ -145,6 +164,17 @@ impl Peers for GrpcPeers {
             .add_comment(request)
             .await?;
         Ok(())
+    }
+
+    async fn notify(&self, request: NotifyRequest) -> Result<bool, Status> {
+        Ok(self
+            .clients
+            .stage_engine
+            .clone()
+            .notify(request)
+            .await?
+            .into_inner()
+            .created)
     }
 
     async fn advance_stage(

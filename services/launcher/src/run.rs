@@ -56,6 +56,16 @@ pub(crate) fn read_tail(path: &Path) -> String {
 
 impl Supervisor {
     pub(crate) async fn run_llm(&self, job: JobRow, h: RunHandle) {
+        // The spending ceilings first: a job that must wait costs no checkout.
+        if let Err(end) = self.check_ceilings(&job).await {
+            self.end_run(&job, end, None, None).await;
+            // Had it gone as the half-open breaker's probe, it asked the model nothing:
+            // another job may probe.
+            if let Err(e) = store::breaker_release_probe(self.db(), &job.id, now_ms()).await {
+                tracing::warn!(job_id = job.id, error = %e, "cannot release the breaker probe");
+            }
+            return;
+        }
         let mut lease = false;
         let files = match self.prepare(&job, &mut lease).await {
             Ok(f) => f,

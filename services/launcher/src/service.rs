@@ -12,7 +12,7 @@ use orchestrator_kit::outbox::State as OutboxState;
 use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{ConfigError, Db, Env};
 use orchestrator_proto::launcher::v1::{
-    AgentCommand, BreakerState, CancelJobRequest, CancelJobResponse, EnqueueRequest,
+    AgentCommand, BreakerState, BudgetCeiling, CancelJobRequest, CancelJobResponse, EnqueueRequest,
     EnqueueResponse, FlipTerminalRequest, FlipTerminalResponse, GetJobRequest, Job, JobKind,
     JobStatus, LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
     ListJobsResponse, ListRunningRequest, ListRunningResponse, Liveness, LogChunk,
@@ -413,6 +413,7 @@ fn flip_success_effects(job: &JobRow) -> Vec<Effect> {
             output: crate::run::read_tail(std::path::Path::new(&job.log_path)),
             // Not known on the reaper's path: the reported cost stands (never less).
             resumed: false,
+            repo: job.repo.clone(),
         });
     }
     effects.push(Effect::AdvanceStage {
@@ -573,6 +574,22 @@ impl Launcher for LauncherService {
                 .map(|(_, n)| n)
                 .sum()
         };
+        let budget_waiting = store::count_queued_with_outcome(db, crate::ceilings::OUTCOME)
+            .await
+            .map_err(LauncherError::from)?;
+        let budget_ceilings = self
+            .sup
+            .ceiling_standings()
+            .await
+            .into_iter()
+            .map(|s| BudgetCeiling {
+                period: s.ceiling.period.as_str().to_owned(),
+                repo: s.ceiling.repo.unwrap_or_default(),
+                ceiling_usd: s.ceiling.usd,
+                spent_usd: s.spent_usd,
+                resets_at_ms: s.resets_at_ms,
+            })
+            .collect();
         let config = self.sup.config().clone();
         let found = config.clone();
         let agent_command =
@@ -613,6 +630,8 @@ impl Launcher for LauncherService {
             }),
             outbox_pending: outbox_count(&[OutboxState::Pending, OutboxState::Delivering]),
             outbox_failed: outbox_count(&[OutboxState::Failed]),
+            budget_ceilings,
+            budget_waiting,
         }))
     }
 

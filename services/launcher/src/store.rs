@@ -337,6 +337,35 @@ pub async fn counts(db: &Db) -> Result<Vec<(Status, u64)>, sqlx::Error> {
     Ok(out)
 }
 
+/// Queued jobs whose last run ended with `outcome` (e.g. the jobs waiting for a spending
+/// ceiling).
+pub async fn count_queued_with_outcome(db: &Db, outcome: &str) -> Result<u64, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE status = 'queued' AND outcome = $1")
+            .bind(outcome)
+            .fetch_one(&db.pool)
+            .await?;
+    Ok(u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))
+}
+
+/// Makes the queued jobs whose last run ended with `outcome` runnable now (a launcher that
+/// starts with a raised ceiling looks at once instead of at their next recheck).
+pub async fn wake_queued_with_outcome(
+    db: &Db,
+    outcome: &str,
+    now_ms: i64,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE jobs SET not_before_ms = $2 WHERE status = 'queued' AND outcome = $1 \
+         AND not_before_ms > $2",
+    )
+    .bind(outcome)
+    .bind(now_ms)
+    .execute(&db.pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 /// The earliest `not_before` of a queued job that is not runnable yet, if any (the
 /// dispatcher sleeps until then at most).
 pub async fn next_due(db: &Db, now_ms: i64) -> Result<Option<i64>, sqlx::Error> {

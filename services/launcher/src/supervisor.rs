@@ -2,7 +2,7 @@
 //! finished job, with a slow poll as a fallback), the heartbeat of this instance and of
 //! its live runs, restart reconciliation, and the end of every run (the guarded settle).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +71,9 @@ pub(crate) struct Inner {
     pub runs: Mutex<HashMap<String, RunHandle>>,
     pub llm_in_flight: AtomicU32,
     pub reserved_in_flight: AtomicU32,
+    /// The spending ceilings already told of in this life, by event id (stage-engine
+    /// dedupes across lives and replicas; this spares the outbox a write per recheck).
+    pub ceilings_told: Mutex<HashSet<String>>,
     /// Cancelled when the dispatcher stops for good.
     pub stopped: CancellationToken,
 }
@@ -139,6 +142,7 @@ impl Supervisor {
                 runs: Mutex::new(HashMap::new()),
                 llm_in_flight: AtomicU32::new(0),
                 reserved_in_flight: AtomicU32::new(0),
+                ceilings_told: Mutex::new(HashSet::new()),
                 stopped: CancellationToken::new(),
             }),
         }
@@ -605,6 +609,15 @@ impl Supervisor {
     /// cannot be waited on by this new life, so its group is killed and the run ends as
     /// a permanent failure (the attempt rules decide on a retry).
     async fn reconcile(&self) {
+        // The ceilings may have been raised (or lifted) since: the jobs waiting for one look
+        // again now.
+        match store::wake_queued_with_outcome(self.db(), crate::ceilings::OUTCOME, now_ms()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "jobs waiting for a spending ceiling look again"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot wake the jobs waiting for a spending ceiling")
+            }
+        }
         let me = &self.config().instance_id;
         let running = match store::running(self.db()).await {
             Ok(r) => r,

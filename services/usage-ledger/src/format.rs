@@ -174,6 +174,7 @@ mod tests {
             duration_ms: None,
             recorded_at_ms: 0,
             session_id: None,
+            repo: String::new(),
         }
     }
 

@@ -3,9 +3,9 @@ use orchestrator_kit::Db;
 use orchestrator_kit::time::now_ms;
 use orchestrator_proto::usage_ledger::v1::{
     AgentRun, AgentUsage, FinishCommentResponse, ListRunsRequest, ListRunsResponse,
-    RecordRunRequest, RecordRunResponse, RunKey, WorkItemCost, WorkItemCostsRequest,
-    WorkItemCostsResponse, WorkItemSummaryRequest, WorkItemSummaryResponse,
-    usage_ledger_server::UsageLedger,
+    RecordRunRequest, RecordRunResponse, RunKey, SpentSinceRequest, SpentSinceResponse,
+    WorkItemCost, WorkItemCostsRequest, WorkItemCostsResponse, WorkItemSummaryRequest,
+    WorkItemSummaryResponse, usage_ledger_server::UsageLedger,
 };
 use tonic::{Request, Response, Status};
 
@@ -39,6 +39,7 @@ impl UsageLedgerService {
         let job_id = required_id("job_id", &req.job_id)?;
         let work_item = required_id("work_item", &req.work_item)?;
         let agent = required_id("agent", &req.agent)?;
+        let repo = optional_id("repo", &req.repo)?;
         let attempt = req.attempt.max(1);
         let parsed = parse_result(&req.output);
         let session_id = parsed.as_ref().and_then(|r| r.session_id.clone());
@@ -67,6 +68,7 @@ impl UsageLedgerService {
             duration_ms: parsed.as_ref().and_then(|r| r.duration_ms),
             recorded_at_ms: now_ms(),
             session_id,
+            repo: repo.to_owned(),
         };
         if self.writer.write(run.clone()).await? {
             tracing::debug!(
@@ -149,6 +151,14 @@ fn required_id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, Ledge
     Ok(v)
 }
 
+/// Checks an id that may be empty; when present, as [`required_id`].
+fn optional_id<'a>(field: &'static str, value: &'a str) -> Result<&'a str, LedgerError> {
+    if value.trim().is_empty() {
+        return Ok("");
+    }
+    required_id(field, value)
+}
+
 fn agent_usage(agent: &str, line: &str, t: &Totals) -> AgentUsage {
     AgentUsage {
         agent: agent.to_owned(),
@@ -182,6 +192,7 @@ fn to_proto(r: RunRecord) -> AgentRun {
         duration_ms: r.duration_ms,
         recorded_at_ms: r.recorded_at_ms,
         session_id: r.session_id,
+        repo: r.repo,
     }
 }
 
@@ -261,6 +272,22 @@ impl UsageLedger for UsageLedgerService {
                     total_cost_usd: c.total_cost_usd,
                 })
                 .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(since_ms = request.get_ref().since_ms, repo = %request.get_ref().repo))]
+    async fn spent_since(
+        &self,
+        request: Request<SpentSinceRequest>,
+    ) -> Result<Response<SpentSinceResponse>, Status> {
+        let req = request.get_ref();
+        let repo = optional_id("repo", &req.repo)?;
+        let (runs, total_cost_usd) = store::spent_since(&self.db, req.since_ms, repo)
+            .await
+            .map_err(LedgerError::from)?;
+        Ok(Response::new(SpentSinceResponse {
+            total_cost_usd,
+            runs,
         }))
     }
 }

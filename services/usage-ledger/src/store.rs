@@ -23,21 +23,23 @@ pub struct RunRecord {
     pub recorded_at_ms: i64,
     /// The CLI session of the run, when its result said (a plain id, checked on parse).
     pub session_id: Option<String>,
+    /// The job's repository, `""` when the caller did not say (and before #18).
+    pub repo: String,
 }
 
 const COLUMNS: &str = "job_id, attempt, work_item, agent, result_found, input_tokens, output_tokens, \
      cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, api_error_status, \
-     num_turns, duration_ms, recorded_at_ms, session_id";
+     num_turns, duration_ms, recorded_at_ms, session_id, repo";
 
 /// Inserts each run unless its (job_id, attempt) is already recorded, in ONE statement.
 /// Returns, per run, whether it was inserted; of two runs with the same key in one call,
 /// only the first counts as inserted.
 pub async fn insert_many(db: &Db, runs: &[RunRecord]) -> Result<Vec<bool>, sqlx::Error> {
-    const COLS: usize = 17;
+    const COLS: usize = 18;
     let mut sql = String::from(
         "INSERT INTO agent_runs (job_id, attempt, work_item, agent, result_found, input_tokens, \
          output_tokens, cache_read_tokens, cache_creation_tokens, total_cost_usd, is_error, subtype, \
-         api_error_status, num_turns, duration_ms, recorded_at_ms, session_id) VALUES ",
+         api_error_status, num_turns, duration_ms, recorded_at_ms, session_id, repo) VALUES ",
     );
     sql.push_str(&db.backend.values_rows(runs.len(), COLS));
     sql.push_str(" ON CONFLICT (job_id, attempt) DO NOTHING RETURNING job_id, attempt");
@@ -60,7 +62,8 @@ pub async fn insert_many(db: &Db, runs: &[RunRecord]) -> Result<Vec<bool>, sqlx:
             .bind(run.num_turns)
             .bind(run.duration_ms)
             .bind(run.recorded_at_ms)
-            .bind(run.session_id.clone());
+            .bind(run.session_id.clone())
+            .bind(run.repo.clone());
     }
     let rows = q.fetch_all(&db.pool).await?;
     let mut inserted: Vec<(String, i64)> = rows
@@ -213,6 +216,24 @@ pub async fn costs_by_work_item(
         .collect()
 }
 
+/// The run count and summed known cost of the runs recorded at or after `since_ms`, of
+/// `repo` (empty: every repository), summed by the database through the
+/// `recorded_at_ms` index.
+pub async fn spent_since(db: &Db, since_ms: i64, repo: &str) -> Result<(u32, f64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT COUNT(*) AS runs, COALESCE(SUM(CAST(total_cost_usd AS DOUBLE PRECISION)), 0.0) \
+         AS cost FROM agent_runs WHERE recorded_at_ms >= $1 AND ($2 = '' OR repo = $2)",
+    )
+    .bind(since_ms)
+    .bind(repo)
+    .fetch_one(&db.pool)
+    .await?;
+    Ok((
+        u32::try_from(row.try_get::<i64, _>("runs")?).unwrap_or(u32::MAX),
+        row.try_get("cost")?,
+    ))
+}
+
 fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
     let attempt: i64 = row.try_get("attempt")?;
     Ok(RunRecord {
@@ -239,5 +260,6 @@ fn from_row(row: &AnyRow) -> Result<RunRecord, sqlx::Error> {
         duration_ms: row.try_get("duration_ms")?,
         recorded_at_ms: row.try_get("recorded_at_ms")?,
         session_id: row.try_get("session_id")?,
+        repo: row.try_get("repo")?,
     })
 }

@@ -23,7 +23,7 @@ use orchestrator_proto::merge_gate::v1::{
 };
 use orchestrator_proto::post_deploy::v1::TickResponse;
 use orchestrator_proto::stage_engine::v1::{
-    AddCommentRequest, AdvanceOutcome, AdvanceStageRequest, AdvanceStageResponse,
+    AddCommentRequest, AdvanceOutcome, AdvanceStageRequest, AdvanceStageResponse, NotifyRequest,
     ReportJobFailedRequest, WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::RecordRunRequest;
@@ -38,12 +38,15 @@ pub const REPO: &str = "acme/app";
 #[derive(Default)]
 pub struct FakeState {
     pub record_runs: Vec<RecordRunRequest>,
+    /// When each of `record_runs` was recorded (epoch ms), for `SpentSince`.
+    pub recorded_at_ms: Vec<i64>,
     /// RecordRun answers UNAVAILABLE this many times first (usage-ledger restarting).
     pub record_run_unavailable: u32,
     pub record_run_calls: u32,
     /// AddComment answers UNAVAILABLE this many times first (stage-engine restarting).
     pub add_comment_unavailable: u32,
     pub comments: Vec<AddCommentRequest>,
+    pub notifications: Vec<NotifyRequest>,
     pub advances: Vec<AdvanceStageRequest>,
     pub failures_reported: Vec<ReportJobFailedRequest>,
     /// The calls that succeeded, in order: record_run, add_comment:<key>, advance_stage,
@@ -109,6 +112,7 @@ impl Peers for FakePeers {
             }
             s.calls.push("record_run".to_owned());
             s.record_runs.push(request);
+            s.recorded_at_ms.push(orchestrator_kit::time::now_ms());
             Ok(())
         })
     }
@@ -120,6 +124,22 @@ impl Peers for FakePeers {
 
     async fn spent_usd(&self, _work_item: &str) -> Result<f64, Status> {
         Ok(self.with(|s| s.spent_usd))
+    }
+
+    /// What the recorded runs cost, read from their output as usage-ledger reads it.
+    async fn spent_since(&self, since_ms: i64, repo: &str) -> Result<f64, Status> {
+        self.with(|s| {
+            s.usage_ledger()?;
+            Ok(s.record_runs
+                .iter()
+                .zip(&s.recorded_at_ms)
+                .filter(|(r, at)| **at >= since_ms && (repo.is_empty() || r.repo == repo))
+                .filter_map(|(r, _)| {
+                    orchestrator_agent_output::parse_result(&r.output)
+                        .and_then(|p| p.total_cost_usd)
+                })
+                .sum())
+        })
     }
 
     /// The job's latest recorded run, its session read from the output as usage-ledger
@@ -160,6 +180,21 @@ impl Peers for FakePeers {
                 .push(format!("add_comment:{}", request.idempotency_key));
             s.comments.push(request);
             Ok(())
+        })
+    }
+
+    /// Records every call; `created` is false for an event id seen before, as stage-engine
+    /// answers.
+    async fn notify(&self, request: NotifyRequest) -> Result<bool, Status> {
+        self.with(|s| {
+            s.stage_engine()?;
+            let created = !s
+                .notifications
+                .iter()
+                .any(|n| n.event_id == request.event_id);
+            s.calls.push(format!("notify:{}", request.event_id));
+            s.notifications.push(request);
+            Ok(created)
         })
     }
 
