@@ -331,6 +331,12 @@ fn base_env(root: &Path, instance: &str) -> Vec<(String, String)> {
         // These tests' agents report through files under the test's root, outside their
         // checkout, which the sandbox forbids: tests/sandbox.rs runs agents inside it.
         ("ORCH_AGENT_SANDBOX", "off".to_owned()),
+        // What the scripted agents print: readable in the sandbox wherever the clone is
+        // (under /tmp, which the sandbox replaces with the agent's own).
+        (
+            "ORCH_AGENT_SANDBOX_READ_ONLY",
+            contracts().display().to_string(),
+        ),
         ("ORCH_LAUNCHER_POLL_MS", "200".to_owned()),
         ("ORCH_LAUNCHER_HEARTBEAT_MS", "200".to_owned()),
         ("ORCH_LAUNCHER_INSTANCE_STALE_MS", "2000".to_owned()),
