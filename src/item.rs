@@ -248,6 +248,7 @@ pub async fn list(
             stage: stage.unwrap_or_default(),
             repo: repo.unwrap_or_default(),
             limit: 1000,
+            ..Default::default()
         })
         .await
         .map_err(rpc("ListWorkItems"))?

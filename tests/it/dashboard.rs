@@ -349,6 +349,31 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
             .is_some_and(|t| t.contains(" cached) / ") && t.contains('$'))),
         "{runs:?}"
     );
+    // The task each run was given (collapsed; stage-engine's text, quoting the description)
+    // and the profile it ran with.
+    let tasks = browser
+        .run("return Array.from(document.querySelectorAll('table.runs pre.task')).map(p => p.textContent);")
+        .await;
+    assert!(
+        tasks.as_array().is_some_and(|t| !t.is_empty()
+            && t.iter().all(|t| t
+                .as_str()
+                .is_some_and(|t| t.contains(&format!("work_item: {KEY}"))))
+            && t.iter().any(|t| t
+                .as_str()
+                .is_some_and(|t| t.contains("The dashboard must show this title as text.")))),
+        "{tasks}"
+    );
+    let profiles = browser
+        .run("return Array.from(document.querySelectorAll('table.runs pre.profile')).map(p => p.textContent);")
+        .await;
+    assert!(
+        profiles.as_array().is_some_and(|p| !p.is_empty()
+            && p.iter().all(|p| p
+                .as_str()
+                .is_some_and(|p| p.contains("\"permission_mode\"")))),
+        "{profiles}"
+    );
     browser
         .click("table.runs tbody tr:nth-child(2) a[href$=\"/log\"]")
         .await;

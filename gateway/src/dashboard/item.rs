@@ -341,7 +341,7 @@ fn runs_table(out: &mut String, jobs: &[Job], runs: &[AgentRun], now: i64, acces
         return;
     }
     let by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
-    out.push_str("<table class=\"runs\"><thead><tr><th>agent</th><th>attempt</th><th>started</th><th>duration</th><th>usage</th><th>outcome</th><th>task</th><th></th></tr></thead><tbody>");
+    out.push_str("<table class=\"runs\"><thead><tr><th>agent</th><th>attempt</th><th>started</th><th>duration</th><th>usage</th><th>outcome</th><th>profile</th><th>task</th><th></th></tr></thead><tbody>");
     let mut rows: Vec<(i64, String)> = Vec::new();
     for r in runs {
         let job = by_id.get(r.job_id.as_str());
@@ -451,12 +451,32 @@ fn row(
     access: &Access,
     live: bool,
 ) -> String {
-    let task = job
-        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j.payload_json).ok())
-        .and_then(|p| p.get("reason").and_then(|r| r.as_str()).map(str::to_owned))
-        .filter(|r| !r.is_empty())
-        .map(|r| format!("<details><summary>why</summary>{}</details>", Esc(&r)))
-        .unwrap_or_default();
+    // The job's payload: `task` is what stage-engine composed for the agent (it quotes the
+    // tracker's description and comments, so it is escaped), `reason` why the job exists.
+    let payload = job.and_then(|j| serde_json::from_str::<serde_json::Value>(&j.payload_json).ok());
+    let field = |name: &str| {
+        payload
+            .as_ref()
+            .and_then(|p| p.get(name))
+            .and_then(|v| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let mut task = String::new();
+    if let Some(t) = field("task") {
+        let _ = write!(
+            task,
+            "<details class=\"task\"><summary>task</summary><pre class=\"task\">{}</pre></details>",
+            Esc(t)
+        );
+    }
+    if let Some(r) = field("reason") {
+        let _ = write!(task, "<details><summary>why</summary>{}</details>", Esc(r));
+    }
+    // The launcher keeps the profile of the job's latest attempt only.
+    let profile = job
+        .filter(|j| j.attempt == attempt && !j.profile_json.is_empty())
+        .map(|j| profile_cell(&j.profile_json))
+        .unwrap_or_else(|| "—".to_owned());
     let reason = job
         .filter(|j| !j.reason.is_empty())
         .map(|j| format!("<div class=\"muted small\">{}</div>", Esc(&j.reason)))
@@ -473,7 +493,7 @@ fn row(
     };
     format!(
         "<tr><td>{}</td><td class=\"num\">{attempt}</td><td>{}</td><td class=\"num\">{}</td><td class=\"usage\">{}</td>\
-         <td>{}{reason}</td><td>{task}</td><td><a href=\"/jobs/{}/log\">log</a>{cancel}</td></tr>",
+         <td>{}{reason}</td><td>{profile}</td><td>{task}</td><td><a href=\"/jobs/{}/log\">log</a>{cancel}</td></tr>",
         Esc(agent),
         html::time(now, started),
         duration
@@ -482,6 +502,28 @@ fn row(
         Esc(usage),
         Esc(outcome),
         Url(job_id),
+    )
+}
+
+/// The profile a run ran with (`Job.profile_json`): its name and model in the summary, the
+/// whole of it, pretty-printed, when opened.
+fn profile_cell(profile_json: &str) -> String {
+    let Ok(p) = serde_json::from_str::<serde_json::Value>(profile_json) else {
+        return format!("<code>{}</code>", Esc(profile_json));
+    };
+    let name = p
+        .get("profile")
+        .and_then(|v| v.as_str())
+        .unwrap_or("profile");
+    let summary = match p.get("model").and_then(|v| v.as_str()) {
+        Some(model) if !model.is_empty() => format!("{name} · {model}"),
+        _ => name.to_owned(),
+    };
+    let pretty = serde_json::to_string_pretty(&p).unwrap_or_else(|_| profile_json.to_owned());
+    format!(
+        "<details class=\"profile\"><summary>{}</summary><pre class=\"profile\">{}</pre></details>",
+        Esc(&summary),
+        Esc(&pretty)
     )
 }
 
@@ -514,6 +556,19 @@ pub(crate) fn text_of_html(html: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_profile_cell_names_the_profile_and_escapes_it() {
+        let cell = profile_cell(r#"{"profile":"dev<b>","model":"sonnet","max_turns":30}"#);
+        assert!(
+            cell.contains("<summary>dev&lt;b&gt; · sonnet</summary>"),
+            "{cell}"
+        );
+        assert!(cell.contains("&quot;max_turns&quot;: 30"), "{cell}");
+        assert!(!cell.contains("<b>"), "{cell}");
+        let bad = profile_cell("not json <i>");
+        assert_eq!(bad, "<code>not json &lt;i&gt;</code>");
+    }
 
     #[test]
     fn comment_html_becomes_text() {

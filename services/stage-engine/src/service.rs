@@ -313,6 +313,7 @@ impl StageEngine for StageEngineService {
                 stage: &r.stage,
                 repo: &r.repo,
                 limit,
+                without_description: r.without_description,
             },
         )
         .await

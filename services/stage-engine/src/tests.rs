@@ -13,7 +13,7 @@ use orchestrator_proto::post_deploy::v1::ArmResponse;
 use orchestrator_proto::stage_engine::v1::{
     AdvanceOutcome, AdvanceStageRequest, ApproveRequest, CancelRequest, CreateWorkItemRequest,
     GetWorkItemRequest, ListCommentsRequest, ListOutboxRequest, ListTransitionsRequest,
-    ListWorkItemsRequest, OnPrMergedRequest, ReportJobFailedRequest, RetryRequest,
+    ListWorkItemsRequest, OnPrMergedRequest, ReportJobFailedRequest, RetryRequest, WorkItem,
     stage_engine_server::StageEngine,
 };
 use orchestrator_testkit::{TestStorage, on_both_backends};
@@ -1687,7 +1687,80 @@ on_both_backends!(
     a_failed_merge_after_done_parks_at_deploy,
     the_watchdog_repairs_what_a_seam_lost,
     the_loop_detector_parks_a_stage_that_fails_the_same_way_three_times,
+    list_work_items_filters_and_leaves_descriptions_out_on_request,
 );
+
+/// ListWorkItems: each filter alone and together (the SQL holds only the filters given),
+/// the latest first, the limit, and `without_description` empties only the description.
+async fn list_work_items_filters_and_leaves_descriptions_out_on_request(storage: TestStorage) {
+    let h = harness(storage, 0, false).await;
+    for (n, repo) in [(1, "acme/app"), (2, "acme/web"), (3, "acme/app")] {
+        let r = h
+            .svc
+            .create_work_item(Request::new(CreateWorkItemRequest {
+                tracker_issue_id: format!("issue-{n}"),
+                key: format!("ORCH-{n}"),
+                title: format!("Item {n}"),
+                description: format!("<p>the description of {n}</p>"),
+                repo: repo.into(),
+                ..CreateWorkItemRequest::default()
+            }))
+            .await
+            .expect("create");
+        assert!(r.into_inner().created);
+        // Distinct updated_at_ms, so that "the latest first" has one answer.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    async fn list_of(svc: &StageEngineService, req: ListWorkItemsRequest) -> Vec<WorkItem> {
+        svc.list_work_items(Request::new(req))
+            .await
+            .expect("list")
+            .into_inner()
+            .work_items
+    }
+    let list = |req| list_of(&h.svc, req);
+    let keys = |items: &[WorkItem]| items.iter().map(|i| i.key.clone()).collect::<Vec<_>>();
+    let all = list(ListWorkItemsRequest::default()).await;
+    assert_eq!(
+        keys(&all),
+        ["ORCH-3", "ORCH-2", "ORCH-1"],
+        "the latest first"
+    );
+    assert_eq!(all[0].description, "<p>the description of 3</p>");
+    let app = list(ListWorkItemsRequest {
+        repo: "acme/app".into(),
+        ..ListWorkItemsRequest::default()
+    })
+    .await;
+    assert_eq!(keys(&app), ["ORCH-3", "ORCH-1"]);
+    let both = list(ListWorkItemsRequest {
+        status: "active".into(),
+        stage: "analysis".into(),
+        repo: "acme/web".into(),
+        ..ListWorkItemsRequest::default()
+    })
+    .await;
+    assert_eq!(keys(&both), ["ORCH-2"]);
+    let none = list(ListWorkItemsRequest {
+        status: "blocked".into(),
+        repo: "acme/web".into(),
+        ..ListWorkItemsRequest::default()
+    })
+    .await;
+    assert!(none.is_empty());
+    let short = list(ListWorkItemsRequest {
+        limit: 1,
+        without_description: true,
+        ..ListWorkItemsRequest::default()
+    })
+    .await;
+    assert_eq!(keys(&short), ["ORCH-3"]);
+    assert_eq!(short[0].description, "", "left out on request");
+    assert_eq!(
+        (short[0].title.as_str(), short[0].repo.as_str()),
+        ("Item 3", "acme/app")
+    );
+}
 
 /// The loop detector (#18): the analysis gate failing on the same missing artifact three
 /// times parks the item as blocked with that reason, even with stage retries left (the

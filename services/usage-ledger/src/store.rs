@@ -179,8 +179,9 @@ pub struct ItemCost {
 }
 
 /// The run count and summed cost of each of `work_items` that has runs (every item's
-/// when empty), summed by the database: one statement per 500 keys, through the
-/// `(work_item, recorded_at_ms)` index. `DOUBLE PRECISION` reads as REAL on SQLite (its
+/// when empty), summed by the database: one statement per 5,000 keys (the board asks for
+/// at most 3,200: one statement), through the covering `(work_item, total_cost_usd)` index.
+/// Both SQLite (32,766) and PostgreSQL (65,535) take that many bound values. `DOUBLE PRECISION` reads as REAL on SQLite (its
 /// type-name rules) and as float8 on PostgreSQL, so one SQL text serves both.
 pub async fn costs_by_work_item(
     db: &Db,
@@ -194,7 +195,7 @@ pub async fn costs_by_work_item(
             .fetch_all(&db.pool)
             .await?;
     }
-    for chunk in work_items.chunks(500) {
+    for chunk in work_items.chunks(5_000) {
         let placeholders: Vec<String> = (1..=chunk.len()).map(|n| format!("${n}")).collect();
         let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
             "{SELECT} WHERE work_item IN ({}) GROUP BY work_item",
