@@ -695,9 +695,17 @@ impl<'a> Timeline<'a> {
             self.held.push_back((t, Instant::now()));
         }
         let jobs = self.jobs().await?;
+        // A run's line waits for its end to reach the peers (the launcher's outbox delivers
+        // RecordRun after the job ends), else its usage reads "no run recorded"; not for
+        // long, should a peer be down.
+        let settled = |j: &Job| j.pending_effects == 0 || now_ms() - j.finished_at_ms > 5_000;
         let mut ended: Vec<&Job> = jobs
             .iter()
-            .filter(|j| attempt_ended(j) && !self.shown_runs.contains(&(j.id.clone(), j.attempt)))
+            .filter(|j| {
+                attempt_ended(j)
+                    && settled(j)
+                    && !self.shown_runs.contains(&(j.id.clone(), j.attempt))
+            })
             .collect();
         ended.sort_by_key(|j| (j.finished_at_ms == 0, j.finished_at_ms));
         for job in ended {
