@@ -78,6 +78,9 @@ fn env(root: &Path) -> Vec<(String, String)> {
     let s = |p: &Path| p.display().to_string();
     vec![
         ("ORCH_AGENT_COMMAND".into(), agent(root)),
+        // The wrapper runs the repository's scripted agent, which a clone under /tmp puts
+        // behind the sandbox's own /tmp (launcher/tests/sandbox.rs tests the sandbox itself).
+        ("ORCH_AGENT_SANDBOX".into(), "off".into()),
         ("ORCH_AGENTS_DIR".into(), s(&agents)),
         ("ORCH_WORKDIR".into(), s(&root.join("work"))),
         ("ORCH_TRACKER".into(), "local".into()),

@@ -103,6 +103,9 @@ pub async fn setup_with(storage: TestStorage, hold: bool, extra: &[(&str, &str)]
         // The Gitea account of a bot: its reviews never send work back.
         ("ORCH_BOT_AUTHORS", "ci-bot".into()),
         ("ORCH_AGENT_COMMAND", agent_script(&root)),
+        // The wrapper keeps each prompt under the test's root, outside its checkout, which
+        // the sandbox forbids (launcher/tests/sandbox.rs tests the sandbox itself).
+        ("ORCH_AGENT_SANDBOX", "off".into()),
         ("ORCH_AGENTS_DIR", s(&agents)),
         ("ORCH_WORKDIR", s(&root.join("work"))),
         ("ORCH_DATA_DIR", s(&root.join("data"))),
