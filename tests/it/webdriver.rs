@@ -161,6 +161,19 @@ impl Browser {
     }
 
     /// The page as a PNG.
+    /// Runs `script` until it returns `want` (a click's navigation may still be under way
+    /// when the click returns), up to 20 s; the last value otherwise.
+    pub async fn run_until(&self, script: &str, want: &Value) -> Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let v = self.run(script).await;
+            if &v == want || std::time::Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn screenshot(&self) -> Vec<u8> {
         let v = self.call("GET", "/screenshot", Value::Null).await;
         base64_decode(v.as_str().unwrap_or_else(|| panic!("no screenshot: {v}")))
