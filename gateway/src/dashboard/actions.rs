@@ -65,6 +65,21 @@ fn failed(access: &Access, what: &str, back: &str, s: tonic::Status) -> Response
     (status, html::page(what, "", Some(access), &body)).into_response()
 }
 
+/// After an action the RPC took: said in the log, then back to the item's page.
+fn done_for(key: &str, what: &str, back: String) -> Response {
+    tracing::info!(work_item = %key, action = what, "done from the dashboard");
+    done(back)
+}
+
+/// A cancel's reason as typed, or the dashboard's own when none was.
+fn reason_or_default(typed: String) -> String {
+    if typed.trim().is_empty() {
+        "cancelled from the dashboard".to_owned()
+    } else {
+        typed
+    }
+}
+
 pub(crate) async fn approve(
     access: Access,
     State(shared): State<Arc<Shared>>,
@@ -86,10 +101,7 @@ pub(crate) async fn approve(
         })
         .await
     {
-        Ok(_) => {
-            tracing::info!(work_item = %key, "approved from the dashboard");
-            done(back)
-        }
+        Ok(_) => done_for(&key, "approved", back),
         Err(s) => failed(&access, "Approve", &back, s),
     }
 }
@@ -115,10 +127,7 @@ pub(crate) async fn retry(
         })
         .await
     {
-        Ok(_) => {
-            tracing::info!(work_item = %key, "retried from the dashboard");
-            done(back)
-        }
+        Ok(_) => done_for(&key, "retried", back),
         Err(s) => failed(&access, "Retry", &back, s),
     }
 }
@@ -133,11 +142,7 @@ pub(crate) async fn cancel(
         return csrf_refused();
     }
     let back = format!("/items/{}", Url(&key));
-    let reason = if f.reason.trim().is_empty() {
-        "cancelled from the dashboard".to_owned()
-    } else {
-        f.reason
-    };
+    let reason = reason_or_default(f.reason);
     match shared
         .clients
         .stage_engine
@@ -149,10 +154,7 @@ pub(crate) async fn cancel(
         })
         .await
     {
-        Ok(_) => {
-            tracing::info!(work_item = %key, "cancelled from the dashboard");
-            done(back)
-        }
+        Ok(_) => done_for(&key, "cancelled", back),
         Err(s) => failed(&access, "Cancel", &back, s),
     }
 }
@@ -194,11 +196,7 @@ pub(crate) async fn cancel_job(
     if !access.csrf_ok(&f.csrf) {
         return csrf_refused();
     }
-    let reason = if f.reason.trim().is_empty() {
-        "cancelled from the dashboard".to_owned()
-    } else {
-        f.reason
-    };
+    let reason = reason_or_default(f.reason);
     match shared
         .clients
         .launcher
