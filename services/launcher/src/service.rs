@@ -122,7 +122,8 @@ impl LauncherService {
         forge: Arc<dyn Forge>,
         agent_env: AgentEnv,
     ) -> Self {
-        let workspace = Workspace::new(forge, config.git_timeout);
+        let workspace =
+            Workspace::new(forge, config.git_timeout).with_mirrors(config.workdir.join("mirrors"));
         tracing::info!(
             instance_id = config.instance_id,
             workdir = %config.workdir.display(),
