@@ -13,8 +13,8 @@
 //!   without a work item, deleted or closed issues, merges nobody reported).
 //! - [`task`]: the agent's task, composed when a transition enqueues an agent.
 //! - [`ci`]: `ci_green` for `ORCH_CI_REQUIRED_REPOS`, before review -> testing and before the
-//!   merge: a pending CI holds the item with no
-//!   agent launched, checked again on Gitea's `status` delivery and every `ORCH_CI_POLL_S`;
+//!   merge: a pending CI holds the item with no agent launched, checked again on Gitea's
+//!   `status` delivery and every `ORCH_CI_POLL_S`;
 //! - [`loops`]: the loop detector: the same gate failure of a stage three times parks it;
 //! - [`notify`]: the outgoing webhook when a human must act (awaiting approval, blocked,
 //!   the rollback budget spent), once per event through the outbox;
