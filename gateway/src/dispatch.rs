@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use orchestrator_kit::retry;
 use orchestrator_kit::time::now_ms;
+use orchestrator_proto::launcher::v1::WarmMirrorRequest;
 use orchestrator_proto::stage_engine::v1::{
     AdvanceOutcome, ApproveRequest, CreateWorkItemRequest, OnCommitStatusRequest,
     OnPrMergedRequest, OnPrReviewRequest, RetryRequest, UpdateDescriptionRequest,
@@ -414,6 +415,30 @@ async fn call(shared: &Shared, command: &Command) -> Outcome {
                 // A review of a PR that is not a work item's: nothing to do.
                 Err(s) if s.code() == Code::NotFound => {
                     Outcome::Ignored(format!("no work item for {repo} branch {branch}"))
+                }
+                Err(s) => failed(s),
+            }
+        }
+        Command::WarmMirror { repo, branch } => {
+            let req = WarmMirrorRequest {
+                repo: repo.clone(),
+                branch: branch.clone(),
+            };
+            let started = Instant::now();
+            let res = shared.clients.launcher.clone().warm_mirror(req).await;
+            observe(shared, "WarmMirror", &res, started);
+            match res {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let detail = if r.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.detail)
+                    };
+                    Outcome::Applied {
+                        reason: format!("push of {repo} {branch}: mirror {}{detail}", r.result),
+                        work_item: String::new(),
+                    }
                 }
                 Err(s) => failed(s),
             }

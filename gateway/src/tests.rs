@@ -185,7 +185,8 @@ fn expected_state(name: &str) -> &'static str {
         | "gitea-webhook-pull_request-closed-merged.json"
         | "gitea-webhook-pull_request_review-rejected.json"
         | "gitea-webhook-pull_request_review-approved.json"
-        | "gitea-webhook-status.json" => "pending",
+        | "gitea-webhook-status.json"
+        | "gitea-webhook-push.json" => "pending",
         _ => "ignored",
     }
 }

@@ -19,6 +19,8 @@
 //!   decides (it holds the bot list and the items).
 //! - Gitea `status` (a CI status on a commit) -> `OnCommitStatus`: the repository's items
 //!   that wait for CI are checked again.
+//! - Gitea `push` of a branch -> `WarmMirror` (the launcher's checkout mirror of the
+//!   repository fetches it); a tag, or a branch deleted, is ignored.
 //! - Any other known event -> ignored. An unknown event or a body that lacks what its event
 //!   needs -> [`BadPayload`] (the sender gets 400).
 
@@ -83,6 +85,9 @@ pub enum Command {
         tracker_issue_id: String,
         description: String,
     },
+    /// A Gitea push of a branch: the launcher's checkout mirror fetches it (a launcher call,
+    /// not stage-engine's).
+    WarmMirror { repo: String, branch: String },
 }
 
 impl Command {
@@ -96,6 +101,7 @@ impl Command {
             Command::OnPrReview { .. } => "OnPrReview",
             Command::OnCommitStatus { .. } => "OnCommitStatus",
             Command::UpdateDescription { .. } => "UpdateDescription",
+            Command::WarmMirror { .. } => "WarmMirror",
         }
     }
 }
@@ -411,6 +417,9 @@ pub fn gitea(event: &str, body: &Value) -> Result<Translation, BadPayload> {
     if event == "status" {
         return gitea_status(body);
     }
+    if event == "push" {
+        return gitea_push(body);
+    }
     if event != "pull_request" {
         return ignore(format!("gitea event '{event}' is not used"));
     }
@@ -494,6 +503,31 @@ fn gitea_status(body: &Value) -> Result<Translation, BadPayload> {
             sha: sha.to_owned(),
             context: clip(str_at(body, &["context"]).unwrap_or_default()).to_owned(),
             state: clip(state).to_owned(),
+        },
+    })
+}
+
+/// A `PushPayload` (modules/structs/hook.go): `ref` is `refs/heads/<branch>` for a branch,
+/// `after` the new head (all zeros when the branch was deleted).
+fn gitea_push(body: &Value) -> Result<Translation, BadPayload> {
+    let git_ref = str_at(body, &["ref"]).ok_or_else(|| bad("ref is required"))?;
+    let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
+        return ignore(format!("gitea push of '{}', not a branch", clip(git_ref)));
+    };
+    orchestrator_git::validate_branch(branch).map_err(|why| bad(format!("ref: {why}")))?;
+    let repo = str_at(body, &["repository", "full_name"])
+        .ok_or_else(|| bad("repository.full_name is required"))?;
+    orchestrator_git::validate_repo(repo)
+        .map_err(|why| bad(format!("repository.full_name: {why}")))?;
+    let after = str_at(body, &["after"]).unwrap_or_default();
+    if !after.is_empty() && after.bytes().all(|b| b == b'0') {
+        return ignore(format!("gitea push deleted branch '{branch}'"));
+    }
+    Ok(Translation::Apply {
+        ordering_key: format!("gitea:{repo}:push"),
+        command: Command::WarmMirror {
+            repo: repo.to_owned(),
+            branch: branch.to_owned(),
         },
     })
 }
@@ -633,6 +667,36 @@ mod tests {
     }
 
     #[test]
+    fn a_branch_push_warms_the_mirror_and_a_tag_or_a_deletion_is_ignored() {
+        let push = parse("gitea-webhook-push.json");
+        assert_eq!(
+            gitea("push", &push),
+            Ok(Translation::Apply {
+                ordering_key: "gitea:Test-CI/multi-line-secrets:push".into(),
+                command: Command::WarmMirror {
+                    repo: "Test-CI/multi-line-secrets".into(),
+                    branch: "main".into(),
+                },
+            })
+        );
+        let mut tag = push.clone();
+        tag["ref"] = json!("refs/tags/v1");
+        assert!(rpc_or_reason(gitea("push", &tag)).starts_with("ignore: gitea push of"));
+        let mut deleted = push.clone();
+        deleted["after"] = json!("0000000000000000000000000000000000000000");
+        assert!(rpc_or_reason(gitea("push", &deleted)).starts_with("ignore: gitea push deleted"));
+        let mut evil = push.clone();
+        evil["ref"] = json!("refs/heads/--upload-pack=x");
+        assert!(gitea("push", &evil).is_err());
+        let mut no_repo = push;
+        no_repo["repository"] = Value::Null;
+        assert_eq!(
+            gitea("push", &no_repo),
+            Err(BadPayload("repository.full_name is required".into()))
+        );
+    }
+
+    #[test]
     fn a_commit_status_becomes_on_commit_status_and_a_bad_sha_is_refused() {
         let body = parse("gitea-webhook-status.json");
         let Ok(Translation::Apply {
@@ -690,7 +754,7 @@ mod tests {
                 "gitea-webhook-pull_request-opened.json",
                 "ignore: gitea pull_request action 'opened'",
             ),
-            ("gitea-webhook-push.json", "ignore: gitea event 'push'"),
+            ("gitea-webhook-push.json", "WarmMirror"),
             (
                 "gitea-webhook-issue_comment-on-pull.json",
                 "ignore: gitea event 'issue_comment'",

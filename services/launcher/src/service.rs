@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator_forge::Forge;
-use orchestrator_git::{validate_repo, validate_work_item_key};
+use orchestrator_git::{validate_branch, validate_repo, validate_work_item_key};
 use orchestrator_kit::clients::Clients;
 use orchestrator_kit::outbox::State as OutboxState;
 use orchestrator_kit::time::now_ms;
@@ -18,7 +18,8 @@ use orchestrator_proto::launcher::v1::{
     ListJobsResponse, ListRunningRequest, ListRunningResponse, Liveness, LogChunk,
     ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe, QueueSnapshotRequest,
     QueueSnapshotResponse, RunningJob, Sandbox, SetSpendingCeilingRequest,
-    SetSpendingCeilingResponse, StatusCount, TailLogRequest, launcher_server::Launcher,
+    SetSpendingCeilingResponse, StatusCount, TailLogRequest, WarmMirrorRequest, WarmMirrorResponse,
+    launcher_server::Launcher,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -707,6 +708,35 @@ impl Launcher for LauncherService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, branch = %request.get_ref().branch))]
+    async fn warm_mirror(
+        &self,
+        request: Request<WarmMirrorRequest>,
+    ) -> Result<Response<WarmMirrorResponse>, Status> {
+        let r = request.into_inner();
+        let repo = validate_repo(r.repo.trim()).map_err(|e| LauncherError::InvalidField {
+            field: "repo",
+            reason: e.to_string(),
+        })?;
+        let branch = validate_branch(r.branch.trim()).map_err(|e| LauncherError::InvalidField {
+            field: "branch",
+            reason: e.to_string(),
+        })?;
+        let (result, detail) = match self.sup.inner.workspace.warm(&repo, branch).await {
+            Ok(true) => ("fetched", String::new()),
+            Ok(false) => ("no_mirror", String::new()),
+            // The next checkout fetches what it lacks anyway: told, not retried.
+            Err(e) => {
+                tracing::warn!(repo = %repo, branch, error = %e, "cannot warm the mirror");
+                ("failed", e.to_string())
+            }
+        };
+        Ok(Response::new(WarmMirrorResponse {
+            result: result.to_owned(),
+            detail,
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(period = %request.get_ref().period, repo = %request.get_ref().repo))]

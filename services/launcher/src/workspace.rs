@@ -66,6 +66,12 @@ pub struct Delivered {
     pub changed_files: Vec<String>,
 }
 
+/// Where `repo`'s mirror is: `<mirrors>/<owner>--<name>.git` (a validated name: neither
+/// part holds a `/` or `..`).
+fn mirror_dir(mirrors: &Path, repo: &RepoName) -> PathBuf {
+    mirrors.join(format!("{}--{}.git", repo.owner, repo.name))
+}
+
 /// `--git-dir=<dir>`: a repository named, never discovered (a broken one must not send git
 /// up to a repository above it).
 fn git_dir_arg(dir: &Path) -> String {
@@ -307,7 +313,7 @@ impl Workspace {
 
     /// The repository's mirror, made on first use (a bare repository, never gc'd).
     async fn mirror(&self, mirrors: &Path, repo: &RepoName) -> Result<PathBuf, WorkspaceError> {
-        let dir = mirrors.join(format!("{}.git", repo.to_string().replace('/', "--")));
+        let dir = mirror_dir(mirrors, repo);
         if dir.join("objects").is_dir() {
             return Ok(dir);
         }
@@ -331,6 +337,21 @@ impl Workspace {
             .await?;
         std::fs::rename(&making, &dir).map_err(io)?;
         Ok(dir)
+    }
+
+    /// Fetches `branch` into `repo`'s mirror, if there is one (the forge said it was
+    /// pushed). `Ok(false)`: no mirror of that repository here, nothing to warm.
+    pub async fn warm(&self, repo: &RepoName, branch: &str) -> Result<bool, WorkspaceError> {
+        let Some(mirrors) = &self.mirrors else {
+            return Ok(false);
+        };
+        let mirror = mirror_dir(mirrors, repo);
+        if !mirror.join("objects").is_dir() {
+            return Ok(false);
+        }
+        let url = self.forge.clone_url(repo);
+        self.fetch_into_mirror(&mirror, &url, branch).await?;
+        Ok(true)
     }
 
     fn mirror_lock(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {

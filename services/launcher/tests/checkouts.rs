@@ -197,3 +197,48 @@ async fn an_emptied_or_broken_mirror_still_gives_the_right_checkout() {
     assert_eq!(said(&log, "ALT"), "none", "fetched for itself: {log}");
     assert_ne!(said(&log, "OWN"), "0", "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forge_s_push_delivery_warms_the_mirror() {
+    use orchestrator_proto::launcher::v1::WarmMirrorRequest;
+    use orchestrator_proto::launcher::v1::launcher_server::Launcher;
+    let h = H::start(TestStorage::sqlite(), AGENT, &[]).await;
+    let warm = |repo: &str, branch: &str| {
+        h.svc.warm_mirror(tonic::Request::new(WarmMirrorRequest {
+            repo: repo.into(),
+            branch: branch.into(),
+        }))
+    };
+    // No job of the repository ran here yet: no mirror to warm (none is made for it).
+    let none = warm(REPO, BRANCH).await.expect("warm").into_inner();
+    assert_eq!(none.result, "no_mirror");
+    assert!(!mirror_dir(&h).exists());
+    run_job(&h).await;
+    let by_hand = push_from_outside(&h, "pushed.txt");
+    let warmed = warm(REPO, BRANCH).await.expect("warm").into_inner();
+    assert_eq!(
+        (warmed.result.as_str(), warmed.detail.as_str()),
+        ("fetched", "")
+    );
+    assert_eq!(
+        git(
+            &mirror_dir(&h),
+            &["rev-parse", &format!("refs/heads/{BRANCH}")]
+        ),
+        by_hand,
+        "the mirror has the pushed head before any checkout asks for it"
+    );
+    // A branch the forge does not have: told, not an error (the next checkout decides).
+    let gone = warm(REPO, "orch/none").await.expect("warm").into_inner();
+    assert_eq!(gone.result, "failed");
+    assert!(gone.detail.contains("orch/none"), "{}", gone.detail);
+    // Names from outside are checked before they reach git or a path.
+    for (repo, branch) in [("../x", BRANCH), (REPO, "--upload-pack=x"), (REPO, "")] {
+        let e = warm(repo, branch).await.expect_err("refused");
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{repo} {branch}: {e}"
+        );
+    }
+}
