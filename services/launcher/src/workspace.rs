@@ -66,6 +66,9 @@ pub struct Delivered {
     pub changed_files: Vec<String>,
 }
 
+/// The name a mirror has while it is being made (then `-<pid>`).
+const MAKING: &str = ".making-";
+
 /// Where `repo`'s mirror is: `<mirrors>/<owner>--<name>.git` (a validated name: neither
 /// part holds a `/` or `..`).
 fn mirror_dir(mirrors: &Path, repo: &RepoName) -> PathBuf {
@@ -159,8 +162,17 @@ impl Workspace {
         }
     }
 
-    /// Checkouts borrow their objects from per-repository mirrors under `dir`.
+    /// Checkouts borrow their objects from per-repository mirrors under `dir`. A mirror
+    /// half-made by a launcher that died making it is removed (it was never renamed into
+    /// place, so no checkout borrows from it).
     pub fn with_mirrors(mut self, dir: PathBuf) -> Self {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(MAKING) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         self.mirrors = Some(dir);
         self
     }
@@ -328,7 +340,7 @@ impl Workspace {
         };
         std::fs::create_dir_all(mirrors).map_err(io)?;
         // Made aside and renamed into place: a half-made mirror is never seen.
-        let making = mirrors.join(format!(".making-{}", std::process::id()));
+        let making = mirrors.join(format!("{MAKING}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&making);
         std::fs::create_dir_all(&making).map_err(io)?;
         self.git.ok(&making, &["init", "-q", "--bare"]).await?;

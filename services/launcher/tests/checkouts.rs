@@ -199,6 +199,18 @@ async fn an_emptied_or_broken_mirror_still_gives_the_right_checkout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_half_made_by_a_dead_launcher_is_removed_at_start() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().expect("tempdir"));
+    let half = dir.path().join("work/mirrors/.making-4242");
+    std::fs::create_dir_all(half.join("objects")).expect("a half-made mirror");
+    let storage = std::sync::Arc::new(TestStorage::sqlite());
+    let h = H::start_on(storage, dir, "restarted", AGENT, &[]).await;
+    assert!(!half.exists(), "pruned at start");
+    let log = run_job(&h).await;
+    assert_eq!(said(&log, "OWN"), "0", "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_forge_s_push_delivery_warms_the_mirror() {
     use orchestrator_proto::launcher::v1::WarmMirrorRequest;
     use orchestrator_proto::launcher::v1::launcher_server::Launcher;
