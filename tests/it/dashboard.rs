@@ -235,12 +235,18 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         .run("document.querySelector('form[action$=\"/approve\"] input[name=csrf]').remove(); return null;")
         .await;
     browser.click("form[action$=\"/approve\"] button").await;
-    let refused = browser.run("return document.body.innerText;").await;
-    assert!(
-        refused
-            .as_str()
-            .is_some_and(|t| t.contains("without the page's CSRF token")),
-        "{refused}"
+    // The click returns before the refusal's page has landed, under load.
+    let refused = browser
+        .run_until(
+            "return document.body.innerText.includes(\"without the page's CSRF token\");",
+            &Value::Bool(true),
+        )
+        .await;
+    assert_eq!(
+        refused,
+        Value::Bool(true),
+        "{}",
+        browser.run("return document.body.innerText;").await
     );
     assert_eq!(item(&stack.clients).await.status, "awaiting_approval");
 
@@ -339,8 +345,41 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         "the test saw the item between analysis and done: {seen:?}"
     );
 
+    // Its PR, as stage-engine recorded it when the developer's run opened it: on the card
+    // and on the item page, as the number (the local forge's PR has no web page to link).
+    let pr = item(&stack.clients).await.pr_number;
+    assert!(pr > 0, "stage-engine knows the item's PR");
+    let shown = browser
+        .run(&format!(
+            "var d = document.querySelector('article.card[data-key=\"{KEY}\"] dd.pr');\
+             return d ? [d.textContent, d.querySelectorAll('a').length] : null;"
+        ))
+        .await;
+    assert_eq!(
+        shown,
+        serde_json::json!([format!("#{pr}"), 0]),
+        "the card's PR"
+    );
+
     // The item page afterwards: every run with its usage, the log still readable.
     browser.goto(&format!("{gateway}/items/{KEY}")).await;
+    let shown = browser
+        .run("var d = document.querySelector('dl.facts dd.pr'); return d ? d.textContent : null;")
+        .await;
+    assert_eq!(shown, Value::from(format!("#{pr}")), "the item page's PR");
+    // The artifacts every stage wrote, read through stage-engine from the local forge (no
+    // web page to link): their text, as text.
+    let artifacts = browser
+        .run("return Array.from(document.querySelectorAll('ul.artifacts li')).map(l => [l.dataset.name, l.querySelector('pre.artifact') ? l.querySelector('pre.artifact').textContent : null]);")
+        .await;
+    let artifacts = artifacts.as_array().cloned().unwrap_or_default();
+    assert_eq!(artifacts.len(), 7, "{artifacts:?}");
+    assert!(
+        artifacts.iter().all(|a| a[1]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("work_item: {KEY}")))),
+        "{artifacts:?}"
+    );
     let runs = browser
         .run("return Array.from(document.querySelectorAll('table.runs tbody tr')).map(r => r.innerText);")
         .await;

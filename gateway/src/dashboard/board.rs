@@ -332,6 +332,13 @@ fn card(
             if *runs == 1 { "" } else { "s" }
         );
     }
+    if item.pr_number > 0 {
+        let _ = write!(
+            out,
+            "<dt>PR</dt><dd class=\"pr\">{}</dd>",
+            html::forge_link(&item.pr_url, &format!("#{}", item.pr_number))
+        );
+    }
     out.push_str("</dl>");
     if !item.status_reason.is_empty() {
         let _ = write!(out, "<p class=\"reason\">{}</p>", Esc(&item.status_reason));
@@ -345,4 +352,49 @@ fn card(
         ));
     }
     out.push_str("</article>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(pr_number: u64, pr_url: &str) -> WorkItem {
+        WorkItem {
+            key: "ORCH-9".into(),
+            title: "a title".into(),
+            stage: "review".into(),
+            status: "active".into(),
+            pr_number,
+            pr_url: pr_url.into(),
+            ..Default::default()
+        }
+    }
+
+    fn card_of(item: &WorkItem) -> String {
+        let access = Access {
+            csrf: "c".into(),
+            signed_in: false,
+        };
+        let mut out = String::new();
+        card(&mut out, item, 0, None, None, &access);
+        out
+    }
+
+    #[test]
+    fn a_card_links_its_pr_on_the_forge() {
+        let gitea = card_of(&item(12, "https://git.example/acme/app/pulls/12"));
+        assert!(
+            gitea.contains(
+                "<dt>PR</dt><dd class=\"pr\"><a class=\"forge\" href=\"https://git.example/acme/app/pulls/12\">#12</a></dd>"
+            ),
+            "{gitea}"
+        );
+        // The local forge's PR has no web page: its number, as text.
+        let local = card_of(&item(1, "file:///srv/forge/acme/app.git#pull/1"));
+        assert!(
+            local.contains("<dd class=\"pr\"><span class=\"forge\">#1</span></dd>"),
+            "{local}"
+        );
+        assert!(!card_of(&item(0, "")).contains("<dt>PR</dt>"));
+    }
 }
