@@ -3,6 +3,7 @@
 //! list of parts; the parts always talk to each other through their gRPC clients.
 
 pub mod demo;
+pub mod inbox;
 pub mod item;
 pub mod node;
 

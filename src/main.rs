@@ -6,6 +6,7 @@
 //! - `orchestrator health <service>` asks a service on this host whether it serves (the
 //!   container healthcheck of deploy/compose.yaml).
 //! - `orchestrator item ...` creates, lists, shows, approves, retries and cancels work items.
+//! - `orchestrator inbox ...` lists and retries the gateway inbox's dead letters.
 //! - `orchestrator demo` runs one work item through every stage on a throw-away stack.
 
 use std::path::PathBuf;
@@ -76,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: orchestrator::item::ItemCommand,
     },
+    /// The gateway inbox's dead letters: list and retry (on the gateway's own storage).
+    Inbox {
+        #[command(subcommand)]
+        command: orchestrator::inbox::InboxCommand,
+    },
     /// Runs one work item through every stage to done on a throw-away stack (a temp dir,
     /// SQLite, a sample repository, the scripted agent), printing a live timeline. Needs
     /// nothing configured and reads neither ./.env nor ORCH_* for its stack.
@@ -109,6 +115,9 @@ fn main() -> ExitCode {
     if let Command::Item { command } = cli.command {
         return item(command);
     }
+    if let Command::Inbox { command } = cli.command {
+        return inbox(command);
+    }
     if let Command::Demo(args) = cli.command {
         return demo(args);
     }
@@ -118,6 +127,7 @@ fn main() -> ExitCode {
         Command::QgHook { .. }
         | Command::Health { .. }
         | Command::Item { .. }
+        | Command::Inbox { .. }
         | Command::Demo(_) => {
             return ExitCode::FAILURE;
         }
@@ -296,6 +306,28 @@ fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
             .map_err(|e| e.to_string())
     });
     match out {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs an `inbox` command against the gateway's storage.
+fn inbox(command: orchestrator::inbox::InboxCommand) -> ExitCode {
+    let config = match Config::from_process() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(orchestrator::inbox::run(&config, command)) {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS
