@@ -95,6 +95,10 @@ fn env(root: &Path) -> Vec<(String, String)> {
         ("ORCH_BACKOFF_BASE_S".into(), "1".into()),
         ("ORCH_BACKOFF_MAX_S".into(), "5".into()),
         ("ORCH_RPC_TIMEOUT_MS".into(), RPC_TIMEOUT_MS.into()),
+        // Budgets the scripted agent's few cents never reach: the costs page shows the
+        // spend against them.
+        ("ORCH_BUDGET_DAILY_USD".into(), "100".into()),
+        ("ORCH_WORK_ITEM_BUDGET_USD".into(), "50".into()),
     ]
 }
 
@@ -438,6 +442,25 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         total.as_str().is_some_and(|t| t.contains("runs")),
         "{total}"
     );
+    // Against the budgets: today's spend (the launcher's count, as the machine room's) of
+    // the daily ceiling, and the item's cost in all of the per-item budget.
+    let budgets = browser
+        .run(&format!(
+            "var d = document.querySelector('table.budgets tr[data-period=daily] td.spent');\
+             var i = document.querySelector('table.top tr[data-key=\"{KEY}\"] td.in-all');\
+             return [d ? d.textContent : null, i ? i.textContent : null];"
+        ))
+        .await;
+    let spent_of = |v: &Value, of: &str| {
+        v.as_str().is_some_and(|t| {
+            t.starts_with("$0.") && t.contains(&format!(" of {of} · ")) && t.ends_with('%')
+        })
+    };
+    assert!(
+        spent_of(&budgets[0], "$100.00") && spent_of(&budgets[1], "$50.00"),
+        "{budgets}"
+    );
+    save(&browser, "costs.png").await;
 }
 
 /// A gateway alone, on `addr`, its peers down (the pages say so in place).

@@ -144,6 +144,15 @@ pub(crate) fn time(now_ms: i64, at_ms: i64) -> String {
     )
 }
 
+/// A time to come as "in 3 h", the exact UTC time on hover.
+pub(crate) fn time_until(now_ms: i64, at_ms: i64) -> String {
+    let exact = rfc3339(at_ms);
+    format!(
+        "<time datetime=\"{exact}\" title=\"{exact}\">in {}</time>",
+        duration(at_ms - now_ms)
+    )
+}
+
 /// A duration: `850 ms`, `12.3 s`, `4 min 05 s`, `2 h 03 min`.
 pub(crate) fn duration(ms: i64) -> String {
     let ms = ms.max(0);
