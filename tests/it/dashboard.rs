@@ -13,8 +13,13 @@ use std::time::{Duration, Instant};
 
 use orchestrator_kit::ServiceName;
 use orchestrator_kit::clients::Clients;
-use orchestrator_proto::launcher::v1::{JobStatus, ListJobsRequest};
-use orchestrator_proto::stage_engine::v1::{CreateWorkItemRequest, GetWorkItemRequest, WorkItem};
+use orchestrator_proto::launcher::v1::{
+    JobStatus, ListJobsRequest, ListRunningRequest, QueueSnapshotRequest,
+};
+use orchestrator_proto::stage_engine::v1::{
+    CreateWorkItemRequest, GetWorkItemRequest, ListWorkItemsRequest, SnapshotRequest, WorkItem,
+};
+use orchestrator_proto::usage_ledger::v1::WorkItemCostsRequest;
 use orchestrator_testkit::TestStorage;
 use serde_json::Value;
 
@@ -700,6 +705,76 @@ async fn board_server_time_with_10000_items_and_100000_runs() {
     times.sort();
     let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).min(times.len()) - 1];
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    // Where the time goes: each read the board makes, alone, as the gateway makes it (the
+    // five lists together, then the costs of the keys they gave); what is left of a GET is
+    // the HTML and the HTTP round trip.
+    let c = &stack.clients;
+    let lists = || board_lists(c);
+    let keys = lists().await;
+    assert_eq!(keys.len(), 1200);
+    let mut phases = Vec::new();
+    macro_rules! phase {
+        ($name:expr, $call:expr) => {{
+            let mut t = Vec::with_capacity(REQUESTS);
+            for i in 0..REQUESTS + 10 {
+                let started = Instant::now();
+                let _ = $call;
+                if i >= 10 {
+                    t.push(started.elapsed());
+                }
+            }
+            t.sort();
+            let p = |q: f64| t[((t.len() as f64 * q).ceil() as usize).min(t.len()) - 1];
+            phases.push(format!(
+                "  {:<44} p50 {:>10?} p99 {:>10?}",
+                $name,
+                p(0.50),
+                p(0.99)
+            ));
+        }};
+    }
+    phase!("five ListWorkItems, together", lists().await);
+    phase!(
+        "StageEngine.Snapshot",
+        c.stage_engine
+            .clone()
+            .snapshot(SnapshotRequest {})
+            .await
+            .expect("Snapshot")
+    );
+    phase!(
+        "Launcher.ListRunning",
+        c.launcher
+            .clone()
+            .list_running(ListRunningRequest {})
+            .await
+            .expect("ListRunning")
+    );
+    phase!(
+        "Launcher.QueueSnapshot (what the board read before)",
+        c.launcher
+            .clone()
+            .queue_snapshot(QueueSnapshotRequest {})
+            .await
+            .expect("QueueSnapshot")
+    );
+    phase!(
+        "UsageLedger.WorkItemCosts, 1,200 keys",
+        c.usage_ledger
+            .clone()
+            .work_item_costs(WorkItemCostsRequest {
+                work_items: keys.clone()
+            })
+            .await
+            .expect("WorkItemCosts")
+    );
+    println!("{}", phases.join("\n"));
     println!(
         "board: {ITEMS} items, {} runs, {REQUESTS} requests after 10 warm-ups, {bytes} bytes: \
          p50 {:?} p95 {:?} p99 {:?} max {:?}; load average {}",
@@ -708,9 +783,38 @@ async fn board_server_time_with_10000_items_and_100000_runs() {
         pct(0.95),
         pct(0.99),
         times[times.len() - 1],
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load
     );
+}
+
+/// The board's five lists, read together as the gateway reads them; the keys they gave.
+async fn board_lists(c: &Clients) -> Vec<String> {
+    let list = |status: &str, limit: u32| {
+        let mut se = c.stage_engine.clone();
+        let req = ListWorkItemsRequest {
+            status: status.into(),
+            limit,
+            without_description: true,
+            ..Default::default()
+        };
+        async move {
+            se.list_work_items(req)
+                .await
+                .expect("ListWorkItems")
+                .into_inner()
+                .work_items
+        }
+    };
+    let (a, b, d, e, f) = tokio::join!(
+        list("blocked", 1000),
+        list("awaiting_approval", 1000),
+        list("active", 1000),
+        list("done", 100),
+        list("cancelled", 100),
+    );
+    [a, b, d, e, f]
+        .into_iter()
+        .flatten()
+        .map(|i| i.key)
+        .collect()
 }
