@@ -390,24 +390,24 @@ mod tests {
             budget_ceilings: vec![
                 BudgetCeiling {
                     period: "daily".into(),
-                    repo: String::new(),
                     ceiling_usd: 5.0,
                     spent_usd: Some(1.2),
                     resets_at_ms: 7_200_000,
+                    ..Default::default()
                 },
                 BudgetCeiling {
                     period: "monthly".into(),
                     repo: "acme/<app>".into(),
                     ceiling_usd: 50.0,
                     spent_usd: Some(61.0),
-                    resets_at_ms: 0,
+                    ..Default::default()
                 },
                 BudgetCeiling {
                     period: "monthly".into(),
                     repo: String::new(),
                     ceiling_usd: 80.0,
                     spent_usd: None,
-                    resets_at_ms: 0,
+                    ..Default::default()
                 },
             ],
             budget_waiting: 2,
