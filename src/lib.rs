@@ -4,6 +4,7 @@
 
 pub mod budget;
 pub mod demo;
+pub mod inbox;
 pub mod item;
 pub mod node;
 

@@ -7,6 +7,7 @@
 //!   container healthcheck of deploy/compose.yaml).
 //! - `orchestrator item ...` creates, lists, shows, approves, retries and cancels work items.
 //! - `orchestrator budget ...` sets and shows the spending ceilings at run time.
+//! - `orchestrator inbox ...` lists and retries the gateway inbox's dead letters.
 //! - `orchestrator demo` runs one work item through every stage on a throw-away stack.
 
 use std::path::PathBuf;
@@ -82,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         command: orchestrator::budget::BudgetCommand,
     },
+    /// The gateway inbox's dead letters: list and retry (on the gateway's own storage).
+    Inbox {
+        #[command(subcommand)]
+        command: orchestrator::inbox::InboxCommand,
+    },
     /// Runs one work item through every stage to done on a throw-away stack (a temp dir,
     /// SQLite, a sample repository, the scripted agent), printing a live timeline. Needs
     /// nothing configured and reads neither ./.env nor ORCH_* for its stack.
@@ -118,6 +124,9 @@ fn main() -> ExitCode {
     if let Command::Budget { command } = cli.command {
         return budget(command);
     }
+    if let Command::Inbox { command } = cli.command {
+        return inbox(command);
+    }
     if let Command::Demo(args) = cli.command {
         return demo(args);
     }
@@ -128,6 +137,7 @@ fn main() -> ExitCode {
         | Command::Health { .. }
         | Command::Item { .. }
         | Command::Budget { .. }
+        | Command::Inbox { .. }
         | Command::Demo(_) => {
             return ExitCode::FAILURE;
         }
@@ -325,6 +335,28 @@ where
         f(clients).await
     });
     match out {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// Runs an `inbox` command against the gateway's storage.
+fn inbox(command: orchestrator::inbox::InboxCommand) -> ExitCode {
+    let config = match Config::from_process() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(orchestrator::inbox::run(&config, command)) {
         Ok(out) => {
             print!("{out}");
             ExitCode::SUCCESS

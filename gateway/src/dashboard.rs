@@ -79,6 +79,7 @@ pub(crate) fn router() -> Router<Arc<Shared>> {
         .route("/items/{key}/cancel", post(actions::cancel))
         .route("/items/{key}/outbox/retry", post(actions::retry_outbox))
         .route("/jobs/{job_id}/cancel", post(actions::cancel_job))
+        .route("/inbox/{id}/retry", post(actions::retry_inbox))
         .route("/assets/style.css", get(style))
         .route("/assets/app.js", get(script))
 }

@@ -405,6 +405,26 @@ pub async fn dead_letters(db: &Db, limit: u32) -> Result<Vec<Delivery>, sqlx::Er
     rows.iter().map(delivery).collect()
 }
 
+/// Puts dead letter `id` back in line (after an operator fixed its cause): pending, due at
+/// `now_ms`, its attempts counted from zero again (a dispatcher with a cap on attempts gives
+/// it the whole cap), its last error kept until the next attempt writes its own. Being the
+/// delivery it was (same id), it is applied in its arrival order for its work item. The one
+/// way to retry an inbox dead letter: `orchestrator inbox retry` and the dashboard's machine
+/// room both call it. Returns false, changing nothing, when `id` is no dead letter (unknown,
+/// or pending, applied or ignored: a second retry of the same letter is refused).
+pub async fn retry_dead(db: &Db, id: &str, now_ms: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE webhook_inbox SET state = 'pending', reason = 'retried by an operator', attempts = 0, \
+         next_attempt_at_ms = $1, finished_at_ms = 0 \
+         WHERE id = $2 AND state = 'dead' AND command IS NOT NULL",
+    )
+    .bind(now_ms)
+    .bind(id)
+    .execute(&db.pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The delivery `delivery_id` of `source`, if stored.
 pub async fn get(
     db: &Db,

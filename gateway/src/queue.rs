@@ -224,6 +224,8 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
                 "source": c.source,
             })).collect::<Vec<_>>(),
             "waiting": s.budget_waiting,
+            // What one work item may spend in all (ORCH_WORK_ITEM_BUDGET_USD); null: no limit.
+            "work_item_usd": s.work_item_budget_usd,
         },
     })
 }
@@ -338,9 +340,11 @@ mod tests {
                 },
             ],
             budget_waiting: 4,
+            work_item_budget_usd: Some(2.5),
         };
         let v = launcher_json(&s);
         assert_eq!(v["budget"]["waiting"], 4);
+        assert_eq!(v["budget"]["work_item_usd"], 2.5);
         assert_eq!(v["budget"]["ceilings"][0]["period"], "daily");
         assert_eq!(v["budget"]["ceilings"][0]["repo"], Value::Null);
         assert_eq!(v["budget"]["ceilings"][0]["spent_usd"], 5.5);

@@ -13,8 +13,13 @@ use std::time::{Duration, Instant};
 
 use orchestrator_kit::ServiceName;
 use orchestrator_kit::clients::Clients;
-use orchestrator_proto::launcher::v1::{JobStatus, ListJobsRequest};
-use orchestrator_proto::stage_engine::v1::{CreateWorkItemRequest, GetWorkItemRequest, WorkItem};
+use orchestrator_proto::launcher::v1::{
+    JobStatus, ListJobsRequest, ListRunningRequest, QueueSnapshotRequest,
+};
+use orchestrator_proto::stage_engine::v1::{
+    CreateWorkItemRequest, GetWorkItemRequest, ListWorkItemsRequest, SnapshotRequest, WorkItem,
+};
+use orchestrator_proto::usage_ledger::v1::WorkItemCostsRequest;
 use orchestrator_testkit::TestStorage;
 use serde_json::Value;
 
@@ -95,6 +100,10 @@ fn env(root: &Path) -> Vec<(String, String)> {
         ("ORCH_BACKOFF_BASE_S".into(), "1".into()),
         ("ORCH_BACKOFF_MAX_S".into(), "5".into()),
         ("ORCH_RPC_TIMEOUT_MS".into(), RPC_TIMEOUT_MS.into()),
+        // Budgets the scripted agent's few cents never reach: the costs page shows the
+        // spend against them.
+        ("ORCH_BUDGET_DAILY_USD".into(), "100".into()),
+        ("ORCH_WORK_ITEM_BUDGET_USD".into(), "50".into()),
     ]
 }
 
@@ -235,12 +244,18 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         .run("document.querySelector('form[action$=\"/approve\"] input[name=csrf]').remove(); return null;")
         .await;
     browser.click("form[action$=\"/approve\"] button").await;
-    let refused = browser.run("return document.body.innerText;").await;
-    assert!(
-        refused
-            .as_str()
-            .is_some_and(|t| t.contains("without the page's CSRF token")),
-        "{refused}"
+    // The click returns before the refusal's page has landed, under load.
+    let refused = browser
+        .run_until(
+            "return document.body.innerText.includes(\"without the page's CSRF token\");",
+            &Value::Bool(true),
+        )
+        .await;
+    assert_eq!(
+        refused,
+        Value::Bool(true),
+        "{}",
+        browser.run("return document.body.innerText;").await
     );
     assert_eq!(item(&stack.clients).await.status, "awaiting_approval");
 
@@ -339,8 +354,41 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         "the test saw the item between analysis and done: {seen:?}"
     );
 
+    // Its PR, as stage-engine recorded it when the developer's run opened it: on the card
+    // and on the item page, as the number (the local forge's PR has no web page to link).
+    let pr = item(&stack.clients).await.pr_number;
+    assert!(pr > 0, "stage-engine knows the item's PR");
+    let shown = browser
+        .run(&format!(
+            "var d = document.querySelector('article.card[data-key=\"{KEY}\"] dd.pr');\
+             return d ? [d.textContent, d.querySelectorAll('a').length] : null;"
+        ))
+        .await;
+    assert_eq!(
+        shown,
+        serde_json::json!([format!("#{pr}"), 0]),
+        "the card's PR"
+    );
+
     // The item page afterwards: every run with its usage, the log still readable.
     browser.goto(&format!("{gateway}/items/{KEY}")).await;
+    let shown = browser
+        .run("var d = document.querySelector('dl.facts dd.pr'); return d ? d.textContent : null;")
+        .await;
+    assert_eq!(shown, Value::from(format!("#{pr}")), "the item page's PR");
+    // The artifacts every stage wrote, read through stage-engine from the local forge (no
+    // web page to link): their text, as text.
+    let artifacts = browser
+        .run("return Array.from(document.querySelectorAll('ul.artifacts li')).map(l => [l.dataset.name, l.querySelector('pre.artifact') ? l.querySelector('pre.artifact').textContent : null]);")
+        .await;
+    let artifacts = artifacts.as_array().cloned().unwrap_or_default();
+    assert_eq!(artifacts.len(), 7, "{artifacts:?}");
+    assert!(
+        artifacts.iter().all(|a| a[1]
+            .as_str()
+            .is_some_and(|t| t.contains(&format!("work_item: {KEY}")))),
+        "{artifacts:?}"
+    );
     let runs = browser
         .run("return Array.from(document.querySelectorAll('table.runs tbody tr')).map(r => r.innerText);")
         .await;
@@ -399,6 +447,25 @@ async fn an_item_walks_to_done_on_the_board_in_a_real_browser() {
         total.as_str().is_some_and(|t| t.contains("runs")),
         "{total}"
     );
+    // Against the budgets: today's spend (the launcher's count, as the machine room's) of
+    // the daily ceiling, and the item's cost in all of the per-item budget.
+    let budgets = browser
+        .run(&format!(
+            "var d = document.querySelector('table.budgets tr[data-period=daily] td.spent');\
+             var i = document.querySelector('table.top tr[data-key=\"{KEY}\"] td.in-all');\
+             return [d ? d.textContent : null, i ? i.textContent : null];"
+        ))
+        .await;
+    let spent_of = |v: &Value, of: &str| {
+        v.as_str().is_some_and(|t| {
+            t.starts_with("$0.") && t.contains(&format!(" of {of} · ")) && t.ends_with('%')
+        })
+    };
+    assert!(
+        spent_of(&budgets[0], "$100.00") && spent_of(&budgets[1], "$50.00"),
+        "{budgets}"
+    );
+    save(&browser, "costs.png").await;
 }
 
 /// A gateway alone, on `addr`, its peers down (the pages say so in place).
@@ -638,6 +705,76 @@ async fn board_server_time_with_10000_items_and_100000_runs() {
     times.sort();
     let pct = |p: f64| times[((times.len() as f64 * p).ceil() as usize).min(times.len()) - 1];
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    // Where the time goes: each read the board makes, alone, as the gateway makes it (the
+    // five lists together, then the costs of the keys they gave); what is left of a GET is
+    // the HTML and the HTTP round trip.
+    let c = &stack.clients;
+    let lists = || board_lists(c);
+    let keys = lists().await;
+    assert_eq!(keys.len(), 1200);
+    let mut phases = Vec::new();
+    macro_rules! phase {
+        ($name:expr, $call:expr) => {{
+            let mut t = Vec::with_capacity(REQUESTS);
+            for i in 0..REQUESTS + 10 {
+                let started = Instant::now();
+                let _ = $call;
+                if i >= 10 {
+                    t.push(started.elapsed());
+                }
+            }
+            t.sort();
+            let p = |q: f64| t[((t.len() as f64 * q).ceil() as usize).min(t.len()) - 1];
+            phases.push(format!(
+                "  {:<44} p50 {:>10?} p99 {:>10?}",
+                $name,
+                p(0.50),
+                p(0.99)
+            ));
+        }};
+    }
+    phase!("five ListWorkItems, together", lists().await);
+    phase!(
+        "StageEngine.Snapshot",
+        c.stage_engine
+            .clone()
+            .snapshot(SnapshotRequest {})
+            .await
+            .expect("Snapshot")
+    );
+    phase!(
+        "Launcher.ListRunning",
+        c.launcher
+            .clone()
+            .list_running(ListRunningRequest {})
+            .await
+            .expect("ListRunning")
+    );
+    phase!(
+        "Launcher.QueueSnapshot (what the board read before)",
+        c.launcher
+            .clone()
+            .queue_snapshot(QueueSnapshotRequest {})
+            .await
+            .expect("QueueSnapshot")
+    );
+    phase!(
+        "UsageLedger.WorkItemCosts, 1,200 keys",
+        c.usage_ledger
+            .clone()
+            .work_item_costs(WorkItemCostsRequest {
+                work_items: keys.clone()
+            })
+            .await
+            .expect("WorkItemCosts")
+    );
+    println!("{}", phases.join("\n"));
     println!(
         "board: {ITEMS} items, {} runs, {REQUESTS} requests after 10 warm-ups, {bytes} bytes: \
          p50 {:?} p95 {:?} p99 {:?} max {:?}; load average {}",
@@ -646,9 +783,38 @@ async fn board_server_time_with_10000_items_and_100000_runs() {
         pct(0.95),
         pct(0.99),
         times[times.len() - 1],
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        load
     );
+}
+
+/// The board's five lists, read together as the gateway reads them; the keys they gave.
+async fn board_lists(c: &Clients) -> Vec<String> {
+    let list = |status: &str, limit: u32| {
+        let mut se = c.stage_engine.clone();
+        let req = ListWorkItemsRequest {
+            status: status.into(),
+            limit,
+            without_description: true,
+            ..Default::default()
+        };
+        async move {
+            se.list_work_items(req)
+                .await
+                .expect("ListWorkItems")
+                .into_inner()
+                .work_items
+        }
+    };
+    let (a, b, d, e, f) = tokio::join!(
+        list("blocked", 1000),
+        list("awaiting_approval", 1000),
+        list("active", 1000),
+        list("done", 100),
+        list("cancelled", 100),
+    );
+    [a, b, d, e, f]
+        .into_iter()
+        .flatten()
+        .map(|i| i.key)
+        .collect()
 }

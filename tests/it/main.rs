@@ -12,6 +12,7 @@ mod deploy;
 mod door;
 mod e2e;
 mod gateway;
+mod inbox;
 mod item;
 mod launcher;
 mod merge_gate;

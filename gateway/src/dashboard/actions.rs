@@ -54,6 +54,7 @@ fn failed(access: &Access, what: &str, back: &str, s: tonic::Status) -> Response
         tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
         tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists => StatusCode::CONFLICT,
         tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_GATEWAY,
     };
     let body = format!(
@@ -216,5 +217,43 @@ pub(crate) async fn cancel_job(
             ))
         }
         Err(s) => failed(&access, "Cancel job", "/machine", s),
+    }
+}
+
+/// Retries one of the gateway inbox's dead letters: [`crate::inbox::retry_dead`], the
+/// operation `orchestrator inbox retry` calls too, then wakes the dispatcher.
+pub(crate) async fn retry_inbox(
+    access: Access,
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Form(f): Form<ActionForm>,
+) -> Response {
+    if !access.csrf_ok(&f.csrf) {
+        return csrf_refused();
+    }
+    let back = "/machine";
+    match crate::inbox::retry_dead(&shared.db, &id, orchestrator_kit::time::now_ms()).await {
+        Ok(true) => {
+            shared.wake.notify_one();
+            tracing::info!(delivery = %id, "inbox dead letter retried from the dashboard");
+            done(back.to_owned())
+        }
+        Ok(false) => failed(
+            &access,
+            "Retry dead letter",
+            back,
+            tonic::Status::failed_precondition(format!(
+                "{id} is not a dead letter of the inbox (unknown, or already retried)"
+            )),
+        ),
+        Err(e) => {
+            tracing::error!(delivery = %id, error = %e, "cannot retry an inbox dead letter");
+            failed(
+                &access,
+                "Retry dead letter",
+                back,
+                tonic::Status::internal("the gateway's inbox cannot be written now; see its log"),
+            )
+        }
     }
 }

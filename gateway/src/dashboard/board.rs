@@ -9,7 +9,7 @@ use axum::extract::{Query, State};
 use axum::response::IntoResponse;
 use axum::response::Response;
 use orchestrator_kit::time::now_ms;
-use orchestrator_proto::launcher::v1::QueueSnapshotRequest;
+use orchestrator_proto::launcher::v1::ListRunningRequest;
 use orchestrator_proto::stage_engine::v1::{ListWorkItemsRequest, SnapshotRequest, WorkItem};
 use orchestrator_proto::usage_ledger::v1::WorkItemCostsRequest;
 use serde::Deserialize;
@@ -73,9 +73,12 @@ pub(crate) async fn render(shared: &Shared, access: &Access, filter: &Filter) ->
     let lists = futures_join_all(shared, &statuses, &filter.repo);
     let mut launcher = shared.clients.launcher.clone();
     let mut stage_engine = shared.clients.stage_engine.clone();
-    let (lists, queue, counts) = tokio::join!(
+    // `ListRunning`, not `QueueSnapshot`: the cards need the running jobs only, and the
+    // snapshot also counts every job ever enqueued, the outbox, the ceilings' spend (calls
+    // to usage-ledger) and searches the PATH for the agent command.
+    let (lists, running, counts) = tokio::join!(
         lists,
-        launcher.queue_snapshot(QueueSnapshotRequest {}),
+        launcher.list_running(ListRunningRequest {}),
         stage_engine.snapshot(SnapshotRequest {}),
     );
     let mut errors = Vec::new();
@@ -86,37 +89,71 @@ pub(crate) async fn render(shared: &Shared, access: &Access, filter: &Filter) ->
             Err(e) => errors.push(format!("work items ({status}): {}", e.message())),
         }
     }
-    // The costs of the items shown only: a read through the ledger's index, not a sum
-    // over every run ever recorded.
-    let costs = shared
-        .clients
-        .usage_ledger
-        .clone()
-        .work_item_costs(WorkItemCostsRequest {
-            work_items: items.iter().map(|i| i.key.clone()).collect(),
-        })
-        .await;
-    let mut out = String::with_capacity(64 * 1024);
-    let costs: HashMap<String, (u32, f64)> = match costs {
-        Ok(r) => r
-            .into_inner()
-            .costs
-            .into_iter()
-            .map(|c| (c.work_item, (c.runs, c.total_cost_usd)))
-            .collect(),
-        Err(e) => {
-            errors.push(format!("costs (usage-ledger): {}", e.message()));
-            HashMap::new()
+    // Columns in pipeline order; within one, the order of STATUSES (blocked and awaiting
+    // approval first), then the most recently changed.
+    let rank = |s: &str| {
+        STATUSES
+            .iter()
+            .position(|(x, _)| *x == s)
+            .unwrap_or(STATUSES.len())
+    };
+    items.sort_by(|a, b| {
+        rank(&a.status)
+            .cmp(&rank(&b.status))
+            .then(b.updated_at_ms.cmp(&a.updated_at_ms))
+            .then(a.key.cmp(&b.key))
+    });
+    let mut columns: Vec<(String, Vec<&WorkItem>)> = STAGES
+        .iter()
+        .map(|s| ((*s).to_owned(), Vec::new()))
+        .collect();
+    for item in &items {
+        match columns.iter_mut().find(|(s, _)| *s == item.stage) {
+            Some((_, list)) => list.push(item),
+            None => columns.push((item.stage.clone(), vec![item])),
+        }
+    }
+    // The costs of the cards shown only (at most CARDS_PER_COLUMN a column): a read through
+    // the ledger's index, not a sum over every run ever recorded.
+    let shown_keys: Vec<String> = columns
+        .iter()
+        .flat_map(|(_, list)| list.iter().take(CARDS_PER_COLUMN))
+        .map(|i| i.key.clone())
+        .collect();
+    let costs: HashMap<String, (u32, f64)> = if shown_keys.is_empty() {
+        // No keys would ask for every item's cost.
+        HashMap::new()
+    } else {
+        let costs = shared
+            .clients
+            .usage_ledger
+            .clone()
+            .work_item_costs(WorkItemCostsRequest {
+                work_items: shown_keys,
+            })
+            .await;
+        match costs {
+            Ok(r) => r
+                .into_inner()
+                .costs
+                .into_iter()
+                .map(|c| (c.work_item, (c.runs, c.total_cost_usd)))
+                .collect(),
+            Err(e) => {
+                errors.push(format!("costs (usage-ledger): {}", e.message()));
+                HashMap::new()
+            }
         }
     };
+    let mut out = String::with_capacity(64 * 1024);
     // The agent actually running for an item, from the launcher (the item's expected
     // agent may still be queued).
-    let running: HashMap<String, (String, i64)> = match queue {
+    let running: HashMap<String, (String, i64)> = match running {
         Ok(r) => r
             .into_inner()
-            .running
+            .jobs
             .into_iter()
-            .filter_map(|r| r.job.map(|j| (j.work_item, (j.agent, r.age_ms))))
+            .map(|j| (j.work_item, (j.agent, now - j.started_at_ms)))
             .collect(),
         Err(e) => {
             errors.push(format!("running jobs (launcher): {}", e.message()));
@@ -147,30 +184,6 @@ pub(crate) async fn render(shared: &Shared, access: &Access, filter: &Filter) ->
         out.push_str(".</p>");
     }
 
-    // Columns in pipeline order; within one, the order of STATUSES (blocked and awaiting
-    // approval first), then the most recently changed.
-    let rank = |s: &str| {
-        STATUSES
-            .iter()
-            .position(|(x, _)| *x == s)
-            .unwrap_or(STATUSES.len())
-    };
-    items.sort_by(|a, b| {
-        rank(&a.status)
-            .cmp(&rank(&b.status))
-            .then(b.updated_at_ms.cmp(&a.updated_at_ms))
-            .then(a.key.cmp(&b.key))
-    });
-    let mut columns: Vec<(String, Vec<&WorkItem>)> = STAGES
-        .iter()
-        .map(|s| ((*s).to_owned(), Vec::new()))
-        .collect();
-    for item in &items {
-        match columns.iter_mut().find(|(s, _)| *s == item.stage) {
-            Some((_, list)) => list.push(item),
-            None => columns.push((item.stage.clone(), vec![item])),
-        }
-    }
     out.push_str("<div class=\"board\" id=\"board\" data-refresh=\"5\">");
     for (stage, list) in &columns {
         let _ = write!(
@@ -332,6 +345,13 @@ fn card(
             if *runs == 1 { "" } else { "s" }
         );
     }
+    if item.pr_number > 0 {
+        let _ = write!(
+            out,
+            "<dt>PR</dt><dd class=\"pr\">{}</dd>",
+            html::forge_link(&item.pr_url, &format!("#{}", item.pr_number))
+        );
+    }
     out.push_str("</dl>");
     if !item.status_reason.is_empty() {
         let _ = write!(out, "<p class=\"reason\">{}</p>", Esc(&item.status_reason));
@@ -345,4 +365,49 @@ fn card(
         ));
     }
     out.push_str("</article>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(pr_number: u64, pr_url: &str) -> WorkItem {
+        WorkItem {
+            key: "ORCH-9".into(),
+            title: "a title".into(),
+            stage: "review".into(),
+            status: "active".into(),
+            pr_number,
+            pr_url: pr_url.into(),
+            ..Default::default()
+        }
+    }
+
+    fn card_of(item: &WorkItem) -> String {
+        let access = Access {
+            csrf: "c".into(),
+            signed_in: false,
+        };
+        let mut out = String::new();
+        card(&mut out, item, 0, None, None, &access);
+        out
+    }
+
+    #[test]
+    fn a_card_links_its_pr_on_the_forge() {
+        let gitea = card_of(&item(12, "https://git.example/acme/app/pulls/12"));
+        assert!(
+            gitea.contains(
+                "<dt>PR</dt><dd class=\"pr\"><a class=\"forge\" href=\"https://git.example/acme/app/pulls/12\">#12</a></dd>"
+            ),
+            "{gitea}"
+        );
+        // The local forge's PR has no web page: its number, as text.
+        let local = card_of(&item(1, "file:///srv/forge/acme/app.git#pull/1"));
+        assert!(
+            local.contains("<dd class=\"pr\"><span class=\"forge\">#1</span></dd>"),
+            "{local}"
+        );
+        assert!(!card_of(&item(0, "")).contains("<dt>PR</dt>"));
+    }
 }

@@ -102,6 +102,21 @@ pub(crate) fn action_button(a: &Access, action: &str, label: &str, class: &str) 
     )
 }
 
+/// A link to the forge's page `url`, reading `label`: only an `http(s)://` address becomes a
+/// link (the local forge's `file://` URLs cannot be opened from a web page, and nothing from
+/// outside gets to be a `javascript:` one); any other reads as the label alone.
+pub(crate) fn forge_link(url: &str, label: &str) -> String {
+    if url.starts_with("https://") || url.starts_with("http://") {
+        format!(
+            "<a class=\"forge\" href=\"{}\">{}</a>",
+            Esc(url),
+            Esc(label)
+        )
+    } else {
+        format!("<span class=\"forge\">{}</span>", Esc(label))
+    }
+}
+
 /// How long ago, as people say it: `just now`, `3 min ago`, `2 h ago`, `5 days ago`.
 pub(crate) fn ago(now_ms: i64, at_ms: i64) -> String {
     let s = (now_ms - at_ms).max(0) / 1000;
@@ -126,6 +141,15 @@ pub(crate) fn time(now_ms: i64, at_ms: i64) -> String {
     format!(
         "<time datetime=\"{exact}\" title=\"{exact}\">{}</time>",
         ago(now_ms, at_ms)
+    )
+}
+
+/// A time to come as "in 3 h", the exact UTC time on hover.
+pub(crate) fn time_until(now_ms: i64, at_ms: i64) -> String {
+    let exact = rfc3339(at_ms);
+    format!(
+        "<time datetime=\"{exact}\" title=\"{exact}\">in {}</time>",
+        duration(at_ms - now_ms)
     )
 }
 
@@ -176,6 +200,26 @@ mod tests {
             Url("../a b?c#d/é").to_string(),
             "..%2Fa%20b%3Fc%23d%2F%C3%A9"
         );
+    }
+
+    #[test]
+    fn only_web_addresses_become_forge_links() {
+        assert_eq!(
+            forge_link("https://git.example/acme/app/pulls/7", "PR #7"),
+            "<a class=\"forge\" href=\"https://git.example/acme/app/pulls/7\">PR #7</a>"
+        );
+        for url in [
+            "file:///srv/forge/acme/app.git#pull/7",
+            "javascript:alert(1)",
+            "",
+        ] {
+            assert_eq!(
+                forge_link(url, "PR #7"),
+                "<span class=\"forge\">PR #7</span>",
+                "{url}"
+            );
+        }
+        assert!(forge_link("https://x/\"><script>", "<b>").contains("&quot;&gt;&lt;script&gt;"));
     }
 
     #[test]

@@ -14,8 +14,8 @@ use orchestrator_kit::time::now_ms;
 use orchestrator_proto::launcher::v1::{Job, JobStatus, ListJobsRequest};
 use orchestrator_proto::post_deploy::v1::GetWatchRequest;
 use orchestrator_proto::stage_engine::v1::{
-    GetWorkItemRequest, ListCommentsRequest, ListOutboxRequest, ListTransitionsRequest, Transition,
-    WorkItem,
+    Artifact, GetWorkItemRequest, ListArtifactsRequest, ListCommentsRequest, ListOutboxRequest,
+    ListTransitionsRequest, Transition, WorkItem,
 };
 use orchestrator_proto::usage_ledger::v1::{AgentRun, ListRunsRequest};
 use usage_ledger::format;
@@ -58,7 +58,8 @@ pub(crate) async fn page(
 async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
     let now = now_ms();
     let key = item.key.clone();
-    let (mut se1, mut se2, mut se3) = (
+    let (mut se1, mut se2, mut se3, mut se4) = (
+        shared.clients.stage_engine.clone(),
         shared.clients.stage_engine.clone(),
         shared.clients.stage_engine.clone(),
         shared.clients.stage_engine.clone(),
@@ -66,7 +67,7 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
     let mut launcher = shared.clients.launcher.clone();
     let mut ledger = shared.clients.usage_ledger.clone();
     let mut post_deploy = shared.clients.post_deploy.clone();
-    let (transitions, jobs, runs, comments, outbox, watch) = tokio::join!(
+    let (transitions, jobs, runs, comments, outbox, watch, artifacts) = tokio::join!(
         se1.list_transitions(ListTransitionsRequest {
             work_item: key.clone()
         }),
@@ -88,6 +89,9 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
             limit: 100,
         }),
         post_deploy.get_watch(GetWatchRequest {
+            work_item: key.clone()
+        }),
+        se4.list_artifacts(ListArtifactsRequest {
             work_item: key.clone()
         }),
     );
@@ -113,6 +117,13 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
         html::time(now, item.updated_at_ms),
         item.rollback_count
     );
+    if item.pr_number > 0 {
+        let _ = write!(
+            out,
+            "<dt>PR</dt><dd class=\"pr\">{}</dd>",
+            html::forge_link(&item.pr_url, &format!("#{}", item.pr_number))
+        );
+    }
     if !item.expected_agent.is_empty() {
         let _ = write!(
             out,
@@ -209,6 +220,19 @@ async fn render(shared: &Shared, access: &Access, item: &WorkItem) -> String {
             );
         }
     }
+
+    out.push_str("<section><h2>Artifacts</h2>");
+    match artifacts {
+        Ok(a) => artifacts_list(&mut out, &a.into_inner().artifacts),
+        Err(e) => {
+            let _ = write!(
+                out,
+                "<p class=\"error\">Cannot read the artifacts: {}</p>",
+                Esc(e.message())
+            );
+        }
+    }
+    out.push_str("</section>");
 
     match watch {
         Ok(w) => {
@@ -581,5 +605,85 @@ mod tests {
             Esc(&text_of_html("&lt;script&gt;x")).to_string(),
             "&lt;script&gt;x"
         );
+    }
+}
+
+/// The artifacts of the stages reached: a link to the forge's page of each, or — the local
+/// forge, whose pages a browser cannot open — its text, collapsed.
+fn artifacts_list(out: &mut String, artifacts: &[Artifact]) {
+    if artifacts.is_empty() {
+        out.push_str("<p class=\"muted\">No artifacts yet.</p>");
+        return;
+    }
+    out.push_str("<ul class=\"artifacts\">");
+    for a in artifacts {
+        let _ = write!(
+            out,
+            "<li data-name=\"{}\"><span class=\"muted\">{}</span> ",
+            Esc(&a.name),
+            Esc(&a.stage)
+        );
+        match (a.read, a.exists) {
+            (false, _) => out.push_str(&html::forge_link(&a.url, &a.name)),
+            (true, false) => {
+                let _ = write!(
+                    out,
+                    "<code>{}</code> <span class=\"muted\">not written yet</span>",
+                    Esc(&a.name)
+                );
+            }
+            (true, true) => {
+                let _ = write!(
+                    out,
+                    "<details><summary><code>{}</code></summary><pre class=\"artifact\">{}</pre></details>",
+                    Esc(&a.name),
+                    Esc(&a.content)
+                );
+            }
+        }
+        out.push_str("</li>");
+    }
+    out.push_str("</ul>");
+}
+
+#[cfg(test)]
+mod artifact_tests {
+    use super::*;
+
+    fn artifact(read: bool, exists: bool, content: &str) -> Artifact {
+        Artifact {
+            stage: "analysis".into(),
+            name: "analysis.md".into(),
+            path: "docs/work-items/ORCH-1/analysis.md".into(),
+            url: "https://git.example/acme/app/src/branch/orch/ORCH-1/docs/work-items/ORCH-1/analysis.md"
+                .into(),
+            read,
+            exists,
+            content: content.into(),
+        }
+    }
+
+    fn shown(a: Artifact) -> String {
+        let mut out = String::new();
+        artifacts_list(&mut out, &[a]);
+        out
+    }
+
+    #[test]
+    fn artifacts_link_to_the_forge_or_show_their_escaped_text() {
+        let gitea = shown(artifact(false, false, ""));
+        assert!(
+            gitea.contains("<a class=\"forge\" href=\"https://git.example/acme/app/src/branch/orch/ORCH-1/docs/work-items/ORCH-1/analysis.md\">analysis.md</a>"),
+            "{gitea}"
+        );
+        let local = shown(artifact(true, true, "# Analysis\n<script>x()</script>"));
+        assert!(
+            local.contains(
+                "<pre class=\"artifact\"># Analysis\n&lt;script&gt;x()&lt;/script&gt;</pre>"
+            ),
+            "{local}"
+        );
+        assert!(!local.contains("<a "), "{local}");
+        assert!(shown(artifact(true, false, "")).contains("not written yet"));
     }
 }

@@ -177,12 +177,14 @@ fn render(doc: &Value, access: &Access) -> String {
             .cloned()
             .unwrap_or_default();
         if !dead.is_empty() {
-            out.push_str("<h3>Dead letters</h3><table><thead><tr><th>received</th><th>source</th><th>event</th><th>item</th><th>attempts</th><th>last error</th></tr></thead><tbody>");
+            out.push_str("<h3>Dead letters</h3><table class=\"inbox-dead\"><thead><tr><th>received</th><th>source</th><th>event</th><th>item</th><th>attempts</th><th>last error</th><th></th></tr></thead><tbody>");
             for d in &dead {
                 let item = d["work_item"].as_str().unwrap_or("");
+                let id = d["id"].as_str().unwrap_or("");
                 let _ = write!(
                     out,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td><a href=\"/items/{}\">{}</a></td><td class=\"num\">{}</td><td>{}</td></tr>",
+                    "<tr data-delivery=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td><a href=\"/items/{}\">{}</a></td><td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
+                    Esc(d["delivery_id"].as_str().unwrap_or("")),
                     html::time(now, d["received_at_ms"].as_i64().unwrap_or(0)),
                     Esc(d["source"].as_str().unwrap_or("")),
                     Esc(d["event"].as_str().unwrap_or("")),
@@ -190,6 +192,12 @@ fn render(doc: &Value, access: &Access) -> String {
                     Esc(item),
                     d["attempts"],
                     Esc(d["last_error"].as_str().unwrap_or("")),
+                    html::action_button(
+                        access,
+                        &format!("/inbox/{}/retry", Url(id)),
+                        "Retry",
+                        "small"
+                    ),
                 );
             }
             out.push_str("</tbody></table>");

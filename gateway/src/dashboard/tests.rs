@@ -168,3 +168,84 @@ async fn with_a_token_it_signs_in_and_every_action_needs_the_csrf_token() {
         fake.calls()
     );
 }
+
+/// A real dead letter (a delivery stage-engine refused for good) is retried from the
+/// machine room (#17): refused without the CSRF token, then put back in line with it, and
+/// applied once its cause is gone; a second retry of the same letter is refused.
+#[tokio::test]
+async fn the_machine_room_retries_an_inbox_dead_letter() {
+    use crate::inbox;
+    use crate::testdata::wire_body;
+    use crate::tests::{Sig, hook};
+
+    let fake = Fake::default();
+    let (url, _stop) = fake.serve().await;
+    fake.fail_with(Some(tonic::Code::InvalidArgument));
+    let storage = TestStorage::sqlite();
+    let gw = gateway(&storage, test_config(), &url).await;
+    gw.set_listen_addr("127.0.0.1:8080".parse().expect("addr"));
+    let app = gw.router();
+    let merged = wire_body("gitea-webhook-pull_request-closed-merged.json");
+    let (status, _, _) = send(
+        &app,
+        hook(
+            "gitea",
+            "pull_request",
+            "pull_request",
+            "dl-1",
+            &merged,
+            Sig::Good,
+        ),
+    )
+    .await;
+    assert!(status.is_success(), "{status}");
+    gw.dispatch_once().await.expect("dispatch");
+    let state = |gw: &crate::Gateway| {
+        let db = gw.db().clone();
+        async move {
+            let d = inbox::get(&db, "gitea", "dl-1")
+                .await
+                .expect("get")
+                .expect("row");
+            (d.id, d.state, d.attempts)
+        }
+    };
+    let (id, st, _) = state(&gw).await;
+    assert_eq!(st, "dead");
+
+    let (status, _, page) = send(&app, get("/machine", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    let action = format!("/inbox/{id}/retry");
+    assert!(
+        page.contains(&format!("action=\"{action}\"")),
+        "the dead letter has its button: {page}"
+    );
+    let csrf = csrf_of(&page);
+
+    let (status, _, _) = send(&app, post(&action, None, "csrf=forged")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(state(&gw).await.1, "dead", "nothing done without the token");
+
+    let (status, headers, _) = send(&app, post(&action, None, &format!("csrf={csrf}"))).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(headers[header::LOCATION], "/machine");
+    let (_, st, attempts) = state(&gw).await;
+    assert_eq!(
+        (st, attempts),
+        ("pending", 0),
+        "back in line, attempts from zero"
+    );
+    let (status, _, body) = send(&app, post(&action, None, &format!("csrf={csrf}"))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("not a dead letter"), "{body}");
+
+    // The cause fixed: the dispatcher applies it.
+    fake.fail_with(None);
+    gw.dispatch_once().await.expect("dispatch");
+    assert_eq!(state(&gw).await.1, "applied");
+    assert!(
+        fake.calls().iter().any(|c| c.starts_with("OnPrMerged:")),
+        "{:?}",
+        fake.calls()
+    );
+}

@@ -622,6 +622,7 @@ impl Launcher for LauncherService {
             outbox_failed: outbox_count(&[OutboxState::Failed]),
             budget_ceilings,
             budget_waiting,
+            work_item_budget_usd: config.work_item_budget_usd,
         }))
     }
 

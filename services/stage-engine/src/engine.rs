@@ -243,6 +243,7 @@ impl Engine {
             expected_dedupe_key: dedupe_key.clone(),
             latest_job_id: String::new(),
             status_reason: String::new(),
+            pr_number: 0,
             version: 0,
             created_at_ms: now,
             updated_at_ms: now,
@@ -636,6 +637,19 @@ impl Engine {
         next.expected_agent = d.enqueue.unwrap_or_default().to_owned();
         next.expected_dedupe_key = dedupe.clone().unwrap_or_default();
         next.latest_job_id = String::new();
+        // The PR the branch is on, from the one that knows it first: the launcher's report of
+        // the run that pushed, else the gate's forge lookup; once known it stays.
+        next.pr_number = job
+            .map(|j| j.pr_number)
+            .filter(|n| *n > 0)
+            .or_else(|| {
+                inputs
+                    .pr
+                    .as_ref()
+                    .and_then(|p| p.as_ref())
+                    .map(|p| p.number)
+            })
+            .unwrap_or(item.pr_number);
         next.status_reason = if next.status == Status::Blocked {
             blocked_reason(&item.key, &d.reason)
         } else {

@@ -18,9 +18,12 @@
 //! - [`loops`]: the loop detector: the same gate failure of a stage three times parks it;
 //! - [`notify`]: the outgoing webhook when a human must act (awaiting approval, blocked,
 //!   the rollback budget spent), once per event through the outbox;
+//! - [`artifacts`]: `ListArtifacts`, the gates' artifacts with their forge links (the local
+//!   forge: their text);
 //! - [`reviews`]: a human's PR review: changes requested roll the item back to development
 //!   with the review in the developer's task; an approval is recorded; bots are ignored.
 
+pub mod artifacts;
 pub mod ci;
 pub mod config;
 mod door;

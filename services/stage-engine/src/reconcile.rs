@@ -352,6 +352,8 @@ mod tests {
         f.expect_branch_exists().returning(|_, _| Ok(true));
         f.expect_file_url()
             .returning(|_, b, p| format!("http://forge/{b}/{p}"));
+        f.expect_pr_url()
+            .returning(|r, n| format!("http://forge/{r}/pulls/{n}"));
         let w = world;
         f.expect_find_pr().returning(move |_, head, base| {
             let merged = w.lock().expect("lock").merged.iter().any(|b| b == head);

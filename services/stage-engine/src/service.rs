@@ -16,8 +16,8 @@ use orchestrator_proto::stage_engine::v1::{
     stage_engine_server::StageEngine,
 };
 use orchestrator_proto::stage_engine::v1::{
-    CancelRequest, ItemCount, ReportJobFailedRequest, RetryRequest, SnapshotRequest,
-    StageEngineSnapshot, StallFiring,
+    Artifact, CancelRequest, ItemCount, ListArtifactsRequest, ListArtifactsResponse,
+    ReportJobFailedRequest, RetryRequest, SnapshotRequest, StageEngineSnapshot, StallFiring,
 };
 use orchestrator_tracker::local::LocalTracker;
 use orchestrator_tracker::plane::PlaneTracker;
@@ -132,8 +132,12 @@ fn command_id(comment_id: &str) -> Result<String, EngineError> {
     }
 }
 
-/// A work item as the proto shows it.
-pub fn to_proto(i: &WorkItemRow) -> WorkItem {
+/// A work item as the proto shows it; `forge` names where its PR is seen.
+pub fn to_proto(i: &WorkItemRow, forge: &dyn orchestrator_forge::Forge) -> WorkItem {
+    let pr_url = match orchestrator_forge::RepoName::parse(&i.repo) {
+        Ok(repo) if i.pr_number > 0 => forge.pr_url(&repo, i.pr_number),
+        _ => String::new(),
+    };
     WorkItem {
         key: i.key.clone(),
         tracker_issue_id: i.tracker_issue_id.clone(),
@@ -152,6 +156,8 @@ pub fn to_proto(i: &WorkItemRow) -> WorkItem {
         expected_dedupe_key: i.expected_dedupe_key.clone(),
         description: i.description.clone(),
         status_reason: i.status_reason.clone(),
+        pr_number: i.pr_number,
+        pr_url,
     }
 }
 
@@ -165,7 +171,7 @@ fn qg_proto(qg: &[CheckResult]) -> Vec<QgResult> {
         .collect()
 }
 
-fn advance_response(a: Advanced) -> AdvanceStageResponse {
+fn advance_response(a: Advanced, forge: &dyn orchestrator_forge::Forge) -> AdvanceStageResponse {
     let outcome = match a.outcome {
         Outcome::Advanced | Outcome::Unblocked => AdvanceOutcome::Advanced,
         Outcome::Retried => AdvanceOutcome::Retried,
@@ -177,7 +183,7 @@ fn advance_response(a: Advanced) -> AdvanceStageResponse {
         Outcome::Cancelled => AdvanceOutcome::Cancelled,
     };
     AdvanceStageResponse {
-        work_item: Some(to_proto(&a.item)),
+        work_item: Some(to_proto(&a.item, forge)),
         outcome: outcome as i32,
         qg_results: qg_proto(&a.qg),
         enqueued_agent: a.enqueued_agent.unwrap_or_default().to_owned(),
@@ -252,7 +258,7 @@ impl StageEngine for StageEngineService {
             })
             .await?;
         Ok(Response::new(CreateWorkItemResponse {
-            work_item: Some(to_proto(&item)),
+            work_item: Some(to_proto(&item, &*self.engine.forge)),
             created,
         }))
     }
@@ -267,7 +273,7 @@ impl StageEngine for StageEngineService {
             .await
             .map_err(EngineError::from)?
             .ok_or_else(|| EngineError::NotFound(format!("work item {key} not found")))?;
-        Ok(Response::new(to_proto(&item)))
+        Ok(Response::new(to_proto(&item, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(tracker_issue_id = %request.get_ref().tracker_issue_id))]
@@ -280,7 +286,7 @@ impl StageEngine for StageEngineService {
             .engine
             .update_description(&r.tracker_issue_id, &r.description)
             .await?;
-        Ok(Response::new(to_proto(&item)))
+        Ok(Response::new(to_proto(&item, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all)]
@@ -319,7 +325,10 @@ impl StageEngine for StageEngineService {
         .await
         .map_err(EngineError::from)?;
         Ok(Response::new(ListWorkItemsResponse {
-            work_items: items.iter().map(to_proto).collect(),
+            work_items: items
+                .iter()
+                .map(|i| to_proto(i, &*self.engine.forge))
+                .collect(),
         }))
     }
 
@@ -380,7 +389,7 @@ impl StageEngine for StageEngineService {
         crate::ci::note(&self.engine, &key, &agent, job.as_ref(), &a)
             .await
             .map_err(EngineError::from)?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, tracker_issue_id = %request.get_ref().tracker_issue_id, author = %request.get_ref().author))]
@@ -402,7 +411,7 @@ impl StageEngine for StageEngineService {
                 Some(ApprovalRef { comment_id }),
             )
             .await?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, branch = %request.get_ref().branch, pr = request.get_ref().pr_number))]
@@ -423,7 +432,7 @@ impl StageEngine for StageEngineService {
             .engine
             .advance_stage(&item.key, Trigger::PrMerged, None, None)
             .await?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(repo = %request.get_ref().repo, branch = %request.get_ref().branch, pr = request.get_ref().pr_number))]
@@ -462,7 +471,7 @@ impl StageEngine for StageEngineService {
             body: r.body,
         };
         let a = self.engine.on_pr_review(&ev).await?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, event = %request.get_ref().event))]
@@ -762,7 +771,7 @@ impl StageEngine for StageEngineService {
             reason: r.reason.trim().to_owned(),
         };
         let a = self.engine.report_job_failed(&key, &failed).await?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, tracker_issue_id = %request.get_ref().tracker_issue_id, author = %request.get_ref().author))]
@@ -775,7 +784,7 @@ impl StageEngine for StageEngineService {
         let author = required("author", &r.author)?.to_owned();
         let comment_id = command_id(&r.comment_id)?;
         let a = self.engine.retry(&key, &author, &comment_id).await?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
     }
 
     #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item, author = %request.get_ref().author))]
@@ -794,7 +803,32 @@ impl StageEngine for StageEngineService {
             .into());
         }
         let a = self.engine.cancel(&key, &author, &r.reason).await?;
-        Ok(Response::new(advance_response(a)))
+        Ok(Response::new(advance_response(a, &*self.engine.forge)))
+    }
+
+    #[tracing::instrument(skip_all, fields(work_item = %request.get_ref().work_item))]
+    async fn list_artifacts(
+        &self,
+        request: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        let artifacts = self
+            .engine
+            .list_artifacts(&request.get_ref().work_item)
+            .await?;
+        Ok(Response::new(ListArtifactsResponse {
+            artifacts: artifacts
+                .into_iter()
+                .map(|a| Artifact {
+                    stage: a.stage.as_str().to_owned(),
+                    name: a.name.to_owned(),
+                    path: a.path,
+                    url: a.url,
+                    read: a.content.is_some(),
+                    exists: matches!(a.content, Some(Some(_))),
+                    content: a.content.flatten().unwrap_or_default(),
+                })
+                .collect(),
+        }))
     }
 
     #[tracing::instrument(skip_all)]

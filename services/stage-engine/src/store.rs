@@ -25,6 +25,9 @@ pub struct WorkItemRow {
     pub latest_job_id: String,
     /// Why the item is blocked or cancelled, and the next step ('' otherwise).
     pub status_reason: String,
+    /// The PR the item's branch is on, once known (0: none yet): the launcher's report of
+    /// the run that pushed, or a quality gate's forge lookup.
+    pub pr_number: u64,
     pub version: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -43,7 +46,7 @@ impl WorkItemRow {
 
 const ITEM_COLUMNS: &str = "key, tracker_issue_id, tracker_project_id, title, description, repo, branch, \
      stage, status, rollback_count, stage_retries, expected_agent, expected_dedupe_key, latest_job_id, \
-     status_reason, version, created_at_ms, updated_at_ms";
+     status_reason, pr_number, version, created_at_ms, updated_at_ms";
 
 fn u32_of(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
@@ -76,6 +79,7 @@ fn item_from_row(row: &AnyRow) -> Result<WorkItemRow, sqlx::Error> {
         expected_dedupe_key: row.try_get("expected_dedupe_key")?,
         latest_job_id: row.try_get("latest_job_id")?,
         status_reason: row.try_get("status_reason")?,
+        pr_number: u64::try_from(row.try_get::<i64, _>("pr_number")?).unwrap_or(0),
         version: row.try_get("version")?,
         created_at_ms: row.try_get("created_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
@@ -220,7 +224,7 @@ pub async fn update_item_guarded(
     let done = sqlx::query(
         "UPDATE work_items SET stage = $1, status = $2, rollback_count = $3, stage_retries = $4, \
          expected_agent = $5, expected_dedupe_key = $6, latest_job_id = $7, version = version + 1, \
-         updated_at_ms = $8, status_reason = $11 WHERE key = $9 AND version = $10",
+         updated_at_ms = $8, status_reason = $11, pr_number = $12 WHERE key = $9 AND version = $10",
     )
     .bind(next.stage.as_str())
     .bind(next.status.as_str())
@@ -233,6 +237,7 @@ pub async fn update_item_guarded(
     .bind(&next.key)
     .bind(expected_version)
     .bind(&next.status_reason)
+    .bind(i64::try_from(next.pr_number).unwrap_or(i64::MAX))
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected() == 1)

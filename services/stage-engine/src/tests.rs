@@ -88,6 +88,8 @@ fn forge(files: Files, forge_down: bool, ci: CiStates) -> MockForge {
     });
     f.expect_file_url()
         .returning(|_, b, p| format!("http://forge/{b}/{p}"));
+    f.expect_pr_url()
+        .returning(|r, n| format!("http://forge/{r}/pulls/{n}"));
     f
 }
 
@@ -1146,6 +1148,13 @@ async fn a_failed_gate_retries_the_same_agent_with_what_to_resume(storage: TestS
         .expect("advance")
         .into_inner();
     assert_eq!(r.outcome(), AdvanceOutcome::Retried);
+    // The PR the launcher reported is the item's from now on, with its link (#17).
+    let shown = r.work_item.expect("work item");
+    assert_eq!(
+        (shown.pr_number, shown.pr_url.as_str()),
+        (3, "http://forge/acme/app/pulls/3")
+    );
+    assert_eq!(h.item().await.pr_number, 3);
     h.deliver().await;
     let enqueued = h.enqueued.lock().expect("lock").clone();
     assert_eq!(enqueued.len(), 2);
@@ -1819,8 +1828,71 @@ async fn ci_gates_the_merge_of_the_head_the_deployer_delivered(storage: TestStor
     assert_eq!(h.item().await.stage.as_str(), "development");
 }
 
+/// `ListArtifacts` (#17): the artifacts of every stage reached, with their forge links; the
+/// local forge gives each text, or says the branch has none yet.
+async fn list_artifacts_shows_the_stages_reached(storage: TestStorage) {
+    use orchestrator_proto::stage_engine::v1::ListArtifactsRequest;
+    let h = harness(storage, 0, false).await;
+    h.create().await;
+    h.deliver().await;
+    h.write("analysis.md", "");
+    h.advance("analyst", "job-1", "").await;
+    h.approve("ada", "c-1").await;
+    let list = h
+        .svc
+        .list_artifacts(Request::new(ListArtifactsRequest {
+            work_item: KEY.into(),
+        }))
+        .await
+        .expect("list")
+        .into_inner()
+        .artifacts;
+    let seen: Vec<(&str, &str, &str, bool, bool)> = list
+        .iter()
+        .map(|a| {
+            (
+                a.stage.as_str(),
+                a.name.as_str(),
+                a.url.as_str(),
+                a.read,
+                a.exists,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "analysis",
+                "analysis.md",
+                "http://forge/orch/ORCH-7/docs/work-items/ORCH-7/analysis.md",
+                true,
+                true
+            ),
+            (
+                "architecture",
+                "architecture.md",
+                "http://forge/orch/ORCH-7/docs/work-items/ORCH-7/architecture.md",
+                true,
+                false
+            ),
+        ]
+    );
+    assert!(list[0].content.contains("Some text."), "{:?}", list[0]);
+    assert!(list[1].content.is_empty());
+    let missing = h
+        .svc
+        .list_artifacts(Request::new(ListArtifactsRequest {
+            work_item: "ORCH-404".into(),
+        }))
+        .await
+        .expect_err("no such item");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+}
+
 on_both_backends!(
     ci_gates_the_merge_of_the_head_the_deployer_delivered,
+    list_artifacts_shows_the_stages_reached,
     a_restarted_dispatcher_takes_back_its_own_claims_at_once,
     the_task_quotes_the_description_the_comments_and_the_verdict,
     a_plane_issue_is_keyed_by_its_project_identifier,

@@ -332,6 +332,7 @@ mod tests {
             expected_dedupe_key: "ORCH-1/t-2/developer".into(),
             latest_job_id: "job-2".into(),
             status_reason: String::new(),
+            pr_number: 0,
             version: 3,
             created_at_ms: 0,
             updated_at_ms: NOW - idle_s * 1000,
