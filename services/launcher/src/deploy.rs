@@ -246,10 +246,24 @@ impl Supervisor {
         }
         let ws = &self.inner.workspace;
         let deployed = ws.rev(co, "HEAD").await.unwrap_or_default();
-        let previous = ws
-            .rev(co, &format!("refs/remotes/origin/{}", co.base))
-            .await
-            .unwrap_or_default();
+        let base_ref = format!("refs/remotes/origin/{}", co.base);
+        let mut previous = ws.rev(co, &base_ref).await;
+        if previous.is_none() {
+            // A checkout of an existing branch has fetched only that branch: fetch the base
+            // (validated with the checkout) to know what production ran before.
+            let git = orchestrator_git::Git::new()
+                .with_timeout(Duration::from_secs(120))
+                .with_env(ws.forge().git_auth_env());
+            let refspec = format!("+refs/heads/{}:{base_ref}", co.base);
+            match git
+                .ok(&co.dir, &["fetch", "-q", "--no-tags", "origin", &refspec])
+                .await
+            {
+                Ok(_) => previous = ws.rev(co, &base_ref).await,
+                Err(e) => log_line(log, &format!("cannot fetch the base {}: {e}", co.base)),
+            }
+        }
+        let previous = previous.unwrap_or_default();
         let Some(targets) = &self.config().deploy_targets else {
             // No ORCH_DEPLOY_TARGETS_JSON at all: the deployment predates deploy targets
             // (a WARN at start-up says so); the artifact stays the agent's.
