@@ -6,7 +6,9 @@
 //! this process on SQLite (every listener on `127.0.0.1:0`, so it runs beside a running
 //! `orchestrator up`), creates a work item, approves it as the demo's human, and prints a
 //! live timeline built from the services' RPCs — `ListTransitions`, `ListJobs`, `GetRun`,
-//! never their logs — then the usage summary (`WorkItemSummary`) and the merge on main.
+//! `GetWatch`, never their logs — through the real deploy to `<workspace>/prod` and the
+//! post-deploy watch of its health endpoint ([`prod`]), then the usage summary
+//! (`WorkItemSummary`) and the merge on main.
 //!
 //! What it reads from outside: nothing from `./.env` or `ORCH_*` for the stack it starts.
 //! It honours `PATH` (git, python3), `TMPDIR` (where the temp dir goes), `ORCH_LOG` (the
