@@ -6,6 +6,7 @@
 //! - `orchestrator health <service>` asks a service on this host whether it serves (the
 //!   container healthcheck of deploy/compose.yaml).
 //! - `orchestrator item ...` creates, lists, shows, approves, retries and cancels work items.
+//! - `orchestrator budget ...` sets and shows the spending ceilings at run time.
 //! - `orchestrator demo` runs one work item through every stage on a throw-away stack.
 
 use std::path::PathBuf;
@@ -76,6 +77,11 @@ enum Command {
         #[command(subcommand)]
         command: orchestrator::item::ItemCommand,
     },
+    /// The spending ceilings on a running stack: set (raise, lower, lift, clear) and show.
+    Budget {
+        #[command(subcommand)]
+        command: orchestrator::budget::BudgetCommand,
+    },
     /// Runs one work item through every stage to done on a throw-away stack (a temp dir,
     /// SQLite, a sample repository, the scripted agent), printing a live timeline. Needs
     /// nothing configured and reads neither ./.env nor ORCH_* for its stack.
@@ -109,6 +115,9 @@ fn main() -> ExitCode {
     if let Command::Item { command } = cli.command {
         return item(command);
     }
+    if let Command::Budget { command } = cli.command {
+        return budget(command);
+    }
     if let Command::Demo(args) = cli.command {
         return demo(args);
     }
@@ -118,6 +127,7 @@ fn main() -> ExitCode {
         Command::QgHook { .. }
         | Command::Health { .. }
         | Command::Item { .. }
+        | Command::Budget { .. }
         | Command::Demo(_) => {
             return ExitCode::FAILURE;
         }
@@ -276,6 +286,27 @@ fn qg_hook(req: stage_engine::hook::HookRequest) -> ExitCode {
 
 /// Runs an `item` command against the configured stack.
 fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
+    client_command(|clients| async move {
+        orchestrator::item::run(&clients, command)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn budget(command: orchestrator::budget::BudgetCommand) -> ExitCode {
+    client_command(|clients| async move {
+        orchestrator::budget::run(&clients, command)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Runs a command of thin gRPC clients of the running stack; prints what it returns.
+fn client_command<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce(orchestrator_kit::clients::Clients) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
     let config = match Config::from_process() {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -291,9 +322,7 @@ fn item(command: orchestrator::item::ItemCommand) -> ExitCode {
     let out = runtime.block_on(async {
         let clients =
             orchestrator_kit::clients::Clients::from_config(&config).map_err(|e| e.to_string())?;
-        orchestrator::item::run(&clients, command)
-            .await
-            .map_err(|e| e.to_string())
+        f(clients).await
     });
     match out {
         Ok(out) => {

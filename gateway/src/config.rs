@@ -70,10 +70,11 @@ pub struct DispatchConfig {
     /// live dispatcher never outlasts its claim; a gateway killed mid-attempt leaves the
     /// delivery to be picked up again when the lease runs out.
     pub claim_lease: Duration,
-    /// `ORCH_GATEWAY_DISPATCH_LINGER_MS`: when fewer than a batch of deliveries were due,
-    /// the dispatcher waits this long for more before it claims again, so that it claims
-    /// and records them together (a few statements per batch rather than per delivery).
-    /// It delays applying a delivery by at most this much; it never delays the 2xx.
+    /// `ORCH_GATEWAY_DISPATCH_LINGER_MS`: after applying fewer than a batch of deliveries,
+    /// the dispatcher waits this long for more before it claims again, so that a stream is
+    /// claimed and recorded together (a few statements per batch rather than per delivery).
+    /// A delivery arriving at an idle dispatcher is applied at once; one arriving during a
+    /// stream waits at most this much; the 2xx never does.
     pub linger: Duration,
 }
 

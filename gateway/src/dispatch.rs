@@ -79,15 +79,12 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
             continue;
         }
+        // Idle: a new delivery is applied at once (a lone approval must not wait for
+        // company); the ones that follow it while it is applied gather in the linger
+        // above and go together.
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = shared.wake.notified() => {
-                // A new delivery: give the ones arriving with it the same batch.
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(linger) => {}
-                }
-            }
+            _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(shared.config.dispatch.poll_interval) => {}
         }
     }

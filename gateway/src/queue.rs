@@ -220,6 +220,8 @@ pub fn launcher_json(s: &QueueSnapshotResponse) -> Value {
                 "spent_usd": c.spent_usd,
                 "reached": c.spent_usd.map(|spent| spent >= c.ceiling_usd),
                 "resets_at_ms": c.resets_at_ms,
+                // The variable, or "SetSpendingCeiling" when raised (or set) at run time.
+                "source": c.source,
             })).collect::<Vec<_>>(),
             "waiting": s.budget_waiting,
         },
@@ -324,6 +326,7 @@ mod tests {
                     ceiling_usd: 5.0,
                     spent_usd: Some(5.5),
                     resets_at_ms: 86_400_000,
+                    source: "SetSpendingCeiling".into(),
                 },
                 BudgetCeiling {
                     period: "monthly".into(),
@@ -331,6 +334,7 @@ mod tests {
                     ceiling_usd: 50.0,
                     spent_usd: None,
                     resets_at_ms: 2_678_400_000,
+                    source: "ORCH_BUDGET_MONTHLY_USD_JSON".into(),
                 },
             ],
             budget_waiting: 4,
@@ -343,6 +347,11 @@ mod tests {
         assert_eq!(v["budget"]["ceilings"][0]["reached"], true);
         assert_eq!(v["budget"]["ceilings"][1]["repo"], "acme/app");
         assert_eq!(v["budget"]["ceilings"][1]["spent_usd"], Value::Null);
+        assert_eq!(v["budget"]["ceilings"][0]["source"], "SetSpendingCeiling");
+        assert_eq!(
+            v["budget"]["ceilings"][1]["source"],
+            "ORCH_BUDGET_MONTHLY_USD_JSON"
+        );
         assert_eq!(v["budget"]["ceilings"][1]["reached"], Value::Null);
         assert_eq!(v["counts"]["QUEUED"], 3);
         assert_eq!(v["running"][0]["id"], "j1");

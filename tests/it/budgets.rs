@@ -1,7 +1,7 @@
 //! The spending ceilings (#18) in the whole stack: usage-ledger's real `SpentSince` over
 //! the runs recorded with their repository, the launcher holding an LLM launch back with
 //! the reason, and the gateway's `GET /queue` and `/metrics` showing each ceiling and its
-//! spend.
+//! spend; the operator's `orchestrator budget set` raising a ceiling at run time.
 
 use std::time::{Duration, Instant};
 
@@ -130,6 +130,59 @@ async fn a_reached_ceiling_holds_the_launch_and_shows_in_queue_and_metrics(stora
     ] {
         assert!(m.contains(line), "{line:?} not in\n{m}");
     }
+
+    // The operator raises the daily ceiling at run time with the CLI (`orchestrator budget
+    // set --daily 1`): the launch goes, no restart; `GET /queue` shows where it comes from.
+    let out = orchestrator::budget::run(
+        &stack.clients,
+        orchestrator::budget::BudgetCommand::Set {
+            daily: Some(1.0),
+            monthly: None,
+            repo: None,
+            clear: false,
+        },
+    )
+    .await
+    .expect("budget set");
+    assert!(
+        out.contains("daily $1.00 for every repository (SetSpendingCeiling)"),
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = stack
+            .clients
+            .launcher
+            .clone()
+            .get_job(GetJobRequest {
+                job_id: job.id.clone(),
+            })
+            .await
+            .expect("job")
+            .into_inner();
+        if j.status == JobStatus::Running as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not launched: {j:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let q: Value = serde_json::from_str(&get(&addr, "/queue").await).expect("json");
+    let budget = &q["launcher"]["budget"];
+    assert_eq!(budget["waiting"], 0, "{q}");
+    let daily = &budget["ceilings"][0];
+    assert_eq!(
+        (&daily["ceiling_usd"], &daily["source"], &daily["reached"]),
+        (
+            &Value::from(1.0),
+            &Value::from("SetSpendingCeiling"),
+            &Value::from(false)
+        ),
+        "{budget}"
+    );
+    assert_eq!(
+        budget["ceilings"][1]["source"],
+        "ORCH_BUDGET_MONTHLY_USD_JSON"
+    );
 }
 
 on_both_backends!(a_reached_ceiling_holds_the_launch_and_shows_in_queue_and_metrics);

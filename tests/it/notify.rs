@@ -16,9 +16,9 @@ use crate::reviews::{KEY, World, setup_with};
 const SECRET: &str = "notify-secret-for-the-test";
 
 /// What the receiver got: (headers, body).
-type Got = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+pub type Got = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
 
-async fn receiver() -> (String, Got) {
+pub async fn receiver() -> (String, Got) {
     let got: Got = Arc::default();
     let keep = got.clone();
     let app = axum::Router::new().route(

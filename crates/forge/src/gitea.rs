@@ -248,6 +248,39 @@ impl Forge for GiteaForge {
         }
     }
 
+    async fn branch_head(
+        &self,
+        repo: &RepoName,
+        branch: &str,
+    ) -> Result<Option<String>, ForgeError> {
+        validate_branch(branch)?;
+        let mut segments = vec!["branches"];
+        segments.extend(branch.split('/'));
+        let url = self.api_url(repo, &segments)?;
+        let (status, text) = self.send(Method::GET, url, None).await?;
+        match status {
+            // The swagger's `Branch`: its head commit is a `PayloadCommit`.
+            StatusCode::OK => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| ForgeError::Rejected {
+                        status: 200,
+                        message: format!("the branch is not JSON: {e}"),
+                    })?;
+                let sha = v["commit"]["id"].as_str().unwrap_or_default();
+                if orchestrator_git::is_commit_id(sha) {
+                    Ok(Some(sha.to_owned()))
+                } else {
+                    Err(ForgeError::Rejected {
+                        status: 200,
+                        message: format!("the branch names no commit id: '{}'", sha.escape_debug()),
+                    })
+                }
+            }
+            StatusCode::NOT_FOUND => Ok(None),
+            s => Err(status_error("get branch", s, &text)),
+        }
+    }
+
     async fn branch_exists(&self, repo: &RepoName, branch: &str) -> Result<bool, ForgeError> {
         validate_branch(branch)?;
         // Gitea's route is /branches/*: the branch's components are path segments.

@@ -229,6 +229,19 @@ pub trait Forge: Send + Sync + 'static {
     /// Returns whether `branch` exists in `repo` (false when the repository does not).
     async fn branch_exists(&self, repo: &RepoName, branch: &str) -> Result<bool, ForgeError>;
 
+    /// The commit `branch` of `repo` is at now, or `None` when it has no such branch. A
+    /// forge that cannot say refuses, and the caller asks git (`ls-remote`).
+    async fn branch_head(
+        &self,
+        _repo: &RepoName,
+        branch: &str,
+    ) -> Result<Option<String>, ForgeError> {
+        Err(ForgeError::Rejected {
+            status: 501,
+            message: format!("this forge does not name branch heads (asked for {branch})"),
+        })
+    }
+
     /// Opens a PR from `head` into `base`, or returns the open one that exists.
     async fn ensure_pr(
         &self,

@@ -207,6 +207,22 @@ impl Forge for LocalForge {
         Ok(self.repo_dir(repo).join("HEAD").exists())
     }
 
+    /// Read from the bare repository's ref files, without a git process (a launch waits
+    /// for it); git answers what those files do not hold (a symbolic or unusual ref).
+    async fn branch_head(
+        &self,
+        repo: &RepoName,
+        branch: &str,
+    ) -> Result<Option<String>, ForgeError> {
+        validate_branch(branch)?;
+        let dir = self.existing_repo(repo)?;
+        let name = format!("refs/heads/{branch}");
+        if let Some(sha) = read_ref_file(&dir, &name) {
+            return Ok(Some(sha));
+        }
+        self.branch_sha(&dir, branch).await
+    }
+
     async fn branch_exists(&self, repo: &RepoName, branch: &str) -> Result<bool, ForgeError> {
         validate_branch(branch)?;
         if !self.repo_exists(repo).await? {
@@ -418,10 +434,10 @@ impl Forge for LocalForge {
         validate_ref(git_ref)?;
         validate_path(path)?;
         let dir = self.existing_repo(repo)?;
-        let Some(commit) = self.git.rev_parse(&dir, git_ref).await? else {
-            return Ok(None);
-        };
-        let spec = format!("{commit}:{path}");
+        // One git process (a gate's evaluation waits for it): the ref resolved to its
+        // commit and the path read in one `<rev>:<path>`; a missing ref or path alike is
+        // `None`.
+        let spec = format!("{git_ref}^{{commit}}:{path}");
         let out = self.git.run(&dir, &["cat-file", "blob", &spec]).await?;
         Ok(out.success().then_some(out.stdout))
     }
@@ -441,6 +457,23 @@ impl Forge for LocalForge {
     fn git_auth_env(&self) -> Vec<(String, orchestrator_kit::Secret)> {
         Vec::new()
     }
+}
+
+/// `name`'s commit as git's files backend keeps it: the loose ref file, else its line in
+/// `packed-refs` (gitrepository-layout(5)). `None` when neither names a commit id.
+fn read_ref_file(dir: &Path, name: &str) -> Option<String> {
+    if let Ok(text) = std::fs::read_to_string(dir.join(name)) {
+        let sha = text.trim();
+        return orchestrator_git::is_commit_id(sha).then(|| sha.to_owned());
+    }
+    let packed = std::fs::read_to_string(dir.join("packed-refs")).ok()?;
+    packed
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('^'))
+        .filter_map(|l| l.split_once(' '))
+        .find(|(_, r)| *r == name)
+        .map(|(sha, _)| sha.to_owned())
+        .filter(|sha| orchestrator_git::is_commit_id(sha))
 }
 
 fn abs(p: &Path) -> String {

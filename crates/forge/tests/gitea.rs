@@ -539,3 +539,64 @@ async fn a_gitea_that_is_down_is_transient() {
         "https://git.example.com/acme/app/src/branch/orch/ORCH-7/docs/work-items/ORCH-7/review.md"
     );
 }
+
+#[tokio::test]
+async fn branch_head_reads_the_branch_commit() {
+    // The swagger's `Branch`: `commit` is a `PayloadCommit`, as the push delivery's
+    // `head_commit` is (a real one).
+    let raw = std::fs::read(contracts_dir().join("gitea-webhook-push.json")).expect("sample");
+    let push: Value = serde_json::from_slice(&raw).expect("json");
+    let sha = push["head_commit"]["id"].as_str().expect("id").to_owned();
+    let branch = json!({"name": "orch/ORCH-7", "commit": push["head_commit"], "protected": false});
+    let fake = Fake::start(vec![
+        step(
+            Method::GET,
+            "/api/v1/repos/acme/app/branches/orch/ORCH-7",
+            None,
+            200,
+            branch,
+        ),
+        step(
+            Method::GET,
+            "/api/v1/repos/acme/app/branches/orch/ORCH-8",
+            None,
+            404,
+            json!({"message": "branch does not exist", "url": "u", "errors": []}),
+        ),
+        step(
+            Method::GET,
+            "/api/v1/repos/acme/app/branches/orch/ORCH-9",
+            None,
+            200,
+            json!({"name": "orch/ORCH-9", "commit": {"id": "not-a-sha"}}),
+        ),
+        step(
+            Method::GET,
+            "/api/v1/repos/acme/app/branches/orch/ORCH-9",
+            None,
+            503,
+            "",
+        ),
+    ])
+    .await;
+    let f = &fake.forge;
+    assert_eq!(
+        f.branch_head(&repo(), "orch/ORCH-7").await.expect("200"),
+        Some(sha)
+    );
+    assert_eq!(
+        f.branch_head(&repo(), "orch/ORCH-8").await.expect("404"),
+        None
+    );
+    let bad = f
+        .branch_head(&repo(), "orch/ORCH-9")
+        .await
+        .expect_err("no sha");
+    assert!(bad.to_string().contains("not-a-sha"), "{bad}");
+    let down = f
+        .branch_head(&repo(), "orch/ORCH-9")
+        .await
+        .expect_err("503");
+    assert!(down.is_transient(), "{down}");
+    fake.check();
+}

@@ -269,3 +269,36 @@ async fn unknown_repos_and_bad_names_are_refused() {
     ));
     assert!(forge.merge_pr(&repo, 1, "not-a-sha").await.is_err());
 }
+
+#[tokio::test]
+async fn a_branch_head_is_read_from_loose_and_packed_refs_alike() {
+    let (_dir, forge, repo, bare) = setup().await;
+    let head = push(&bare, "orch/ORCH-9", &[("n.txt", "n\n")]).await;
+    assert_eq!(
+        forge.branch_head(&repo, "orch/ORCH-9").await.expect("head"),
+        Some(head.clone())
+    );
+    // After `git pack-refs` the loose file is gone: packed-refs holds the answer.
+    Git::new()
+        .ok(&bare, &["pack-refs", "--all"])
+        .await
+        .expect("pack-refs");
+    assert!(!bare.join("refs/heads/orch/ORCH-9").exists());
+    assert_eq!(
+        forge
+            .branch_head(&repo, "orch/ORCH-9")
+            .await
+            .expect("packed"),
+        Some(head)
+    );
+    assert_eq!(
+        forge.branch_head(&repo, "orch/none").await.expect("none"),
+        None
+    );
+    assert!(
+        forge.branch_head(&repo, "../x").await.is_err(),
+        "a bad name is refused"
+    );
+    let other = RepoName::parse("acme/none").expect("repo");
+    assert!(forge.branch_head(&other, "main").await.is_err());
+}

@@ -7,5 +7,6 @@ pub mod validate;
 
 pub use runner::{Git, GitError, GitOutput, MergeTree};
 pub use validate::{
-    InvalidName, RepoName, validate_branch, validate_path, validate_repo, validate_work_item_key,
+    InvalidName, RepoName, is_commit_id, validate_branch, validate_path, validate_repo,
+    validate_work_item_key,
 };

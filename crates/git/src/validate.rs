@@ -162,6 +162,11 @@ pub fn validate_branch(branch: &str) -> Result<&str, InvalidName> {
     Ok(branch)
 }
 
+/// Whether `sha` is a full commit id as git prints it: 40 (SHA-1) or 64 (SHA-256) hex digits.
+pub fn is_commit_id(sha: &str) -> bool {
+    matches!(sha.len(), 40 | 64) && sha.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Checks a relative file path inside a repository, such as
 /// `docs/work-items/ORCH-65/review.md`: no leading `/` or `-`, no `..` or `.` components.
 pub fn validate_path(path: &str) -> Result<&str, InvalidName> {

@@ -9,6 +9,13 @@
 //!
 //! The repository of a run is the job's own (`jobs.repo`), which the launcher records with
 //! the run (`RecordRun.repo`); a per-repository ceiling sums that repository's runs.
+//!
+//! An operator changes a ceiling at run time with `SetSpendingCeiling` (the CLI's
+//! `orchestrator budget set`): kept in the launcher's `spending_ceilings` table, it replaces
+//! the environment's ceiling of that period and repository (usd 0 lifts it) until cleared,
+//! restarts included — the environment is the default until one is set. The ceilings in
+//! force ([`in_force`]) are read at every check, so every replica sees a change at its next
+//! check, and the RPC wakes the jobs that wait at once.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -87,16 +94,121 @@ pub struct Ceiling {
     /// `None`: over every repository.
     pub repo: Option<String>,
     pub usd: f64,
+    /// When an operator set it (`SetSpendingCeiling`); `None`: from the environment.
+    pub set_at_ms: Option<i64>,
 }
+
+/// The name of the RPC, as a ceiling's source.
+pub const SET_BY_RPC: &str = "SetSpendingCeiling";
 
 impl Ceiling {
     /// Where it was configured, for people.
     pub fn source(&self) -> &'static str {
-        match self.repo {
-            None => self.period.var(),
-            Some(_) => self.period.json_var(),
+        match (self.set_at_ms, &self.repo) {
+            (Some(_), _) => SET_BY_RPC,
+            (None, None) => self.period.var(),
+            (None, Some(_)) => self.period.json_var(),
         }
     }
+}
+
+/// A ceiling an operator set at run time: `usd` 0 lifts the period's ceiling for `repo`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetCeiling {
+    pub period: Period,
+    pub repo: Option<String>,
+    pub usd: f64,
+    pub set_at_ms: i64,
+}
+
+/// The ceilings in force: the environment's, each replaced by what an operator set for the
+/// same period and repository (0: none), plus the ones set where the environment has none.
+pub fn in_force(env: &[Ceiling], set: &[SetCeiling]) -> Vec<Ceiling> {
+    let same = |c: &Ceiling, s: &SetCeiling| c.period == s.period && c.repo == s.repo;
+    let mut out: Vec<Ceiling> = env
+        .iter()
+        .filter(|c| !set.iter().any(|s| same(c, s)))
+        .cloned()
+        .collect();
+    out.extend(set.iter().filter(|s| s.usd > 0.0).map(|s| Ceiling {
+        period: s.period,
+        repo: s.repo.clone(),
+        usd: s.usd,
+        set_at_ms: Some(s.set_at_ms),
+    }));
+    out.sort_by_key(|c| (c.period.as_str(), c.repo.clone()));
+    out
+}
+
+impl Period {
+    /// `daily` / `monthly`, as the RPC and the CLI spell them.
+    pub fn parse(s: &str) -> Option<Period> {
+        match s.trim() {
+            "daily" => Some(Period::Daily),
+            "monthly" => Some(Period::Monthly),
+            _ => None,
+        }
+    }
+}
+
+/// What operators set, from the launcher's table.
+pub async fn set_ceilings(db: &orchestrator_kit::Db) -> Result<Vec<SetCeiling>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = sqlx::query("SELECT period, repo, usd, set_at_ms FROM spending_ceilings")
+        .fetch_all(&db.pool)
+        .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        let period: String = r.try_get("period")?;
+        let repo: String = r.try_get("repo")?;
+        let usd: String = r.try_get("usd")?;
+        // Only `store_ceiling` writes here; a row it did not write is skipped, loudly.
+        let (Some(period), Ok(usd)) = (Period::parse(&period), usd.parse::<f64>()) else {
+            tracing::warn!(
+                period,
+                repo,
+                usd,
+                "a spending_ceilings row that cannot be read is ignored"
+            );
+            continue;
+        };
+        out.push(SetCeiling {
+            period,
+            repo: (!repo.is_empty()).then_some(repo),
+            usd,
+            set_at_ms: r.try_get("set_at_ms")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Keeps what an operator set (`usd` `None`: clears it, the environment's is in force
+/// again).
+pub async fn store_ceiling(
+    db: &orchestrator_kit::Db,
+    period: Period,
+    repo: Option<&str>,
+    usd: Option<f64>,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    let mut tx = db.pool.begin().await?;
+    sqlx::query("DELETE FROM spending_ceilings WHERE period = $1 AND repo = $2")
+        .bind(period.as_str())
+        .bind(repo.unwrap_or(""))
+        .execute(&mut *tx)
+        .await?;
+    if let Some(usd) = usd {
+        sqlx::query(
+            "INSERT INTO spending_ceilings (period, repo, usd, set_at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(period.as_str())
+        .bind(repo.unwrap_or(""))
+        .bind(usd.to_string())
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
 }
 
 /// The ceilings in force, from the environment.
@@ -137,6 +249,7 @@ impl Ceilings {
                         period,
                         repo: None,
                         usd,
+                        set_at_ms: None,
                     });
                 }
             }
@@ -163,6 +276,7 @@ impl Ceilings {
                         period,
                         repo: Some(name.to_string()),
                         usd,
+                        set_at_ms: None,
                     });
                 }
             }
@@ -182,10 +296,18 @@ impl Ceilings {
 
     /// The ceilings that a job of `repo` counts against: the global ones and the repo's.
     pub fn applying_to<'a>(&'a self, repo: &'a str) -> impl Iterator<Item = &'a Ceiling> + 'a {
-        self.list
-            .iter()
-            .filter(move |c| c.repo.as_deref().is_none_or(|r| r == repo))
+        applying_to(&self.list, repo)
     }
+}
+
+/// Of `list`, the ceilings that a job of `repo` counts against: the global ones and the
+/// repo's.
+pub fn applying_to<'a>(
+    list: &'a [Ceiling],
+    repo: &'a str,
+) -> impl Iterator<Item = &'a Ceiling> + 'a {
+    list.iter()
+        .filter(move |c| c.repo.as_deref().is_none_or(|r| r == repo))
 }
 
 /// A ceiling reached: what a job waits for.
@@ -270,6 +392,33 @@ pub struct Standing {
 }
 
 impl Supervisor {
+    /// The ceilings in force now: the environment's, as operators changed them.
+    pub async fn ceilings_in_force(&self) -> Result<Vec<Ceiling>, sqlx::Error> {
+        let set = set_ceilings(self.db()).await?;
+        Ok(in_force(&self.config().ceilings.list, &set))
+    }
+
+    /// `SetSpendingCeiling`: keeps the change, then wakes the jobs that wait for a ceiling
+    /// (they look again at once, against the ceilings in force). Returns how many woke.
+    pub async fn set_spending_ceiling(
+        &self,
+        period: Period,
+        repo: Option<&str>,
+        usd: Option<f64>,
+    ) -> Result<u64, sqlx::Error> {
+        let now = now_ms();
+        store_ceiling(self.db(), period, repo, usd, now).await?;
+        tracing::info!(
+            period = period.as_str(),
+            repo = repo.unwrap_or(""),
+            usd = ?usd,
+            "spending ceiling set at run time"
+        );
+        let woken = crate::store::wake_queued_with_outcome(self.db(), OUTCOME, now).await?;
+        self.wake();
+        Ok(woken)
+    }
+
     /// What was spent against `ceiling` in its current period.
     async fn spent_against(&self, ceiling: &Ceiling, now: i64) -> Result<f64, tonic::Status> {
         self.inner
@@ -286,7 +435,18 @@ impl Supervisor {
     /// unable to say), never a failure.
     pub(crate) async fn check_ceilings(&self, job: &JobRow) -> Result<(), End> {
         let ceilings = &self.config().ceilings;
-        for ceiling in ceilings.applying_to(&job.repo) {
+        let list = match self.ceilings_in_force().await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(job_id = job.id, error = %e, "cannot read the spending ceilings set at run time; the job waits");
+                return Err(again(
+                    OUTCOME,
+                    format!("the spending ceilings set at run time cannot be read: {e}"),
+                    ceilings.recheck,
+                ));
+            }
+        };
+        for ceiling in applying_to(&list, &job.repo) {
             let now = now_ms();
             let spent = match self.spent_against(ceiling, now).await {
                 Ok(s) => s,
@@ -357,17 +517,17 @@ impl Supervisor {
     }
 
     /// Every ceiling in force with what was spent against it now (the queue's snapshot).
-    pub async fn ceiling_standings(&self) -> Vec<Standing> {
+    pub async fn ceiling_standings(&self) -> Result<Vec<Standing>, sqlx::Error> {
         let now = now_ms();
         let mut out = Vec::new();
-        for ceiling in &self.config().ceilings.list {
+        for ceiling in &self.ceilings_in_force().await? {
             out.push(Standing {
                 ceiling: ceiling.clone(),
                 spent_usd: self.spent_against(ceiling, now).await.ok(),
                 resets_at_ms: ceiling.period.end(now),
             });
         }
-        out
+        Ok(out)
     }
 }
 
@@ -401,12 +561,14 @@ mod tests {
                 Ceiling {
                     period: Period::Daily,
                     repo: None,
-                    usd: 5.0
+                    usd: 5.0,
+                    set_at_ms: None,
                 },
                 Ceiling {
                     period: Period::Monthly,
                     repo: Some("acme/app".into()),
-                    usd: 40.5
+                    usd: 40.5,
+                    set_at_ms: None,
                 },
             ],
             "0 is no ceiling"
@@ -445,6 +607,60 @@ mod tests {
     }
 
     #[test]
+    fn what_an_operator_set_replaces_the_environments_ceiling() {
+        let env_daily = Ceiling {
+            period: Period::Daily,
+            repo: None,
+            usd: 5.0,
+            set_at_ms: None,
+        };
+        let env_app = Ceiling {
+            period: Period::Monthly,
+            repo: Some("acme/app".into()),
+            usd: 40.0,
+            set_at_ms: None,
+        };
+        let set = |period, repo: Option<&str>, usd| SetCeiling {
+            period,
+            repo: repo.map(str::to_owned),
+            usd,
+            set_at_ms: 7,
+        };
+        let env = [env_daily.clone(), env_app.clone()];
+        assert_eq!(
+            in_force(&env, &[]),
+            vec![env_daily.clone(), env_app.clone()]
+        );
+        // Raised: replaced, and said to come from the RPC.
+        let raised = in_force(&env, &[set(Period::Daily, None, 50.0)]);
+        assert_eq!(raised.len(), 2);
+        assert_eq!((raised[0].usd, raised[0].source()), (50.0, SET_BY_RPC));
+        assert_eq!(raised[1], env_app);
+        // 0 lifts it; one set where the environment has none is added; a repository's
+        // ceiling is not the global one.
+        let got = in_force(
+            &env,
+            &[
+                set(Period::Monthly, Some("acme/app"), 0.0),
+                set(Period::Daily, Some("acme/web"), 2.0),
+            ],
+        );
+        let brief: Vec<_> = got
+            .iter()
+            .map(|c| (c.period, c.repo.as_deref(), c.usd, c.source()))
+            .collect();
+        assert_eq!(
+            brief,
+            vec![
+                (Period::Daily, None, 5.0, "ORCH_BUDGET_DAILY_USD"),
+                (Period::Daily, Some("acme/web"), 2.0, SET_BY_RPC),
+            ]
+        );
+        assert_eq!(Period::parse("monthly"), Some(Period::Monthly));
+        assert_eq!(Period::parse("weekly"), None);
+    }
+
+    #[test]
     fn dollars_read_as_people_write_them() {
         for (v, s) in [
             (1.0, "$1.00"),
@@ -464,6 +680,7 @@ mod tests {
             period: Period::Daily,
             repo: None,
             usd: 1.0,
+            set_at_ms: None,
         };
         // 2026-11-25T11:12:06.123Z
         let now = 1_795_605_126_123;
@@ -489,6 +706,7 @@ mod tests {
             period: Period::Monthly,
             repo: Some("acme/app".into()),
             usd: 10.0,
+            set_at_ms: None,
         };
         let r = reached(&monthly, 12.5, now).expect("over");
         assert_eq!(r.event_id(), "budget_ceiling:monthly:acme/app:2026-11");

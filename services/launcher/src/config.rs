@@ -96,6 +96,9 @@ pub struct LauncherConfig {
     pub breaker_threshold: u32,
     /// `ORCH_BREAKER_COOLDOWN_S`.
     pub breaker_cooldown: Duration,
+    /// `ORCH_NOTIFY_BREAKER_OPEN_S` (300; 0: off): an opening of the breaker that lasts
+    /// longer is told to people, once (`breaker_watch`).
+    pub notify_breaker_open: Option<Duration>,
     /// `ORCH_WORK_ITEM_BUDGET_USD`: what one work item may spend; none when unset.
     pub work_item_budget_usd: Option<f64>,
     /// The spending ceilings (`ORCH_BUDGET_*`), checked before every LLM launch.
@@ -318,6 +321,8 @@ impl LauncherConfig {
             backoff_max: seconds(env, "ORCH_BACKOFF_MAX_S", 900.0)?,
             breaker_threshold: env.parse("ORCH_BREAKER_THRESHOLD", 3u32)?,
             breaker_cooldown: seconds(env, "ORCH_BREAKER_COOLDOWN_S", 300.0)?,
+            notify_breaker_open: Some(seconds(env, "ORCH_NOTIFY_BREAKER_OPEN_S", 300.0)?)
+                .filter(|d| !d.is_zero()),
             work_item_budget_usd,
             ceilings: crate::ceilings::Ceilings::from_env(env)?,
             qg_hook,

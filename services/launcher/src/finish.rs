@@ -85,7 +85,7 @@ impl Supervisor {
             now_ms: now_ms(),
         });
         tracing::info!(job_id = job.id, attempt = job.attempt, verdict = verdict.kind(), exit = ?exit.code, "run classified");
-        self.on_outcome(matches!(verdict, Verdict::Transient { .. }))
+        self.on_outcome(matches!(verdict, Verdict::Transient { .. }), &job.work_item)
             .await;
         let end = match verdict {
             Verdict::Success => {
@@ -124,13 +124,13 @@ impl Supervisor {
         }
     }
 
-    /// Feeds the circuit breaker (LLM outcomes only).
-    async fn on_outcome(&self, transient: bool) {
+    /// Feeds the circuit breaker (LLM outcomes only) with the outcome of `work_item`'s job.
+    async fn on_outcome(&self, transient: bool, work_item: &str) {
         let c = self.config();
         let now = now_ms();
         let r = if transient {
             let cooldown = i64::try_from(c.breaker_cooldown.as_millis()).unwrap_or(i64::MAX);
-            store::breaker_on_transient(self.db(), c.breaker_threshold, cooldown, now)
+            store::breaker_on_transient(self.db(), c.breaker_threshold, cooldown, now, work_item)
                 .await
                 .map(|b| {
                     if b.state == "open" {

@@ -9,6 +9,7 @@
 //!   prompt and run files), [`run`] and [`agent`] (spawn in its own process group, pid
 //!   stamp, watch), `finish` (classify; commit, push, PR; the job's end and its effects);
 //! - [`ceilings`]: the daily and monthly spending ceilings, checked before every LLM launch;
+//! - [`breaker_watch`]: people told when the circuit breaker stays open for long;
 //! - `prompt`: the agent's prompt file: the role's prompt, then the task stage-engine
 //!   composed for the job;
 //! - [`outbox`]: the end of a run toward the peers (RecordRun, the finish comment,
@@ -20,6 +21,7 @@
 //!   functions.
 
 pub mod agent;
+pub mod breaker_watch;
 pub mod ceilings;
 pub mod classify;
 pub mod config;

@@ -313,6 +313,15 @@ impl Supervisor {
             c.qg_hook.as_ref().map(|h| h.command.as_str()),
             c.search_path.as_deref(),
         );
+        // The mirror's objects the checkout borrows: git in the checkout needs them, and
+        // read-only they cannot be changed under another job's checkout.
+        if let Some(objects) = files
+            .checkout
+            .as_ref()
+            .and_then(|c| c.shared_objects.clone())
+        {
+            jail.readable_files.push(objects);
+        }
         if c.sandbox.network == crate::sandbox::NetworkMode::Isolated {
             let model_url = self
                 .inner

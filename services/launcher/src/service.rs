@@ -17,8 +17,8 @@ use orchestrator_proto::launcher::v1::{
     JobStatus, LauncherInstance, ListInstancesRequest, ListInstancesResponse, ListJobsRequest,
     ListJobsResponse, ListRunningRequest, ListRunningResponse, Liveness, LogChunk,
     ProbeProcessesRequest, ProbeProcessesResponse, ProcessProbe, QueueSnapshotRequest,
-    QueueSnapshotResponse, RunningJob, Sandbox, StatusCount, TailLogRequest,
-    launcher_server::Launcher,
+    QueueSnapshotResponse, RunningJob, Sandbox, SetSpendingCeilingRequest,
+    SetSpendingCeilingResponse, StatusCount, TailLogRequest, launcher_server::Launcher,
 };
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -122,7 +122,8 @@ impl LauncherService {
         forge: Arc<dyn Forge>,
         agent_env: AgentEnv,
     ) -> Self {
-        let workspace = Workspace::new(forge, config.git_timeout);
+        let workspace =
+            Workspace::new(forge, config.git_timeout).with_mirrors(config.workdir.join("mirrors"));
         tracing::info!(
             instance_id = config.instance_id,
             workdir = %config.workdir.display(),
@@ -577,19 +578,7 @@ impl Launcher for LauncherService {
         let budget_waiting = store::count_queued_with_outcome(db, crate::ceilings::OUTCOME)
             .await
             .map_err(LauncherError::from)?;
-        let budget_ceilings = self
-            .sup
-            .ceiling_standings()
-            .await
-            .into_iter()
-            .map(|s| BudgetCeiling {
-                period: s.ceiling.period.as_str().to_owned(),
-                repo: s.ceiling.repo.unwrap_or_default(),
-                ceiling_usd: s.ceiling.usd,
-                spent_usd: s.spent_usd,
-                resets_at_ms: s.resets_at_ms,
-            })
-            .collect();
+        let budget_ceilings = self.budget_ceilings().await?;
         let config = self.sup.config().clone();
         let found = config.clone();
         let agent_command =
@@ -720,6 +709,50 @@ impl Launcher for LauncherService {
         )))
     }
 
+    #[tracing::instrument(skip_all, fields(period = %request.get_ref().period, repo = %request.get_ref().repo))]
+    async fn set_spending_ceiling(
+        &self,
+        request: Request<SetSpendingCeilingRequest>,
+    ) -> Result<Response<SetSpendingCeilingResponse>, Status> {
+        let r = request.into_inner();
+        let period = crate::ceilings::Period::parse(&r.period).ok_or_else(|| {
+            LauncherError::InvalidField {
+                field: "period",
+                reason: format!("'{}' is not daily or monthly", r.period.escape_debug()),
+            }
+        })?;
+        let repo = r.repo.trim();
+        let repo = if repo.is_empty() {
+            None
+        } else {
+            validate_repo(repo).map_err(|e| LauncherError::InvalidField {
+                field: "repo",
+                reason: e.to_string(),
+            })?;
+            Some(repo)
+        };
+        let usd = if r.clear {
+            None
+        } else if !r.usd.is_finite() || r.usd < 0.0 {
+            return Err(LauncherError::InvalidField {
+                field: "usd",
+                reason: format!("{} is not a number of dollars >= 0", r.usd),
+            }
+            .into());
+        } else {
+            Some(r.usd)
+        };
+        let woken = self
+            .sup
+            .set_spending_ceiling(period, repo, usd)
+            .await
+            .map_err(LauncherError::from)?;
+        Ok(Response::new(SetSpendingCeilingResponse {
+            ceilings: self.budget_ceilings().await?,
+            woken,
+        }))
+    }
+
     #[tracing::instrument(skip_all)]
     async fn list_instances(
         &self,
@@ -740,6 +773,26 @@ impl Launcher for LauncherService {
                 })
                 .collect(),
         }))
+    }
+}
+
+impl LauncherService {
+    /// The ceilings in force with what was spent against each (the snapshot's, the RPC's).
+    async fn budget_ceilings(&self) -> Result<Vec<BudgetCeiling>, LauncherError> {
+        Ok(self
+            .sup
+            .ceiling_standings()
+            .await?
+            .into_iter()
+            .map(|s| BudgetCeiling {
+                period: s.ceiling.period.as_str().to_owned(),
+                source: s.ceiling.source().to_owned(),
+                repo: s.ceiling.repo.unwrap_or_default(),
+                ceiling_usd: s.ceiling.usd,
+                spent_usd: s.spent_usd,
+                resets_at_ms: s.resets_at_ms,
+            })
+            .collect())
     }
 }
 

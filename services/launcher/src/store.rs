@@ -763,35 +763,71 @@ pub async fn breaker(db: &Db) -> Result<BreakerRow, sqlx::Error> {
     })
 }
 
-/// A transient outcome: one more in a row; at `threshold` (0: never) — or when it was
-/// the half-open probe — the breaker opens until `now + cooldown`.
+/// A transient outcome of `work_item`'s job: one more in a row; at `threshold` (0: never)
+/// — or when it was the half-open probe — the breaker opens until `now + cooldown`. The
+/// first opening since it was closed keeps its time and work item (`breaker_watch`).
 pub async fn breaker_on_transient(
     db: &Db,
     threshold: u32,
     cooldown_ms: i64,
     now_ms: i64,
+    work_item: &str,
 ) -> Result<BreakerRow, sqlx::Error> {
-    sqlx::query(
+    // Every SET expression reads the row as it was before this UPDATE (SQLite and
+    // PostgreSQL alike), so `opens` is the same condition in each.
+    let opens = "(state = 'half_open' OR ($1 > 0 AND consecutive_transient + 1 >= $1))";
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE breaker SET \
-           state = CASE WHEN state = 'half_open' OR ($1 > 0 AND consecutive_transient + 1 >= $1) THEN 'open' ELSE state END, \
-           open_until_ms = CASE WHEN state = 'half_open' OR ($1 > 0 AND consecutive_transient + 1 >= $1) THEN $2 ELSE open_until_ms END, \
+           state = CASE WHEN {opens} THEN 'open' ELSE state END, \
+           open_until_ms = CASE WHEN {opens} THEN $2 ELSE open_until_ms END, \
+           opened_at_ms = CASE WHEN {opens} AND opened_at_ms = 0 THEN $3 ELSE opened_at_ms END, \
+           opened_work_item = CASE WHEN {opens} AND opened_at_ms = 0 THEN $4 ELSE opened_work_item END, \
            probe_job_id = CASE WHEN state = 'half_open' THEN '' ELSE probe_job_id END, \
            consecutive_transient = consecutive_transient + 1, updated_at_ms = $3 \
-         WHERE id = 'llm'",
-    )
+         WHERE id = 'llm'"
+    )))
     .bind(i64::from(threshold))
     .bind(now_ms + cooldown_ms)
     .bind(now_ms)
+    .bind(work_item)
     .execute(&db.pool)
     .await?;
     breaker(db).await
+}
+
+/// Takes the one notification of the current opening when it has lasted `open_for_ms`
+/// (not closed since it opened at or before `now - open_for_ms`): exactly one caller across
+/// replicas gets `(opened_at_ms, opened_work_item)`, once per opening.
+pub async fn breaker_take_long_open(
+    db: &Db,
+    now_ms: i64,
+    open_for_ms: i64,
+) -> Result<Option<(i64, String)>, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE breaker SET open_told = 1 WHERE id = 'llm' AND state <> 'closed' \
+         AND opened_at_ms > 0 AND opened_at_ms <= $1 AND open_told = 0",
+    )
+    .bind(now_ms - open_for_ms)
+    .execute(&db.pool)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(None);
+    }
+    let r = sqlx::query("SELECT opened_at_ms, opened_work_item FROM breaker WHERE id = 'llm'")
+        .fetch_one(&db.pool)
+        .await?;
+    Ok(Some((
+        r.try_get("opened_at_ms")?,
+        r.try_get("opened_work_item")?,
+    )))
 }
 
 /// Any other outcome (the API answered): the breaker closes.
 pub async fn breaker_on_other(db: &Db, now_ms: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE breaker SET state = 'closed', consecutive_transient = 0, open_until_ms = 0, probe_job_id = '', \
-         probe_started_ms = 0, updated_at_ms = $1 WHERE id = 'llm' \
+         probe_started_ms = 0, opened_at_ms = 0, opened_work_item = '', open_told = 0, \
+         updated_at_ms = $1 WHERE id = 'llm' \
          AND (state <> 'closed' OR consecutive_transient <> 0)",
     )
     .bind(now_ms)

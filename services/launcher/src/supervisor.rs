@@ -202,6 +202,11 @@ impl Supervisor {
     /// previous life left pending included). Returns at once.
     pub fn start(&self, shutdown: CancellationToken) {
         tokio::spawn(self.outbox_dispatcher().run(shutdown.clone()));
+        if let Some(open_for) = self.config().notify_breaker_open {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move { me.breaker_watch(open_for, stop).await });
+        }
         let me = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {

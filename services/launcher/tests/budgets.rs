@@ -120,10 +120,10 @@ async fn a_ceiling_reached_mid_test_queues_launches_until_it_is_raised(storage: 
     h.outbox_drained().await;
     let today = &orchestrator_kit::time::rfc3339(orchestrator_kit::time::now_ms())[..10];
     h.peers.with(|s| {
-        let told: Vec<(&str, &str, &str)> = s
+        let told: Vec<(&str, &str)> = s
             .notifications
             .iter()
-            .map(|n| (n.event.as_str(), n.event_id.as_str(), n.work_item.as_str()))
+            .map(|n| (n.event.as_str(), n.event_id.as_str()))
             .collect();
         assert_eq!(
             told,
@@ -131,14 +131,20 @@ async fn a_ceiling_reached_mid_test_queues_launches_until_it_is_raised(storage: 
                 (
                     "budget_ceiling_reached",
                     format!("budget_ceiling:daily:acme/app:{today}").as_str(),
-                    "ORCH-3"
                 ),
                 (
                     "budget_ceiling_reached",
                     format!("budget_ceiling:daily:*:{today}").as_str(),
-                    "ORCH-5"
                 ),
             ]
+        );
+        assert_eq!(s.notifications[0].work_item, "ORCH-3");
+        // The global ceiling is told by the first job that finds it reached: ORCH-5 at its
+        // launch, or ORCH-3 at a recheck, whichever looks first once ORCH-4's run counts.
+        assert!(
+            ["ORCH-3", "ORCH-5"].contains(&s.notifications[1].work_item.as_str()),
+            "{}",
+            s.notifications[1].work_item
         );
         assert!(
             s.notifications[0]
@@ -237,7 +243,138 @@ async fn a_ceiling_that_cannot_be_checked_holds_the_launch(storage: TestStorage)
     assert_eq!(runs(&h).len(), 1);
 }
 
+async fn set_ceiling(
+    h: &H,
+    period: &str,
+    repo: &str,
+    usd: f64,
+    clear: bool,
+) -> Result<orchestrator_proto::launcher::v1::SetSpendingCeilingResponse, tonic::Status> {
+    use orchestrator_proto::launcher::v1::SetSpendingCeilingRequest;
+    use orchestrator_proto::launcher::v1::launcher_server::Launcher;
+    h.svc
+        .set_spending_ceiling(tonic::Request::new(SetSpendingCeilingRequest {
+            period: period.into(),
+            repo: repo.into(),
+            usd,
+            clear,
+        }))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// A daily ceiling reached mid-test queues the next launch with the reason; raising it
+/// through `SetSpendingCeiling` resumes it at once, with no restart (the recheck is longer
+/// than the test: only the RPC's wake-up can start it in time). What was set outlives a
+/// restart (the environment is only the default); cleared, the environment's is in force
+/// again. Bad input is refused naming the field and changes nothing.
+async fn a_ceiling_raised_through_the_rpc_resumes_the_waiting_jobs_without_a_restart(
+    storage: TestStorage,
+) {
+    let storage = Arc::new(storage);
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let peers = Arc::new(FakePeers::default());
+    let env = [
+        ("ORCH_LAUNCHER_GIT", "false"),
+        ("ORCH_BUDGET_DAILY_USD", "0.025"),
+        ("ORCH_BUDGET_RECHECK_S", "3600"),
+    ];
+    let h = H::start_with(
+        storage.clone(),
+        dir.clone(),
+        "test-instance",
+        AGENT,
+        &env,
+        peers.clone(),
+    )
+    .await;
+    run_one(&h, "ORCH-1", REPO).await;
+    run_one(&h, "ORCH-2", REPO).await;
+    let waiting = enqueue(&h, "ORCH-3", REPO).await;
+    waits(
+        &h,
+        &waiting,
+        1,
+        "the daily spending ceiling is reached: $0.0349 spent of $0.025 since",
+    )
+    .await;
+    assert_eq!(runs(&h).len(), 2);
+
+    // Bad input: refused naming the field; nothing changes.
+    for (period, repo, usd, says) in [
+        ("weekly", "", 1.0, "period"),
+        ("daily", "../etc", 1.0, "repo"),
+        ("daily", "", -1.0, "usd"),
+        ("daily", "", f64::NAN, "usd"),
+    ] {
+        let e = set_ceiling(&h, period, repo, usd, false)
+            .await
+            .expect_err(says);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().starts_with(says), "{says}: {}", e.message());
+    }
+    assert_eq!(h.job(&waiting.id).await.status, Status::Queued);
+
+    // The operator raises the daily ceiling: the waiting job runs now.
+    let r = set_ceiling(&h, "daily", "", 1.0, false)
+        .await
+        .expect("raised");
+    assert_eq!(r.woken, 1, "{r:?}");
+    let in_force: Vec<_> = r
+        .ceilings
+        .iter()
+        .map(|c| {
+            (
+                c.period.as_str(),
+                c.repo.as_str(),
+                c.ceiling_usd,
+                c.source.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(in_force, vec![("daily", "", 1.0, "SetSpendingCeiling")]);
+    let j = h.wait_done(&waiting.id, SECS).await;
+    assert_eq!((j.status, j.failures), (Status::Succeeded, 0), "{j:#?}");
+    assert_eq!(runs(&h).len(), 3);
+    // The queue's snapshot (GET /queue's launcher.budget) shows the ceiling in force.
+    let s = h.snapshot().await;
+    assert_eq!(s.budget_waiting, 0);
+    let c = &s.budget_ceilings[0];
+    assert_eq!(
+        (c.ceiling_usd, c.source.as_str()),
+        (1.0, "SetSpendingCeiling")
+    );
+    assert!((c.spent_usd.expect("a spend") - 3.0 * 0.01744).abs() < 1e-9);
+
+    // A restart with the same environment keeps what was set.
+    h.shutdown.cancel();
+    h.svc.supervisor().stopped().cancelled().await;
+    drop(h);
+    let h = H::start_with(storage, dir, "test-instance", "", &env, peers).await;
+    run_one(&h, "ORCH-4", REPO).await;
+    assert_eq!(runs(&h).len(), 4);
+    // Cleared: the environment's $0.025 is in force again, and the next launch waits.
+    let r = set_ceiling(&h, "daily", "", 0.0, true)
+        .await
+        .expect("cleared");
+    assert_eq!(r.ceilings.len(), 1);
+    assert_eq!(
+        (r.ceilings[0].ceiling_usd, r.ceilings[0].source.as_str()),
+        (0.025, "ORCH_BUDGET_DAILY_USD")
+    );
+    let next = enqueue(&h, "ORCH-5", REPO).await;
+    waits(&h, &next, 1, "(ORCH_BUDGET_DAILY_USD)").await;
+    // usd 0 lifts the ceiling, whatever the environment says.
+    let r = set_ceiling(&h, "daily", "", 0.0, false)
+        .await
+        .expect("lifted");
+    assert!(r.ceilings.is_empty(), "{r:?}");
+    assert_eq!(h.wait_done(&next.id, SECS).await.status, Status::Succeeded);
+    assert_eq!(runs(&h).len(), 5);
+}
+
 on_both_backends!(
     a_ceiling_reached_mid_test_queues_launches_until_it_is_raised,
     a_ceiling_that_cannot_be_checked_holds_the_launch,
+    a_ceiling_raised_through_the_rpc_resumes_the_waiting_jobs_without_a_restart,
 );

@@ -596,3 +596,76 @@ async fn a_start_is_announced_when_the_job_asks_for_it() {
         );
     });
 }
+
+/// A breaker open longer than `ORCH_NOTIFY_BREAKER_OPEN_S` is told once per opening: the
+/// model API keeps failing, the half-open probes re-open it again and again, and the
+/// receiver (stage-engine's `Notify`) gets exactly one `breaker_open`, on the work item whose
+/// job opened it; once the breaker has closed, a new opening would be told anew.
+async fn a_breaker_open_for_long_is_told_once_per_opening(storage: TestStorage) {
+    let script = r#"if [ -f {root}/healed ]; then
+  cat {contracts}/real-2.1.328/success-with-write-tool.stdout.json
+else
+  echo x >> {root}/transients
+  cat {contracts}/real-2.1.328/overloaded-529.stdout.json
+  exit 1
+fi"#;
+    let h = H::start(
+        storage,
+        script,
+        &[
+            ("ORCH_LAUNCHER_GIT", "false"),
+            ("ORCH_BREAKER_THRESHOLD", "1"),
+            ("ORCH_BREAKER_COOLDOWN_S", "0.3"),
+            ("ORCH_BACKOFF_BASE_S", "0.1"),
+            ("ORCH_BACKOFF_MAX_S", "0.2"),
+            ("ORCH_MAX_TRANSIENT_ATTEMPTS", "1000"),
+            ("ORCH_NOTIFY_BREAKER_OPEN_S", "1"),
+        ],
+    )
+    .await;
+    let job = h
+        .enqueue_for("ORCH-9", "developer", "development", "")
+        .await;
+    let told = |h: &H| {
+        h.peers.with(|s| {
+            s.notifications
+                .iter()
+                .filter(|n| n.event == "breaker_open")
+                .map(|n| (n.event_id.clone(), n.work_item.clone(), n.text.clone()))
+                .collect::<Vec<_>>()
+        })
+    };
+    eventually(SECS, "the breaker_open notification", || {
+        !told(&h).is_empty()
+    })
+    .await;
+    // The probes keep failing: the breaker re-opens, several times, and is not told again.
+    let transients = || {
+        std::fs::read_to_string(h.root.join("transients"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let seen = transients();
+    eventually(SECS, "two more failed probes", || transients() >= seen + 2).await;
+    h.outbox_drained().await;
+    let t = told(&h);
+    assert_eq!(t.len(), 1, "{t:#?}");
+    let (event_id, work_item, text) = &t[0];
+    assert!(event_id.starts_with("breaker_open:"), "{event_id}");
+    assert_eq!(work_item, "ORCH-9");
+    assert!(
+        text.contains("circuit breaker has been open since") && text.contains("ORCH-9"),
+        "{text}"
+    );
+    assert_ne!(h.snapshot().await.breaker.expect("breaker").state, "closed");
+    // The API heals: the breaker closes and the job succeeds; nothing more is told.
+    std::fs::write(h.root.join("healed"), "").expect("heal");
+    assert_eq!(h.wait_done(&job.id, SECS).await.status, Status::Succeeded);
+    let b = h.snapshot().await.breaker.expect("breaker");
+    assert_eq!(b.state, "closed");
+    h.outbox_drained().await;
+    assert_eq!(told(&h).len(), 1);
+}
+
+orchestrator_testkit::on_both_backends!(a_breaker_open_for_long_is_told_once_per_opening);

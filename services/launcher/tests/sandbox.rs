@@ -45,9 +45,14 @@ const READS: [(&str, &str); 5] = [
 
 /// Writes outside the checkout: the test's root, the job's own directory (beside its
 /// prompt file).
-const WRITES: [(&str, &str); 2] = [
+const WRITES: [(&str, &str); 3] = [
     ("write_root", "echo x > {root}/escaped"),
     ("write_job_dir", "echo x > \"$ORCH_PROMPT_FILE.escaped\""),
+    // The repository's mirror, whose objects the checkout borrows (and other jobs' too).
+    (
+        "write_mirror",
+        "m=$(cat .git/objects/info/alternates) && [ -d \"$m\" ] && echo x > \"$m/escaped\"",
+    ),
 ];
 
 /// A canary in the operator's `~/.ssh` (this process's HOME: /root here), removed on drop.
@@ -97,6 +102,8 @@ fn script(root: &Path, ssh: &Path, host_tmp: &Path, sandboxed: bool) -> String {
         // Not tried bare: as root it would write into the host's /etc.
         s.push_str("probe write_etc 'echo x > /etc/orchestrator-sandbox-escaped'\n");
     }
+    // git works in the checkout: its history is there (through the mirror's objects).
+    s.push_str("probe git_log 'git log -1 --format=%H | grep -q .'\n");
     // The project's own tests, built and run in the checkout.
     s.push_str(
         r#"mkdir -p calc
@@ -201,6 +208,7 @@ async fn a_hostile_agent_reaches_nothing_of_ours_and_runs_its_tests() {
         assert_eq!(probe(&r.log, name), "DENIED", "{name}:\n{}", r.log);
     }
     assert_eq!(probe(&r.log, "write_etc"), "DENIED", "{}", r.log);
+    assert_eq!(probe(&r.log, "git_log"), "REACHED", "{}", r.log);
     assert!(!r.root.join("escaped").exists());
     assert!(
         std::fs::read_dir(r.root.join("work/jobs"))
@@ -225,7 +233,13 @@ async fn without_the_sandbox_the_same_agent_reaches_everything() {
         assert_eq!(probe(&r.log, name), "REACHED", "{name}:\n{}", r.log);
     }
     assert!(r.root.join("escaped").exists());
+    assert!(
+        r.root
+            .join("work/mirrors/acme--app.git/objects/escaped")
+            .exists()
+    );
     assert_eq!(probe(&r.log, "write_tmp"), "REACHED");
+    assert_eq!(probe(&r.log, "git_log"), "REACHED", "{}", r.log);
     assert!(r.host_tmp.exists());
     let _ = std::fs::remove_file(&r.host_tmp);
     assert_eq!(probe(&r.log, "unittest_exit"), "0", "{}", r.log);

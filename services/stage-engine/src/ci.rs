@@ -12,8 +12,12 @@
 //!   the item moves exactly as if CI had been green (or red) when the job ended. The stall
 //!   watchdog leaves a waiting item alone.
 //!
-//! Not at `deploy` yet: there the launcher enqueues the deploy-finalizer (the merge) only
-//! when its own AdvanceStage answers DONE, which a deferred re-check here would not tell it.
+//! The same check gates the merge: it is in the registry at `deploy` too, so `deploy -> done`
+//! (whose transaction enqueues the deploy-finalizer, the merge) waits here the same way, and
+//! a red CI there rolls back to development. There the head read is the one the deployer's
+//! run delivered (`JobRef::head_sha`, kept in the wait), which is the head the finalizer is
+//! pinned to: CI passes the very commit that merges, and a head that moved since is refused
+//! by merge-gate's `FinalizeMerge`.
 
 use std::time::Duration;
 
@@ -102,9 +106,14 @@ impl CiConfig {
     }
 }
 
-/// Reads what `ci_green` needs for `item`: the combined status of its PR's head. A forge
+/// Reads what `ci_green` needs for `item`: the combined status of the head that would move
+/// on — the one `job`'s run delivered when the launcher said it, else the PR's head. A forge
 /// that is down makes the evaluation UNAVAILABLE (nothing changes; the caller retries).
-pub(crate) async fn gather(engine: &Engine, item: &WorkItemRow) -> Result<CiInput, EngineError> {
+pub(crate) async fn gather(
+    engine: &Engine,
+    item: &WorkItemRow,
+    job: Option<&JobRef>,
+) -> Result<CiInput, EngineError> {
     if !engine.config.ci.requires(&item.repo) {
         return Ok(CiInput::NotRequired);
     }
@@ -123,18 +132,19 @@ pub(crate) async fn gather(engine: &Engine, item: &WorkItemRow) -> Result<CiInpu
         }
         Err(e) => return Ok(CiInput::Unknown(format!("the PR cannot be read: {e}"))),
     };
-    // The PR's head, not the branch: the status read is the one of the commit that merges.
-    match engine.forge.combined_status(&repo, &pr.head_sha).await {
-        Ok(status) => Ok(CiInput::Status {
-            head: pr.head_sha,
-            status,
-        }),
+    // The PR's head, not the branch: the status read is the one of the commit that merges
+    // (pinned to what the run delivered, which is what the deploy-finalizer merges).
+    let head = match job {
+        Some(j) if !j.head_sha.is_empty() => j.head_sha.clone(),
+        _ => pr.head_sha,
+    };
+    match engine.forge.combined_status(&repo, &head).await {
+        Ok(status) => Ok(CiInput::Status { head, status }),
         Err(e) if e.is_transient() => Err(EngineError::Unavailable(format!(
             "the forge is unavailable (reading the CI status): {e}"
         ))),
         Err(e) => Ok(CiInput::Unknown(format!(
-            "the CI status of {} cannot be read: {e}",
-            pr.head_sha
+            "the CI status of {head} cannot be read: {e}"
         ))),
     }
 }
@@ -167,7 +177,8 @@ fn wait_from_row(row: &sqlx::any::AnyRow) -> Result<CiWait, sqlx::Error> {
             job_id: row.try_get("job_id")?,
             attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or_default(),
             dedupe_key: row.try_get("dedupe_key")?,
-            ..JobRef::default()
+            pr_number: u64::try_from(row.try_get::<i64, _>("pr_number")?).unwrap_or_default(),
+            head_sha: row.try_get("head_sha")?,
         },
         detail: row.try_get("detail")?,
         since_ms: row.try_get("since_ms")?,
@@ -177,7 +188,7 @@ fn wait_from_row(row: &sqlx::any::AnyRow) -> Result<CiWait, sqlx::Error> {
 /// Every waiting item, the oldest first.
 pub async fn waits(engine: &Engine) -> Result<Vec<CiWait>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT work_item, repo, agent, job_id, attempt, dedupe_key, detail, since_ms FROM ci_waits ORDER BY since_ms",
+        "SELECT work_item, repo, agent, job_id, attempt, dedupe_key, pr_number, head_sha, detail, since_ms FROM ci_waits ORDER BY since_ms",
     )
     .fetch_all(&engine.db.pool)
     .await?;
@@ -223,7 +234,7 @@ pub(crate) async fn note(
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO ci_waits (work_item, repo, agent, job_id, attempt, dedupe_key, detail, since_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO ci_waits (work_item, repo, agent, job_id, attempt, dedupe_key, pr_number, head_sha, detail, since_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(key)
     .bind(&a.item.repo)
@@ -231,6 +242,8 @@ pub(crate) async fn note(
     .bind(&job.job_id)
     .bind(i64::from(job.attempt))
     .bind(&job.dedupe_key)
+    .bind(i64::try_from(job.pr_number).unwrap_or_default())
+    .bind(&job.head_sha)
     .bind(detail)
     .bind(now_ms())
     .execute(&mut *tx)

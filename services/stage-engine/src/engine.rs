@@ -446,7 +446,7 @@ impl Engine {
             }
             let at = item.position();
             let (qg, inputs) = if needs_qg(at, &trigger) {
-                let inputs = self.gather(&item).await?;
+                let inputs = self.gather(&item, job.as_ref()).await?;
                 (qg::evaluate(at.stage, &inputs), inputs)
             } else {
                 (Vec::new(), Inputs::default())
@@ -543,7 +543,11 @@ impl Engine {
 
     /// Reads what the current stage's checks need. A forge or merge-gate that is down makes
     /// the whole evaluation UNAVAILABLE (nothing changes; the caller retries).
-    async fn gather(&self, item: &WorkItemRow) -> Result<Inputs, EngineError> {
+    async fn gather(
+        &self,
+        item: &WorkItemRow,
+        job: Option<&JobRef>,
+    ) -> Result<Inputs, EngineError> {
         let repo = RepoName::parse(&item.repo).map_err(|e| EngineError::Internal(e.to_string()))?;
         let mut inputs = Inputs {
             key: item.key.clone(),
@@ -583,7 +587,7 @@ impl Engine {
                         head_sha: p.head_sha,
                     }));
                 }
-                Input::CiStatus => inputs.ci = Some(crate::ci::gather(self, item).await?),
+                Input::CiStatus => inputs.ci = Some(crate::ci::gather(self, item, job).await?),
                 Input::Mergeable => {
                     let m = self
                         .peers
@@ -660,6 +664,15 @@ impl Engine {
         } else {
             None
         };
+        // CI's second red verdict on the item tells a human (its audit is the count).
+        let ci_failed_twice = if self.config.notify.webhook_url.is_some()
+            && qg.iter().any(crate::notify::ci_red)
+        {
+            let history = store::list_transitions(&self.db, &item.key).await?;
+            crate::notify::for_ci_failure(&self.config.notify, &item.key, item.stage, &history, qg)
+        } else {
+            None
+        };
         let mut tx = self.db.pool.begin().await?;
         if !store::update_item_guarded(&mut tx, &next, item.version).await? {
             tx.rollback().await?;
@@ -717,6 +730,9 @@ impl Engine {
             &d.reason,
         ) {
             outbox::insert(&mut tx, &item.key, &n, Some(&key)).await?;
+        }
+        if let Some((n, key)) = &ci_failed_twice {
+            outbox::insert(&mut tx, &item.key, n, Some(key)).await?;
         }
         let html = self.transition_comment(item, &next, d, qg);
         outbox::insert(
@@ -978,7 +994,7 @@ pub fn dedupe_key(key: &str, transition_id: &str, agent: &str) -> String {
 pub fn qg_json(qg: &[CheckResult]) -> String {
     serde_json::Value::Array(
         qg.iter()
-            .map(|r| serde_json::json!({"check": r.check, "passed": r.outcome.passed(), "detail": r.outcome.detail()}))
+            .map(|r| serde_json::json!({"check": r.check, "passed": r.outcome.passed(), "negative": matches!(r.outcome, CheckOutcome::Negative(_)), "detail": r.outcome.detail()}))
             .collect(),
     )
     .to_string()

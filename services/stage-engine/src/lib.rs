@@ -12,8 +12,9 @@
 //! - [`reconcile`]: the periodic pass that repairs what lost webhooks left (Plane issues
 //!   without a work item, deleted or closed issues, merges nobody reported).
 //! - [`task`]: the agent's task, composed when a transition enqueues an agent.
-//! - [`ci`]: `ci_green` for `ORCH_CI_REQUIRED_REPOS`: a pending CI holds the item with no
-//!   agent launched, checked again on Gitea's `status` delivery and every `ORCH_CI_POLL_S`;
+//! - [`ci`]: `ci_green` for `ORCH_CI_REQUIRED_REPOS`, before review -> testing and before the
+//!   merge: a pending CI holds the item with no agent launched, checked again on Gitea's
+//!   `status` delivery and every `ORCH_CI_POLL_S`;
 //! - [`loops`]: the loop detector: the same gate failure of a stage three times parks it;
 //! - [`notify`]: the outgoing webhook when a human must act (awaiting approval, blocked,
 //!   the rollback budget spent), once per event through the outbox;

@@ -10,7 +10,10 @@
 //! body with `ORCH_NOTIFY_WEBHOOK_SECRET`), with the event id in `X-Orchestrator-Event-Id`
 //! so that a receiver can drop a redelivery.
 //!
-//! Events here: `awaiting_approval`, `blocked` (with the reason), `rollback_budget_spent`.
+//! Events here: `awaiting_approval`, `blocked` (with the reason), `rollback_budget_spent`,
+//! `ci_failed_twice` (once per item, on CI's second red verdict, counted in the audit
+//! `stage_transitions`). Others report theirs through the `Notify` RPC (post-deploy's
+//! alerts, the launcher's `breaker_open`).
 
 use std::time::Duration;
 
@@ -20,6 +23,8 @@ use sha2::Sha256;
 
 use crate::outbox::{DeliveryError, Effect};
 use crate::pipeline::{Outcome, Stage};
+use crate::qg::{CheckOutcome, CheckResult};
+use crate::store::TransitionRow;
 
 /// `ORCH_NOTIFY_*`.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +71,8 @@ pub enum NotifyEvent {
     AwaitingApproval,
     Blocked,
     RollbackBudgetSpent,
+    /// CI gave its second red verdict on the item (`ci_green` negative twice).
+    CiFailedTwice,
 }
 
 impl NotifyEvent {
@@ -74,6 +81,7 @@ impl NotifyEvent {
             NotifyEvent::AwaitingApproval => "awaiting_approval",
             NotifyEvent::Blocked => "blocked",
             NotifyEvent::RollbackBudgetSpent => "rollback_budget_spent",
+            NotifyEvent::CiFailedTwice => "ci_failed_twice",
         }
     }
 }
@@ -111,17 +119,76 @@ pub fn for_transition(
         NotifyEvent::RollbackBudgetSpent => {
             format!("{key} spent its rollback budget at {stage} and is blocked: {reason}")
         }
+        NotifyEvent::CiFailedTwice => ci_failed_twice_text(key, stage, reason),
     };
-    let text = match &config.dashboard_url {
-        Some(base) => format!("{what} <{base}/items/{key}|open {key}>"),
-        None => what,
-    };
+    let text = with_link(config, key, what);
     let event_id = format!("notify:{transition_id}");
     Some((
         Effect::Notify {
             event_id: event_id.clone(),
             event: event.as_str().to_owned(),
             text,
+        },
+        event_id,
+    ))
+}
+
+fn ci_failed_twice_text(key: &str, stage: Stage, why: &str) -> String {
+    format!("CI failed twice on {key} (at {stage}): {why}")
+}
+
+fn with_link(config: &NotifyConfig, key: &str, what: String) -> String {
+    match &config.dashboard_url {
+        Some(base) => format!("{what} <{base}/items/{key}|open {key}>"),
+        None => what,
+    }
+}
+
+/// Whether `r` is CI's red verdict (failure or error), not a status that cannot be read.
+pub(crate) fn ci_red(r: &CheckResult) -> bool {
+    r.check == crate::ci::CI_CHECK && matches!(r.outcome, CheckOutcome::Negative(_))
+}
+
+/// CI's red verdicts on the item: the earlier ones in its audit `history` (stored as
+/// `{"check": "ci_green", "negative": true}` by `qg_json`) and the one in `qg`, if any.
+pub fn ci_failures(history: &[TransitionRow], qg: &[CheckResult]) -> u32 {
+    let earlier = history
+        .iter()
+        .filter(|t| {
+            let results: Vec<serde_json::Value> =
+                serde_json::from_str(&t.qg_results_json).unwrap_or_default();
+            results
+                .iter()
+                .any(|r| r["check"] == crate::ci::CI_CHECK && r["negative"] == true)
+        })
+        .count();
+    let now = usize::from(qg.iter().any(ci_red));
+    u32::try_from(earlier + now).unwrap_or(u32::MAX)
+}
+
+/// `ci_failed_twice` for `key`, when the transition whose gate found `qg` is CI's second red
+/// verdict on it (`history`: the item's earlier transitions). Its idempotency key is the
+/// item's, so it is sent once per item whatever happens next.
+pub fn for_ci_failure(
+    config: &NotifyConfig,
+    key: &str,
+    stage: Stage,
+    history: &[TransitionRow],
+    qg: &[CheckResult],
+) -> Option<(Effect, String)> {
+    config.webhook_url.as_ref()?;
+    let red = qg.iter().find(|r| ci_red(r))?;
+    if ci_failures(history, qg) != 2 {
+        return None;
+    }
+    let event = NotifyEvent::CiFailedTwice;
+    let what = ci_failed_twice_text(key, stage, red.outcome.detail());
+    let event_id = format!("notify:{}:{key}", event.as_str());
+    Some((
+        Effect::Notify {
+            event_id: event_id.clone(),
+            event: event.as_str().to_owned(),
+            text: with_link(config, key, what),
         },
         event_id,
     ))
@@ -303,6 +370,69 @@ mod tests {
         let none = NotifyConfig::default();
         assert!(
             for_transition(&none, "t", "K-1", Stage::Analysis, Outcome::Blocked, "x").is_none()
+        );
+    }
+
+    #[test]
+    fn ci_failed_twice_is_told_on_the_second_red_verdict_only() {
+        let config = NotifyConfig {
+            webhook_url: Some("http://127.0.0.1:9/hook".into()),
+            ..NotifyConfig::default()
+        };
+        let red = [CheckResult {
+            check: crate::ci::CI_CHECK,
+            outcome: CheckOutcome::Negative("ci/build (failure): 2 tests failed <u>".into()),
+        }];
+        // A status that cannot be read is no verdict of CI's; neither is a pending one.
+        let unreadable = [CheckResult {
+            check: crate::ci::CI_CHECK,
+            outcome: CheckOutcome::Fail("no PR to read the CI status of".into()),
+        }];
+        let row = |qg: &[CheckResult]| TransitionRow {
+            id: String::new(),
+            work_item: "K-1".into(),
+            from_stage: "review".into(),
+            to_stage: "development".into(),
+            from_status: "active".into(),
+            to_status: "active".into(),
+            outcome: "rolled_back".into(),
+            cause: String::new(),
+            finished_agent: "reviewer".into(),
+            job_id: String::new(),
+            qg_results_json: crate::engine::qg_json(qg),
+            at_ms: 0,
+        };
+        let tell = |history: &[TransitionRow], qg: &[CheckResult]| {
+            for_ci_failure(&config, "K-1", Stage::Deploy, history, qg)
+        };
+        assert!(tell(&[], &red).is_none(), "the first red verdict");
+        assert!(tell(&[row(&unreadable)], &red).is_none());
+        let (effect, key) = tell(&[row(&unreadable), row(&red)], &red).expect("the second");
+        assert_eq!(key, "notify:ci_failed_twice:K-1");
+        let Effect::Notify { event, text, .. } = effect else {
+            panic!("not a notification");
+        };
+        assert_eq!(event, "ci_failed_twice");
+        assert!(
+            text.contains("2 tests failed") && text.contains("deploy"),
+            "{text}"
+        );
+        assert!(tell(&[row(&red), row(&red)], &red).is_none(), "the third");
+        assert!(
+            tell(&[row(&red)], &unreadable).is_none(),
+            "not a red verdict now"
+        );
+        assert_eq!(ci_failures(&[row(&red), row(&unreadable)], &red), 2);
+        assert!(
+            for_ci_failure(
+                &NotifyConfig::default(),
+                "K-1",
+                Stage::Review,
+                &[row(&red)],
+                &red
+            )
+            .is_none(),
+            "no webhook"
         );
     }
 

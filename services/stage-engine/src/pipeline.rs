@@ -273,6 +273,13 @@ pub const ROLLBACKS: &[RollbackRule] = &[
         to: Stage::Development,
         cause: "the deploy FAILED",
     },
+    RollbackRule {
+        stage: Stage::Deploy,
+        agent: "deployer",
+        check: "ci_green",
+        to: Stage::Development,
+        cause: "CI failed",
+    },
 ];
 
 /// What made `advance_stage` run.
@@ -872,6 +879,7 @@ mod tests {
                 Stage::Review,
                 Stage::Testing,
                 Stage::DeployStaging,
+                Stage::Deploy,
                 Stage::Deploy
             ]
         );

@@ -184,6 +184,14 @@ pub const QG_CHECKS: &[QgCheck] = &[
         input: Input::Artifact(artifact::DEPLOY),
         eval: check_deploy_status,
     },
+    // The same check again before `deploy -> done`, whose transaction enqueues the merge: CI
+    // gates the merge of the head the deployer delivered, not only review -> testing.
+    QgCheck {
+        name: "ci_green",
+        stage: Stage::Deploy,
+        input: Input::CiStatus,
+        eval: ci_green,
+    },
 ];
 
 /// The checks of `stage`, in registry order.
@@ -444,10 +452,21 @@ mod tests {
             let n = checks_for(stage).count();
             assert_eq!(n == 0, stage == Stage::Done, "{stage} has {n} checks");
         }
-        let mut names: Vec<&str> = QG_CHECKS.iter().map(|c| c.name).collect();
-        names.sort();
+        // A name is once per stage; a name at two stages (`ci_green`) is one rule, read from
+        // one input.
+        let mut names: Vec<(Stage, &str)> = QG_CHECKS.iter().map(|c| (c.stage, c.name)).collect();
+        names.sort_by_key(|(s, n)| (s.as_str(), *n));
         names.dedup();
         assert_eq!(names.len(), QG_CHECKS.len());
+        for a in QG_CHECKS {
+            for b in QG_CHECKS.iter().filter(|b| b.name == a.name) {
+                assert!(
+                    std::ptr::fn_addr_eq(a.eval, b.eval) && a.input == b.input,
+                    "{}",
+                    a.name
+                );
+            }
+        }
         // The rollback rules name registered checks of their own stage.
         for rule in crate::pipeline::ROLLBACKS {
             assert!(

@@ -24,6 +24,8 @@ use crate::qg::Mergeability;
 use crate::{StageEngineConfig, StageEngineService};
 
 type Files = Arc<Mutex<HashMap<String, String>>>;
+/// The combined CI state of each commit, as the forge answers it (pending when not set).
+type CiStates = Arc<Mutex<HashMap<String, orchestrator_forge::CiState>>>;
 
 struct Harness {
     svc: StageEngineService,
@@ -35,13 +37,32 @@ struct Harness {
     /// Jobs the launcher lost (`ListJobs` does not show them).
     lost: Arc<Mutex<Vec<String>>>,
     cancelled: Arc<Mutex<Vec<CancelJobRequest>>>,
+    ci: CiStates,
     _storage: TestStorage,
 }
 
 const KEY: &str = "ORCH-7";
 
-fn forge(files: Files, forge_down: bool) -> MockForge {
+fn forge(files: Files, forge_down: bool, ci: CiStates) -> MockForge {
     let mut f = MockForge::new();
+    f.expect_combined_status().returning(move |_, sha| {
+        let state = ci
+            .lock()
+            .expect("lock")
+            .get(sha)
+            .copied()
+            .unwrap_or(orchestrator_forge::CiState::Pending);
+        Ok(orchestrator_forge::CombinedStatus {
+            sha: sha.into(),
+            state,
+            statuses: vec![orchestrator_forge::CommitStatus {
+                context: "ci/build".into(),
+                state,
+                description: format!("{} on {sha}", state.as_str()),
+                target_url: "https://ci.example.com/1".into(),
+            }],
+        })
+    });
     f.expect_kind().return_const(ForgeKind::Local);
     f.expect_repo_exists().returning(|_| Ok(true));
     f.expect_branch_exists().returning(|_, _| Ok(true));
@@ -71,7 +92,7 @@ fn forge(files: Files, forge_down: bool) -> MockForge {
 }
 
 async fn harness(storage: TestStorage, enqueue_failures: u32, forge_down: bool) -> Harness {
-    harness_with(storage, enqueue_failures, forge_down, None).await
+    harness_with(storage, enqueue_failures, forge_down, None, &[]).await
 }
 
 async fn harness_with(
@@ -79,6 +100,7 @@ async fn harness_with(
     enqueue_failures: u32,
     forge_down: bool,
     tracker: Option<Arc<dyn orchestrator_tracker::Tracker>>,
+    extra_env: &[(&str, &str)],
 ) -> Harness {
     orchestrator_kit::telemetry::init_for_tests();
     let db = db::open(
@@ -168,15 +190,18 @@ async fn harness_with(
             job: None,
         })
     });
-    let config = StageEngineConfig::from_env(&Env::from_pairs([
+    let env = [
         ("ORCH_OUTBOX_BACKOFF_BASE_MS", "1"),
         ("ORCH_MAX_ROLLBACKS", "1"),
-    ]))
-    .expect("config");
+    ];
+    let config =
+        StageEngineConfig::from_env(&Env::from_pairs(env.iter().chain(extra_env).copied()))
+            .expect("config");
+    let ci: CiStates = Arc::default();
     let svc = StageEngineService::from_parts(
         db,
         config,
-        Arc::new(forge(files.clone(), forge_down)),
+        Arc::new(forge(files.clone(), forge_down, ci.clone())),
         Arc::new(peers),
         tracker,
     )
@@ -189,6 +214,7 @@ async fn harness_with(
         job_status,
         lost,
         cancelled,
+        ci,
         _storage: storage,
     }
 }
@@ -1334,7 +1360,7 @@ async fn a_refused_comment_fails_and_an_operator_retries_it(storage: TestStorage
                 duplicate: false,
             })
         });
-    let h = harness_with(storage, 0, false, Some(Arc::new(t))).await;
+    let h = harness_with(storage, 0, false, Some(Arc::new(t)), &[]).await;
     h.create().await;
     h.deliver().await;
     let failed = h.outbox("failed").await;
@@ -1410,7 +1436,7 @@ async fn a_plane_issue_is_keyed_by_its_project_identifier(storage: TestStorage) 
             duplicate: false,
         })
     });
-    let h = harness_with(storage, 0, false, Some(Arc::new(t))).await;
+    let h = harness_with(storage, 0, false, Some(Arc::new(t)), &[]).await;
     let create = |issue: &str, project: &str, seq: u64| CreateWorkItemRequest {
         tracker_issue_id: issue.into(),
         tracker_project_id: project.into(),
@@ -1667,7 +1693,134 @@ async fn a_restarted_dispatcher_takes_back_its_own_claims_at_once(storage: TestS
     );
 }
 
+/// CI gates the merge on the head the deployer's run delivered, the one the finalizer is
+/// pinned to — not on the PR's head, which may have moved on since: pending waits (in
+/// `ci_waits`, keeping the pinned head and PR; nothing enqueued), green on that head
+/// completes the item and enqueues the merge of exactly that head; red rolls back.
+async fn ci_gates_the_merge_of_the_head_the_deployer_delivered(storage: TestStorage) {
+    use orchestrator_forge::CiState;
+    let h = harness_with(
+        storage,
+        0,
+        false,
+        None,
+        &[("ORCH_CI_REQUIRED_REPOS", "acme/app")],
+    )
+    .await;
+    h.create().await;
+    h.deliver().await;
+    let at_deploy = || async {
+        sqlx::query(
+            "UPDATE work_items SET stage = 'deploy', status = 'active', expected_agent = 'deployer', \
+             expected_dedupe_key = '', latest_job_id = ''",
+        )
+        .execute(&h.svc.engine().db.pool)
+        .await
+        .expect("set up at deploy");
+    };
+    at_deploy().await;
+    h.write(
+        "deploy.md",
+        "deploy_status: SUCCESS\ndeployed_sha: 0123abcd\n",
+    );
+    // The PR's head ("abc", the forge's) is green; the delivered head is not decided yet.
+    h.ci.lock()
+        .expect("lock")
+        .insert("abc".into(), CiState::Success);
+    let finished = || AdvanceStageRequest {
+        work_item: KEY.into(),
+        finished_agent: "deployer".into(),
+        job_id: "job-d1".into(),
+        attempt: 1,
+        pr_number: 1,
+        head_sha: "0123abcd".into(),
+        ..Default::default()
+    };
+    let r = h
+        .svc
+        .advance_stage(Request::new(finished()))
+        .await
+        .expect("advance")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::Unchanged, "{r:?}");
+    let waits = crate::ci::waits(h.svc.engine()).await.expect("waits");
+    assert_eq!(waits.len(), 1, "{waits:?}");
+    assert_eq!(
+        (
+            waits[0].agent.as_str(),
+            waits[0].job.head_sha.as_str(),
+            waits[0].job.pr_number
+        ),
+        ("deployer", "0123abcd", 1)
+    );
+    assert!(waits[0].detail.contains("0123abcd"), "{}", waits[0].detail);
+    h.deliver().await;
+    let finalizer = |h: &Harness| {
+        h.enqueued
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.dedupe_key == "deploy-finalizer:job-d1")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(finalizer(&h).is_empty(), "nothing merges while CI runs");
+    assert_eq!(h.item().await.stage.as_str(), "deploy");
+
+    // CI passes the delivered head: the re-check completes the item and the merge is
+    // pinned to that head.
+    h.ci.lock()
+        .expect("lock")
+        .insert("0123abcd".into(), CiState::Success);
+    let a = h
+        .svc
+        .engine()
+        .recheck_ci(&waits[0])
+        .await
+        .expect("recheck")
+        .expect("advanced");
+    assert_eq!(a.outcome, crate::pipeline::Outcome::Done, "{}", a.reason);
+    assert!(
+        crate::ci::waits(h.svc.engine())
+            .await
+            .expect("waits")
+            .is_empty()
+    );
+    h.deliver().await;
+    let f = finalizer(&h);
+    assert_eq!(f.len(), 1);
+    let p: serde_json::Value = serde_json::from_str(&f[0].payload_json).expect("payload");
+    assert_eq!(
+        (p["pr_number"].as_u64(), p["tested_head_sha"].as_str()),
+        (Some(1), Some("0123abcd"))
+    );
+
+    // Another deploy whose delivered head CI fails: back to development, with the context.
+    at_deploy().await;
+    h.ci.lock()
+        .expect("lock")
+        .insert("0bad".into(), CiState::Failure);
+    let r = h
+        .svc
+        .advance_stage(Request::new(AdvanceStageRequest {
+            job_id: "job-d2".into(),
+            head_sha: "0bad".into(),
+            ..finished()
+        }))
+        .await
+        .expect("advance")
+        .into_inner();
+    assert_eq!(r.outcome(), AdvanceOutcome::RolledBack, "{r:?}");
+    assert!(
+        r.reason.contains("CI failed") && r.reason.contains("ci/build (failure): failure on 0bad"),
+        "{}",
+        r.reason
+    );
+    assert_eq!(h.item().await.stage.as_str(), "development");
+}
+
 on_both_backends!(
+    ci_gates_the_merge_of_the_head_the_deployer_delivered,
     a_restarted_dispatcher_takes_back_its_own_claims_at_once,
     the_task_quotes_the_description_the_comments_and_the_verdict,
     a_plane_issue_is_keyed_by_its_project_identifier,
