@@ -6,7 +6,9 @@
 //! this process on SQLite (every listener on `127.0.0.1:0`, so it runs beside a running
 //! `orchestrator up`), creates a work item, approves it as the demo's human, and prints a
 //! live timeline built from the services' RPCs — `ListTransitions`, `ListJobs`, `GetRun`,
-//! never their logs — then the usage summary (`WorkItemSummary`) and the merge on main.
+//! `GetWatch`, never their logs — through the real deploy to `<workspace>/prod` and the
+//! post-deploy watch of its health endpoint ([`prod`]), then the usage summary
+//! (`WorkItemSummary`) and the merge on main.
 //!
 //! What it reads from outside: nothing from `./.env` or `ORCH_*` for the stack it starts.
 //! It honours `PATH` (git, python3), `TMPDIR` (where the temp dir goes), `ORCH_LOG` (the
@@ -23,11 +25,13 @@ use launcher::config::{DEFAULT_AGENT_COMMAND, shell_quote, split_command};
 use orchestrator_agent_output::Usage;
 use orchestrator_git::Git;
 use orchestrator_kit::clients::Clients;
+use orchestrator_kit::deploy_target::DeployStep;
 use orchestrator_kit::time::now_ms;
 use orchestrator_kit::{Config, Env, ServiceName};
 use orchestrator_model_server::ModelServer;
 use orchestrator_proto::launcher::v1::{Job, JobKind, JobStatus, ListJobsRequest};
 use orchestrator_proto::merge_gate::v1::{ListMergesRequest, MergeRecord};
+use orchestrator_proto::post_deploy::v1::{GetWatchRequest, ProbeSample, Watch};
 use orchestrator_proto::stage_engine::v1::{
     AdvanceOutcome, GetWorkItemRequest, ListTransitionsRequest, Transition, WorkItem,
 };
@@ -35,6 +39,8 @@ use orchestrator_proto::usage_ledger::v1::{AgentRun, RunKey, WorkItemSummaryRequ
 use tokio_util::sync::CancellationToken;
 
 use crate::Node;
+
+mod prod;
 
 /// The sample repository, a bare repository in the local forge.
 pub const REPO: &str = "acme/greeter";
@@ -99,6 +105,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// How long a transition caused by an agent waits for that agent's run line (the launcher
 /// calls `AdvanceStage` just before it ends the job) before it is shown anyway.
 const HOLD_FOR_RUN: Duration = Duration::from_secs(10);
+/// The post-deploy watch's window in the demo: seconds, not the default quarter hour.
+const WATCH_WINDOW_S: u64 = 5;
+/// The launcher's reserved job that ticks the post-deploy watch.
+const POST_DEPLOY_MONITOR: &str = launcher::reserved::RESERVED[1];
 /// How long the stack may take to drain when the demo ends.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 
@@ -124,6 +134,10 @@ pub struct DemoArgs {
     /// --reject, 0 shows a blocked item (exit 1).
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub max_rollbacks: u32,
+    /// Makes the deploy of the demo's change break production (its health answers 500),
+    /// to show the post-deploy watch rolling back to the previous sha.
+    #[arg(long)]
+    pub break_prod: bool,
     /// Gives up (exit 1) after this many seconds [default: 120, 600 with --real-cli].
     #[arg(long, value_name = "SECONDS")]
     pub timeout: Option<u64>,
@@ -195,7 +209,17 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
     let git = Git::new();
     let main_sha = create_sample_repo(&git, &root.join("sample"), &bare).await?;
 
-    let targets = demo_targets(&root, &reject).map_err(setup("cannot write the deploy script"))?;
+    let prod_dir = root.join("prod");
+    let health = prod::HealthEndpoint::start(prod_dir.clone())
+        .await
+        .map_err(setup("cannot start production's health endpoint"))?;
+    let behaviour = prod::Behaviour {
+        reject_staging: reject.iter().any(|r| r == "deploy-staging"),
+        reject_prod: reject.iter().any(|r| r == "deploy"),
+        break_prod: args.break_prod,
+    };
+    let targets = prod::targets(&root, &bare, &health.url, behaviour)
+        .map_err(setup("cannot write the deploy script"))?;
     let env = demo_env(&data_dir, &agents_dir, &agent, &reject, args.max_rollbacks)?
         .with("ORCH_DEPLOY_TARGETS_JSON", targets);
     let config = Config::from_env(env).map_err(|e| DemoError::Setup(e.to_string()))?;
@@ -237,6 +261,15 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
         addrs.len(),
         data_dir.display()
     );
+    println!(
+        "  production  <workspace>/prod, its health on {} (the post-deploy watch probes it{})",
+        health.url,
+        if args.break_prod {
+            "; --break-prod: the demo's change breaks it"
+        } else {
+            ""
+        }
+    );
     for stage in &reject {
         let agent = stage
             .parse::<stage_engine::pipeline::Stage>()
@@ -263,17 +296,25 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
         let t0 = now_ms();
         println!();
         println!("{}", header());
-        let mut timeline = Timeline::new(&clients, t0);
+        let mut timeline = Timeline::new(&clients, t0, &prod_dir, (&git, &bare));
         let end = timeline.follow(clock + deadline, &stop, &stack).await?;
         report(&clients, &git, &bare, &end, clock).await?;
+        let rolled_back = end.watch.state == "rolled_back";
         for (name, dir) in [("Staging", "staging"), ("Production", "prod")] {
             let sha = std::fs::read_to_string(root.join(dir).join("DEPLOYED_SHA"))
                 .unwrap_or_else(|_| "nothing deployed".to_owned());
+            let by = if dir == "prod" && rolled_back {
+                "rollback"
+            } else {
+                "deploy"
+            };
             println!(
-                "{name} (<workspace>/{dir}, by its deploy command): {}",
+                "{name} (<workspace>/{dir}, by its {by} command): {}",
                 sha.trim()
             );
         }
+        let (status, body) = prod::health(&prod_dir).await;
+        println!("Production's health now: {status} {}", body.trim());
         Ok(())
     }
     .await;
@@ -299,6 +340,7 @@ pub async fn run(args: DemoArgs, stop: CancellationToken) -> Result<(), DemoErro
     }
     // Keep the model server up until the stack is down: a last agent may still call it.
     drop(agent);
+    drop(health);
     result
 }
 
@@ -403,52 +445,6 @@ async fn create_sample_repo(git: &Git, work: &Path, bare: &Path) -> Result<Strin
     Ok(sha)
 }
 
-/// The demo's deploy script: a tiny local "staging" and "production", each a directory
-/// under the workspace holding the deployed tree (`git archive` of the sha) and its
-/// `DEPLOYED_SHA`. `reject-once` fails the first deploy to that place, as `--reject` asks.
-const DEPLOY_SCRIPT: &str = r#"set -e
-place=$1 sha=$2 root=$3 mode=$4
-if [ "$mode" = reject-once ] && [ ! -e "$root/$place.rejected" ]; then
-  : > "$root/$place.rejected"
-  echo "the demo refuses the first deploy to $place (--reject)"
-  exit 1
-fi
-rm -rf "$root/$place.new" && mkdir -p "$root/$place.new"
-git archive "$sha" | tar -x -C "$root/$place.new"
-echo "$sha" > "$root/$place.new/DEPLOYED_SHA"
-rm -rf "$root/$place" && mv "$root/$place.new" "$root/$place"
-echo "deployed $sha to $root/$place"
-"#;
-
-/// Writes [`DEPLOY_SCRIPT`] and returns the sample repo's `ORCH_DEPLOY_TARGETS_JSON`.
-fn demo_targets(root: &Path, reject: &[String]) -> std::io::Result<String> {
-    let script = root.join("deploy.sh");
-    std::fs::write(&script, DEPLOY_SCRIPT)?;
-    let command = |place: &str, stage: &str| {
-        let mode = if reject.iter().any(|r| r == stage) {
-            "reject-once"
-        } else {
-            "once"
-        };
-        serde_json::json!([
-            "sh",
-            script.display().to_string(),
-            place,
-            "{sha}",
-            root.display().to_string(),
-            mode
-        ])
-    };
-    Ok(serde_json::json!({
-        REPO: {
-            "staging_command": command("staging", "deploy-staging"),
-            "deploy_command": command("prod", "deploy"),
-            "timeout_s": 60,
-        }
-    })
-    .to_string())
-}
-
 /// The stack's configuration: built here, never read from `./.env` or the environment.
 /// Every part on port 0; the polls that pace a run made fast.
 fn demo_env(
@@ -479,6 +475,14 @@ fn demo_env(
         .with("ORCH_BACKOFF_MAX_S", "5")
         .with("ORCH_BREAKER_COOLDOWN_S", "5")
         .with("ORCH_LEASE_RETRY_S", "1")
+        // The post-deploy watch of the sample repo: a window of seconds, a tick a second,
+        // two failed health probes in a row roll back.
+        .with("ORCH_POST_DEPLOY_REPOS", REPO)
+        .with("ORCH_POST_DEPLOY_WINDOW_S", WATCH_WINDOW_S.to_string())
+        .with("ORCH_POST_DEPLOY_TICK_S", "1")
+        .with("ORCH_POST_DEPLOY_FAIL_THRESHOLD", "2")
+        .with("ORCH_POST_DEPLOY_PROBE_TIMEOUT_MS", "2000")
+        .with("ORCH_POST_DEPLOY_ROLLBACK_TIMEOUT_S", "60")
         .with("ORCH_AGENT_TIMEOUT_SECONDS", "300")
         .with("ORCH_AGENT_KILL_GRACE_SECONDS", "2");
     let command: Vec<String> = match agent {
@@ -526,6 +530,8 @@ struct Finished {
     item: WorkItem,
     llm_runs: u32,
     finalizer: Job,
+    /// The post-deploy watch, over (closed or rolled back).
+    watch: Watch,
 }
 
 /// The live timeline of one work item, from the services' RPCs.
@@ -546,6 +552,16 @@ struct Timeline<'a> {
     approved: bool,
     llm_runs: u32,
     last_transition: Option<Transition>,
+    /// Production's directory, whose health is shown after a rollback.
+    prod_dir: &'a Path,
+    /// The forge's repository, where a deploy run's artifact is read.
+    forge: (&'a Git, &'a Path),
+    /// The work item's branch.
+    branch: String,
+    /// The post-deploy watch's probes shown so far (their `seq`).
+    samples_shown: u32,
+    /// The watch once it is over and its end is on screen.
+    watch_over: Option<Watch>,
 }
 
 /// The column titles of the timeline.
@@ -573,6 +589,32 @@ fn run_line(t0_ms: i64, end_ms: i64, job: &Job, took_ms: i64, usage: &str) -> St
         job.agent,
         seconds(took_ms)
     )
+}
+
+/// One probe of the post-deploy watch: when, what production's health answered, and what
+/// the watch made of it; the reason under it when the watch acts.
+fn probe_line(t0_ms: i64, watch: &Watch, p: &ProbeSample) -> String {
+    let health = if p.health_status == 0 {
+        format!("health probe error: {}", p.probe_error)
+    } else {
+        format!(
+            "GET /health {} in {} ms",
+            p.health_status, p.health_latency_ms
+        )
+    };
+    let mut out = format!(
+        "  {:>7}  {:<15} {:<17} {:>6}  {health} · {} · {}",
+        format!("+{}", seconds(p.at_ms - t0_ms)),
+        "done",
+        "post-deploy",
+        format!("#{}", p.seq),
+        p.classification,
+        p.action
+    );
+    if p.action != "CONTINUE" {
+        let _ = write!(out, "\n           {}: {}", watch.repo, p.reason);
+    }
+    out
 }
 
 /// A stage change under the run (or the approval) that caused it, with its failed checks.
@@ -614,7 +656,12 @@ fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> DemoError {
 }
 
 impl<'a> Timeline<'a> {
-    fn new(clients: &'a Clients, t0_ms: i64) -> Self {
+    fn new(
+        clients: &'a Clients,
+        t0_ms: i64,
+        prod_dir: &'a Path,
+        forge: (&'a Git, &'a Path),
+    ) -> Self {
         Timeline {
             clients,
             t0_ms,
@@ -626,6 +673,11 @@ impl<'a> Timeline<'a> {
             approved: false,
             llm_runs: 0,
             last_transition: None,
+            prod_dir,
+            forge,
+            branch: String::new(),
+            samples_shown: 0,
+            watch_over: None,
         }
     }
 
@@ -682,6 +734,7 @@ impl<'a> Timeline<'a> {
             .await
             .map_err(rpc("GetWorkItem"))?
             .into_inner();
+        self.branch.clone_from(&item.branch);
         let transitions = se
             .list_transitions(ListTransitionsRequest {
                 work_item: KEY.to_owned(),
@@ -702,7 +755,9 @@ impl<'a> Timeline<'a> {
         let mut ended: Vec<&Job> = jobs
             .iter()
             .filter(|j| {
-                attempt_ended(j)
+                // The watch's ticks are shown from its probes, below.
+                j.agent != POST_DEPLOY_MONITOR
+                    && attempt_ended(j)
                     && settled(j)
                     && !self.shown_runs.contains(&(j.id.clone(), j.attempt))
             })
@@ -713,6 +768,9 @@ impl<'a> Timeline<'a> {
             self.release(false);
         }
         self.release(false);
+        if item.status == "done" && self.watch_over.is_none() {
+            self.show_watch().await?;
+        }
 
         // Once the analyst's run has ended and it and its gate are on screen: the human
         // reads, then approves.
@@ -769,6 +827,9 @@ impl<'a> Timeline<'a> {
             format!("no model · {}: {}", job.outcome, job.reason)
         };
         println!("{}", run_line(self.t0_ms, end_ms, job, took, &usage));
+        if llm && let Some(step) = DeployStep::for_stage(&job.stage) {
+            self.show_deploy_command(step).await;
+        }
         let succeeded = job.status() == JobStatus::Succeeded;
         if succeeded {
             *self
@@ -787,6 +848,109 @@ impl<'a> Timeline<'a> {
                 job.attempt, job.outcome, job.reason
             );
         }
+    }
+
+    /// The demo's workspace, shown as `<workspace>` in the commands' lines.
+    fn workspace(&self) -> String {
+        self.prod_dir
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Under a deployer's run: the command the orchestrator ran for it and what it did, from
+    /// the run's artifact on the work item's branch (the launcher pushes it before it ends
+    /// the job).
+    async fn show_deploy_command(&self, step: DeployStep) {
+        let (git, bare) = self.forge;
+        let spec = format!(
+            "refs/heads/{}:docs/work-items/{KEY}/{}",
+            self.branch,
+            step.artifact()
+        );
+        let Ok(text) = git.ok(bare, &["show", &spec]).await else {
+            return;
+        };
+        let field = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(|v| v.trim().trim_matches('`').to_owned())
+        };
+        let root = self.workspace();
+        let argv = field("- argv: ")
+            .unwrap_or_default()
+            .replace(&root, "<workspace>");
+        let result = field("- result: ").unwrap_or_else(|| "not run".to_owned());
+        let status = field(&format!("{}: ", step.status_key())).unwrap_or_default();
+        let mut line = format!(
+            "           {} {argv}: {result}; {} {status}",
+            step.command_key(),
+            step.status_key()
+        );
+        if let Some(sha) = field("deployed_sha: ") {
+            let _ = write!(line, ", deployed_sha {}", short(&sha));
+        }
+        if let Some(sha) = field("previous_sha: ").filter(|s| !s.is_empty()) {
+            let _ = write!(line, ", previous_sha {}", short(&sha));
+        }
+        println!("{line}");
+    }
+
+    /// Shows the post-deploy watch's new probes, and its end once it is over: the rollback
+    /// and production's health after it, or the window closing.
+    async fn show_watch(&mut self) -> Result<(), DemoError> {
+        let watch = match self
+            .clients
+            .post_deploy
+            .clone()
+            .get_watch(GetWatchRequest {
+                work_item: KEY.to_owned(),
+            })
+            .await
+        {
+            Ok(w) => w.into_inner(),
+            // Armed a moment after `deploy -> done`, through stage-engine's outbox.
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(rpc("GetWatch")(s)),
+        };
+        let shown = self.samples_shown;
+        for sample in watch.samples.iter().filter(|p| p.seq > shown) {
+            self.samples_shown = sample.seq;
+            println!("{}", probe_line(self.t0_ms, &watch, sample));
+        }
+        if !matches!(watch.state.as_str(), "closed" | "rolled_back") {
+            return Ok(());
+        }
+        let root = self.workspace();
+        if let Some(rb) = &watch.rollback {
+            let result = match (rb.exit_code, rb.timed_out) {
+                (_, true) => "timed out".to_owned(),
+                (Some(c), _) => format!("exit {c}"),
+                (None, _) => rb.error.clone(),
+            };
+            println!(
+                "           rollback to {} (post-deploy, once): {}: {result} in {} ms",
+                short(&watch.previous_sha),
+                rb.command.replace(&root, "<workspace>"),
+                rb.finished_at_ms - rb.started_at_ms
+            );
+            for line in rb.output.lines() {
+                println!("             {}", line.replace(&root, "<workspace>"));
+            }
+            let (status, body) = prod::health(self.prod_dir).await;
+            println!(
+                "           production's health after the rollback: {status} {}",
+                body.trim()
+            );
+        } else {
+            println!(
+                "           the watch closed after its {WATCH_WINDOW_S} s window: {} ({} probes)",
+                watch.last_classification.to_ascii_uppercase(),
+                watch.ticks
+            );
+        }
+        self.watch_over = Some(watch);
+        Ok(())
     }
 
     /// Shows the transitions read so far, in order; one caused by an agent waits for that
@@ -872,13 +1036,14 @@ impl<'a> Timeline<'a> {
         }
         // Done: the deploy-finalizer merges the tested head into main.
         let Some(finalizer) = jobs
-            .into_iter()
+            .iter()
             .find(|j| j.agent == DEPLOY_FINALIZER && is_terminal(j) && shown(j))
+            .cloned()
         else {
             return Ok(None);
         };
-        self.release(true);
         if finalizer.status() != JobStatus::Succeeded {
+            self.release(true);
             return Err(DemoError::Pipeline(format!(
                 "{KEY} is done but its merge is not: the {} job {}: {}: {}",
                 finalizer.agent,
@@ -887,10 +1052,28 @@ impl<'a> Timeline<'a> {
                 finalizer.reason
             )));
         }
+        // Then the post-deploy watch, to the end of its window (or its rollback).
+        if let Some(m) = jobs.iter().find(|j| {
+            j.agent == POST_DEPLOY_MONITOR
+                && matches!(j.status(), JobStatus::Failed | JobStatus::Cancelled)
+        }) {
+            return Err(DemoError::Pipeline(format!(
+                "the post-deploy watch's {} job {}: {}: {}",
+                m.agent,
+                status_name(m),
+                m.outcome,
+                m.reason
+            )));
+        }
+        let Some(watch) = self.watch_over.clone() else {
+            return Ok(None);
+        };
+        self.release(true);
         Ok(Some(Finished {
             item: item.clone(),
             llm_runs: self.llm_runs,
             finalizer,
+            watch,
         }))
     }
 }

@@ -29,12 +29,17 @@ impl Drop for Stack {
     }
 }
 
-/// Every part on `127.0.0.1:0`, storage from `storage`, plus `extra` variables.
+/// Every part on `127.0.0.1:0`, storage from `storage`, the repo's trivial deploy target
+/// (`orchestrator_testkit::trivial_deploy_targets`), plus `extra` variables (which win).
 pub fn env_for(storage: &TestStorage, extra: &[(&str, &str)]) -> Env {
     let mut env = Env::default();
     for part in ServiceName::ALL {
         env = env.with(part.addr_var(), "127.0.0.1:0");
     }
+    env = env.with(
+        "ORCH_DEPLOY_TARGETS_JSON",
+        orchestrator_testkit::trivial_deploy_targets(),
+    );
     for (k, v) in extra {
         env = env.with(*k, *v);
     }

@@ -68,14 +68,17 @@ fn wait(child: &mut Child, limit: Duration) -> i32 {
     }
 }
 
-/// The timeline's events in order: `stage agent` for a run, `human gate` for the approval.
+/// The timeline's events in order: `stage agent` for a run, `human gate` for the approval
+/// (the post-deploy watch's probes are [`probes`]).
 fn events(stdout: &str) -> Vec<String> {
     stdout
         .lines()
         .filter_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
             let time = w.first()?;
-            if !(time.starts_with('+') && time.ends_with('s') && w.len() >= 3) {
+            if !(time.starts_with('+') && time.ends_with('s') && w.len() >= 3)
+                || w[2] == "post-deploy"
+            {
                 return None;
             }
             Some(if w[1] == "human" {
@@ -83,6 +86,25 @@ fn events(stdout: &str) -> Vec<String> {
             } else {
                 format!("{} {}", w[1], w[2])
             })
+        })
+        .collect()
+}
+
+/// The post-deploy watch's probes in order, after the merge: (health status, classification,
+/// action), e.g. `("200", "healthy", "CONTINUE")`.
+fn probes(stdout: &str) -> Vec<(String, String, String)> {
+    let timeline = stdout.split("\nDEMO-1 is done").next().unwrap_or_default();
+    let after_merge = timeline
+        .split(" deploy-finalizer ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no merge before the watch: {stdout}"));
+    after_merge
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            // +5.1s done post-deploy #2 GET /health 500 in 1 ms · degraded · ROLLBACK
+            (w.len() == 14 && w[2] == "post-deploy" && w[4] == "GET")
+                .then(|| (w[6].to_owned(), w[11].to_owned(), w[13].to_owned()))
         })
         .collect()
 }
@@ -169,7 +191,18 @@ fn assert_done_and_summarised(stdout: &str, runs: usize) {
         stdout.contains("Merge pull request #1 from orch/DEMO-1 into main"),
         "{stdout}"
     );
-    // Staging and production were deployed for real, by the target's commands.
+    // Staging and production were deployed for real, by the target's commands, and the
+    // timeline shows each command, its exit and the shas the orchestrator filled in.
+    assert!(
+        stdout.contains("staging_command sh <workspace>/deploy.sh staging ")
+            && stdout.contains("deploy_command sh <workspace>/deploy.sh prod "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("; deploy_status SUCCESS, deployed_sha "),
+        "{stdout}"
+    );
+    assert!(stdout.contains(", previous_sha "), "{stdout}");
     for place in [
         "Staging (<workspace>/staging",
         "Production (<workspace>/prod",
@@ -192,6 +225,38 @@ fn assert_done_and_summarised(stdout: &str, runs: usize) {
     ] {
         assert!(stdout.contains(file), "{file}: {stdout}");
     }
+}
+
+/// The post-deploy watch probed production's real endpoint, healthy, until its window
+/// closed; production still runs what was deployed.
+fn assert_watched_healthy(stdout: &str) {
+    let probes = probes(stdout);
+    assert!(!probes.is_empty(), "{stdout}");
+    for (i, (status, class, action)) in probes.iter().enumerate() {
+        let last = i + 1 == probes.len();
+        assert_eq!(
+            (status.as_str(), class.as_str(), action.as_str()),
+            ("200", "healthy", if last { "CLOSE" } else { "CONTINUE" }),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("the watch closed after its 5 s window: HEALTHY"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Production's health now: 200 ok: "),
+        "{stdout}"
+    );
+}
+
+/// The sha a line `<prefix><sha>` names.
+fn sha_after<'a>(stdout: &'a str, prefix: &str) -> &'a str {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no '{prefix}': {stdout}"))
 }
 
 fn leftovers(tmp: &Path) -> Vec<String> {
@@ -221,6 +286,7 @@ fn the_demo_walks_every_stage_to_done_with_nothing_configured() {
     assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert_eq!(events(&stdout), expected(None), "{stdout}");
     assert_done_and_summarised(&stdout, 7);
+    assert_watched_healthy(&stdout);
     // The services stay quiet without --verbose or ORCH_LOG.
     assert_eq!(stderr, "", "{stderr}");
     assert_eq!(
@@ -319,7 +385,8 @@ async fn keep_leaves_the_stack_up_for_get_queue_until_sigterm() {
         .json()
         .await
         .expect("json");
-    assert_eq!(queue["launcher"]["counts"]["SUCCEEDED"], 8, "{queue}");
+    // 7 agent runs, the deploy-finalizer and the post-deploy watch's monitor.
+    assert_eq!(queue["launcher"]["counts"]["SUCCEEDED"], 9, "{queue}");
     assert!(head.contains("orchestrator.usage_ledger.v1.UsageLedger/WorkItemSummary"));
     // The dashboard's address is printed, and it answers there (loopback, no sign-in).
     assert!(
@@ -383,6 +450,66 @@ fn a_deploy_command_that_fails_rolls_back_and_the_next_deploy_ships() {
     assert_eq!(events(&stdout), want, "{stdout}");
     assert_done_and_summarised(&stdout, want.len() - 2);
     assert_eq!(stderr, "", "{stderr}");
+}
+
+#[test]
+fn break_prod_fails_production_s_health_and_the_watch_rolls_back_to_the_previous_sha() {
+    let cwd = tempfile::tempdir().expect("cwd");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (code, stdout, stderr) = run(&mut demo(cwd.path(), tmp.path(), &["--break-prod"]));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(events(&stdout), expected(None), "{stdout}");
+    // The deploy command itself succeeded: only production's health tells.
+    assert!(
+        stdout.contains("deploy_command sh <workspace>/deploy.sh prod ")
+            && stdout.contains("break: exit 0; deploy_status SUCCESS"),
+        "{stdout}"
+    );
+    // Two failed probes of the real endpoint in a row (the threshold), then the rollback.
+    let probes = probes(&stdout);
+    let want: Vec<(String, String, String)> = [
+        ("500", "healthy", "CONTINUE"),
+        ("500", "degraded", "ROLLBACK"),
+    ]
+    .iter()
+    .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+    .collect();
+    assert_eq!(probes, want, "{stdout}");
+    let previous = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("rollback to "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no rollback line: {stdout}"));
+    assert!(
+        stdout.contains(&format!(
+            "rollback to {previous} (post-deploy, once): sh <workspace>/deploy.sh prod {previous}"
+        )) && stdout.contains(" rollback <workspace>/var/forge/acme/greeter.git: exit 0 in "),
+        "{stdout}"
+    );
+    // The previous sha is main's before the merge: the sample commit.
+    let main = sha_after(
+        &stdout,
+        "  repository  acme/greeter: a bare git repository in the local forge, main at ",
+    );
+    assert!(main.starts_with(previous), "{main} / {previous}");
+    // Production holds it again, put back by the rollback command, and is healthy.
+    let prod = sha_after(
+        &stdout,
+        "Production (<workspace>/prod, by its rollback command): ",
+    );
+    assert!(prod.starts_with(previous) && prod.len() == 40, "{prod}");
+    assert!(
+        stdout.contains(&format!(
+            "production's health after the rollback: 200 ok: {prod} serves"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("Production's health now: 200 ok: {prod} serves")),
+        "{stdout}"
+    );
+    assert_eq!(stderr, "", "{stderr}");
+    assert_eq!(leftovers(tmp.path()), Vec::<String>::new());
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod ci_gate;
 mod dashboard;
 mod demo;
 mod deploy;
+mod deploy_targets;
 mod door;
 mod e2e;
 mod gateway;

@@ -51,7 +51,7 @@ async fn a_degraded_deploy_is_rolled_back_through_grpc(storage: TestStorage) {
         "acme/shop": {
             "health_url": format!("{url}/healthz"),
             "metrics_url": format!("{url}/metrics"),
-            "rollback_command": format!("echo {{previous_sha}} >> {}", marker.display()),
+            "rollback_command": ["sh", "-c", format!("echo \"$1\" >> {}", marker.display()), "sh", "{previous_sha}"],
         }
     })
     .to_string();
@@ -138,9 +138,10 @@ async fn a_degraded_deploy_is_rolled_back_through_grpc(storage: TestStorage) {
     assert!(w.alerts[0].posted_at_ms > 0, "the log sink accepts it");
     let rb = w.rollback.expect("rollback");
     assert_eq!(rb.exit_code, Some(0));
+    // Argv, as run: the placeholder is its own word, the shell is the test's own.
     assert_eq!(
         rb.command,
-        format!("echo '1111111' >> {}", marker.display())
+        format!("sh -c 'echo \"$1\" >> {}' sh 1111111", marker.display())
     );
     let log = std::fs::read_to_string(&w.log_path).expect("log");
     assert_eq!(

@@ -7,14 +7,26 @@
 //! whitespace. It is never given to a shell: each word becomes one argv element, and the
 //! placeholders `{repo}`, `{sha}`, `{previous_sha}`, `{branch}`, `{work_item}` inside a
 //! word are replaced by values validated first ([`Vars::validate`]), so a value with shell
-//! metacharacters is refused rather than quoted.
+//! metacharacters is refused rather than quoted. The rollback command (post-deploy's) is
+//! rendered the same way, with [`ROLLBACK_PLACEHOLDERS`].
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-/// The placeholders a command may use.
+/// The placeholders a staging or deploy command may use.
 pub const PLACEHOLDERS: [&str; 5] = ["repo", "sha", "previous_sha", "branch", "work_item"];
+
+/// The placeholders a rollback command may use: what post-deploy's watch knows (no branch;
+/// `{deployed_sha}`, the commit being rolled back, is `{sha}` by its older name).
+pub const ROLLBACK_PLACEHOLDERS: [&str; 5] =
+    ["repo", "sha", "deployed_sha", "previous_sha", "work_item"];
+
+/// What makes a one-line rollback command need a shell. Before #16 that line was run by
+/// `sh -c`; it is argv now, so a line that used the shell is refused, not run differently.
+const SHELL_SYNTAX: &[char] = &[
+    ';', '|', '&', '<', '>', '$', '`', '\'', '"', '\\', '*', '?', '(', ')', '~', '#', '\n',
+];
 
 /// Whether `name` holds one of the orchestrator's own secrets, which no command the
 /// orchestrator runs for a repo (staging, deploy, rollback) is given.
@@ -48,7 +60,7 @@ pub struct DeployTarget {
     pub metrics_url: String,
     /// Puts `{previous_sha}` back in production (the post-deploy watch's rollback).
     #[serde(default)]
-    pub rollback_command: String,
+    pub rollback_command: CommandSpec,
     /// How long the staging or deploy command may run before it is killed (default 600).
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
@@ -69,6 +81,86 @@ fn words<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error
         Words::One(s) => s.split_whitespace().map(str::to_owned).collect(),
         Words::Many(v) => v,
     })
+}
+
+/// A command as configured: argv (a JSON array of strings), or one line of words split on
+/// whitespace. Either way it is argv: no shell ever reads it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum CommandSpec {
+    Line(String),
+    Argv(Vec<String>),
+}
+
+impl Default for CommandSpec {
+    fn default() -> Self {
+        Self::Argv(Vec::new())
+    }
+}
+
+impl CommandSpec {
+    /// The command's words, its placeholders not yet replaced (empty: none configured).
+    pub fn words(&self) -> Vec<String> {
+        match self {
+            Self::Line(s) => s.split_whitespace().map(str::to_owned).collect(),
+            Self::Argv(v) => v.clone(),
+        }
+    }
+
+    /// Whether no command is configured.
+    pub fn is_empty(&self) -> bool {
+        self.words().is_empty()
+    }
+}
+
+/// Checks `repo`'s rollback command where it is read (start-up): only
+/// [`ROLLBACK_PLACEHOLDERS`], and a one-line form without shell syntax — that line was
+/// `sh -c`'s before #16, and a pipe or a redirection would now be passed as a plain word.
+pub fn check_rollback(repo: &str, spec: &CommandSpec) -> Result<(), String> {
+    if let CommandSpec::Line(line) = spec
+        && let Some(c) = line.chars().find(|c| SHELL_SYNTAX.contains(c))
+    {
+        return Err(format!(
+            "'{repo}'.rollback_command: '{line}' uses shell syntax ({c:?}), but the command \
+             is run as argv, never by a shell: give it as a JSON array of words, \
+             e.g. [\"deploy/rollback.sh\", \"{{previous_sha}}\"] (or [\"sh\", \"-c\", \"...\"] \
+             with the values from $ORCH_ROLLBACK_*)"
+        ));
+    }
+    check_placeholders(
+        repo,
+        "rollback_command",
+        &spec.words(),
+        &ROLLBACK_PLACEHOLDERS,
+    )
+}
+
+/// Refuses a word with an unknown (or unclosed) placeholder, naming the repo and the key.
+fn check_placeholders(
+    repo: &str,
+    key: &str,
+    words: &[String],
+    known: &[&str],
+) -> Result<(), String> {
+    for w in words {
+        let mut rest = w.as_str();
+        while let Some(i) = rest.find('{') {
+            let after = &rest[i + 1..];
+            let name = after.split('}').next().unwrap_or_default();
+            if !after.contains('}') || !known.contains(&name) {
+                return Err(format!(
+                    "'{repo}'.{key}: unknown placeholder in '{w}' (known: {})",
+                    known
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
+            rest = &after[name.len() + 1..];
+        }
+    }
+    Ok(())
 }
 
 /// Which of a target's two commands.
@@ -136,7 +228,8 @@ pub struct Vars<'a> {
 impl Vars<'_> {
     /// Refuses any value that is not what its name says, naming it: a sha is 7 to 64 hex
     /// digits (`previous_sha` may be empty: a first deploy), a repo is `owner/name`, a
-    /// branch a plain ref name, a work item a key.
+    /// branch a plain ref name (empty for a rollback, whose command may not use it), a
+    /// work item a key.
     pub fn validate(&self) -> Result<(), String> {
         let hex = |s: &str| (7..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
         let plain = |s: &str, extra: &[u8]| {
@@ -158,7 +251,11 @@ impl Vars<'_> {
                 self.repo,
                 plain(self.repo, b"/") && self.repo.matches('/').count() == 1,
             ),
-            ("branch", self.branch, plain(self.branch, b"/")),
+            (
+                "branch",
+                self.branch,
+                self.branch.is_empty() || plain(self.branch, b"/"),
+            ),
             ("work_item", self.work_item, plain(self.work_item, b"")),
         ];
         for (name, value, ok) in checks {
@@ -172,7 +269,7 @@ impl Vars<'_> {
     fn get(&self, name: &str) -> &str {
         match name {
             "repo" => self.repo,
-            "sha" => self.sha,
+            "sha" | "deployed_sha" => self.sha,
             "previous_sha" => self.previous_sha,
             "branch" => self.branch,
             _ => self.work_item,
@@ -186,9 +283,12 @@ pub fn render(template: &[String], vars: &Vars<'_>) -> Result<Vec<String>, Strin
     Ok(template
         .iter()
         .map(|w| {
-            PLACEHOLDERS.iter().fold(w.clone(), |w, p| {
-                w.replace(&format!("{{{p}}}"), vars.get(p))
-            })
+            PLACEHOLDERS
+                .iter()
+                .chain(&ROLLBACK_PLACEHOLDERS)
+                .fold(w.clone(), |w, p| {
+                    w.replace(&format!("{{{p}}}"), vars.get(p))
+                })
         })
         .collect())
 }
@@ -210,22 +310,9 @@ pub fn parse_targets(raw: &str) -> Result<BTreeMap<String, DeployTarget>, String
             return Err(format!("'{repo}': not an owner/name repo ({e})"));
         }
         for step in [DeployStep::Staging, DeployStep::Production] {
-            for w in t.command(step) {
-                let mut rest = w.as_str();
-                while let Some(i) = rest.find('{') {
-                    let after = &rest[i + 1..];
-                    let name = after.split('}').next().unwrap_or_default();
-                    if !after.contains('}') || !PLACEHOLDERS.contains(&name) {
-                        return Err(format!(
-                            "'{repo}'.{}: unknown placeholder in '{w}' (known: {})",
-                            step.command_key(),
-                            PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(" ")
-                        ));
-                    }
-                    rest = &after[name.len() + 1..];
-                }
-            }
+            check_placeholders(repo, step.command_key(), t.command(step), &PLACEHOLDERS)?;
         }
+        check_rollback(repo, &t.rollback_command)?;
         for (field, url) in [
             ("health_url", &t.health_url),
             ("metrics_url", &t.metrics_url),
@@ -308,6 +395,44 @@ mod tests {
         }
         for v in ["PATH", "HOME", "AWS_PROFILE", "ORCH_DEPLOY_TARGETS_JSON"] {
             assert!(!is_orchestrator_secret(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn a_rollback_is_argv_with_its_own_placeholders_and_a_shell_line_is_refused() {
+        let m = parse_targets(
+            r#"{"a/b":{"rollback_command":"deploy/back.sh {repo} {previous_sha} {deployed_sha}"},
+                "a/c":{"rollback_command":["sh","-c","echo $ORCH_ROLLBACK_PREVIOUS_SHA >> log","{sha}"]}}"#,
+        )
+        .expect("valid");
+        let vars = Vars {
+            repo: "a/b",
+            sha: "def5678",
+            previous_sha: "abc1234",
+            branch: "",
+            work_item: "SHOP-1",
+        };
+        assert_eq!(
+            render(&m["a/b"].rollback_command.words(), &vars).expect("valid"),
+            ["deploy/back.sh", "a/b", "abc1234", "def5678"]
+        );
+        assert_eq!(
+            render(&m["a/c"].rollback_command.words(), &vars).expect("valid")[3],
+            "def5678"
+        );
+        for (raw, needle) in [
+            (
+                r#"{"a/b":{"rollback_command":"back {previous_sha} >> log"}}"#,
+                "shell syntax ('>')",
+            ),
+            (r#"{"a/b":{"rollback_command":"back; rm x"}}"#, "JSON array"),
+            (
+                r#"{"a/b":{"rollback_command":["back","{branch}"]}}"#,
+                "'a/b'.rollback_command: unknown placeholder",
+            ),
+        ] {
+            let e = parse_targets(raw).expect_err(raw);
+            assert!(e.contains(needle), "{raw}: {e}");
         }
     }
 

@@ -97,6 +97,21 @@ impl TestStorage {
 
 /// Says on the terminal (past the test harness's capture) that `test_name` was skipped, or
 /// fails when skipping is not allowed.
+/// The repository the harnesses' work items name.
+pub const TEST_REPO: &str = "acme/app";
+
+/// `ORCH_DEPLOY_TARGETS_JSON` for the shared harnesses (`tests/it/common.rs`,
+/// [`procs::ProcStackSpec`]): a trivial but real target for [`TEST_REPO`], whose staging
+/// and deploy commands are `true` (on every machine). The launcher runs it and its exit
+/// status decides `staging_status` / `deploy_status`, as a real deploy's would; without a
+/// target a deploy stage parks its work item blocked ("no deploy target for <repo>").
+/// A test that sets the variable itself replaces this one.
+pub fn trivial_deploy_targets() -> String {
+    format!(
+        r#"{{"{TEST_REPO}":{{"staging_command":["true"],"deploy_command":["true"],"timeout_s":60}}}}"#
+    )
+}
+
 pub fn skip(test_name: &str, why: &str) {
     if std::env::var_os("ORCH_REQUIRE_POSTGRES").is_some() {
         panic!("{test_name}: PostgreSQL is required here (ORCH_REQUIRE_POSTGRES) but {why}");

@@ -59,7 +59,11 @@ impl ProcStackSpec {
             database_url: None,
             launcher_replicas: 1,
             parts: ServiceName::ALL.to_vec(),
-            env: Vec::new(),
+            // Later variables win: a test's own `var` replaces this one.
+            env: vec![(
+                "ORCH_DEPLOY_TARGETS_JSON".to_owned(),
+                crate::trivial_deploy_targets(),
+            )],
         }
     }
 

@@ -5,11 +5,12 @@
 //! The command's exit status is the stage's status, not the model's word: the launcher
 //! writes the artifact's frontmatter itself (`staging_status` / `deploy_status`,
 //! `deployed_sha`, `previous_sha`), keeps the body the deployer agent wrote, and appends
-//! the command, its exit and the tail of its output. Where `ORCH_DEPLOY_TARGETS_JSON` is set
-//! but the repo has no target (or no command for the step), the artifact and the finish
-//! comment say so plainly and the status is `FAILED`: nothing was deployed by the
-//! orchestrator, so nothing may pass for a success. Unset altogether, the launcher warns
-//! once at start-up and leaves the artifact to the agent, as before deploy targets.
+//! the command, its exit and the tail of its output. Where the repo has no target (or no
+//! command for the step) — `ORCH_DEPLOY_TARGETS_JSON` unset included — the artifact says
+//! "no deploy target for <repo>" plainly, its status is `FAILED`, and the job fails for
+//! good (outcome `no_deploy_target`), which parks the work item blocked with that reason:
+//! nothing was deployed by the orchestrator, so nothing may pass for a success, and a
+//! rollback to development could not fix a missing target.
 //!
 //! The command is argv (never a shell), its placeholders validated first
 //! ([`orchestrator_kit::deploy_target`]); it runs in the job's checkout, in its own
@@ -34,6 +35,15 @@ const MAX_OUTPUT_BYTES: u64 = 16 * 1024;
 
 /// How long a timed-out command gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// What the deploy step did, for the finish comment and the job's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeployNote {
+    /// One line: the command, the sha and the result, or why nothing ran.
+    pub note: String,
+    /// The repo has no command for the step: the job fails for good with this note.
+    pub no_target: bool,
+}
 
 /// What running a deploy target's command did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +85,19 @@ pub(crate) async fn run_argv(
     out: &Path,
     timeout: Duration,
 ) -> StepRun {
+    let inherited: Vec<_> = std::env::vars_os().collect();
+    run_argv_with_env(argv, cwd, out, timeout, inherited.into_iter()).await
+}
+
+/// [`run_argv`] with the environment it inherits (minus the orchestrator's secrets) given
+/// explicitly.
+async fn run_argv_with_env(
+    argv: &[String],
+    cwd: &Path,
+    out: &Path,
+    timeout: Duration,
+    inherited: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> + Send,
+) -> StepRun {
     let mut run = StepRun {
         argv: argv.to_vec(),
         exit_code: None,
@@ -102,12 +125,9 @@ pub(crate) async fn run_argv(
         .stdout(Stdio::from(file.0))
         .stderr(Stdio::from(file.1))
         .process_group(0)
-        .kill_on_drop(true);
-    for (k, _) in std::env::vars_os() {
-        if k.to_str().is_some_and(is_orchestrator_secret) {
-            cmd.env_remove(k);
-        }
-    }
+        .kill_on_drop(true)
+        .env_clear()
+        .envs(inherited.filter(|(k, _)| !k.to_str().is_some_and(is_orchestrator_secret)));
     match cmd.spawn() {
         Err(e) => run.error = Some(format!("cannot start '{program}': {e}")),
         Ok(mut child) => {
@@ -231,43 +251,56 @@ fn split_frontmatter(text: &str) -> (&str, &str) {
 
 impl Supervisor {
     /// For a `deploy-staging` or `deploy` job: runs the repo's target command and writes
-    /// the artifact (see the module's doc). Returns the finish comment's note, or `None`
-    /// for any other stage.
+    /// the artifact (see the module's doc). Returns what it did, or `None` for any other
+    /// stage.
     pub(crate) async fn run_deploy_target(
         &self,
         job: &JobRow,
         ctx: &Ctx,
         co: &Checkout,
         log: &Path,
-    ) -> Option<String> {
+    ) -> Option<DeployNote> {
         let step = DeployStep::for_stage(&job.stage)?;
         if ctx.artifacts_dir.is_empty() {
             return None;
         }
         let ws = &self.inner.workspace;
         let deployed = ws.rev(co, "HEAD").await.unwrap_or_default();
-        let previous = ws
-            .rev(co, &format!("refs/remotes/origin/{}", co.base))
-            .await
-            .unwrap_or_default();
-        let Some(targets) = &self.config().deploy_targets else {
-            // No ORCH_DEPLOY_TARGETS_JSON at all: the deployment predates deploy targets
-            // (a WARN at start-up says so); the artifact stays the agent's.
-            log_line(
-                log,
-                "no ORCH_DEPLOY_TARGETS_JSON: the status is the deployer agent's word",
-            );
-            return None;
-        };
+        let base_ref = format!("refs/remotes/origin/{}", co.base);
+        let mut previous = ws.rev(co, &base_ref).await;
+        if previous.is_none() {
+            // A checkout of an existing branch has fetched only that branch: fetch the base
+            // (validated with the checkout) to know what production ran before.
+            let git = orchestrator_git::Git::new()
+                .with_timeout(Duration::from_secs(120))
+                .with_env(ws.forge().git_auth_env());
+            let refspec = format!("+refs/heads/{}:{base_ref}", co.base);
+            match git
+                .ok(&co.dir, &["fetch", "-q", "--no-tags", "origin", &refspec])
+                .await
+            {
+                Ok(_) => previous = ws.rev(co, &base_ref).await,
+                Err(e) => log_line(log, &format!("cannot fetch the base {}: {e}", co.base)),
+            }
+        }
+        let previous = previous.unwrap_or_default();
         let repo = ctx.repo.to_string();
-        let target = targets.get(&repo);
+        let targets = self.config().deploy_targets.as_ref();
+        let target = targets.and_then(|t| t.get(&repo));
         let template = target.map(|t| t.command(step)).unwrap_or_default();
-        let (ok, run, note) = if template.is_empty() {
+        let no_target = template.is_empty();
+        let (ok, run, note) = if no_target {
+            let where_ = match (targets, target) {
+                (None, _) => "ORCH_DEPLOY_TARGETS_JSON is not set".to_owned(),
+                (Some(_), None) => "ORCH_DEPLOY_TARGETS_JSON has no target for it".to_owned(),
+                (Some(_), Some(_)) => format!(
+                    "its target in ORCH_DEPLOY_TARGETS_JSON has no {}",
+                    step.command_key()
+                ),
+            };
             let why = format!(
-                "No {} is configured for {} (ORCH_DEPLOY_TARGETS_JSON): nothing was deployed \
-                 by the orchestrator, so the status is FAILED whatever the agent wrote.",
-                step.command_key(),
-                ctx.repo
+                "no deploy target for {repo}: {where_} (docs/deploy.md); nothing was deployed \
+                 by the orchestrator, so the status is FAILED whatever the agent wrote"
             );
             (false, Err(why.clone()), why)
         } else {
@@ -315,7 +348,7 @@ impl Supervisor {
         if let Err(e) = written {
             log_line(log, &format!("cannot write {}: {e}", path.display()));
         }
-        Some(note)
+        Some(DeployNote { note, no_target })
     }
 }
 
@@ -414,6 +447,34 @@ mod tests {
         )
         .await;
         assert_eq!(r.output, "$HOME; `id` a b\n");
+    }
+
+    #[tokio::test]
+    async fn the_command_never_gets_the_orchestrator_s_secrets() {
+        let d = tempfile::tempdir().expect("tmp");
+        let out = d.path().join("o");
+        let env = [
+            ("ORCH_INTERNAL_TOKEN", "s3cret"),
+            ("GITEA_TOKEN", "s3cret"),
+            ("PLANE_BOT_TOKEN_DEPLOYER", "s3cret"),
+            ("ORCH_DATABASE_URL", "postgres://u:s3cret@db/x"),
+            ("KUBECONFIG", "/etc/kube"),
+            ("PATH", "/usr/bin:/bin"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let r = run_argv_with_env(
+            &argv(&[
+                "sh",
+                "-c",
+                "echo \"${ORCH_INTERNAL_TOKEN:-unset} ${GITEA_TOKEN:-unset} ${PLANE_BOT_TOKEN_DEPLOYER:-unset} ${ORCH_DATABASE_URL:-unset} $KUBECONFIG\"",
+            ]),
+            d.path(),
+            &out,
+            Duration::from_secs(30),
+            env.into_iter(),
+        )
+        .await;
+        assert_eq!(r.output, "unset unset unset unset /etc/kube\n", "{r:?}");
     }
 
     #[test]

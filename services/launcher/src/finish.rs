@@ -164,9 +164,15 @@ impl Supervisor {
         let mut notes: Vec<String> = Vec::new();
         let mut links: Vec<(String, String)> = Vec::new();
         let mut pr: Option<PullRequest> = None;
+        // A deploy stage without a target fails the job for good once its artifact (which
+        // says so) is delivered: stage-engine then parks the item blocked with the reason.
+        let mut no_deploy_target = None;
         if let Some(co) = &files.checkout {
-            if let Some(note) = self.run_deploy_target(job, ctx, co, &files.log).await {
-                notes.push(note);
+            if let Some(d) = self.run_deploy_target(job, ctx, co, &files.log).await {
+                if d.no_target {
+                    no_deploy_target = Some(d.note.clone());
+                }
+                notes.push(d.note);
             }
             let message = format!(
                 "{} {}: {} (job {}, attempt {})",
@@ -241,6 +247,13 @@ impl Supervisor {
                     }
                 }
             }
+        }
+        if let Some(why) = no_deploy_target {
+            let end = End::Failed {
+                outcome: "no_deploy_target",
+                reason: format!("{why}; add the repo's target, then retry the work item"),
+            };
+            return (end, Vec::new());
         }
         let effects = vec![
             Effect::FinishComment {

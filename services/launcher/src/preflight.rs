@@ -55,8 +55,9 @@ impl LauncherConfig {
         }
         match &self.deploy_targets {
             None => tracing::warn!(
-                "ORCH_DEPLOY_TARGETS_JSON is not set: the deploy-staging and deploy statuses \
-                 are the deployer agent's word, not a command's (docs/deploy.md)"
+                "ORCH_DEPLOY_TARGETS_JSON is not set: no repo has a deploy target, so every \
+                 deploy-staging and deploy run fails and parks its work item blocked with \
+                 \"no deploy target for <repo>\" (docs/deploy.md)"
             ),
             Some(t) => tracing::info!(
                 repos = %t.keys().cloned().collect::<Vec<_>>().join(","),

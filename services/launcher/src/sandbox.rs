@@ -112,7 +112,8 @@ pub struct SandboxConfig {
     /// `ORCH_AGENT_SANDBOX_READ_ONLY`: paths inside a hidden place an agent may still read
     /// (a toolchain under `/root`, say).
     pub read_only: Vec<PathBuf>,
-    /// `ORCH_AGENT_SANDBOX_NETWORK`: `shared` (default) or `isolated`.
+    /// `ORCH_AGENT_SANDBOX_NETWORK`: `auto` (default: `isolated` where socat is installed,
+    /// else `shared`), `shared` or `isolated`.
     pub network: NetworkMode,
     availability: Arc<OnceLock<(Availability, Option<PathBuf>)>>,
 }
@@ -174,12 +175,31 @@ impl SandboxConfig {
             .map(|v| v.trim().to_ascii_lowercase())
             .as_deref()
         {
-            None | Some("" | "shared") => NetworkMode::Shared,
+            // `auto` (the default): isolated wherever it can work, i.e. where socat (the
+            // bridge to the egress proxy inside the sandbox) is installed; said once when not.
+            None | Some("" | "auto") => {
+                // The agent command's search path (`LauncherConfig::search_path`).
+                let path = env
+                    .get("PATH")
+                    .map(str::to_owned)
+                    .or_else(|| std::env::var("PATH").ok());
+                if crate::preflight::find_command("socat", path.as_deref()).is_some() {
+                    NetworkMode::Isolated
+                } else {
+                    tracing::warn!(
+                        "ORCH_AGENT_SANDBOX_NETWORK=auto: socat (Debian package `socat`) is not \
+                         installed, so agents share the host's network (every host, and the \
+                         services' loopback ports): install socat, or set ORCH_INTERNAL_TOKEN"
+                    );
+                    NetworkMode::Shared
+                }
+            }
+            Some("shared") => NetworkMode::Shared,
             Some("isolated") => NetworkMode::Isolated,
             Some(other) => {
                 return Err(ConfigError::new(
                     "ORCH_AGENT_SANDBOX_NETWORK",
-                    format!("invalid value '{other}': expected shared or isolated"),
+                    format!("invalid value '{other}': expected auto, shared or isolated"),
                 ));
             }
         };
@@ -688,6 +708,45 @@ mod tests {
         )
         .expect_err("relative");
         assert_eq!(err.var, "ORCH_AGENT_SANDBOX_READ_ONLY");
+    }
+
+    #[test]
+    fn the_network_is_isolated_by_default_where_socat_is_installed() {
+        use std::os::unix::fs::PermissionsExt;
+        let with = tempfile::tempdir().expect("bin");
+        let socat = with.path().join("socat");
+        std::fs::write(&socat, "#!/bin/sh\n").expect("socat");
+        std::fs::set_permissions(&socat, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let without = tempfile::tempdir().expect("empty bin");
+        let network = |pairs: &[(&str, &str)]| {
+            SandboxConfig::from_env(&Env::from_pairs(pairs.iter().copied()), &[])
+                .expect("valid")
+                .network
+        };
+        let (w, wo) = (
+            with.path().display().to_string(),
+            without.path().display().to_string(),
+        );
+        assert_eq!(network(&[("PATH", &w)]), NetworkMode::Isolated);
+        assert_eq!(
+            network(&[("PATH", &w), ("ORCH_AGENT_SANDBOX_NETWORK", "auto")]),
+            NetworkMode::Isolated
+        );
+        assert_eq!(network(&[("PATH", &wo)]), NetworkMode::Shared);
+        assert_eq!(
+            network(&[("PATH", &w), ("ORCH_AGENT_SANDBOX_NETWORK", "shared")]),
+            NetworkMode::Shared
+        );
+        assert_eq!(
+            network(&[("PATH", &wo), ("ORCH_AGENT_SANDBOX_NETWORK", "isolated")]),
+            NetworkMode::Isolated
+        );
+        let err = SandboxConfig::from_env(
+            &Env::from_pairs([("ORCH_AGENT_SANDBOX_NETWORK", "open")]),
+            &[],
+        )
+        .expect_err("bad");
+        assert_eq!(err.var, "ORCH_AGENT_SANDBOX_NETWORK");
     }
 
     #[test]

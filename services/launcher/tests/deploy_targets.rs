@@ -143,17 +143,56 @@ async fn a_failing_or_hanging_command_is_failed_whatever_the_agent_said() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repo_without_a_target_is_said_plainly_never_a_success() {
-    let h = start(r#"{"acme/other":{"deploy_command":"true"}}"#).await;
+/// A repo without a target — `ORCH_DEPLOY_TARGETS_JSON` set without it, or unset — gets
+/// "no deploy target for <repo>" in its artifact (delivered) and a job failed for good,
+/// which parks the work item blocked (stage-engine), never a SUCCESS nor a rollback loop.
+async fn without_a_target(h: &H, why: &str) {
     let job = h.enqueue("deployer", "deploy", PAYLOAD).await;
     let done = h.wait_done(&job.id, SECS).await;
-    assert_eq!(done.status, Status::Succeeded, "{done:#?}");
-    let text = artifact(&h, "deploy.md").await;
+    assert_eq!(done.status, Status::Failed, "{done:#?}");
+    assert_eq!(done.outcome, "no_deploy_target", "{done:#?}");
+    assert!(
+        done.reason.contains("no deploy target for acme/app") && done.reason.contains(why),
+        "{done:#?}"
+    );
+    let text = artifact(h, "deploy.md").await;
     assert_eq!(field(&text, "deploy_status"), "FAILED", "{text}");
     assert!(
-        text.contains("No deploy_command is configured for acme/app"),
+        text.contains("no deploy target for acme/app") && text.contains(why),
         "{text}"
     );
     assert!(!text.contains("deployed_sha"), "{text}");
+    h.outbox_drained().await;
+    h.peers.with(|s| {
+        let f = s
+            .failures_reported
+            .iter()
+            .find(|f| f.job_id == job.id)
+            .unwrap_or_else(|| panic!("no failure reported: {:?}", s.failures_reported));
+        assert_eq!(f.outcome, "no_deploy_target");
+        assert!(
+            s.comments
+                .iter()
+                .any(|c| c.html.contains("no deploy target for acme/app")),
+            "{:?}",
+            s.comments
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repo_without_a_target_is_said_plainly_never_a_success() {
+    let h = start(r#"{"acme/other":{"deploy_command":"true"}}"#).await;
+    without_a_target(&h, "ORCH_DEPLOY_TARGETS_JSON has no target for it").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_deploy_targets_at_all_is_no_success_either() {
+    let h = H::start(
+        TestStorage::sqlite(),
+        DEPLOYER,
+        &[("ORCH_DEPLOY_LEASE_ENABLED", "false")],
+    )
+    .await;
+    without_a_target(&h, "ORCH_DEPLOY_TARGETS_JSON is not set").await;
 }

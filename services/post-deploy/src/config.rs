@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use orchestrator_kit::deploy_target;
+use orchestrator_kit::deploy_target::{self, CommandSpec};
 use orchestrator_kit::{ConfigError, Env};
 use serde::Deserialize;
 
@@ -20,10 +20,12 @@ pub struct Target {
     /// A Prometheus text exposition holding the request counter.
     #[serde(default)]
     pub metrics_url: String,
-    /// A shell command; `{repo}`, `{previous_sha}`, `{deployed_sha}` and `{work_item}` are
-    /// replaced by shell-quoted values. Empty: degradation only alerts.
+    /// Argv (a JSON array, or a line of words without shell syntax), never a shell;
+    /// `{repo}`, `{previous_sha}`, `{deployed_sha}` (or `{sha}`) and `{work_item}` are
+    /// replaced by validated values (`orchestrator_kit::deploy_target`, as the launcher's
+    /// deploy commands). Empty: degradation only alerts.
     #[serde(default)]
-    pub rollback_command: String,
+    pub rollback_command: CommandSpec,
     /// The counter of answered requests (default `http_requests_total`).
     #[serde(default = "default_requests_metric")]
     pub requests_metric: String,
@@ -40,7 +42,7 @@ fn default_requests_metric() -> String {
 impl Target {
     /// Returns whether a rollback can be run for this repo.
     pub fn has_rollback(&self) -> bool {
-        !self.rollback_command.trim().is_empty()
+        !self.rollback_command.is_empty()
     }
 }
 
@@ -231,6 +233,7 @@ pub fn parse_targets(raw: &str) -> Result<BTreeMap<String, Target>, String> {
         if t.requests_metric.trim().is_empty() {
             return Err(format!("'{repo}'.requests_metric: must not be empty"));
         }
+        deploy_target::check_rollback(repo, &t.rollback_command)?;
     }
     Ok(map)
 }
@@ -325,6 +328,10 @@ mod tests {
                 "ORCH_POST_DEPLOY_TARGETS_JSON",
                 r#"{"acme/shop":{"helth_url":"http://x"}}"#,
             ),
+            (
+                "ORCH_POST_DEPLOY_TARGETS_JSON",
+                r#"{"acme/shop":{"health_url":"http://x","rollback_command":"back {previous_sha} | tee log"}}"#,
+            ),
             ("ORCH_POST_DEPLOY_TARGETS_JSON", r#"{"acme/shop":{}}"#),
         ] {
             let err = PostDeployConfig::from_env(&env(&[(var, value)]), Path::new("/d"))
@@ -351,7 +358,7 @@ mod tests {
         .expect("valid");
         let t = &c.targets["acme/shop"];
         assert_eq!(t.health_url, "http://shop/healthz");
-        assert_eq!(t.rollback_command, "back {previous_sha}");
+        assert_eq!(t.rollback_command.words(), ["back", "{previous_sha}"]);
         assert_eq!(t.requests_metric, "http_requests_total");
         assert_eq!(c.targets["acme/old"].health_url, "http://old/h");
         // Deployed but with nothing to probe: not a watch target.

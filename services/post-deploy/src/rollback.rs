@@ -1,19 +1,22 @@
 //! `run_rollback`: runs a repo's rollback command once, with a timeout, and returns what
 //! happened — exit code, output, timeout, or why it could not run. It never fails.
 //!
-//! The command is the operator's (`rollback_command` in `ORCH_POST_DEPLOY_TARGETS_JSON`),
-//! run by `sh -c` in its own process group so that a timeout kills everything it started.
-//! `{repo}`, `{previous_sha}`, `{deployed_sha}` and `{work_item}` are replaced by
-//! shell-quoted values (validated at Arm besides), and the same values are in the
-//! environment as `ORCH_ROLLBACK_REPO`, `ORCH_ROLLBACK_PREVIOUS_SHA`,
-//! `ORCH_ROLLBACK_DEPLOYED_SHA` and `ORCH_ROLLBACK_WORK_ITEM`. The orchestrator's own
-//! secrets are removed from its environment.
+//! The command is the operator's (`rollback_command` of the repo's deploy target), run as
+//! argv — never by a shell — in its own process group so that a timeout kills everything it
+//! started. Its placeholders (`{repo}`, `{previous_sha}`, `{deployed_sha}`, `{work_item}`)
+//! are rendered by the one implementation the launcher's deploy commands use
+//! ([`orchestrator_kit::deploy_target::render`]: values validated first, each placeholder
+//! inside one argv word), and the same values are in the environment as
+//! `ORCH_ROLLBACK_REPO`, `ORCH_ROLLBACK_PREVIOUS_SHA`, `ORCH_ROLLBACK_DEPLOYED_SHA` and
+//! `ORCH_ROLLBACK_WORK_ITEM`. The orchestrator's own secrets are removed from its
+//! environment.
 
 use std::io::Read;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use orchestrator_kit::deploy_target::{Vars, render};
 use orchestrator_kit::time::now_ms;
 
 /// The most output kept: the last 64 KiB, where the error usually is.
@@ -57,23 +60,45 @@ impl RollbackOutcome {
     }
 }
 
-/// Quotes `v` for a POSIX shell.
-pub fn shell_quote(v: &str) -> String {
-    format!("'{}'", v.replace('\'', r"'\''"))
+impl RollbackVars<'_> {
+    fn deploy_vars(&self) -> Vars<'_> {
+        Vars {
+            repo: self.repo,
+            sha: self.deployed_sha,
+            previous_sha: self.previous_sha,
+            // A watch knows no branch; `{branch}` is refused in a rollback at start-up.
+            branch: "",
+            work_item: self.work_item,
+        }
+    }
 }
 
-/// Replaces the placeholders of `template` with shell-quoted values.
-pub fn render_command(template: &str, vars: &RollbackVars<'_>) -> String {
-    template
-        .replace("{repo}", &shell_quote(vars.repo))
-        .replace("{previous_sha}", &shell_quote(vars.previous_sha))
-        .replace("{deployed_sha}", &shell_quote(vars.deployed_sha))
-        .replace("{work_item}", &shell_quote(vars.work_item))
+/// The argv of `template` for `vars` (validated, see the module's doc).
+pub fn render_command(template: &[String], vars: &RollbackVars<'_>) -> Result<Vec<String>, String> {
+    render(template, &vars.deploy_vars())
+}
+
+/// How an argv is shown in the watch's record and the log: words with a space or a quote
+/// in single quotes, so that what ran reads unambiguously (nothing parses it again).
+pub fn display_argv(argv: &[String]) -> String {
+    argv.iter()
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%{}".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Runs `template` once for `vars`, killing it (and its process group) after `timeout`.
 pub async fn run_rollback(
-    template: &str,
+    template: &[String],
     vars: &RollbackVars<'_>,
     timeout: Duration,
 ) -> RollbackOutcome {
@@ -89,15 +114,16 @@ fn is_secret(name: &str) -> bool {
 
 /// [`run_rollback`] with the environment it inherits given explicitly.
 async fn run_with_env(
-    template: &str,
+    template: &[String],
     vars: &RollbackVars<'_>,
     timeout: Duration,
     inherited: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)> + Send,
 ) -> RollbackOutcome {
-    let command = render_command(template, vars);
+    let rendered = render_command(template, vars);
+    let argv = rendered.clone().unwrap_or_default();
     let started_at_ms = now_ms();
     let mut outcome = RollbackOutcome {
-        command: command.clone(),
+        command: display_argv(if argv.is_empty() { template } else { &argv }),
         started_at_ms,
         finished_at_ms: started_at_ms,
         exit_code: None,
@@ -105,10 +131,13 @@ async fn run_with_env(
         output: String::new(),
         error: None,
     };
-    if template.trim().is_empty() {
-        outcome.error = Some("no rollback command is configured".to_owned());
+    let Some((program, args)) = argv.split_first() else {
+        outcome.error = Some(match rendered {
+            Err(e) => format!("the rollback command was not run: {e}"),
+            Ok(_) => "no rollback command is configured".to_owned(),
+        });
         return outcome;
-    }
+    };
 
     // One pipe for stdout and stderr, so the output reads in the order it was written.
     let (reader, writer) = match std::io::pipe() {
@@ -125,9 +154,8 @@ async fn run_with_env(
             return outcome;
         }
     };
-    let mut cmd = tokio::process::Command::new("sh");
-    cmd.arg("-c")
-        .arg(&command)
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(stderr)
@@ -146,7 +174,7 @@ async fn run_with_env(
         Ok(c) => c,
         Err(e) => {
             outcome.finished_at_ms = now_ms();
-            outcome.error = Some(format!("cannot start sh: {e}"));
+            outcome.error = Some(format!("cannot start '{program}': {e}"));
             return outcome;
         }
     };
@@ -261,26 +289,85 @@ mod tests {
         work_item: "SHOP-1",
     };
 
+    fn argv(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| (*w).to_owned()).collect()
+    }
+
     #[test]
-    fn placeholders_are_shell_quoted() {
+    fn placeholders_are_whole_argv_words_and_bad_values_are_refused() {
         assert_eq!(
             render_command(
-                "rollback {repo} {previous_sha} # {deployed_sha} {work_item} {other}",
+                &argv(&[
+                    "rollback",
+                    "{repo}",
+                    "--to={previous_sha}",
+                    "{deployed_sha}",
+                    "{work_item}"
+                ]),
                 &VARS
-            ),
-            "rollback 'acme/shop' 'abc1234' # 'def5678' 'SHOP-1' {other}"
+            )
+            .expect("valid"),
+            ["rollback", "acme/shop", "--to=abc1234", "def5678", "SHOP-1"]
         );
         let evil = RollbackVars {
             repo: "a'; rm -rf / #",
             ..VARS
         };
-        assert_eq!(render_command("x {repo}", &evil), r"x 'a'\''; rm -rf / #'");
+        let e = render_command(&argv(&["x", "{repo}"]), &evil).expect_err("refused");
+        assert!(e.contains("{repo}"), "{e}");
+        assert_eq!(
+            display_argv(&argv(&["echo", "a b", "it's"])),
+            r"echo 'a b' 'it'\''s'"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_value_runs_nothing_and_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let marker = dir.path().join("ran");
+        let evil = RollbackVars {
+            previous_sha: "abc1234; touch x",
+            ..VARS
+        };
+        let out = run_rollback(
+            &argv(&["touch", &marker.display().to_string(), "{previous_sha}"]),
+            &evil,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(!out.succeeded());
+        assert!(
+            out.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("{previous_sha}"),
+            "{out:?}"
+        );
+        assert!(!marker.exists(), "nothing ran");
+    }
+
+    #[tokio::test]
+    async fn arguments_never_reach_a_shell() {
+        let out = run_rollback(
+            &argv(&["echo", "$HOME;", "`id`", "{previous_sha}"]),
+            &VARS,
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(out.output, "$HOME; `id` abc1234\n", "{out:?}");
+        assert!(out.succeeded());
     }
 
     #[tokio::test]
     async fn runs_once_and_records_exit_code_and_output_in_order() {
         let out = run_rollback(
-            "echo to-out {previous_sha}; echo to-err $ORCH_ROLLBACK_REPO >&2; exit 3",
+            &argv(&[
+                "sh",
+                "-c",
+                "echo to-out $1; echo to-err $ORCH_ROLLBACK_REPO >&2; exit 3",
+                "sh",
+                "{previous_sha}",
+            ]),
             &VARS,
             Duration::from_secs(10),
         )
@@ -302,7 +389,12 @@ mod tests {
             marker.display()
         );
         let start = std::time::Instant::now();
-        let out = run_rollback(&template, &VARS, Duration::from_millis(500)).await;
+        let out = run_rollback(
+            &argv(&["sh", "-c", &template]),
+            &VARS,
+            Duration::from_millis(500),
+        )
+        .await;
         assert!(out.timed_out, "{out:?}");
         assert_eq!(out.exit_code, None);
         assert!(
@@ -336,14 +428,18 @@ mod tests {
         ]
         .map(|(k, v)| (k.into(), v.into()));
         let out = run_with_env(
-            "echo \"[${ORCH_INTERNAL_TOKEN:-unset}/${PLANE_BOT_TOKEN_DEVELOPER:-unset}/${GITEA_TOKEN:-unset}/$KUBECONFIG]\"",
+            &argv(&[
+                "sh",
+                "-c",
+                "echo \"[${ORCH_INTERNAL_TOKEN:-unset}/${PLANE_BOT_TOKEN_DEVELOPER:-unset}/${GITEA_TOKEN:-unset}/$KUBECONFIG]\"",
+            ]),
             &VARS,
             Duration::from_secs(10),
             env.into_iter(),
         )
         .await;
         assert_eq!(out.output, "[unset/unset/unset//etc/kube]\n");
-        let out = run_rollback("  ", &VARS, Duration::from_secs(1)).await;
+        let out = run_rollback(&[], &VARS, Duration::from_secs(1)).await;
         assert_eq!(out.exit_code, None);
         assert!(out.error.is_some());
     }

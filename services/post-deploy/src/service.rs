@@ -12,7 +12,7 @@ use crate::alerts::{AlertKind, AlertNote, AlertSink, LogSink};
 use crate::config::PostDeployConfig;
 use crate::decide::{Action, DecideInput, Health, Thresholds, classify, decide_action, fold};
 use crate::error::PostDeployError;
-use crate::rollback::{RollbackVars, render_command, run_rollback};
+use crate::rollback::{RollbackVars, display_argv, render_command, run_rollback};
 use crate::signals::{HealthReading, MetricsReading, probe_signals};
 use crate::store::{self, RollbackRow, SampleRow, TickUpdate, WatchRow, state};
 use crate::{log, validate};
@@ -245,7 +245,7 @@ impl PostDeployService {
         let self_repo = w.self_repo || self.config.is_self_repo(&w.repo);
         let rollback_template = target
             .filter(|t| t.has_rollback() && !self_repo && !w.previous_sha.is_empty())
-            .map(|t| t.rollback_command.clone());
+            .map(|t| t.rollback_command.words());
         let decision = decide_action(&DecideInput {
             health: class.health,
             self_repo,
@@ -282,7 +282,10 @@ impl PostDeployService {
             work_item: &w.work_item,
         };
         let rollback_command = match (&decision.action, &rollback_template) {
-            (Action::Rollback, Some(t)) => Some(render_command(t, &vars)),
+            // A refused value is recorded as the template: the run says why it did not start.
+            (Action::Rollback, Some(t)) => Some(display_argv(
+                &render_command(t, &vars).unwrap_or_else(|_| t.clone()),
+            )),
             _ => None,
         };
         let new_state = match decision.action {
@@ -405,7 +408,7 @@ impl PostDeployService {
     async fn roll_back(
         &self,
         key: &str,
-        template: &str,
+        template: &[String],
         vars: &RollbackVars<'_>,
         why: &str,
     ) -> Result<(), PostDeployError> {

@@ -452,7 +452,7 @@ app_errors_5xx_total 7
         let t = Target {
             health_url: "http://no-such-host.invalid/healthz".into(),
             metrics_url: "http://no-such-host.invalid/metrics".into(),
-            rollback_command: String::new(),
+            rollback_command: Default::default(),
             requests_metric: "http_requests_total".into(),
             errors_metric: String::new(),
         };

@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use orchestrator_kit::clients::Clients;
 use orchestrator_kit::db::{self, Location};
+use orchestrator_kit::deploy_target::CommandSpec;
 use orchestrator_kit::{Config, Db, Env, ServiceName};
 use orchestrator_proto::post_deploy::v1::{ArmRequest, ListWatchesRequest};
 use orchestrator_testkit::{TestStorage, on_both_backends};
@@ -84,11 +85,11 @@ impl ProdServer {
         self.state.lock().expect("lock").health_delay = delay;
     }
 
-    fn target(&self, rollback_command: &str) -> Target {
+    fn target(&self, rollback_command: &[String]) -> Target {
         Target {
             health_url: format!("{}/healthz", self.url),
             metrics_url: format!("{}/metrics", self.url),
-            rollback_command: rollback_command.to_owned(),
+            rollback_command: CommandSpec::Argv(rollback_command.to_vec()),
             requests_metric: "http_requests_total".to_owned(),
             errors_metric: String::new(),
         }
@@ -170,10 +171,14 @@ impl Rig {
         config.tick = Duration::from_secs(1);
         config.probe_timeout = Duration::from_secs(5);
         config.rollback_timeout = Duration::from_secs(20);
-        let rollback = format!(
-            "echo rollback {{repo}} to {{previous_sha}} from \"$ORCH_ROLLBACK_DEPLOYED_SHA\" >> {}",
+        // argv, never a shell of ours: the shell here is the operator's own script.
+        let script = format!(
+            "echo rollback $1 to $2 from \"$ORCH_ROLLBACK_DEPLOYED_SHA\" >> {}",
             dir.path().join("rollbacks").display()
         );
+        let rollback: Vec<String> = ["sh", "-c", &script, "sh", "{repo}", "{previous_sha}"]
+            .map(str::to_owned)
+            .to_vec();
         config
             .targets
             .insert(REPO.to_owned(), prod.target(&rollback));
@@ -338,7 +343,7 @@ async fn consecutive_health_failures_roll_back_exactly_once(storage: TestStorage
     assert_eq!(rb.exit_code, Some(0), "{rb:?}");
     assert!(!rb.timed_out);
     assert!(
-        rb.command.contains("'acme/shop' to '1111111aaaaaaa'"),
+        rb.command.ends_with(" sh acme/shop 1111111aaaaaaa"),
         "{rb:?}"
     );
     assert_eq!(
