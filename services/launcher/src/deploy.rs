@@ -266,23 +266,18 @@ impl Supervisor {
         }
         let ws = &self.inner.workspace;
         let deployed = ws.rev(co, "HEAD").await.unwrap_or_default();
-        let base_ref = format!("refs/remotes/origin/{}", co.base);
-        let mut previous = ws.rev(co, &base_ref).await;
-        if previous.is_none() {
-            // A checkout of an existing branch has fetched only that branch: fetch the base
-            // (validated with the checkout) to know what production ran before.
-            let git = orchestrator_git::Git::new()
-                .with_timeout(Duration::from_secs(120))
-                .with_env(ws.forge().git_auth_env());
-            let refspec = format!("+refs/heads/{}:{base_ref}", co.base);
-            match git
-                .ok(&co.dir, &["fetch", "-q", "--no-tags", "origin", &refspec])
-                .await
-            {
-                Ok(_) => previous = ws.rev(co, &base_ref).await,
-                Err(e) => log_line(log, &format!("cannot fetch the base {}: {e}", co.base)),
+        // What production ran before: the base's head on the forge now (the deploy has not
+        // merged yet), asked as a checkout asks for its branch's head.
+        let previous = match ws.branch_head(&co.dir, &ctx.repo, &co.base).await {
+            Ok(head) => head,
+            Err(e) => {
+                log_line(
+                    log,
+                    &format!("cannot read the head of the base {}: {e}", co.base),
+                );
+                None
             }
-        }
+        };
         let previous = previous.unwrap_or_default();
         let repo = ctx.repo.to_string();
         let targets = self.config().deploy_targets.as_ref();

@@ -246,9 +246,9 @@ impl Workspace {
         base: &str,
     ) -> Result<Checkout, WorkspaceError> {
         let url = self.forge.clone_url(repo);
-        let (from, sha) = match self.remote_head(dir, repo, branch).await? {
+        let (from, sha) = match self.branch_head(dir, repo, branch).await? {
             Some(sha) => (branch, sha),
-            None => match self.remote_head(dir, repo, base).await? {
+            None => match self.branch_head(dir, repo, base).await? {
                 Some(sha) => (base, sha),
                 None => {
                     return Err(WorkspaceError::NoBase {
@@ -293,7 +293,7 @@ impl Workspace {
 
     /// The commit the forge's `branch` is at, or `None` when it has no such branch: the
     /// forge's answer (its API, or the local forge's ref files), else git's `ls-remote`.
-    async fn remote_head(
+    pub async fn branch_head(
         &self,
         cwd: &Path,
         repo: &RepoName,
