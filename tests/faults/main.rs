@@ -449,9 +449,19 @@ async fn work_items_survive_random_kills() {
             .await;
     }
     let health = healthy_production().await;
+    // Each repo's deploy target: commands that deploy nothing and succeed (the suite is
+    // about the orchestration, not a deploy), and the production the watch probes.
     let targets: serde_json::Map<String, serde_json::Value> = REPOS
         .iter()
-        .map(|r| ((*r).to_owned(), serde_json::json!({ "health_url": health })))
+        .map(|r| {
+            let target = serde_json::json!({
+                "staging_command": ["true"],
+                "deploy_command": ["true"],
+                "timeout_s": 60,
+                "health_url": health,
+            });
+            ((*r).to_owned(), target)
+        })
         .collect();
 
     // ---- The agent: the scripted agent, every run recorded by the recording agent.
@@ -497,7 +507,7 @@ async fn work_items_survive_random_kills() {
         ("ORCH_AGENTS_DIR", examples.display().to_string()),
         ("ORCH_POST_DEPLOY_REPOS", REPOS.join(",")),
         (
-            "ORCH_POST_DEPLOY_TARGETS_JSON",
+            "ORCH_DEPLOY_TARGETS_JSON",
             serde_json::Value::Object(targets).to_string(),
         ),
     ];
