@@ -10,7 +10,10 @@ use crate::common::start;
 const REPO: &str = "acme/app";
 
 async fn create_list_show_and_approve(storage: TestStorage) {
-    let stack = start(storage, &[]).await;
+    // The analyst keeps running while the test looks: the item stays active at analysis
+    // (the default command, `claude`, is not on the tests' PATH: its run failed at once and
+    // the item was blocked before the approvals below, sooner or later depending on speed).
+    let stack = start(storage, &[("ORCH_AGENT_COMMAND", "sh -c 'sleep 30'")]).await;
     let c = &stack.clients;
 
     let out = item::list(c, None, None, None).await.expect("list");
