@@ -179,6 +179,12 @@ async fn launcher(
         ("ORCH_QG_HOOK_ENABLED", "false".into()),
         ("ORCH_MAX_CONCURRENCY", concurrency.to_string()),
         ("ORCH_RESERVED_CONCURRENCY", concurrency.to_string()),
+        // Reserved jobs claimed ahead of a free slot (default: as many as the slots; a
+        // claim then takes up to twice the concurrency).
+        (
+            "ORCH_LAUNCHER_LOCAL_QUEUE",
+            std::env::var("ORCH_LAUNCHER_LOCAL_QUEUE").unwrap_or_else(|_| concurrency.to_string()),
+        ),
         ("ORCH_LAUNCHER_INSTANCE_ID", "bench".into()),
         ("ORCH_FORGE", "local".into()),
         ("ORCH_FORGE_LOCAL_DIR", s(&dir.join("forge"))),

@@ -72,6 +72,11 @@ pub struct LauncherConfig {
     pub max_concurrency: u32,
     /// `ORCH_RESERVED_CONCURRENCY`: reserved (no-LLM) jobs in flight per launcher.
     pub reserved_concurrency: u32,
+    /// `ORCH_LAUNCHER_LOCAL_QUEUE`: reserved jobs claimed ahead of a free slot and held
+    /// here, so that a claim takes a batch rather than one job per ended run (0: claim only
+    /// for a free slot). Held jobs are this instance's runs (heartbeated, handed back at
+    /// shutdown); LLM jobs are never held: a held one would sit on a global LLM slot.
+    pub local_queue: u32,
     /// `ORCH_LAUNCHER_POLL_MS`: the fallback poll of the queue (an enqueue or a finished
     /// job wakes the dispatcher at once).
     pub poll: Duration,
@@ -309,6 +314,7 @@ impl LauncherConfig {
             env_passthrough,
             max_concurrency,
             reserved_concurrency,
+            local_queue: env.parse("ORCH_LAUNCHER_LOCAL_QUEUE", reserved_concurrency)?,
             poll: ms(env, "ORCH_LAUNCHER_POLL_MS", 1_000)?,
             heartbeat: ms(env, "ORCH_LAUNCHER_HEARTBEAT_MS", 5_000)?,
             instance_stale: ms(env, "ORCH_LAUNCHER_INSTANCE_STALE_MS", 30_000)?,

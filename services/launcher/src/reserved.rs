@@ -30,7 +30,14 @@ impl Supervisor {
     pub(crate) async fn run_reserved(&self, job: JobRow, h: RunHandle) {
         let mut lease = false;
         let end = tokio::select! {
-            end = self.reserved_call(&job, &mut lease) => end,
+            // A job claimed ahead is held here until a slot is free.
+            end = async {
+                let slot = self.inner.reserved_slots.acquire().await;
+                let end = self.reserved_call(&job, &mut lease).await;
+                drop(slot);
+                self.release_slot(h.kind, &h.slot_released);
+                end
+            } => end,
             () = h.stop.cancelled() => match h.reason() {
                 Some(StopReason::Shutdown) => End::Again {
                     outcome: "handed_back",

@@ -3,14 +3,15 @@
 //! its live runs, restart reconciliation, and the end of every run (the guarded settle).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use orchestrator_kit::Db;
+use orchestrator_kit::group_commit::{BatchWrite, GroupWriter};
 use orchestrator_kit::retry::jitter;
 use orchestrator_kit::time::now_ms;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::AgentEnv;
@@ -18,7 +19,7 @@ use crate::config::LauncherConfig;
 use crate::outbox::{self, Delivery, Dispatcher, Effect};
 use crate::peers::Peers;
 use crate::rules::{End, Limits, next_state};
-use crate::store::{self, ClaimFilter, JobRow, Kind, Status};
+use crate::store::{self, ClaimFilter, JobRow, Kind, SettleEntry, Status};
 use crate::workspace::Workspace;
 
 /// Why a run was asked to stop.
@@ -41,6 +42,9 @@ pub struct RunHandle {
     pub stop_reason: Arc<Mutex<Option<StopReason>>>,
     /// Turns true when the run is over (TailLog ends its stream).
     pub ended: watch::Receiver<bool>,
+    /// Set once the run no longer counts against this instance's claims (see
+    /// [`Supervisor::release_slot`]).
+    pub(crate) slot_released: Arc<AtomicBool>,
 }
 
 impl RunHandle {
@@ -65,11 +69,20 @@ pub(crate) struct Inner {
     pub peers: Arc<dyn Peers>,
     pub workspace: Workspace,
     pub agent_env: AgentEnv,
+    /// Wakes the LLM dispatcher (an enqueue, an LLM slot freed, a job requeued).
     pub wake: Notify,
+    /// Wakes the reserved jobs' dispatcher (an enqueue, a reserved run ended).
+    pub reserved_wake: Notify,
+    /// One permit per reserved job that may run at once (`ORCH_RESERVED_CONCURRENCY`); a
+    /// claimed reserved job without one is held (`ORCH_LAUNCHER_LOCAL_QUEUE`).
+    pub reserved_slots: Arc<Semaphore>,
+    /// The group commit of run ends ([`store::settle_many`]).
+    pub settles: GroupWriter<SettleWriter>,
     /// Wakes the outbox dispatcher: a run's effects were written.
     pub outbox_wake: Arc<Notify>,
     pub runs: Mutex<HashMap<String, RunHandle>>,
     pub llm_in_flight: AtomicU32,
+    /// Reserved jobs claimed here and not ended: running, or held for a slot.
     pub reserved_in_flight: AtomicU32,
     /// The spending ceilings already told of in this life, by event id (stage-engine
     /// dedupes across lives and replicas; this spares the outbox a write per recheck).
@@ -92,6 +105,7 @@ struct RunGuard {
     attempt: u32,
     kind: Kind,
     ended: watch::Sender<bool>,
+    slot_released: Arc<AtomicBool>,
 }
 
 impl Drop for RunGuard {
@@ -104,12 +118,62 @@ impl Drop for RunGuard {
         {
             runs.remove(&self.id);
         }
-        match self.kind {
-            Kind::Llm => inner.llm_in_flight.fetch_sub(1, Ordering::SeqCst),
-            Kind::Reserved => inner.reserved_in_flight.fetch_sub(1, Ordering::SeqCst),
-        };
+        self.sup.release_slot(self.kind, &self.slot_released);
         let _ = self.ended.send(true);
-        inner.wake.notify_one();
+    }
+}
+
+/// Writes the ends of runs that finish meanwhile together ([`store::settle_many`]): the
+/// queue's settles are group-committed, as the gateway's inbox records are.
+pub struct SettleWriter {
+    conn: tokio::sync::Mutex<HeldConnection>,
+}
+
+/// The most run ends in one statement (13 parameters each, far under both databases'
+/// limits).
+const SETTLE_BATCH: usize = 128;
+
+impl BatchWrite for SettleWriter {
+    type Item = SettleEntry;
+    type Output = Option<JobRow>;
+
+    async fn write(&self, items: &[SettleEntry]) -> Result<Vec<Option<JobRow>>, sqlx::Error> {
+        let mut held = self.conn.lock().await;
+        let out = match held.get().await {
+            Ok(conn) => store::settle_many(conn, items).await,
+            Err(e) => Err(e),
+        };
+        held.done(out.is_ok());
+        out
+    }
+}
+
+/// A connection kept between uses by one loop of the queue's hot path, sparing the pool's
+/// checkout (and its ping) per statement — on PostgreSQL. SQLite's pool is its one writer
+/// connection: there it goes back after every use. Dropped after an error, so that the next
+/// use starts on a fresh one.
+struct HeldConnection {
+    db: Db,
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+}
+
+impl HeldConnection {
+    fn new(db: Db) -> Self {
+        HeldConnection { db, conn: None }
+    }
+
+    async fn get(&mut self) -> Result<&mut sqlx::AnyConnection, sqlx::Error> {
+        Ok(match &mut self.conn {
+            Some(c) => c,
+            slot @ None => slot.insert(self.db.pool.acquire().await?),
+        })
+    }
+
+    /// After a use: whether it went well.
+    fn done(&mut self, ok: bool) {
+        if !ok || self.db.backend == orchestrator_kit::Backend::Sqlite {
+            self.conn = None;
+        }
     }
 }
 
@@ -130,6 +194,13 @@ impl Supervisor {
         workspace: Workspace,
         agent_env: AgentEnv,
     ) -> Self {
+        let reserved_slots = Arc::new(Semaphore::new(config.reserved_concurrency as usize));
+        let settles = GroupWriter::spawn(
+            SettleWriter {
+                conn: tokio::sync::Mutex::new(HeldConnection::new(db.clone())),
+            },
+            SETTLE_BATCH,
+        );
         Supervisor {
             inner: Arc::new(Inner {
                 db,
@@ -138,6 +209,9 @@ impl Supervisor {
                 workspace,
                 agent_env,
                 wake: Notify::new(),
+                reserved_wake: Notify::new(),
+                reserved_slots,
+                settles,
                 outbox_wake: Arc::new(Notify::new()),
                 runs: Mutex::new(HashMap::new()),
                 llm_in_flight: AtomicU32::new(0),
@@ -156,9 +230,32 @@ impl Supervisor {
         &self.inner.db
     }
 
-    /// Wakes the dispatcher (an enqueue, a finished job).
+    /// Wakes both dispatchers (an enqueue, a job requeued).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+        self.inner.reserved_wake.notify_one();
+    }
+
+    /// The run no longer counts against this instance's claims: at the latest when its
+    /// task ends; a reserved run as soon as its RPC has answered, so that the write of its
+    /// end (group-committed) never holds up the next claim. Once per run.
+    pub(crate) fn release_slot(&self, kind: Kind, released: &AtomicBool) {
+        if released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        match kind {
+            Kind::Llm => self.inner.llm_in_flight.fetch_sub(1, Ordering::SeqCst),
+            Kind::Reserved => self.inner.reserved_in_flight.fetch_sub(1, Ordering::SeqCst),
+        };
+        self.wake_kind(kind);
+    }
+
+    /// Wakes the dispatcher of one kind of job (its slot was freed).
+    fn wake_kind(&self, kind: Kind) {
+        match kind {
+            Kind::Llm => self.inner.wake.notify_one(),
+            Kind::Reserved => self.inner.reserved_wake.notify_one(),
+        }
     }
 
     /// The handle of a run in flight here.
@@ -202,6 +299,11 @@ impl Supervisor {
     /// previous life left pending included). Returns at once.
     pub fn start(&self, shutdown: CancellationToken) {
         tokio::spawn(self.outbox_dispatcher().run(shutdown.clone()));
+        if self.db().backend == orchestrator_kit::Backend::Postgres {
+            let me = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move { me.listen_for_jobs(stop).await });
+        }
         if let Some(open_for) = self.config().notify_breaker_open {
             let me = self.clone();
             let stop = shutdown.clone();
@@ -236,12 +338,57 @@ impl Supervisor {
         });
     }
 
+    /// PostgreSQL: wakes the dispatchers whenever any replica enqueues a job
+    /// (`LISTEN launcher_jobs`), instead of leaving an idle replica to its poll. Lost
+    /// notifications (a dropped connection) cost at most a poll; the listener reconnects.
+    async fn listen_for_jobs(&self, stop: CancellationToken) {
+        let url = self.db().pool.connect_options().database_url.to_string();
+        let mut listener = loop {
+            let attempt = async {
+                let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+                l.listen(store::JOBS_CHANNEL).await?;
+                Ok::<_, sqlx::Error>(l)
+            };
+            match attempt.await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for enqueued jobs; the poll wakes the dispatcher meanwhile");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                got = listener.recv() => match got {
+                    Ok(_) => self.wake(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "listening for enqueued jobs failed; reconnecting");
+                        self.wake();
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                },
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
     async fn dispatch_loop(&self, shutdown: CancellationToken) {
+        // Reserved jobs have their own dispatcher: they never wait for an LLM slot, and
+        // their claims (a batch at a time) never cost the LLM side a query.
+        let me = self.clone();
+        let stop = shutdown.clone();
+        let reserved = tokio::spawn(async move { me.reserved_loop(stop).await });
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
-            if let Err(e) = self.claim_available().await {
+            if let Err(e) = self.claim_llm().await {
                 tracing::warn!(error = %e, "claiming jobs failed; retrying at the next poll");
             }
             let wait = self.next_wait().await;
@@ -251,6 +398,8 @@ impl Supervisor {
                 () = shutdown.cancelled() => break,
             }
         }
+        // No claim after the hand-back.
+        let _ = reserved.await;
         self.drain().await;
         if let Err(e) = store::stop_instance(self.db(), &self.config().instance_id, now_ms()).await
         {
@@ -258,6 +407,58 @@ impl Supervisor {
         }
         self.inner.stopped.cancel();
         tracing::info!(instance_id = self.config().instance_id, "launcher stopped");
+    }
+
+    /// Claims reserved jobs a batch at a time: when the jobs claimed here and not ended
+    /// fall to `ORCH_RESERVED_CONCURRENCY` + half of `ORCH_LAUNCHER_LOCAL_QUEUE`, as many as
+    /// fill both; a run's end below that mark costs no query at all.
+    async fn reserved_loop(&self, shutdown: CancellationToken) {
+        let c = self.inner.config.clone();
+        let capacity = c.reserved_concurrency + c.local_queue;
+        let low_water = c.reserved_concurrency + c.local_queue / 2;
+        let backend = self.db().backend;
+        let mut conn = HeldConnection::new(self.db().clone());
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let in_flight = self.inner.reserved_in_flight.load(Ordering::SeqCst);
+            let mut wait = c.poll;
+            if in_flight <= low_water {
+                let room = capacity - in_flight;
+                let claimed = match conn.get().await {
+                    Ok(on) => {
+                        store::claim_reserved(on, backend, &c.instance_id, now_ms(), room).await
+                    }
+                    Err(e) => Err(e),
+                };
+                conn.done(claimed.is_ok());
+                match claimed {
+                    Ok(jobs) => {
+                        let full = jobs.len() == room as usize;
+                        for job in jobs {
+                            self.launch(job);
+                        }
+                        // Fewer than asked: the queue has nothing more runnable now, so
+                        // sleep until the next job falls due.
+                        if !full {
+                            wait = self.next_wait().await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming reserved jobs failed; retrying at the next poll");
+                    }
+                }
+            }
+            tokio::select! {
+                () = self.inner.reserved_wake.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = shutdown.cancelled() => return,
+            }
+            // Let the runs just launched or woken take their turn first: a quick RPC is
+            // over by then, and the next claim fills its slot too.
+            tokio::task::yield_now().await;
+        }
     }
 
     /// How long to sleep: the poll, or less when a queued job becomes runnable sooner.
@@ -296,37 +497,32 @@ impl Supervisor {
         })
     }
 
-    /// Claims jobs while this instance has room: reserved jobs up to
-    /// `ORCH_RESERVED_CONCURRENCY`, LLM jobs while the breaker and the global
-    /// `ORCH_MAX_CONCURRENCY` allow.
-    async fn claim_available(&self) -> Result<(), sqlx::Error> {
+    /// Claims LLM jobs while the breaker and the global `ORCH_MAX_CONCURRENCY` allow (one
+    /// statement each: they are few and long; the half-open breaker's probe goes alone).
+    async fn claim_llm(&self) -> Result<(), sqlx::Error> {
         let c = self.inner.config.clone();
         let mut probed = false;
         loop {
+            if self.inner.llm_in_flight.load(Ordering::SeqCst) >= c.max_concurrency {
+                return Ok(());
+            }
             let now = now_ms();
-            let reserved_ok =
-                self.inner.reserved_in_flight.load(Ordering::SeqCst) < c.reserved_concurrency;
-            let llm_room = self.inner.llm_in_flight.load(Ordering::SeqCst) < c.max_concurrency;
-            let gate = if llm_room {
-                self.gate(now).await?
-            } else {
-                Gate::Blocked
+            let filter = ClaimFilter {
+                llm: true,
+                reserved: false,
+                max_concurrency: c.max_concurrency,
             };
-            if gate == Gate::Probe && !probed {
-                probed = true;
-                if store::breaker_take_probe(self.db(), now, self.probe_stale_before(now)).await? {
-                    let job = store::claim(
-                        self.db(),
-                        &c.instance_id,
-                        now,
-                        ClaimFilter {
-                            llm: true,
-                            reserved: false,
-                            max_concurrency: c.max_concurrency,
-                        },
-                    )
-                    .await?;
-                    match job {
+            match self.gate(now).await? {
+                Gate::Blocked => return Ok(()),
+                Gate::Probe if probed => return Ok(()),
+                Gate::Probe => {
+                    probed = true;
+                    if !store::breaker_take_probe(self.db(), now, self.probe_stale_before(now))
+                        .await?
+                    {
+                        continue;
+                    }
+                    match store::claim(self.db(), &c.instance_id, now, filter).await? {
                         Some(job) => {
                             store::breaker_set_probe(self.db(), &job.id, now).await?;
                             tracing::info!(
@@ -338,42 +534,12 @@ impl Supervisor {
                         None => store::breaker_set_probe(self.db(), "", now).await?,
                     }
                 }
-                continue;
-            }
-            let llm_ok = gate == Gate::Allowed;
-            let reserved_room = c
-                .reserved_concurrency
-                .saturating_sub(self.inner.reserved_in_flight.load(Ordering::SeqCst));
-            let reserved = if reserved_ok {
-                store::claim_reserved(self.db(), &c.instance_id, now, reserved_room).await?
-            } else {
-                Vec::new()
-            };
-            let got_reserved = !reserved.is_empty();
-            for job in reserved {
-                self.launch(job);
-            }
-            let llm = if llm_ok {
-                store::claim(
-                    self.db(),
-                    &c.instance_id,
-                    now,
-                    ClaimFilter {
-                        llm: true,
-                        reserved: false,
-                        max_concurrency: c.max_concurrency,
-                    },
-                )
-                .await?
-            } else {
-                None
-            };
-            let got_llm = llm.is_some();
-            if let Some(job) = llm {
-                self.launch(job);
-            }
-            if !got_reserved && !got_llm {
-                return Ok(());
+                Gate::Allowed => {
+                    match store::claim(self.db(), &c.instance_id, now, filter).await? {
+                        Some(job) => self.launch(job),
+                        None => return Ok(()),
+                    }
+                }
             }
         }
     }
@@ -391,6 +557,7 @@ impl Supervisor {
             stop: CancellationToken::new(),
             stop_reason: Arc::new(Mutex::new(None)),
             ended: rx,
+            slot_released: Arc::new(AtomicBool::new(false)),
         };
         match job.kind {
             Kind::Llm => self.inner.llm_in_flight.fetch_add(1, Ordering::SeqCst),
@@ -405,6 +572,7 @@ impl Supervisor {
             attempt: job.attempt,
             kind: job.kind,
             ended: tx,
+            slot_released: handle.slot_released.clone(),
         };
         (handle, guard)
     }
@@ -468,7 +636,13 @@ impl Supervisor {
             effects.extend(failure_effects(job, &s.outcome, &s.reason));
         }
         let written = loop {
-            match store::settle_with(self.db(), &job.id, job.attempt, &s, &effects).await {
+            let entry = SettleEntry {
+                id: job.id.clone(),
+                attempt: job.attempt,
+                settle: s.clone(),
+                effects: effects.clone(),
+            };
+            match self.inner.settles.write(entry).await {
                 Ok(w) => break w,
                 Err(e) => {
                     // Storage trouble: the run's end must not be lost while we live.
@@ -507,7 +681,7 @@ impl Supervisor {
                 // A slot is free (and a requeued job claimable): claim now. The run's own
                 // task wakes the dispatcher when it ends, but an end written for a run of
                 // another instance (a flip, a cancel) or of a previous life has no task here.
-                self.wake();
+                self.wake_kind(row.kind);
                 if !effects.is_empty() {
                     self.inner.outbox_wake.notify_one();
                 }

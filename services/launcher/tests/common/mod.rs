@@ -67,6 +67,8 @@ pub struct FakeState {
     pub leases: BTreeMap<String, String>,
     pub lease_log: Vec<String>,
     pub ticks: VecDeque<Result<TickResponse, Status>>,
+    /// While set, each Tick first waits for a permit of it (a slow post-deploy).
+    pub tick_gate: Option<Arc<tokio::sync::Semaphore>>,
     pub tick_calls: u32,
     pub ticked: Vec<String>,
     pub finalizes: VecDeque<Result<FinalizeMergeResponse, Status>>,
@@ -277,9 +279,15 @@ impl Peers for FakePeers {
     }
 
     async fn tick(&self, work_item: &str) -> Result<TickResponse, Status> {
-        self.with(|s| {
+        let gate = self.with(|s| {
             s.tick_calls += 1;
             s.ticked.push(work_item.to_owned());
+            s.tick_gate.clone()
+        });
+        if let Some(gate) = gate {
+            gate.acquire().await.expect("tick gate").forget();
+        }
+        self.with(|s| {
             s.ticks.pop_front().unwrap_or_else(|| {
                 Ok(TickResponse {
                     done: true,

@@ -1,0 +1,261 @@
+//! The batched queue (#19), on SQLite and PostgreSQL: run ends group-committed in one
+//! statement (each answer as a lone guarded settle would give it), reserved jobs claimed
+//! ahead and held for a slot (and handed back at shutdown), and — PostgreSQL — an idle
+//! replica woken by `LISTEN/NOTIFY` when another process enqueues.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{H, KEY, REPO, eventually};
+use launcher::outbox::Effect;
+use launcher::store::{self, Kind, NewJob, Settle, SettleEntry, Status};
+use orchestrator_kit::time::now_ms;
+use orchestrator_kit::{Db, ServiceName};
+use orchestrator_testkit::{TestStorage, on_both_backends};
+
+const SECS: Duration = Duration::from_secs(20);
+
+fn reserved(id: &str) -> NewJob {
+    NewJob {
+        id: id.to_owned(),
+        work_item: KEY.to_owned(),
+        repo: REPO.to_owned(),
+        agent: "post-deploy-monitor".to_owned(),
+        stage: "done".to_owned(),
+        kind: Kind::Reserved,
+        payload_json: "{}".to_owned(),
+        dedupe_key: None,
+        max_attempts: 3,
+        not_before_ms: 0,
+        now_ms: now_ms(),
+    }
+}
+
+fn succeeded(outcome: &str) -> Settle {
+    Settle {
+        status: Status::Succeeded,
+        not_before_ms: 0,
+        failures: 0,
+        transient_attempts: 0,
+        outcome: outcome.to_owned(),
+        reason: String::new(),
+        exit_code: Some(0),
+        qg_hook_blocks: None,
+        now_ms: now_ms(),
+    }
+}
+
+fn comment(key: &str) -> Effect {
+    Effect::Comment {
+        html: format!("<p>{key}</p>"),
+        author: "orchestrator".to_owned(),
+        idempotency_key: key.to_owned(),
+    }
+}
+
+async fn outbox_keys(db: &Db) -> Vec<String> {
+    let rows: Vec<(String,)> =
+        sqlx::query_as("SELECT idempotency_key FROM outbox ORDER BY idempotency_key")
+            .fetch_all(&db.pool)
+            .await
+            .expect("outbox");
+    rows.into_iter().map(|r| r.0).collect()
+}
+
+/// One batch: each entry answered as its own guarded settle would be — a run already ended
+/// by someone else, a wrong attempt and a second end of the same run in the same batch
+/// all come back `None` and write nothing; the effects of the runs it ended are in the
+/// outbox, in the same transaction.
+async fn a_batch_of_ends_is_answered_entry_by_entry(storage: TestStorage) {
+    let db = orchestrator_kit::db::open(
+        ServiceName::Launcher,
+        &storage.location,
+        &launcher::MIGRATOR,
+    )
+    .await
+    .expect("storage");
+    for id in ["a", "b", "c", "d"] {
+        store::enqueue(&db, &reserved(id)).await.expect("enqueue");
+    }
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let claimed = store::claim_reserved(&mut conn, db.backend, "me", now_ms(), 10)
+        .await
+        .expect("claim");
+    drop(conn);
+    assert_eq!(claimed.len(), 4);
+    assert!(
+        claimed
+            .iter()
+            .all(|j| j.attempt == 1 && j.status == Status::Running)
+    );
+    // d was ended by someone else first.
+    assert!(
+        store::settle(&db, "d", 1, &succeeded("flipped"))
+            .await
+            .expect("settle d")
+            .is_some()
+    );
+    let entry = |id: &str, attempt: u32, outcome: &str, effects: Vec<Effect>| SettleEntry {
+        id: id.to_owned(),
+        attempt,
+        settle: succeeded(outcome),
+        effects,
+    };
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let out = store::settle_many(
+        &mut conn,
+        &[
+            entry("a", 1, "done", vec![comment("a-done")]),
+            entry("b", 2, "done", vec![comment("b-wrong-attempt")]),
+            entry("a", 1, "again", vec![comment("a-again")]),
+            entry("c", 1, "done", vec![]),
+            entry("d", 1, "late", vec![comment("d-late")]),
+        ],
+    )
+    .await
+    .expect("settle_many");
+    drop(conn);
+    let outcomes: Vec<Option<String>> = out
+        .iter()
+        .map(|r| r.as_ref().map(|j| j.outcome.clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            Some("done".to_owned()),
+            None,
+            None,
+            Some("done".to_owned()),
+            None
+        ]
+    );
+    let a = store::get(&db, "a").await.expect("get").expect("a");
+    assert_eq!((a.status, a.outcome.as_str()), (Status::Succeeded, "done"));
+    let b = store::get(&db, "b").await.expect("get").expect("b");
+    assert_eq!(b.status, Status::Running, "a wrong attempt changes nothing");
+    let d = store::get(&db, "d").await.expect("get").expect("d");
+    assert_eq!(d.outcome, "flipped", "the first end stands");
+    assert_eq!(outbox_keys(&db).await, ["a-done"]);
+
+    // A batch with no effect at all (one statement, no transaction of its own) answers
+    // the same way.
+    let mut conn = db.pool.acquire().await.expect("conn");
+    let out = store::settle_many(
+        &mut conn,
+        &[
+            entry("b", 1, "done", vec![]),
+            entry("c", 1, "again", vec![]),
+        ],
+    )
+    .await
+    .expect("settle_many");
+    assert!(out[0].is_some() && out[1].is_none(), "{out:?}");
+}
+
+/// With one slot and a local queue of two, a stream of reserved jobs is claimed ahead:
+/// three at once are this instance's (running, heartbeated), one ticks, the others wait
+/// here for the slot; at shutdown the held ones go back to the queue, and a new life runs
+/// every job to its end.
+async fn held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown(storage: TestStorage) {
+    let storage = Arc::new(storage);
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    let vars = [
+        ("ORCH_RESERVED_CONCURRENCY", "1"),
+        ("ORCH_LAUNCHER_LOCAL_QUEUE", "2"),
+        ("ORCH_LAUNCHER_GIT", "false"),
+    ];
+    let h = H::start_on(storage.clone(), dir.clone(), "holder", "", &vars).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    h.peers.with(|s| s.tick_gate = Some(gate.clone()));
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            h.enqueue_for(&format!("MON-{i}"), "post-deploy-monitor", "done", "")
+                .await
+                .id,
+        );
+    }
+    eventually(SECS, "three claimed, one ticking", || {
+        h.peers.with(|s| s.tick_calls) == 1
+    })
+    .await;
+    // Claimed ahead, but only the slot's job called its peer.
+    let mut running = Vec::new();
+    for id in &ids {
+        let j = h.job(id).await;
+        if j.status == Status::Running {
+            assert_eq!(j.instance_id, "holder");
+            running.push(j.id);
+        }
+    }
+    assert_eq!(running.len(), 3, "one slot + a local queue of two");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        h.peers.with(|s| s.tick_calls),
+        1,
+        "held jobs wait for the slot"
+    );
+    // One tick through: the next held job takes the slot, a new one is claimed behind it.
+    gate.add_permits(1);
+    eventually(SECS, "the next held job ticks", || {
+        h.peers.with(|s| s.tick_calls) == 2
+    })
+    .await;
+
+    h.shutdown.cancel();
+    eventually(SECS, "the launcher stopped", || {
+        h.svc.supervisor().stopped().is_cancelled()
+    })
+    .await;
+    let mut succeeded = 0;
+    for id in &ids {
+        let j = h.job(id).await;
+        match j.status {
+            Status::Succeeded => succeeded += 1,
+            Status::Queued => {}
+            other => panic!("job {id} is {other} after the hand-back ({})", j.reason),
+        }
+    }
+    assert_eq!(succeeded, 1, "only the ticked-through job ended");
+    drop(h);
+
+    // A new life takes every job back and runs it through.
+    let h = H::start_on(storage, dir, "holder", "", &vars).await;
+    for id in &ids {
+        let j = h.wait_done(id, SECS).await;
+        assert_eq!(j.status, Status::Succeeded, "job {id}: {}", j.reason);
+    }
+}
+
+on_both_backends!(
+    a_batch_of_ends_is_answered_entry_by_entry,
+    held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown,
+);
+
+/// An idle replica whose poll is a minute away hears of a job another process enqueued
+/// (no in-process wake: straight into the table, as another replica's Enqueue writes it)
+/// through `LISTEN launcher_jobs`, and runs it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_replica_is_woken_by_another_processs_enqueue() {
+    let Some(storage) = TestStorage::postgres("batched::notify").await else {
+        return;
+    };
+    let h = H::start(storage, "", &[("ORCH_LAUNCHER_POLL_MS", "60000")]).await;
+    // Past its start-up claims: asleep until the poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = orchestrator_kit::db::open(
+        ServiceName::Launcher,
+        &h.storage.location,
+        &launcher::MIGRATOR,
+    )
+    .await
+    .expect("a second process's storage");
+    store::enqueue(&other, &reserved("from-elsewhere"))
+        .await
+        .expect("enqueue");
+    // Far sooner than the poll: only the notification can have woken it.
+    let j = h.wait_done("from-elsewhere", Duration::from_secs(10)).await;
+    assert_eq!(j.status, Status::Succeeded, "{}", j.reason);
+}
