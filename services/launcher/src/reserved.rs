@@ -26,6 +26,16 @@ use crate::supervisor::{RunHandle, StopReason, Supervisor};
 /// The reserved jobs this launcher knows.
 pub const RESERVED: [&str; 2] = ["deploy-finalizer", "post-deploy-monitor"];
 
+/// The end of a held job given back because this launcher's heartbeat is lost.
+fn held_back() -> End {
+    End::Again {
+        outcome: "handed_back",
+        reason: "the launcher's heartbeat was lost while it held the job".to_owned(),
+        after: Duration::ZERO,
+        bump: false,
+    }
+}
+
 impl Supervisor {
     pub(crate) async fn run_reserved(&self, job: JobRow, h: RunHandle) {
         let mut lease = false;
@@ -33,7 +43,12 @@ impl Supervisor {
             // A job claimed ahead is held here until a slot is free.
             end = async {
                 let slot = self.inner.reserved_slots.acquire().await;
-                let end = self.reserved_call(&job, &mut lease).await;
+                h.started.store(true, std::sync::atomic::Ordering::SeqCst);
+                let end = if self.heartbeat_lost() {
+                    held_back()
+                } else {
+                    self.reserved_call(&job, &mut lease).await
+                };
                 drop(slot);
                 self.release_slot(h.kind, &h.slot_released);
                 end
@@ -45,6 +60,7 @@ impl Supervisor {
                     after: Duration::ZERO,
                     bump: false,
                 },
+                Some(StopReason::HeartbeatLost) => held_back(),
                 _ => {
                     self.release_lease(&job, lease).await;
                     return;

@@ -3,7 +3,7 @@
 //! its live runs, restart reconciliation, and the end of every run (the guarded settle).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,9 @@ pub enum StopReason {
     EndedElsewhere,
     /// This launcher is shutting down: the job goes back to the queue.
     Shutdown,
+    /// This launcher's heartbeat is lost (see [`Supervisor::heartbeat_lost`]): a reserved
+    /// job it holds and has not started goes back to the queue. Sent to no other run.
+    HeartbeatLost,
 }
 
 /// A run in flight in this launcher.
@@ -45,6 +48,8 @@ pub struct RunHandle {
     /// Set once the run no longer counts against this instance's claims (see
     /// [`Supervisor::release_slot`]).
     pub(crate) slot_released: Arc<AtomicBool>,
+    /// Set once a reserved run has its slot (until then it is held).
+    pub(crate) started: Arc<AtomicBool>,
 }
 
 impl RunHandle {
@@ -82,6 +87,8 @@ pub(crate) struct Inner {
     pub outbox_wake: Arc<Notify>,
     pub runs: Mutex<HashMap<String, RunHandle>>,
     pub llm_in_flight: AtomicU32,
+    /// When this instance's heartbeat last went through (epoch ms).
+    pub heartbeat_ok_ms: AtomicI64,
     /// Reserved jobs claimed here and not ended: running, or held for a slot.
     pub reserved_in_flight: AtomicU32,
     /// The spending ceilings already told of in this life, by event id (stage-engine
@@ -215,6 +222,7 @@ impl Supervisor {
                 outbox_wake: Arc::new(Notify::new()),
                 runs: Mutex::new(HashMap::new()),
                 llm_in_flight: AtomicU32::new(0),
+                heartbeat_ok_ms: AtomicI64::new(now_ms()),
                 reserved_in_flight: AtomicU32::new(0),
                 ceilings_told: Mutex::new(HashSet::new()),
                 stopped: CancellationToken::new(),
@@ -325,6 +333,7 @@ impl Supervisor {
                     }
                 }
             }
+            me.inner.heartbeat_ok_ms.store(now_ms(), Ordering::SeqCst);
             tracing::info!(
                 instance_id = id,
                 host = me.config().host,
@@ -424,7 +433,7 @@ impl Supervisor {
             }
             let in_flight = self.inner.reserved_in_flight.load(Ordering::SeqCst);
             let mut wait = c.poll;
-            if in_flight <= low_water {
+            if in_flight <= low_water && !self.heartbeat_lost() {
                 let room = capacity - in_flight;
                 let claimed = match conn.get().await {
                     Ok(on) => {
@@ -503,7 +512,9 @@ impl Supervisor {
         let c = self.inner.config.clone();
         let mut probed = false;
         loop {
-            if self.inner.llm_in_flight.load(Ordering::SeqCst) >= c.max_concurrency {
+            if self.inner.llm_in_flight.load(Ordering::SeqCst) >= c.max_concurrency
+                || self.heartbeat_lost()
+            {
                 return Ok(());
             }
             let now = now_ms();
@@ -558,6 +569,7 @@ impl Supervisor {
             stop_reason: Arc::new(Mutex::new(None)),
             ended: rx,
             slot_released: Arc::new(AtomicBool::new(false)),
+            started: Arc::new(AtomicBool::new(false)),
         };
         match job.kind {
             Kind::Llm => self.inner.llm_in_flight.fetch_add(1, Ordering::SeqCst),
@@ -726,10 +738,28 @@ impl Supervisor {
                 () = stop.cancelled() => return,
             }
             let now = now_ms();
-            if let Err(e) = store::heartbeat_instance(self.db(), &id, now).await {
-                tracing::warn!(error = %e, "launcher heartbeat failed");
+            let beat = tokio::time::timeout(
+                self.lost_after(),
+                store::heartbeat_instance(self.db(), &id, now),
+            )
+            .await;
+            let failed = match beat {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {:?}", self.lost_after())),
+            };
+            if let Some(error) = failed {
+                tracing::warn!(error, "launcher heartbeat failed");
+                if self.heartbeat_lost() {
+                    self.hand_back_held();
+                }
                 continue;
             }
+            if self.heartbeat_lost() {
+                tracing::info!("launcher heartbeat back: claiming again");
+                self.wake();
+            }
+            self.inner.heartbeat_ok_ms.store(now_ms(), Ordering::SeqCst);
             let runs = self.in_flight();
             if runs.is_empty() {
                 continue;
@@ -757,6 +787,51 @@ impl Supervisor {
                 }
                 Err(e) => tracing::warn!(error = %e, "job heartbeat failed"),
             }
+        }
+    }
+
+    /// How long without a heartbeat that went through makes it lost: half of
+    /// `ORCH_LAUNCHER_INSTANCE_STALE_MS`, so that this instance stops taking work well before
+    /// the reaper may count it gone and take its runs back.
+    fn lost_after(&self) -> Duration {
+        self.config().instance_stale / 2
+    }
+
+    /// This instance's heartbeat is lost: it claims nothing, and hands back what it holds.
+    pub(crate) fn heartbeat_lost(&self) -> bool {
+        let since = now_ms() - self.inner.heartbeat_ok_ms.load(Ordering::SeqCst);
+        u128::try_from(since).unwrap_or(0) > self.lost_after().as_millis()
+    }
+
+    /// The reserved jobs held here and not started go back to the queue (their runs end
+    /// as `handed_back`, written when storage answers; if it never does, the reaper takes
+    /// them back once this instance counts as gone, and the attempt guard refuses a late
+    /// end).
+    fn hand_back_held(&self) {
+        let held: Vec<RunHandle> = self
+            .inner
+            .runs
+            .lock()
+            .map(|r| {
+                r.values()
+                    .filter(|h| {
+                        h.kind == Kind::Reserved
+                            && !h.started.load(Ordering::SeqCst)
+                            && !h.stop.is_cancelled()
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if held.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            jobs = held.len(),
+            "launcher heartbeat lost: claiming nothing, handing the held jobs back"
+        );
+        for h in held {
+            h.stop(StopReason::HeartbeatLost);
         }
     }
 

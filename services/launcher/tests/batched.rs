@@ -1,7 +1,8 @@
 //! The batched queue (#19), on SQLite and PostgreSQL: run ends group-committed in one
 //! statement (each answer as a lone guarded settle would give it), reserved jobs claimed
-//! ahead and held for a slot (and handed back at shutdown), and — PostgreSQL — an idle
-//! replica woken by `LISTEN/NOTIFY` when another process enqueues.
+//! ahead and held for a slot (and handed back at shutdown, or when the launcher's heartbeat
+//! is lost), and — PostgreSQL — an idle replica woken by `LISTEN/NOTIFY` when another
+//! process enqueues.
 
 mod common;
 
@@ -229,9 +230,111 @@ async fn held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown(storage: Tes
     }
 }
 
+/// Makes every heartbeat of a launcher instance fail (a storage that refuses its write),
+/// or lets it through again.
+async fn refuse_heartbeats(db: &Db, refuse: bool) {
+    let sql = match (db.backend, refuse) {
+        (orchestrator_kit::Backend::Sqlite, true) => {
+            "CREATE TRIGGER refuse_heartbeats BEFORE UPDATE ON launcher_instances \
+             BEGIN SELECT RAISE(ABORT, 'heartbeats refused by the test'); END"
+        }
+        (orchestrator_kit::Backend::Sqlite, false) => "DROP TRIGGER refuse_heartbeats",
+        (orchestrator_kit::Backend::Postgres, true) => {
+            "ALTER TABLE launcher_instances ADD CONSTRAINT refuse_heartbeats \
+             CHECK (heartbeat_at_ms < 0) NOT VALID"
+        }
+        (orchestrator_kit::Backend::Postgres, false) => {
+            "ALTER TABLE launcher_instances DROP CONSTRAINT refuse_heartbeats"
+        }
+    };
+    sqlx::query(sql)
+        .execute(&db.pool)
+        .await
+        .expect("heartbeat switch");
+}
+
+/// A launcher whose heartbeat no longer goes through stops taking work before the reaper
+/// may count it gone: the jobs it holds go back to the queue (`handed_back`, never having
+/// called their peer), it claims nothing new, and the run already under way goes on. Once
+/// its heartbeat is back it claims again and every job ends.
+async fn a_launcher_whose_heartbeat_is_lost_hands_back_what_it_holds(storage: TestStorage) {
+    let h = H::start(
+        storage,
+        "",
+        &[
+            ("ORCH_RESERVED_CONCURRENCY", "1"),
+            ("ORCH_LAUNCHER_LOCAL_QUEUE", "2"),
+            ("ORCH_LAUNCHER_GIT", "false"),
+            // Lost after 1 s without a heartbeat that went through.
+            ("ORCH_LAUNCHER_INSTANCE_STALE_MS", "2000"),
+        ],
+    )
+    .await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    h.peers.with(|s| s.tick_gate = Some(gate.clone()));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            h.enqueue_for(&format!("MON-{i}"), "post-deploy-monitor", "done", "")
+                .await
+                .id,
+        );
+    }
+    eventually(SECS, "one ticking", || h.peers.with(|s| s.tick_calls) == 1).await;
+    let ticking = h.peers.with(|s| s.ticked[0].clone());
+    let mut held = Vec::new();
+    for id in &ids {
+        let j = h.job(id).await;
+        assert_eq!(j.status, Status::Running, "claimed: {id}");
+        if j.work_item != ticking {
+            held.push(j.id);
+        }
+    }
+    assert_eq!(held.len(), 2);
+
+    refuse_heartbeats(&h.db, true).await;
+    for id in &held {
+        let j = h.wait_for(id, SECS, |j| j.status == Status::Queued).await;
+        assert_eq!(j.outcome, "handed_back", "{}", j.reason);
+        assert!(j.reason.contains("heartbeat"), "{}", j.reason);
+    }
+    // Nothing new is claimed meanwhile, and the held jobs never called their peer.
+    let late = h
+        .enqueue_for("MON-9", "post-deploy-monitor", "done", "")
+        .await
+        .id;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(h.job(&late).await.status, Status::Queued);
+    for id in &held {
+        assert_eq!(h.job(id).await.status, Status::Queued, "{id} claimed again");
+    }
+    assert_eq!(h.peers.with(|s| s.tick_calls), 1);
+    let running = ids
+        .iter()
+        .find(|id| !held.contains(id))
+        .expect("the ticking job");
+    assert_eq!(
+        h.job(running).await.status,
+        Status::Running,
+        "the run under way goes on"
+    );
+
+    refuse_heartbeats(&h.db, false).await;
+    gate.add_permits(100);
+    ids.push(late);
+    for id in &ids {
+        let j = h.wait_done(id, SECS).await;
+        assert_eq!(j.status, Status::Succeeded, "job {id}: {}", j.reason);
+    }
+    let mut ticked = h.peers.with(|s| s.ticked.clone());
+    ticked.sort();
+    assert_eq!(ticked.len(), 4, "each job ticked once: {ticked:?}");
+}
+
 on_both_backends!(
     a_batch_of_ends_is_answered_entry_by_entry,
     held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown,
+    a_launcher_whose_heartbeat_is_lost_hands_back_what_it_holds,
 );
 
 /// An idle replica whose poll is a minute away hears of a job another process enqueued
