@@ -449,6 +449,62 @@ pub async fn claim(
     row.as_ref().map(from_row).transpose()
 }
 
+/// Claims up to `limit` runnable LLM jobs at once, oldest first, within the LLM slots free
+/// across every replica (`max_concurrency` minus the LLM jobs running): in one
+/// transaction, the running count and then ONE claim statement with that many. On
+/// PostgreSQL the transaction first takes the advisory lock every LLM claim takes, so two
+/// replicas never both count the same free slot.
+pub async fn claim_llm(
+    db: &Db,
+    instance_id: &str,
+    now_ms: i64,
+    max_concurrency: u32,
+    limit: u32,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut tx = db.pool.begin().await?;
+    if db.backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock(7274001)")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let running: i64 =
+        sqlx::query("SELECT COUNT(*) FROM jobs WHERE status = 'running' AND kind = 'llm'")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+    let free = i64::from(max_concurrency).saturating_sub(running);
+    let n = free.min(i64::from(limit));
+    if n <= 0 {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let lock = if db.backend == Backend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    // As the reserved claim: a materialized pick, evaluated once, its limit literal.
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'queued' AND not_before_ms <= $1 \
+           AND kind = 'llm' ORDER BY enqueued_at_ms, id LIMIT {n}{lock}) \
+         UPDATE jobs SET status = 'running', attempt = attempt + 1, instance_id = $2, started_at_ms = $1, \
+         heartbeat_at_ms = $1, pid = NULL, exit_code = NULL, finished_at_ms = 0, outcome = '', qg_hook_blocks = 0, \
+         log_path = '' \
+         WHERE id IN (SELECT id FROM picked) AND status = 'queued' RETURNING {COLUMNS}"
+    )))
+    .bind(now_ms)
+    .bind(instance_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let mut jobs: Vec<JobRow> = rows.iter().map(from_row).collect::<Result<_, _>>()?;
+    jobs.sort_by(|a, b| (a.enqueued_at_ms, &a.id).cmp(&(b.enqueued_at_ms, &b.id)));
+    Ok(jobs)
+}
+
 /// Claims up to `limit` runnable reserved jobs at once, oldest first (no LLM slot
 /// involved, so no advisory lock: `SKIP LOCKED` alone keeps replicas apart).
 pub async fn claim_reserved(

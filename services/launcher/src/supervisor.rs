@@ -506,8 +506,9 @@ impl Supervisor {
         })
     }
 
-    /// Claims LLM jobs while the breaker and the global `ORCH_MAX_CONCURRENCY` allow (one
-    /// statement each: they are few and long; the half-open breaker's probe goes alone).
+    /// Claims LLM jobs while the breaker and the global `ORCH_MAX_CONCURRENCY` allow: as
+    /// many as this instance and the global slots have room for, in one statement; the
+    /// half-open breaker's probe goes alone.
     async fn claim_llm(&self) -> Result<(), sqlx::Error> {
         let c = self.inner.config.clone();
         let mut probed = false;
@@ -546,9 +547,18 @@ impl Supervisor {
                     }
                 }
                 Gate::Allowed => {
-                    match store::claim(self.db(), &c.instance_id, now, filter).await? {
-                        Some(job) => self.launch(job),
-                        None => return Ok(()),
+                    let room = c
+                        .max_concurrency
+                        .saturating_sub(self.inner.llm_in_flight.load(Ordering::SeqCst));
+                    let jobs =
+                        store::claim_llm(self.db(), &c.instance_id, now, c.max_concurrency, room)
+                            .await?;
+                    let all = jobs.len() == room as usize;
+                    for job in jobs {
+                        self.launch(job);
+                    }
+                    if !all {
+                        return Ok(());
                     }
                 }
             }

@@ -230,6 +230,57 @@ async fn held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown(storage: Tes
     }
 }
 
+/// LLM jobs are claimed as many at once as the global slots have room for: with 3 slots
+/// and one job running, a claim asking for 10 takes the 2 oldest, and the next takes none.
+async fn llm_jobs_are_claimed_a_batch_within_the_free_slots(storage: TestStorage) {
+    let db = orchestrator_kit::db::open(
+        ServiceName::Launcher,
+        &storage.location,
+        &launcher::MIGRATOR,
+    )
+    .await
+    .expect("storage");
+    for (i, id) in ["l1", "l2", "l3", "l4", "l5"].into_iter().enumerate() {
+        let mut j = reserved(id);
+        j.kind = Kind::Llm;
+        j.agent = "developer".to_owned();
+        j.now_ms = 1_000 + i as i64;
+        store::enqueue(&db, &j).await.expect("enqueue");
+    }
+    let now = now_ms();
+    let first = store::claim_llm(&db, "a", now, 3, 1).await.expect("claim");
+    assert_eq!(
+        first.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        ["l1"]
+    );
+    let batch = store::claim_llm(&db, "b", now, 3, 10).await.expect("claim");
+    assert_eq!(
+        batch.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        ["l2", "l3"],
+        "the two free slots, oldest first"
+    );
+    assert!(
+        batch
+            .iter()
+            .all(|j| j.status == Status::Running && j.instance_id == "b")
+    );
+    assert!(
+        store::claim_llm(&db, "c", now, 3, 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "no slot left"
+    );
+    assert_eq!(
+        store::get(&db, "l4")
+            .await
+            .expect("get")
+            .expect("l4")
+            .status,
+        Status::Queued
+    );
+}
+
 /// Makes every heartbeat of a launcher instance fail (a storage that refuses its write),
 /// or lets it through again.
 async fn refuse_heartbeats(db: &Db, refuse: bool) {
@@ -335,6 +386,7 @@ on_both_backends!(
     a_batch_of_ends_is_answered_entry_by_entry,
     held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown,
     a_launcher_whose_heartbeat_is_lost_hands_back_what_it_holds,
+    llm_jobs_are_claimed_a_batch_within_the_free_slots,
 );
 
 /// An idle replica whose poll is a minute away hears of a job another process enqueued
