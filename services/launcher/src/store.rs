@@ -481,27 +481,9 @@ pub async fn claim_llm(
         tx.commit().await?;
         return Ok(Vec::new());
     }
-    let lock = if db.backend == Backend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
-    // As the reserved claim: a materialized pick, evaluated once, its limit literal.
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'queued' AND not_before_ms <= $1 \
-           AND kind = 'llm' ORDER BY enqueued_at_ms, id LIMIT {n}{lock}) \
-         UPDATE jobs SET status = 'running', attempt = attempt + 1, instance_id = $2, started_at_ms = $1, \
-         heartbeat_at_ms = $1, pid = NULL, exit_code = NULL, finished_at_ms = 0, outcome = '', qg_hook_blocks = 0, \
-         log_path = '' \
-         WHERE id IN (SELECT id FROM picked) AND status = 'queued' RETURNING {COLUMNS}"
-    )))
-    .bind(now_ms)
-    .bind(instance_id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let n = u32::try_from(n).unwrap_or(limit);
+    let jobs = claim_batch(&mut tx, db.backend, Kind::Llm, instance_id, now_ms, n).await?;
     tx.commit().await?;
-    let mut jobs: Vec<JobRow> = rows.iter().map(from_row).collect::<Result<_, _>>()?;
-    jobs.sort_by(|a, b| (a.enqueued_at_ms, &a.id).cmp(&(b.enqueued_at_ms, &b.id)));
     Ok(jobs)
 }
 
@@ -514,6 +496,18 @@ pub async fn claim_reserved(
     now_ms: i64,
     limit: u32,
 ) -> Result<Vec<JobRow>, sqlx::Error> {
+    claim_batch(conn, backend, Kind::Reserved, instance_id, now_ms, limit).await
+}
+
+/// The one statement that claims up to `limit` runnable jobs of `kind`, oldest first.
+async fn claim_batch(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    kind: Kind,
+    instance_id: &str,
+    now_ms: i64,
+    limit: u32,
+) -> Result<Vec<JobRow>, sqlx::Error> {
     if limit == 0 {
         return Ok(Vec::new());
     }
@@ -522,6 +516,7 @@ pub async fn claim_reserved(
     } else {
         ""
     };
+    let kind = kind.as_str();
     // The limit is written into the statement (a number of ours, one prepared statement
     // per size): with it a parameter, PostgreSQL's generic plan is a sequential scan, so it
     // plans every claim afresh — a fifth of its time under a stream of claims. With it
@@ -531,7 +526,7 @@ pub async fn claim_reserved(
     // semi-join and so take more than `n` rows.)
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE status = 'queued' AND not_before_ms <= $1 \
-           AND kind = 'reserved' ORDER BY enqueued_at_ms, id LIMIT {limit}{lock}) \
+           AND kind = '{kind}' ORDER BY enqueued_at_ms, id LIMIT {limit}{lock}) \
          UPDATE jobs SET status = 'running', attempt = attempt + 1, instance_id = $2, started_at_ms = $1, \
          heartbeat_at_ms = $1, pid = NULL, exit_code = NULL, finished_at_ms = 0, outcome = '', qg_hook_blocks = 0, \
          log_path = '' \
@@ -671,35 +666,40 @@ pub async fn settle_with(
     Ok(row)
 }
 
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// Binds one end's 13 parameters, in [`SETTLE_VALUES`]'s order.
+fn bind_settle<'q>(q: AnyQuery<'q>, e: &'q SettleEntry) -> AnyQuery<'q> {
+    let s = &e.settle;
+    let finished = if s.status.is_terminal() { s.now_ms } else { 0 };
+    q.bind(&e.id)
+        .bind(i64::from(e.attempt))
+        .bind(s.status.as_str())
+        .bind(s.not_before_ms)
+        .bind(i64::from(s.failures))
+        .bind(i64::from(s.transient_attempts))
+        .bind(&s.outcome)
+        .bind(&s.reason)
+        .bind(finished)
+        .bind(i64::from(s.exit_code.is_some()))
+        .bind(i64::from(s.exit_code.unwrap_or(0)))
+        .bind(i64::from(s.qg_hook_blocks.is_some()))
+        .bind(i64::from(s.qg_hook_blocks.unwrap_or(0)))
+}
+
 /// One guarded end and, when it ended the run, its effects, inside `tx`.
 async fn settle_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     e: &SettleEntry,
 ) -> Result<Option<JobRow>, sqlx::Error> {
-    let s = &e.settle;
-    let finished = if s.status.is_terminal() { s.now_ms } else { 0 };
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE jobs SET status = $3, not_before_ms = $4, failures = $5, transient_attempts = $6, \
          outcome = $7, reason = $8, finished_at_ms = $9, \
          exit_code = CASE WHEN $10 = 1 THEN $11 ELSE exit_code END, \
          qg_hook_blocks = CASE WHEN $12 = 1 THEN $13 ELSE qg_hook_blocks END \
          WHERE id = $1 AND attempt = $2 AND status = 'running' RETURNING {COLUMNS}"
-    )))
-    .bind(&e.id)
-    .bind(i64::from(e.attempt))
-    .bind(s.status.as_str())
-    .bind(s.not_before_ms)
-    .bind(i64::from(s.failures))
-    .bind(i64::from(s.transient_attempts))
-    .bind(&s.outcome)
-    .bind(&s.reason)
-    .bind(finished)
-    .bind(i64::from(s.exit_code.is_some()))
-    .bind(i64::from(s.exit_code.unwrap_or(0)))
-    .bind(i64::from(s.qg_hook_blocks.is_some()))
-    .bind(i64::from(s.qg_hook_blocks.unwrap_or(0)))
-    .fetch_optional(&mut **tx)
-    .await?;
+    )));
+    let row = bind_settle(row, e).fetch_optional(&mut **tx).await?;
     let Some(row) = row.as_ref().map(from_row).transpose()? else {
         return Ok(None);
     };
@@ -765,22 +765,7 @@ pub async fn settle_many(
     );
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     for e in first.iter().map(|&i| &entries[i]) {
-        let s = &e.settle;
-        let finished = if s.status.is_terminal() { s.now_ms } else { 0 };
-        q = q
-            .bind(&e.id)
-            .bind(i64::from(e.attempt))
-            .bind(s.status.as_str())
-            .bind(s.not_before_ms)
-            .bind(i64::from(s.failures))
-            .bind(i64::from(s.transient_attempts))
-            .bind(&s.outcome)
-            .bind(&s.reason)
-            .bind(finished)
-            .bind(i64::from(s.exit_code.is_some()))
-            .bind(i64::from(s.exit_code.unwrap_or(0)))
-            .bind(i64::from(s.qg_hook_blocks.is_some()))
-            .bind(i64::from(s.qg_hook_blocks.unwrap_or(0)));
+        q = bind_settle(q, e);
     }
     for _ in first.len()..shape {
         q = q

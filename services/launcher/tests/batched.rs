@@ -56,6 +56,17 @@ fn comment(key: &str) -> Effect {
     }
 }
 
+/// The launcher's storage on `storage`, as a process of its own opens it.
+async fn open_storage(storage: &TestStorage) -> Db {
+    orchestrator_kit::db::open(
+        ServiceName::Launcher,
+        &storage.location,
+        &launcher::MIGRATOR,
+    )
+    .await
+    .expect("storage")
+}
+
 async fn outbox_keys(db: &Db) -> Vec<String> {
     let rows: Vec<(String,)> =
         sqlx::query_as("SELECT idempotency_key FROM outbox ORDER BY idempotency_key")
@@ -70,13 +81,7 @@ async fn outbox_keys(db: &Db) -> Vec<String> {
 /// all come back `None` and write nothing; the effects of the runs it ended are in the
 /// outbox, in the same transaction.
 async fn a_batch_of_ends_is_answered_entry_by_entry(storage: TestStorage) {
-    let db = orchestrator_kit::db::open(
-        ServiceName::Launcher,
-        &storage.location,
-        &launcher::MIGRATOR,
-    )
-    .await
-    .expect("storage");
+    let db = open_storage(&storage).await;
     for id in ["a", "b", "c", "d"] {
         store::enqueue(&db, &reserved(id)).await.expect("enqueue");
     }
@@ -233,13 +238,7 @@ async fn held_reserved_jobs_wait_for_a_slot_and_go_back_at_shutdown(storage: Tes
 /// LLM jobs are claimed as many at once as the global slots have room for: with 3 slots
 /// and one job running, a claim asking for 10 takes the 2 oldest, and the next takes none.
 async fn llm_jobs_are_claimed_a_batch_within_the_free_slots(storage: TestStorage) {
-    let db = orchestrator_kit::db::open(
-        ServiceName::Launcher,
-        &storage.location,
-        &launcher::MIGRATOR,
-    )
-    .await
-    .expect("storage");
+    let db = open_storage(&storage).await;
     for (i, id) in ["l1", "l2", "l3", "l4", "l5"].into_iter().enumerate() {
         let mut j = reserved(id);
         j.kind = Kind::Llm;
@@ -400,13 +399,7 @@ async fn an_idle_replica_is_woken_by_another_processs_enqueue() {
     let h = H::start(storage, "", &[("ORCH_LAUNCHER_POLL_MS", "60000")]).await;
     // Past its start-up claims: asleep until the poll.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let other = orchestrator_kit::db::open(
-        ServiceName::Launcher,
-        &h.storage.location,
-        &launcher::MIGRATOR,
-    )
-    .await
-    .expect("a second process's storage");
+    let other = open_storage(&h.storage).await;
     store::enqueue(&other, &reserved("from-elsewhere"))
         .await
         .expect("enqueue");
