@@ -475,13 +475,8 @@ pub async fn claim_llm(
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;
-    let free = i64::from(max_concurrency).saturating_sub(running);
-    let n = free.min(i64::from(limit));
-    if n <= 0 {
-        tx.commit().await?;
-        return Ok(Vec::new());
-    }
-    let n = u32::try_from(n).unwrap_or(limit);
+    let free = max_concurrency.saturating_sub(u32::try_from(running).unwrap_or(u32::MAX));
+    let n = free.min(limit);
     let jobs = claim_batch(&mut tx, db.backend, Kind::Llm, instance_id, now_ms, n).await?;
     tx.commit().await?;
     Ok(jobs)
@@ -763,47 +758,42 @@ pub async fn settle_many(
          FROM v WHERE id = v_id AND attempt = v_attempt AND status = 'running' RETURNING {COLUMNS}",
         rows.join(", ")
     );
+    // Matches no job: no id is empty, and a running job's attempt is at least 1.
+    let pad = SettleEntry {
+        id: String::new(),
+        attempt: 0,
+        settle: Settle {
+            status: Status::Queued,
+            not_before_ms: 0,
+            failures: 0,
+            transient_attempts: 0,
+            outcome: String::new(),
+            reason: String::new(),
+            exit_code: None,
+            qg_hook_blocks: None,
+            now_ms: 0,
+        },
+        effects: Vec::new(),
+    };
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     for e in first.iter().map(|&i| &entries[i]) {
         q = bind_settle(q, e);
     }
     for _ in first.len()..shape {
-        q = q
-            .bind("")
-            .bind(-1i64)
-            .bind("")
-            .bind(0i64)
-            .bind(0i64)
-            .bind(0i64)
-            .bind("")
-            .bind("")
-            .bind(0i64)
-            .bind(0i64)
-            .bind(0i64)
-            .bind(0i64)
-            .bind(0i64);
+        q = bind_settle(q, &pad);
     }
-    let effects = entries.iter().any(|e| !e.effects.is_empty());
-    if !effects && repeats.is_empty() {
+    if repeats.is_empty() && entries.iter().all(|e| e.effects.is_empty()) {
         // Nothing else to write with them: one statement, its own transaction.
-        let written = q.fetch_all(&mut *conn).await?;
-        let mut by_id: std::collections::HashMap<String, JobRow> = written
-            .iter()
-            .map(|r| from_row(r).map(|j| (j.id.clone(), j)))
-            .collect::<Result<_, _>>()?;
+        let mut written = by_id(&q.fetch_all(&mut *conn).await?)?;
         for &i in &first {
-            out[i] = by_id.remove(&entries[i].id);
+            out[i] = written.remove(&entries[i].id);
         }
         return Ok(out);
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let written = q.fetch_all(&mut *tx).await?;
-    let mut by_id: std::collections::HashMap<String, JobRow> = written
-        .iter()
-        .map(|r| from_row(r).map(|j| (j.id.clone(), j)))
-        .collect::<Result<_, _>>()?;
+    let mut written = by_id(&q.fetch_all(&mut *tx).await?)?;
     for &i in &first {
-        let row = by_id.remove(&entries[i].id);
+        let row = written.remove(&entries[i].id);
         if let Some(row) = &row {
             for effect in &entries[i].effects {
                 crate::outbox::insert(&mut tx, &row.work_item, effect).await?;
@@ -816,6 +806,13 @@ pub async fn settle_many(
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// The rows a statement returned, by job id.
+fn by_id(rows: &[AnyRow]) -> Result<std::collections::HashMap<String, JobRow>, sqlx::Error> {
+    rows.iter()
+        .map(|r| from_row(r).map(|j| (j.id.clone(), j)))
+        .collect()
 }
 
 /// Cancels a queued job (a running one is cancelled through [`settle`]).

@@ -519,11 +519,6 @@ impl Supervisor {
                 return Ok(());
             }
             let now = now_ms();
-            let filter = ClaimFilter {
-                llm: true,
-                reserved: false,
-                max_concurrency: c.max_concurrency,
-            };
             match self.gate(now).await? {
                 Gate::Blocked => return Ok(()),
                 Gate::Probe if probed => return Ok(()),
@@ -534,6 +529,11 @@ impl Supervisor {
                     {
                         continue;
                     }
+                    let filter = ClaimFilter {
+                        llm: true,
+                        reserved: false,
+                        max_concurrency: c.max_concurrency,
+                    };
                     match store::claim(self.db(), &c.instance_id, now, filter).await? {
                         Some(job) => {
                             store::breaker_set_probe(self.db(), &job.id, now).await?;

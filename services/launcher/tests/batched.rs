@@ -145,19 +145,27 @@ async fn a_batch_of_ends_is_answered_entry_by_entry(storage: TestStorage) {
     assert_eq!(d.outcome, "flipped", "the first end stands");
     assert_eq!(outbox_keys(&db).await, ["a-done"]);
 
-    // A batch with no effect at all (one statement, no transaction of its own) answers
-    // the same way.
+    // A batch with no effect at all (one statement, no transaction of its own; three
+    // entries, padded to four with a row that matches no job) answers the same way.
     let mut conn = db.pool.acquire().await.expect("conn");
     let out = store::settle_many(
         &mut conn,
         &[
             entry("b", 1, "done", vec![]),
             entry("c", 1, "again", vec![]),
+            entry("d", 1, "again", vec![]),
         ],
     )
     .await
     .expect("settle_many");
-    assert!(out[0].is_some() && out[1].is_none(), "{out:?}");
+    drop(conn);
+    let outcomes: Vec<Option<String>> = out
+        .iter()
+        .map(|r| r.as_ref().map(|j| j.outcome.clone()))
+        .collect();
+    assert_eq!(outcomes, [Some("done".to_owned()), None, None]);
+    let c = store::get(&db, "c").await.expect("get").expect("c");
+    assert_eq!(c.outcome, "done", "an ended run is not written again");
 }
 
 /// With one slot and a local queue of two, a stream of reserved jobs is claimed ahead:
